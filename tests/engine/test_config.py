@@ -1,0 +1,65 @@
+"""Validation: every bad setting fails with `<field> must be <rule>, got <value>`."""
+
+from __future__ import annotations
+
+import pytest
+
+from acd_engine import ConfigError, DecodingConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 1.5}, "alpha must be in [0, 1), got 1.5"),
+        ({"alpha": -0.1}, "alpha must be in [0, 1), got -0.1"),
+        ({"plausibility": 1.0}, "plausibility must be in [0, 1), got 1.0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+        ({"temperature": -1}, "temperature must be >= 0.0, got -1"),
+        ({"top_p": 0}, "top_p must be > 0.0, got 0"),
+        ({"top_p": 1.5}, "top_p must be <= 1.0, got 1.5"),
+        ({"top_k": -3}, "top_k must be >= 0, got -3"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be > 0.0, got 0"),
+        ({"contrast_tokens": -1}, "contrast_tokens must be >= 0, got -1"),
+        ({"stop": ["ok", ""]}, "stop must not contain empty strings"),
+        ({"method": "rose"}, "method must be one of 'plain', 'base', 'nid', 'oid', 'acd' or 'custom', got 'rose'"),
+        ({"max_new_tokens": "many"}, "max_new_tokens must be a valid integer"),
+    ],
+)
+def test_bad_values_name_field_rule_and_value(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        DecodingConfig(**kwargs)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)  # callers catching ValueError keep working
+
+
+def test_unknown_field_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown DecodingConfig setting 'alpah'; did you mean 'alpha'\?"):
+        DecodingConfig(alpah=0.3)
+
+
+def test_custom_needs_negative_prompt_and_others_refuse_prompts():
+    with pytest.raises(ConfigError, match="negative_prompt is required when method='custom'"):
+        DecodingConfig(method="custom")
+    with pytest.raises(ConfigError, match="only used with method='custom', got method='acd'"):
+        DecodingConfig(method="acd", negative_prompt="be evil")
+    cfg = DecodingConfig(method="custom", negative_prompt="be evil")
+    assert cfg.is_contrastive and cfg.positive_prompt is None
+
+
+def test_replace_validates_and_copies():
+    cfg = DecodingConfig()
+    assert cfg.replace(alpha=0.3).alpha == 0.3
+    assert cfg.alpha == 0.5  # frozen original untouched
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\), got 2"):
+        cfg.replace(alpha=2)
+
+
+def test_stop_accepts_a_single_string_and_effective_alpha():
+    assert DecodingConfig(stop="###").stop == ("###",)
+    assert DecodingConfig(method="base", alpha=0.4).effective_alpha == 0.0
+    assert DecodingConfig(method="oid", alpha=0.4).effective_alpha == 0.4
+
+
+def test_every_field_is_documented():
+    for name, field in DecodingConfig.model_fields.items():
+        assert field.description and len(field.description) > 20, name
