@@ -37,7 +37,26 @@ _EXPORTS = {
     "PromptPackError": "acd_engine.errors",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "METHODS",
+    "OPPOSITE_PROMPT",
+    "SAFE_PROMPT",
+    "ACDError",
+    "ConfigError",
+    "DecodingConfig",
+    "Engine",
+    "GenerationResult",
+    "MessagesError",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "PromptPack",
+    "PromptPackError",
+    "PromptTooLongError",
+    "StreamChunk",
+    "Usage",
+    "__version__",
+    "get_engine",
+]
 
 if TYPE_CHECKING:
     from acd_engine.config import METHODS, DecodingConfig, ModelConfig

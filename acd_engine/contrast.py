@@ -98,12 +98,12 @@ def contrast_logits(pos: torch.Tensor, neg: torch.Tensor | None, alpha: float) -
         alpha: Contrast strength.
 
     Returns:
-        A new fp32 tensor ``[B, V]``; the inputs are never modified.
+        An fp32 tensor ``[B, V]`` (``pos`` itself when it is fp32 and ``neg`` is None);
+        the inputs are never modified.
     """
-    out = pos.float()
     if neg is None:
-        return out.clone() if out is pos else out
-    return out - alpha * neg.float()
+        return pos.float()
+    return pos.float() - alpha * neg.float()
 
 
 def plausibility_filter(scores: torch.Tensor, pos: torch.Tensor, tau: float) -> torch.Tensor:

@@ -7,8 +7,9 @@ branches differ only in what sits in their system-prompt slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -66,7 +67,7 @@ def pick_token(
     return torch.multinomial(probs, num_samples=1, generator=gen)
 
 
-def decode(model: torch.nn.Module, prefill: Prefill, cfg: DecodingConfig) -> Iterator[int]:
+def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, None, None]:
     """Yield generated token ids one at a time, up to ``cfg.max_new_tokens``.
 
     The caller decides when to stop (EOS, stop strings) by closing the generator, so no
@@ -81,7 +82,15 @@ def decode(model: torch.nn.Module, prefill: Prefill, cfg: DecodingConfig) -> Ite
         gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     ids = prefill.context_ids  # [1, L]
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [R, T]
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    # Without padding the mask is all ones: passing None lets SDPA take its causal fast path.
+    padded = bool((mask == 0).any())
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=mask if padded else None,
+        position_ids=pos,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits [R, V]
     pos = pos[:, -1:]  # [R, 1]
     for step in range(cfg.max_new_tokens):
@@ -89,9 +98,10 @@ def decode(model: torch.nn.Module, prefill: Prefill, cfg: DecodingConfig) -> Ite
             # Contrast is over: keep only the positive row (SafeDecoding's schedule).
             cache.batch_select_indices(torch.tensor([0], device=embeds.device))
             rows, mask, pos, logits = 1, mask[:1], pos[:1], logits[:1]
+            padded = bool((mask == 0).any())
         scores = contrast_logits(logits[:1], logits[1:] if rows == 2 else None, cfg.alpha)
         scores = plausibility_filter(scores, logits[:1], cfg.plausibility)  # [1, V] fp32
-        scores = procs(ids, scores)
+        scores = procs(ids, scores)  # type: ignore[arg-type]
         token = pick_token(scores, cfg.temperature, gen)  # [1, 1]
         yield int(token)
         if step == cfg.max_new_tokens - 1:
@@ -101,7 +111,7 @@ def decode(model: torch.nn.Module, prefill: Prefill, cfg: DecodingConfig) -> Ite
         pos = pos + 1
         out = model(
             input_ids=token.expand(rows, 1),
-            attention_mask=mask,
+            attention_mask=mask if padded else None,
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,

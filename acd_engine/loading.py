@@ -133,7 +133,7 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     try:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), dtype=torch.float32, **kwargs
         )
         # The weights are already dequantized; drop the GGUF quantizer so save/load is plain.
@@ -198,7 +198,7 @@ def load_model(config: ModelConfig | None = None) -> LoadedModel:
             "trust_remote_code": config.trust_remote_code,
         }
         tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
         model.to(device)
         model.eval()
         model.requires_grad_(False)

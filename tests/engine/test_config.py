@@ -21,7 +21,10 @@ from acd_engine import ConfigError, DecodingConfig
         ({"repetition_penalty": 0}, "repetition_penalty must be > 0.0, got 0"),
         ({"contrast_tokens": -1}, "contrast_tokens must be >= 0, got -1"),
         ({"stop": ["ok", ""]}, "stop must not contain empty strings"),
-        ({"method": "rose"}, "method must be one of 'plain', 'base', 'nid', 'oid', 'acd' or 'custom', got 'rose'"),
+        (
+            {"method": "rose"},
+            "method must be one of 'plain', 'base', 'nid', 'oid', 'acd' or 'custom', got 'rose'",
+        ),
         ({"max_new_tokens": "many"}, "max_new_tokens must be a valid integer"),
     ],
 )
@@ -33,7 +36,9 @@ def test_bad_values_name_field_rule_and_value(kwargs, message):
 
 
 def test_unknown_field_suggests_the_right_one():
-    with pytest.raises(ConfigError, match=r"unknown DecodingConfig setting 'alpah'; did you mean 'alpha'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown DecodingConfig setting 'alpah'; did you mean 'alpha'\?"
+    ):
         DecodingConfig(alpah=0.3)
 
 

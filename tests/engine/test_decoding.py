@@ -133,7 +133,7 @@ def test_user_system_message_kept_after_branch_prompt_and_user_tokens_identical(
     tail_text = engine.tokenizer.decode(r.tail)
     assert tail_text.startswith("\n\nAlways answer in French.")
     assert PROMPT in tail_text
-    embeds, mask, shared = engine.branch_inputs(msgs, DecodingConfig(method="oid"))
+    embeds, _mask, shared = engine.branch_inputs(msgs, DecodingConfig(method="oid"))
     assert shared == r.tail
     n = len(r.tail)
     assert torch.equal(embeds[0, -n:], embeds[1, -n:])  # both branches: same user tokens
