@@ -13,7 +13,14 @@ torch and transformers load on first use of the engine.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# Offline by construction: huggingface_hub reads these once, when it is first imported, so
+# they are set before anything in this package can import transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 

@@ -110,11 +110,12 @@ def plausibility_filter(scores: torch.Tensor, pos: torch.Tensor, tau: float) -> 
     """Drop tokens the positive branch itself finds implausible (Li et al., 2023).
 
     A token survives when ``p_pos(token) >= tau * max p_pos``, i.e. when its positive logit
-    is within ``log(tau)`` of the top positive logit. The top positive token always
-    survives, so at least one candidate remains.
+    is within ``log(tau)`` of the top positive logit. The maximum is taken over tokens still
+    allowed in ``scores`` (a grammar mask may already have removed some), so the best
+    allowed positive token always survives and at least one candidate remains.
 
     Args:
-        scores: Contrasted scores ``[B, V]`` (fp32).
+        scores: Contrasted scores ``[B, V]`` (fp32), ``-inf`` where already disallowed.
         pos: Positive-branch logits ``[B, V]``.
         tau: Threshold in [0, 1); 0 returns ``scores`` unchanged.
 
@@ -123,6 +124,6 @@ def plausibility_filter(scores: torch.Tensor, pos: torch.Tensor, tau: float) -> 
     """
     if tau <= 0.0:
         return scores
-    pos = pos.float()
-    cutoff = pos.max(dim=-1, keepdim=True).values + math.log(tau)  # [B, 1]
-    return scores.masked_fill(pos < cutoff, float("-inf"))
+    allowed = pos.float().masked_fill(scores == float("-inf"), float("-inf"))  # [B, V]
+    cutoff = allowed.max(dim=-1, keepdim=True).values + math.log(tau)  # [B, 1]
+    return scores.masked_fill(allowed < cutoff, float("-inf"))

@@ -35,11 +35,16 @@ class Prefill:
         mask: Attention mask ``[R, T]`` (0 on left padding).
         context_ids: Token ids ``[1, L]`` the repetition penalty looks at (the shared
             conversation); generated tokens are appended to it.
+        constraint: Extra logits processors applied right after the contrast, before the
+            plausibility filter and the sampler: a grammar mask for tool calls and
+            structured output goes here. They receive ``context_ids`` plus the generated
+            tokens and the contrasted fp32 scores ``[1, V]``.
     """
 
     embeds: torch.Tensor
     mask: torch.Tensor
     context_ids: torch.Tensor
+    constraint: LogitsProcessorList | None = None
 
 
 def build_processors(cfg: DecodingConfig) -> LogitsProcessorList:
@@ -100,6 +105,8 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
             rows, mask, pos, logits = 1, mask[:1], pos[:1], logits[:1]
             padded = bool((mask == 0).any())
         scores = contrast_logits(logits[:1], logits[1:] if rows == 2 else None, cfg.alpha)
+        if prefill.constraint:
+            scores = prefill.constraint(ids, scores)  # type: ignore[arg-type]
         scores = plausibility_filter(scores, logits[:1], cfg.plausibility)  # [1, V] fp32
         scores = procs(ids, scores)  # type: ignore[arg-type]
         token = pick_token(scores, cfg.temperature, gen)  # [1, 1]

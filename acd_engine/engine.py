@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
+from transformers import LogitsProcessorList
 
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import (
@@ -339,6 +340,8 @@ class Engine:
         config: DecodingConfig | None = None,
         *,
         tools: Sequence[dict[str, Any]] | None = None,
+        constraint: LogitsProcessorList | None = None,
+        cancel: threading.Event | None = None,
         **overrides: Any,
     ) -> Iterator[StreamChunk]:
         """Stream text deltas; the final chunk carries ``finish_reason`` and ``usage``.
@@ -346,6 +349,14 @@ class Engine:
         Text is held back while it could still be the start of a stop string or ends in
         an incomplete multi-byte character, so the concatenated deltas always equal the
         text :meth:`generate` returns.
+
+        Args:
+            messages: OpenAI-style messages or a user string.
+            config: Decoding settings (default: the engine's ``defaults``).
+            tools: JSON-schema tool specs passed to the chat template (``tools=``).
+            constraint: Logits processors applied right after the contrast (grammar masks).
+            cancel: When set (from any thread), generation stops before the next token.
+            **overrides: Validated per-call changes to ``config`` fields.
         """
         cfg = self._config(config, overrides)
         template_kwargs = {"tools": list(tools)} if tools else {}
@@ -361,11 +372,16 @@ class Engine:
                 )
             if cfg.max_new_tokens > room:
                 cfg = cfg.replace(max_new_tokens=room)  # type: ignore[assignment]
-            prefill = Prefill(embeds, mask, torch.tensor([shared], device=embeds.device))
-            yield from self._stream_tokens(prefill, cfg, prompt_tokens)
+            context = torch.tensor([shared], device=embeds.device)
+            prefill = Prefill(embeds, mask, context, constraint)
+            yield from self._stream_tokens(prefill, cfg, prompt_tokens, cancel)
 
     def _stream_tokens(
-        self, prefill: Prefill, cfg: DecodingConfig, prompt_tokens: int
+        self,
+        prefill: Prefill,
+        cfg: DecodingConfig,
+        prompt_tokens: int,
+        cancel: threading.Event | None = None,
     ) -> Iterator[StreamChunk]:
         ids: list[int] = []
         emitted = ""  # text already yielded; always a prefix of the final text
@@ -376,6 +392,9 @@ class Engine:
         try:
             with torch.inference_mode():
                 for token in steps:
+                    if cancel is not None and cancel.is_set():
+                        finish = "stop"
+                        break
                     if token in self.eos_token_ids:
                         finish = "stop"
                         break
@@ -401,27 +420,43 @@ class Engine:
         yield StreamChunk("", ids, finish_reason=finish, usage=usage)
 
     def stream(
-        self, messages: Messages, config: DecodingConfig | None = None, **overrides: Any
+        self, messages: Messages, config: DecodingConfig | None = None, **kwargs: Any
     ) -> Iterator[str]:
-        """Yield text deltas whose concatenation equals :meth:`generate`'s text."""
-        for chunk in self.stream_chunks(messages, config, **overrides):
+        """Yield text deltas whose concatenation equals :meth:`generate`'s text.
+
+        Takes the same arguments as :meth:`stream_chunks`.
+        """
+        for chunk in self.stream_chunks(messages, config, **kwargs):
             if chunk.text:
                 yield chunk.text
 
     def generate(
-        self, messages: Messages, config: DecodingConfig | None = None, **overrides: Any
+        self,
+        messages: Messages,
+        config: DecodingConfig | None = None,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        constraint: LogitsProcessorList | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
     ) -> GenerationResult:
         """Generate one answer.
 
         Args:
             messages: OpenAI-style ``[{"role": ..., "content": ...}]`` or a user string.
             config: Decoding settings (default: the engine's ``defaults``).
+            tools: JSON-schema tool specs passed to the chat template.
+            constraint: Logits processors applied right after the contrast (grammar masks).
+            cancel: When set (from any thread), generation stops before the next token.
             **overrides: Per-call changes to ``config`` fields, validated (``alpha=0.3``).
         """
         cfg = self._config(config, dict(overrides))
         parts: list[str] = []
         last: StreamChunk | None = None
-        for chunk in self.stream_chunks(messages, cfg):
+        chunks = self.stream_chunks(
+            messages, cfg, tools=tools, constraint=constraint, cancel=cancel
+        )
+        for chunk in chunks:
             parts.append(chunk.text)
             last = chunk
         assert last is not None and last.finish_reason is not None and last.usage is not None
