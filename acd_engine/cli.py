@@ -228,6 +228,65 @@ def chat(
     _run(go)
 
 
+@app.command("eval")
+def eval_command(
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated: plain,base,nid,oid,acd,custom.")
+    ] = "plain,base,nid,oid,acd",
+    alphas: Annotated[
+        str, typer.Option("--alphas", help="Comma-separated alphas for contrast methods.")
+    ] = "0.5",
+    benchmarks: Annotated[
+        str,
+        typer.Option(
+            "--benchmarks",
+            help="Comma-separated names (advbench, malicious_instruct, harmfulqa, dangerousqa, "
+            "beavertails, xstest, alpaca_eval, truthfulqa) or .jsonl paths.",
+        ),
+    ] = "advbench,malicious_instruct,harmfulqa,dangerousqa,beavertails",
+    limit: Annotated[int, typer.Option("--limit", help="Prompts per benchmark (seeded).")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-benchmark sample.")] = 0,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="Folder with <name>.jsonl benchmark files.")
+    ] = None,
+    out: Annotated[
+        str, typer.Option("--out", help="Output folder; rerun with the same folder to resume.")
+    ] = "runs/eval",
+    max_new_tokens: MaxTokOpt = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")] = 8,
+    judge: Annotated[str, typer.Option("--judge", help="Refusal judge name.")] = "refusal",
+    model: ModelOpt = None,
+    pack: PackOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The paper's safety evaluation: resumable, with summary.json, report.md and plots."""
+    _setup_logging(verbose)
+
+    def go() -> None:
+        from pathlib import Path
+
+        from acd_engine.engine import get_engine
+        from acd_engine.eval.runner import EvalOptions, run_eval
+
+        options = EvalOptions(
+            methods=methods,
+            alphas=alphas,
+            benchmarks=benchmarks,
+            limit=limit,
+            seed=seed,
+            data_dir=Path(data_dir) if data_dir else None,
+            out_dir=Path(out),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            judge=judge,
+            progress=True,
+        )
+        run_eval(get_engine(model, pack=pack), options)
+        typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
+
+    _run(go)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

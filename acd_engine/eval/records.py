@@ -1,0 +1,223 @@
+"""The run's durable state: one JSONL record per generation, written the moment it exists.
+
+Why this shape: an evaluation of a few thousand generations takes hours on a laptop and gets
+interrupted. Appending one self-contained line per result (write, flush, fsync) means a crash
+loses at most the line being written; on reopen a torn last line is cut off and everything
+before it is kept, and the run skips every key already present. Summary files are written with
+:func:`atomic_write_bytes` (temp file + ``os.replace``) so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from acd_engine.errors import ConfigError
+
+try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "RECORDS_FILE",
+    "EvalRecord",
+    "RecordKey",
+    "RecordLog",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "read_records",
+    "record_key",
+]
+
+logger = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.jsonl"
+
+RecordKey = tuple[str, str, str, float | None]
+"""``(benchmark, id, method, alpha)``: what makes a record unique; resume skips these."""
+
+Verdict = Literal["refused", "answered"]
+
+
+class EvalRecord(BaseModel):
+    """One generation (``kind='generate'``) or one multiple-choice scoring (``kind='mc1'``).
+
+    ``alpha`` is ``None`` for single-branch methods (plain, base), which run once whatever the
+    alphas. ``prompt`` is kept so a record can be audited on its own; ``judge`` names who gave
+    the ``verdict`` so differently judged runs are never pooled by accident. ``seconds`` is the wall time of the engine call divided by its batch size.
+    ``scores`` (MC1 only) holds the summed log-probabilities of ``best_answer`` followed by
+    each incorrect answer.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    benchmark: str
+    id: str
+    method: str
+    alpha: float | None
+    kind: Literal["generate", "mc1"] = "generate"
+    label: Literal["harmful", "safe"]
+    category: str | None = None
+    prompt: str = ""
+    output: str = ""
+    verdict: Verdict | None = None
+    judge: str | None = None
+    tokens: int = 0
+    token_ids: list[int] = []
+    finish_reason: str | None = None
+    seconds: float = 0.0
+    scores: list[float] | None = None
+
+    @property
+    def key(self) -> RecordKey:
+        """This record's resume key."""
+        return record_key(self.benchmark, self.id, self.method, self.alpha)
+
+
+def record_key(benchmark: str, item_id: str, method: str, alpha: float | None) -> RecordKey:
+    """Build a resume key (alpha ``None`` for single-branch methods)."""
+    return (benchmark, item_id, method, alpha)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _parse(line: bytes) -> EvalRecord:
+    return EvalRecord.model_validate(json.loads(line))
+
+
+class RecordLog:
+    """Append-only ``records.jsonl`` of one output folder, held open for one run.
+
+    Opening it takes an exclusive lock (a second ``acd eval`` on the same folder fails fast
+    instead of interleaving lines), repairs a torn last line, and loads every finished record.
+    Use as a context manager.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / RECORDS_FILE
+        self._records: dict[RecordKey, EvalRecord] = {}
+        self._fh: IO[bytes] | None = None
+
+    def __enter__(self) -> RecordLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+b")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                raise ConfigError(
+                    f"out_dir must not be in use by another acd eval run, got '{self.path.parent}'"
+                ) from None
+        self._fh = fh
+        try:
+            self._load()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None
+
+    def _load(self) -> None:
+        assert self._fh is not None
+        self._fh.seek(0)
+        data = self._fh.read()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = _parse(line)
+            except (json.JSONDecodeError, ValidationError) as exc:
+                raise ConfigError(
+                    f"{self.path} line {lineno} must be a complete record, got a corrupt line "
+                    f"({type(exc).__name__}); delete that line and rerun to resume"
+                ) from None
+            if record.key in self._records:
+                logger.warning(
+                    "%s line %d repeats %s; keeping the first", self.path, lineno, record.key
+                )
+                continue
+            self._records[record.key] = record
+        if tail.strip():
+            self._repair_tail(len(data) - len(tail), tail)
+
+    def _repair_tail(self, offset: int, tail: bytes) -> None:
+        """Keep a complete last record that only lacks its newline; cut a torn one off."""
+        assert self._fh is not None
+        with contextlib.suppress(json.JSONDecodeError, ValidationError):
+            record = _parse(tail)
+            if record.key not in self._records:
+                self._records[record.key] = record
+            self._write(b"\n")
+            return
+        logger.warning(
+            "%s ends in a torn line (%d bytes, an interrupted write); dropping it, it will be "
+            "generated again",
+            self.path,
+            len(tail),
+        )
+        self._fh.truncate(offset)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _write(self, data: bytes) -> None:
+        assert self._fh is not None, "RecordLog is not open; use it as a context manager"
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[EvalRecord]:
+        return iter(self._records.values())
+
+    def append(self, record: EvalRecord) -> None:
+        """Make ``record`` durable now (one line, flushed and fsynced) and remember it."""
+        line = json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n"
+        self._write(line.encode("utf-8"))
+        self._records[record.key] = record
+
+
+def read_records(out_dir: Path) -> list[EvalRecord]:
+    """Every finished record of an output folder, for re-rendering a report without a model."""
+    if not (Path(out_dir) / RECORDS_FILE).exists():
+        return []
+    with RecordLog(out_dir) as log:
+        return list(log)

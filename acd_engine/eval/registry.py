@@ -1,0 +1,261 @@
+"""Benchmark registry: names, where their files live, how they are read and sampled.
+
+No data set ships with the package (several are CC BY-NC or unlicensed, see
+``shared/data/README.md``); every benchmark is read at run time from a ``data_dir`` holding
+``<name>.jsonl`` files in the shared schema, or from any JSONL file in that schema given by path.
+
+Sampling follows the paper's protocol (a fixed, seeded sample of 100 prompts per set) with one
+twist that makes runs extendable: the sample is the first ``limit`` items of a seeded
+permutation, so ``--limit 200`` with the same seed contains every item of ``--limit 100`` and a
+resumed run with a larger limit reuses all finished records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from acd_engine.config import did_you_mean, format_errors
+from acd_engine.errors import ConfigError
+
+__all__ = [
+    "BENCHMARKS",
+    "DATA_DIR_ENV",
+    "Benchmark",
+    "BenchmarkItem",
+    "BenchmarkSpec",
+    "Role",
+    "check_benchmark_name",
+    "load_benchmark",
+    "resolve_data_dir",
+    "sample_items",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "ACD_DATA_DIR"
+# Where the shared data lives when `acd eval` is run from the repository root.
+_DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "benchmarks"
+
+Role = Literal["harmful", "safe", "mixed", "mc"]
+"""How a benchmark is scored, derived from its rows (so files given by path work too).
+
+``harmful``: every row should be refused, scored by harmless rate (HLR) and averaged with the
+other harmful sets. ``safe``: every row should be answered, scored by over-refusal. ``mixed``:
+both labels (XSTest), scored per label. ``mc``: rows carry ``best_answer`` and
+``incorrect_answers`` (TruthfulQA), scored judge-free by MC1 log-likelihood accuracy.
+"""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One registered benchmark: what the paper used it for and its licence, for the report."""
+
+    name: str
+    description: str
+    license: str
+    source: str
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in (
+        BenchmarkSpec(
+            "advbench",
+            "harmful behaviours (Zou et al., 2023)",
+            "MIT",
+            "llm-attacks harmful_behaviors.csv",
+        ),
+        BenchmarkSpec(
+            "malicious_instruct",
+            "malicious instructions, 10 intents (Huang et al., 2023)",
+            "none (not redistributable)",
+            "Princeton-SysML/Jailbreak_LLM",
+        ),
+        BenchmarkSpec(
+            "harmfulqa",
+            "harmful questions by topic (Bhardwaj & Poria, 2023)",
+            "Apache-2.0",
+            "declare-lab/red-instruct",
+        ),
+        BenchmarkSpec(
+            "dangerousqa",
+            "dangerous questions (Shaikh et al., 2023)",
+            "Apache-2.0",
+            "declare-lab/red-instruct",
+        ),
+        BenchmarkSpec(
+            "beavertails",
+            "harmful prompts, 14 categories (Ji et al., 2023)",
+            "CC BY-NC 4.0",
+            "PKU-Alignment/BeaverTails-Evaluation",
+        ),
+        BenchmarkSpec(
+            "xstest",
+            "exaggerated safety: 250 safe, 200 unsafe contrast prompts (Röttger et al., 2024)",
+            "CC BY 4.0",
+            "paul-rottger/exaggerated-safety",
+        ),
+        BenchmarkSpec(
+            "alpaca_eval",
+            "benign instructions, over-refusal (Li et al., 2023)",
+            "CC BY-NC 4.0 (data)",
+            "tatsu-lab/alpaca_eval",
+        ),
+        BenchmarkSpec(
+            "truthfulqa",
+            "truthfulness, MC1 log-likelihood (Lin et al., 2022)",
+            "Apache-2.0",
+            "sylinrl/TruthfulQA",
+        ),
+    )
+}
+
+
+class BenchmarkItem(BaseModel):
+    """One row of the shared JSONL schema (``shared/data/README.md``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    prompt: str
+    label: Literal["harmful", "safe"]
+    category: str | None = None
+    reference: str | None = None
+    best_answer: str | None = None
+    correct_answers: tuple[str, ...] | None = None
+    incorrect_answers: tuple[str, ...] | None = None
+
+    @property
+    def is_mc(self) -> bool:
+        """Whether the row can be scored as a multiple-choice (MC1) question."""
+        return bool(self.best_answer) and bool(self.incorrect_answers)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A loaded benchmark: its rows in file order plus what the report needs to cite it."""
+
+    name: str
+    path: Path
+    items: tuple[BenchmarkItem, ...]
+    sha256: str
+
+    @property
+    def role(self) -> Role:
+        """How the set is scored; see :data:`Role`."""
+        if all(item.is_mc for item in self.items):
+            return "mc"
+        labels = {item.label for item in self.items}
+        if labels == {"harmful"}:
+            return "harmful"
+        if labels == {"safe"}:
+            return "safe"
+        return "mixed"
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith(".jsonl") or "/" in name or os.sep in name
+
+
+def check_benchmark_name(name: str) -> None:
+    """Fail early, with a did-you-mean, on a benchmark that is neither registered nor a path.
+
+    Raises:
+        ConfigError: ``unknown benchmark 'advbnech'; did you mean 'advbench'? Choose from: ...``.
+    """
+    if not _is_path(name) and name not in BENCHMARKS:
+        choices = [*BENCHMARKS, "<path/to/file.jsonl>"]
+        raise ConfigError(did_you_mean(name, choices, "benchmark"))
+
+
+def resolve_data_dir(data_dir: Path | None = None) -> Path:
+    """Find the folder of benchmark files: the argument, else ``$ACD_DATA_DIR``, else the
+    shared folder next to the repository (``../shared/data/benchmarks`` from the cwd).
+
+    Raises:
+        ConfigError: when the chosen folder does not exist, saying how to pass another one.
+    """
+    if data_dir is not None:
+        where, how = Path(data_dir), "--data-dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        where, how = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    else:
+        where, how = _DEFAULT_DATA_DIR, "the default"
+    if not where.is_dir():
+        raise ConfigError(
+            f"data_dir must be a folder of benchmark .jsonl files, got '{where}' (from {how}); "
+            f"pass --data-dir /path/to/shared/data/benchmarks or set {DATA_DIR_ENV}"
+        )
+    return where.resolve()
+
+
+def load_benchmark(name: str, data_dir: Path | None = None) -> Benchmark:
+    """Load a registered benchmark from ``data_dir`` or any JSONL file in the shared schema.
+
+    A file given by path is named after its stem (``my_set.jsonl`` -> ``my_set``), which is
+    the ``benchmark`` key of its records.
+
+    Raises:
+        ConfigError: unknown name (with did-you-mean), missing file, or a malformed row (the
+            message names the file and line).
+    """
+    check_benchmark_name(name)
+    if _is_path(name):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"benchmark file must exist, got '{path}'")
+    else:
+        path = resolve_data_dir(data_dir) / f"{name}.jsonl"
+        if not path.is_file():
+            raise ConfigError(
+                f"benchmark file must exist, got '{path}'; is --data-dir the "
+                "shared/data/benchmarks folder?"
+            )
+    raw = path.read_bytes()
+    items: list[BenchmarkItem] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {lineno}"
+        try:
+            item = BenchmarkItem.model_validate(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} must be a JSON object, got {exc.msg}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {format_errors(exc, BenchmarkItem)}") from None
+        if not item.prompt.strip():
+            raise ConfigError(f"{where}: prompt must not be empty, got {item.prompt!r}")
+        if item.id in seen:
+            raise ConfigError(f"{where}: id must be unique, got {item.id!r} twice")
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise ConfigError(f"benchmark file must hold at least one row, got '{path}' empty")
+    bench = Benchmark(path.stem, path, tuple(items), hashlib.sha256(raw).hexdigest())
+    logger.debug("loaded %s: %d rows, role %s, from %s", bench.name, len(items), bench.role, path)
+    return bench
+
+
+def sample_items(bench: Benchmark, limit: int | None, seed: int) -> tuple[BenchmarkItem, ...]:
+    """The paper's seeded sample: the first ``limit`` items of a seeded permutation.
+
+    The permutation is seeded by ``f"{seed}:{bench.name}"`` (string seeds hash through SHA-512
+    in :class:`random.Random`, so it does not depend on ``PYTHONHASHSEED`` or the platform), so
+    each set gets its own order and a larger limit extends a smaller one. ``limit=None`` or a
+    limit at least the set size takes every row in file order.
+    """
+    if limit is None or limit >= len(bench.items):
+        return bench.items
+    order = list(range(len(bench.items)))
+    random.Random(f"{seed}:{bench.name}").shuffle(order)
+    return tuple(bench.items[i] for i in order[:limit])
