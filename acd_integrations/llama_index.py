@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import threading
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from acd_integrations._params import (
     split_kwargs,
 )
 from acd_integrations._tools import (
+    TOOL_CALL_OPEN,
     ToolSpec,
     normalise_tool_choice,
     normalise_tools,
@@ -70,6 +72,15 @@ logger = logging.getLogger(__name__)
 _FRAMEWORK_KWARGS = frozenset(
     {"formatted", "tools", "tool_choice", "allow_parallel_tool_calls", "tool_required", "verbose"}
 )
+
+
+# A turn with tools bound but not callable (tool_choice 'none', or the answer after a tool
+# result): prose that never opens a call. Without it a small model imitates the call format
+# it sees in the history instead of answering.
+# It must also start with a word, not markup: otherwise the model opens with a tag of its
+# own invention ("<tool_call_result>") instead of reading the result back to the user.
+_CALL_RE = re.escape(TOOL_CALL_OPEN[:-1]).replace("/", "\\/")
+_PROSE_GRAMMAR = "start: TEXT\nTEXT: /[^<\\s](.|\\n)*/ & ~/(.|\\n)*" + _CALL_RE + "(.|\\n)*/\n"
 
 
 def _d(name: str) -> Any:
@@ -213,7 +224,7 @@ class ACDLLM(FunctionCallingLLM):
         if mode == "auto" and raw and raw[-1]["role"] == "tool" and not self.tool_chaining:
             mode, names = "none", ()
         parallel = bool(rest.get("allow_parallel_tool_calls"))
-        grammar = tool_call_grammar(tools, mode, names, parallel=parallel)
+        grammar = tool_call_grammar(tools, mode, names, parallel=parallel) or _PROSE_GRAMMAR
         prepared = prepare_messages(
             raw,
             tools=tools,
@@ -250,6 +261,11 @@ class ACDLLM(FunctionCallingLLM):
         if req.tools:
             parsed = parse_tool_calls(text, req.names)
             content = parsed.text
+            if req.grammar == _PROSE_GRAMMAR:
+                # Tools were bound but not callable this turn (tool_choice 'none', or the
+                # answer after a tool result): a small model may still imitate the call
+                # format from the history. Those are not calls; acting on them loops agents.
+                parsed.tool_calls, parsed.invalid_tool_calls = [], []
             for call in parsed.tool_calls:
                 blocks.append(
                     ToolCallBlock(

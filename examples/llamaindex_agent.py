@@ -28,7 +28,9 @@ TOOLS = [FunctionTool.from_defaults(fn=multiply), FunctionTool.from_defaults(fn=
 
 
 async def run_function_agent(question: str, max_tokens: int = 64) -> str:
-    llm = ACDLLM(method="acd", alpha=0.5, max_tokens=max_tokens)
+    # plausibility=0.1 keeps the contrasted answer close to what the safe branch finds
+    # likely, so the small model reads the tool result back instead of inventing one.
+    llm = ACDLLM(method="acd", alpha=0.5, plausibility=0.1, max_tokens=max_tokens)
     # A 135M model rarely volunteers a tool call; "required" on the first turn makes the
     # agent call one (schema-valid thanks to the grammar) and answer from its result.
     agent = FunctionAgent(
@@ -41,7 +43,7 @@ async def run_function_agent(question: str, max_tokens: int = 64) -> str:
 
 
 async def run_react_agent(question: str, max_tokens: int = 96) -> str:
-    llm = ACDLLM(method="acd", alpha=0.5, max_tokens=max_tokens)
+    llm = ACDLLM(method="acd", alpha=0.5, plausibility=0.1, max_tokens=max_tokens)
     agent = ReActAgent(tools=TOOLS, llm=llm)
     return str(await agent.run(user_msg=question, max_iterations=3))
 
