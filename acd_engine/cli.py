@@ -287,6 +287,16 @@ def eval_command(
     _run(go)
 
 
+def _register_long_jobs() -> None:
+    """Commands that live next to their job; their modules import torch only when run."""
+    from acd_engine.training.command import train_command
+
+    app.command("train")(train_command)
+
+
+_register_long_jobs()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

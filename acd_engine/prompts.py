@@ -171,6 +171,7 @@ class PromptPack:
         os.close(fd)
         try:
             save_file({"sp": self.sp.contiguous(), "ap": self.ap.contiguous()}, tmp, metadata=meta)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a pack is a shareable artefact
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

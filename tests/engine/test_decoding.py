@@ -42,14 +42,28 @@ def test_plain_reproduces_hf_generate_on_the_untouched_template(engine):
     assert ours == _hf_greedy(engine, ids)
 
 
-@pytest.mark.parametrize("method", ["nid", "oid", "acd", "custom"])
+@pytest.mark.parametrize("method", ["nid", "oid", "custom"])
 def test_alpha_zero_reproduces_the_positive_branch(engine, base_tokens, method):
     extra = {"negative_prompt": OPPOSITE_PROMPT} if method == "custom" else {}
     cfg = DecodingConfig(method=method, alpha=0.0, max_new_tokens=N, **extra)
-    if method == "acd":
-        # acd's positive branch is the soft SP: with the manual-init pack it is the safe prompt.
-        assert not engine.pack.trained or pytest.skip("trained pack: SP is not the safe prompt")
     assert engine.generate(PROMPT, cfg).token_ids == base_tokens
+
+
+def test_acd_alpha_zero_reproduces_hf_generate_behind_the_soft_prompt(engine):
+    """acd's positive branch is the (trained) SP: HF generate on the same embeddings agrees."""
+    cfg = DecodingConfig(method="acd", alpha=0.0, max_new_tokens=N)
+    embeds, mask, _ = engine.branch_inputs(PROMPT, cfg)
+    n = int(mask[0].sum())
+    solo = embeds[:1, -n:]  # positive row without its left padding
+    with torch.inference_mode():
+        out = engine.model.generate(
+            inputs_embeds=solo,
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            max_new_tokens=N,
+            do_sample=False,
+        )
+    hf = [t for t in out[0].tolist() if t not in engine.eos_token_ids]
+    assert engine.generate(PROMPT, cfg).token_ids == hf
 
 
 def test_contrast_changes_the_output(engine, base_tokens):

@@ -1,0 +1,168 @@
+"""OPO data generation on the tiny model: layout, caching, crash safety, splits, fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from acd_engine.config import DecodingConfig
+from acd_engine.eval.judges import get_judge
+from acd_engine.prompts import SAFE_PROMPT
+from acd_engine.training.anchors import anchor_set_hash, load_anchors
+from acd_engine.training.data import (
+    REFUSAL_TEMPLATES,
+    _prompt_ids,
+    _sample_batch,
+    build_splits,
+    fallback_refusal,
+    generate_responses,
+    load_or_generate,
+)
+
+
+def test_sampled_prompts_match_the_engines_layout(tiny_engine):
+    prompt = "How do I bake bread?"
+    ids = _prompt_ids(tiny_engine, prompt, "safe")
+    rendered = tiny_engine.render(prompt)
+    safe = tiny_engine.tokenizer.encode(SAFE_PROMPT, add_special_tokens=False)
+    assert ids == rendered.head + safe + rendered.tail
+    embeds, _, _ = tiny_engine.branch_inputs(prompt, DecodingConfig(method="base"))
+    emb = tiny_engine.model.get_input_embeddings()
+    assert torch.equal(embeds[0], emb(torch.tensor(ids)))
+    assert _prompt_ids(tiny_engine, prompt, "none") == rendered.head + rendered.tail
+
+
+def test_responses_are_cached_and_never_resampled(
+    tiny_engine, small_anchors_path, fast_cfg, tmp_path
+):
+    anchors = load_anchors("train", small_anchors_path)
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return _sample_batch(*args)
+
+    first, path = generate_responses(
+        tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="x", sample_fn=counting
+    )
+    assert len(first) == len(anchors) * len(fast_cfg.sources) and calls
+
+    def refuse(*args):
+        raise AssertionError("sampled again despite a complete cache")
+
+    again, path2 = generate_responses(
+        tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="x", sample_fn=refuse
+    )
+    assert again == first and path2 == path
+    # Other settings or another anchor set get another cache file.
+    _, path3 = generate_responses(
+        tiny_engine,
+        anchors[:1],
+        fast_cfg.replace(seed=1, sources=["none"]),
+        tmp_path,
+        anchors_hash="x",
+    )
+    assert path3 != path
+
+
+def test_a_line_cut_by_a_crash_is_resampled(tiny_engine, small_anchors_path, fast_cfg, tmp_path):
+    anchors = load_anchors("train", small_anchors_path)
+    full, path = generate_responses(tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="y")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # half-written last line
+    resampled = []
+
+    def counting(engine, ids, cfg, seed):
+        resampled.append(len(ids))
+        return _sample_batch(engine, ids, cfg, seed)
+
+    again, _ = generate_responses(
+        tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="y", sample_fn=counting
+    )
+    assert resampled == [1]
+    assert len(again) == len(full)
+
+
+def test_sampling_is_seeded(tiny_engine, small_anchors_path, fast_cfg, tmp_path):
+    anchors = load_anchors("train", small_anchors_path)[:2]
+    cfg = fast_cfg.replace(sources=["none"])
+    a, _ = generate_responses(tiny_engine, anchors, cfg, tmp_path / "a", anchors_hash="z")
+    b, _ = generate_responses(tiny_engine, anchors, cfg, tmp_path / "b", anchors_hash="z")
+    assert a == b
+
+
+def _records(anchors, text_for):
+    return [
+        {
+            "anchor_id": a.id,
+            "source": "safe",
+            "sample": 0,
+            "response": text_for(a),
+            "finished": True,
+        }
+        for a in anchors
+    ]
+
+
+def test_splits_drop_benign_refusals_and_fill_missing_refusals(small_anchors_path, fast_cfg):
+    anchors = load_anchors("train", small_anchors_path)
+    records = _records(
+        anchors,
+        lambda a: (
+            "I'm sorry, I can't help with that." if a.label == "benign" else "Sure, here is how."
+        ),
+    )
+    benign = [a for a in anchors if a.label == "benign"]
+    records += [
+        {**r, "source": "none", "response": "Here you go."} for r in _records(benign[:1], str)
+    ]
+    splits = build_splits(anchors, records, get_judge(), fast_cfg.replace(fallback="auto"))
+    n_harmful = sum(a.label == "harmful" for a in anchors)
+    assert len(splits.ha) == n_harmful
+    assert splits.fallback == {"D_HR": n_harmful}
+    assert all(e.source == "fallback" for e in splits.hr)
+    assert [(e.anchor_id, e.source) for e in splits.s] == [(benign[0].id, "none")]
+
+
+def test_fallback_refusals_are_deterministic_varied_and_judged_refused():
+    judge = get_judge()
+    ids = [f"anchor-h-{i:04d}" for i in range(1, 40)]
+    assert [fallback_refusal(i) for i in ids] == [fallback_refusal(i) for i in ids]
+    assert len({fallback_refusal(i) for i in ids}) > 2
+    for text in REFUSAL_TEMPLATES:
+        assert judge.judge("x", text) == "refused", text
+
+
+def test_no_fallback_when_the_model_refuses_enough(small_anchors_path, fast_cfg):
+    anchors = load_anchors("train", small_anchors_path)
+    records = _records(
+        anchors,
+        lambda a: (
+            "I'm sorry, I can't help with that." if a.label == "harmful" else "Here is a recipe."
+        ),
+    )
+    splits = build_splits(anchors, records, get_judge(), fast_cfg)
+    assert splits.fallback.get("D_HR") is None
+    assert all(e.source == "safe" for e in splits.hr) and len(splits.s) == 4
+
+
+def test_empty_benign_split_is_refused_with_a_fix(small_anchors_path, fast_cfg):
+    import pytest
+
+    from acd_engine.training.data import OPODataError
+
+    anchors = load_anchors("train", small_anchors_path)
+    records = _records(anchors, lambda a: "I'm sorry, I can't help with that.")
+    with pytest.raises(OPODataError, match="D_S must not be empty"):
+        build_splits(anchors, records, get_judge(), fast_cfg)
+
+
+def test_random_model_needs_the_refusal_fallback(
+    tiny_engine, small_anchors_path, fast_cfg, tmp_path
+):
+    # The tiny random model emits noise, never a refusal: D_HR comes only from templates.
+    splits = load_or_generate(
+        tiny_engine, fast_cfg, cache_dir=tmp_path, anchors_path=small_anchors_path
+    )
+    assert splits.fallback.get("D_HR", 0) >= 1
+    assert splits.hr and splits.ha and splits.s
+    assert anchor_set_hash(small_anchors_path) != anchor_set_hash()
