@@ -1,0 +1,698 @@
+"""LangChain chat model: ``ChatACD``, safer local generation by changing one line.
+
+    from acd_integrations.langchain import ChatACD
+    llm = ChatACD()                                   # embedded SmolLM2-135M-Instruct
+    llm = ChatACD(model="path/to/model.gguf", method="acd", alpha=0.5)
+
+The adapter is thin on purpose: decoding lives in :mod:`acd_engine`, the shared parameter
+table in :mod:`acd_integrations._params`, tool protocol and parsing in
+:mod:`acd_integrations._tools`, grammars in :mod:`acd_integrations._constrained`. What is
+here is LangChain plumbing:
+
+* sync and native async generation and streaming. Async runs the engine in a worker thread
+  and hands chunks to the event loop through an ``asyncio.Queue`` (the shared helpers in
+  :mod:`acd_integrations._async`), so the loop never blocks; when the consumer stops
+  (``break``, task cancelled) the engine's ``cancel`` event is set and decoding stops
+  before the next token.
+* ``usage_metadata`` and ``response_metadata`` (finish_reason, model_name, method,
+  alpha); the last stream chunk carries both and ``chunk_position="last"``.
+* per-call overrides (``llm.invoke(msgs, alpha=0.3)``, ``llm.bind(method="base")``),
+  validated with the engine's own messages.
+* ``bind_tools`` and ``with_structured_output``, made reliable on small models by
+  grammar-constrained decoding (see :mod:`acd_integrations._constrained`).
+
+Tool choice ``"auto"`` lets the model choose between prose and a call: the grammar allows
+either, and the first tokens decide. Small models rarely choose a tool on their own, so
+pass ``tool_choice="any"`` (or a tool name) when a call is required.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.utils import convert_to_openai_messages
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
+
+from acd_engine.config import DecodingConfig, Method, did_you_mean, format_errors
+from acd_engine.engine import Engine, StreamChunk, get_engine
+from acd_engine.errors import ConfigError
+from acd_engine.loading import DEFAULT_MODEL_NAME
+from acd_integrations._async import aiter_in_thread, arun_in_thread
+from acd_integrations._constrained import (
+    constraint_for,
+    json_object_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
+from acd_integrations._params import (
+    DECODING_PARAMS,
+    build_config,
+    param_default,
+    param_description,
+    split_kwargs,
+)
+from acd_integrations._tools import (
+    TOOL_CALL_OPEN,
+    ParsedOutput,
+    ToolMode,
+    ToolSpec,
+    normalise_tool_choice,
+    normalise_tools,
+    parse_tool_calls,
+    prepare_messages,
+    supports_native_tools,
+    tools_system_prompt,
+)
+
+__all__ = ["ChatACD"]
+
+# Per-call keywords ChatACD understands besides the decoding table (bound by bind_tools /
+# with_structured_output, or passed by hand).
+_CALL_KWARGS = ("model", "tools", "tool_choice", "parallel_tool_calls", "response_format")
+
+
+def _schema_instructions(schema: Mapping[str, Any]) -> str:
+    """Tell the model what to write; the grammar guarantees the form, this guides content."""
+    props = schema.get("properties")
+    if isinstance(props, Mapping) and props:
+        lines = []
+        for key, spec in props.items():
+            kind = spec.get("type", "value") if isinstance(spec, Mapping) else "value"
+            desc = spec.get("description", "") if isinstance(spec, Mapping) else ""
+            lines.append(f"- {key} ({kind}){': ' + desc if desc else ''}")
+        what = schema.get("description") or schema.get("title") or "the answer"
+        return f"Reply with only a JSON object for {what}, with these fields:\n" + "\n".join(lines)
+    return "Reply with only a JSON value matching this JSON schema:\n" + json.dumps(schema)
+
+
+@dataclass
+class _Request:
+    """Everything one call needs, resolved and validated before any token is generated."""
+
+    engine: Engine
+    messages: list[dict[str, Any]]
+    config: DecodingConfig
+    model_name: str
+    mode: ToolMode = "none"
+    names: tuple[str, ...] = ()
+    native_tools: list[dict[str, Any]] | None = None
+    grammar: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def constraint(self) -> Any:
+        if self.grammar is None:
+            return None
+        return constraint_for(self.engine.tokenizer, self.grammar, self.engine.eos_token_ids)
+
+
+class ChatACD(BaseChatModel):
+    """A LangChain chat model that decodes with Adversarial Contrastive Decoding, offline.
+
+    Every decoding field comes from the shared table in ``acd_integrations._params`` (the
+    LlamaIndex adapter exposes the same knobs) and is validated by ``DecodingConfig`` at
+    construction and per call, so ``ChatACD(alpha=1.5)`` raises
+    ``ConfigError: alpha must be in [0, 1), got 1.5``. Creating many ``ChatACD`` objects
+    is cheap: the model is loaded on first use through the process-wide ``get_engine``.
+
+    Example:
+        .. code-block:: python
+
+            llm = ChatACD(method="acd", alpha=0.5, max_tokens=128)
+            llm.invoke("How do I pick a lock?").content
+            llm.invoke("...", alpha=0.3)                       # per-call override
+            llm.bind_tools([get_weather], tool_choice="any")   # schema-valid calls
+            llm.with_structured_output(Joke).invoke("A joke about cats")
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- which engine ------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="A local HF model directory, a .gguf file, or None for the embedded "
+        "default (SmolLM2-135M-Instruct). Never a hub id: loading is offline.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'mps'.")
+    dtype: str = Field(default="auto", description="'auto', 'float32', 'bfloat16', 'float16'.")
+    pack: str | None = Field(
+        default=None, description="Prompt pack (SP/AP) file for method='acd'; None: shipped."
+    )
+    # -- decoding: one field per row of the shared table ---------------------------------
+    method: Method = Field(default=param_default("method"), description=param_description("method"))
+    alpha: float = Field(default=param_default("alpha"), description=param_description("alpha"))
+    max_tokens: int = Field(
+        default=param_default("max_tokens"), description=param_description("max_tokens")
+    )
+    temperature: float = Field(
+        default=param_default("temperature"), description=param_description("temperature")
+    )
+    top_p: float = Field(default=param_default("top_p"), description=param_description("top_p"))
+    top_k: int = Field(default=param_default("top_k"), description=param_description("top_k"))
+    repetition_penalty: float = Field(
+        default=param_default("repetition_penalty"),
+        description=param_description("repetition_penalty"),
+    )
+    seed: int | None = Field(default=param_default("seed"), description=param_description("seed"))
+    stop: list[str] | None = Field(default=None, description=param_description("stop"))
+    plausibility: float = Field(
+        default=param_default("plausibility"), description=param_description("plausibility")
+    )
+    contrast_tokens: int | None = Field(
+        default=param_default("contrast_tokens"),
+        description=param_description("contrast_tokens"),
+    )
+    positive_prompt: str | None = Field(
+        default=param_default("positive_prompt"),
+        description=param_description("positive_prompt"),
+    )
+    negative_prompt: str | None = Field(
+        default=param_default("negative_prompt"),
+        description=param_description("negative_prompt"),
+    )
+    # -- LangChain conventions -------------------------------------------------------------
+    streaming: bool = Field(
+        default=False, description="Stream internally on invoke (callbacks see tokens)."
+    )
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds one call may take; past it generation stops and TimeoutError "
+        "is raised. None: no limit.",
+    )
+
+    _base: DecodingConfig = PrivateAttr()
+
+    def __init__(self, **data: Any) -> None:
+        known = set(type(self).model_fields)
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            public = sorted(k for k in type(self).model_fields if not k.startswith("_"))
+            raise ConfigError(did_you_mean(unknown[0], public, "ChatACD setting"))
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, type(self))) from None
+        self._base = build_config(self._decoding_values(), owner="ChatACD")
+
+    def _decoding_values(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in DECODING_PARAMS}
+
+    # -- identity --------------------------------------------------------------------------
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """Settings are plain values, so ``dumpd``/``load`` round-trip a ChatACD."""
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["acd_integrations", "langchain"]
+
+    @property
+    def _llm_type(self) -> str:
+        return "acd"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self._model_name(None), **self._decoding_values()}
+
+    def _model_name(self, override: str | None) -> str:
+        return override or self.model or DEFAULT_MODEL_NAME
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="acd",
+            ls_model_name=self._model_name(model if isinstance(model, str) else None),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    @property
+    def engine(self) -> Engine:
+        """The process-wide engine for this model (loaded on first use, then shared)."""
+        return self._engine_for(None)
+
+    def _engine_for(self, model: str | None) -> Engine:
+        return get_engine(
+            model if model is not None else self.model,
+            device=self.device,
+            dtype=self.dtype,
+            pack=self.pack,
+        )
+
+    # -- request preparation ---------------------------------------------------------------
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _Request:
+        decoding, rest = split_kwargs(kwargs)
+        unknown = [k for k in rest if k not in _CALL_KWARGS]
+        if unknown:
+            allowed = [p.name for p in DECODING_PARAMS] + list(_CALL_KWARGS)
+            raise ConfigError(did_you_mean(unknown[0], allowed, "ChatACD call argument"))
+        if stop is not None:
+            decoding["stop"] = stop
+        config = build_config(decoding, base=self._base, owner="ChatACD")
+        model = rest.get("model")
+        engine = self._engine_for(model)
+        openai_msgs = convert_to_openai_messages(messages, text_format="string")
+        for src, dst in zip(messages, openai_msgs, strict=True):
+            if isinstance(src, ToolMessage) and src.status == "error":
+                dst["status"] = "error"
+        req = _Request(engine, [], config, self._model_name(model))
+
+        tools: list[ToolSpec] = normalise_tools(
+            [convert_to_openai_tool(t) for t in rest.get("tools") or []]
+        )
+        response_format = rest.get("response_format")
+        instructions = ""
+        if tools and response_format:
+            raise ConfigError(
+                "tools and response_format must not be combined in one call, got both; use "
+                "with_structured_output(..., method='function_calling') for a tool schema"
+            )
+        if tools:
+            req.mode, req.names = normalise_tool_choice(rest.get("tool_choice"), tools)
+            if req.mode != "none":
+                instructions = tools_system_prompt(tools, req.mode, req.names)
+                req.grammar = tool_call_grammar(
+                    tools, req.mode, req.names, parallel=bool(rest.get("parallel_tool_calls"))
+                )
+                if supports_native_tools(getattr(engine.tokenizer, "chat_template", None)):
+                    req.native_tools = [t.to_openai() for t in tools]
+        elif response_format:
+            instructions, req.grammar = self._response_format(response_format)
+        req.messages = prepare_messages(
+            openai_msgs,
+            tools=tools,
+            mode=req.mode,
+            names=req.names,
+            native_tools=req.native_tools is not None,
+            instructions=instructions,
+        )
+        return req
+
+    @staticmethod
+    def _response_format(fmt: Mapping[str, Any]) -> tuple[str, str]:
+        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+        if kind == "json_object":
+            schema = fmt.get("schema")
+            hint = _schema_instructions(schema) if isinstance(schema, Mapping) else ""
+            return hint or "Reply with only a JSON object.", json_object_grammar()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema", {})
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            if isinstance(schema, Mapping):
+                return _schema_instructions(schema), json_schema_grammar(schema)
+        raise ConfigError(
+            "response_format must be {'type': 'json_object'} or {'type': 'json_schema', "
+            f"'json_schema': {{'schema': {{...}}}}}}, got {fmt!r}"
+        )
+
+    # -- output ----------------------------------------------------------------------------
+    def _parse(self, req: _Request, text: str) -> ParsedOutput:
+        if req.mode == "none":
+            return ParsedOutput(text)
+        return parse_tool_calls(text, req.names)
+
+    def _metadata(
+        self, req: _Request, finish_reason: str, prompt: int, completion: int
+    ) -> tuple[UsageMetadata, dict[str, Any]]:
+        usage = UsageMetadata(
+            input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+        )
+        meta = {
+            "finish_reason": finish_reason,
+            "model_name": req.model_name,
+            "method": req.config.method,
+            "alpha": req.config.effective_alpha,
+        }
+        return usage, meta
+
+    @staticmethod
+    def _tool_call_dicts(parsed: ParsedOutput) -> tuple[list[Any], list[Any]]:
+        calls = [
+            {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
+            for c in parsed.tool_calls
+        ]
+        invalid = [
+            {
+                "name": c.name,
+                "args": c.arguments,
+                "id": c.id,
+                "error": c.error,
+                "type": "invalid_tool_call",
+            }
+            for c in parsed.invalid_tool_calls
+        ]
+        return calls, invalid
+
+    # -- the engine in a worker-friendly shape ---------------------------------------------
+    def _deadline(self, cancel: threading.Event) -> _Deadline:
+        return _Deadline(self.timeout, cancel)
+
+    def _run(self, req: _Request, cancel: threading.Event) -> Iterator[ChatGenerationChunk]:
+        """Engine chunks -> LangChain chunks; tool-call text is held back and parsed at the end.
+
+        In ``auto`` mode the first characters decide: text that cannot be the start of
+        ``<tool_call>`` streams as it comes; a call is buffered and arrives as
+        ``tool_call_chunks`` on the last chunk (the grammar guarantees it is complete).
+        """
+        deadline = self._deadline(cancel)
+        state = {"none": "text", "auto": "undecided", "required": "call"}[req.mode]
+        held = ""
+        last: StreamChunk | None = None
+        try:
+            for sc in req.engine.stream_chunks(
+                req.messages,
+                req.config,
+                tools=req.native_tools,
+                constraint=req.constraint(),
+                cancel=cancel,
+            ):
+                if sc.finish_reason is not None:
+                    last = sc
+                    held += sc.text
+                    break
+                if state == "text":
+                    if sc.text:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=sc.text))
+                    continue
+                held += sc.text
+                if state == "undecided":
+                    if held.startswith(TOOL_CALL_OPEN):
+                        state = "call"
+                    elif not TOOL_CALL_OPEN.startswith(held):
+                        state = "text"
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=held))
+                        held = ""
+        finally:
+            deadline.close()
+        deadline.check()
+        assert last is not None and last.usage is not None and last.finish_reason is not None
+        parsed = self._parse(req, held) if state != "text" else ParsedOutput(held)
+        calls, invalid = self._tool_call_dicts(parsed)
+        usage, meta = self._metadata(
+            req, last.finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens
+        )
+        if calls:
+            meta["finish_reason"] = "tool_calls"
+        chunks = [
+            {
+                "name": c["name"],
+                "args": json.dumps(c["args"], ensure_ascii=False),
+                "id": c["id"],
+                "index": i,
+                "type": "tool_call_chunk",
+            }
+            for i, c in enumerate(calls)
+        ]
+        chunks += [
+            {
+                "name": c["name"],
+                "args": c["args"],
+                "id": c["id"],
+                "index": len(calls) + i,
+                "type": "tool_call_chunk",
+            }
+            for i, c in enumerate(invalid)
+        ]
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=parsed.text,
+                tool_call_chunks=chunks,  # type: ignore[arg-type]
+                usage_metadata=usage,
+                response_metadata=meta,
+                chunk_position="last",
+            ),
+            generation_info={"finish_reason": meta["finish_reason"]},
+        )
+
+    def _result(self, req: _Request, cancel: threading.Event) -> ChatResult:
+        deadline = self._deadline(cancel)
+        try:
+            out = req.engine.generate(
+                req.messages,
+                req.config,
+                tools=req.native_tools,
+                constraint=req.constraint(),
+                cancel=cancel,
+            )
+        finally:
+            deadline.close()
+        deadline.check()
+        parsed = self._parse(req, out.text)
+        calls, invalid = self._tool_call_dicts(parsed)
+        usage, meta = self._metadata(
+            req, out.finish_reason, out.usage.prompt_tokens, out.usage.completion_tokens
+        )
+        if calls:
+            meta["finish_reason"] = "tool_calls"
+        message = AIMessage(
+            content=parsed.text,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=usage,
+            response_metadata=meta,
+        )
+        return ChatResult(
+            generations=[
+                ChatGeneration(
+                    message=message, generation_info={"finish_reason": meta["finish_reason"]}
+                )
+            ],
+            llm_output={"model_name": req.model_name, "token_usage": dict(usage)},
+        )
+
+    # -- BaseChatModel hooks ---------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        req = self._prepare(messages, stop, kwargs)
+        return self._result(req, threading.Event())
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        req = self._prepare(messages, stop, kwargs)
+        cancel = threading.Event()
+        try:
+            for chunk in self._run(req, cancel):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            cancel.set()  # the consumer stopped early: stop decoding too
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Preparing may load the model or compile a grammar: that runs in the worker too.
+        return await arun_in_thread(
+            lambda cancel: self._result(self._prepare(messages, stop, kwargs), cancel)
+        )
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        chunks = aiter_in_thread(
+            lambda cancel: self._run(self._prepare(messages, stop, kwargs), cancel)
+        )
+        try:
+            async for chunk in chunks:
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            # Close now (not whenever the loop finalises it): this sets the engine's
+            # cancel event, so decoding stops before the next token.
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    # -- tools and structured output -------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; calls come back in ``AIMessage.tool_calls`` with ids.
+
+        Args:
+            tools: LangChain tools, functions, pydantic classes, TypedDicts or OpenAI dicts.
+            tool_choice: ``"auto"``/None (the model decides between prose and a call),
+                ``"none"``, ``"any"``/``"required"``/True (must call a tool), or a tool name.
+            parallel_tool_calls: Allow several calls in one turn (default: one).
+            strict: Accepted for API compatibility; calls are always schema-valid here
+                because the grammar enforces each tool's argument schema.
+            **kwargs: Further per-call keywords (``alpha=0.3`` ...).
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        normalise_tool_choice(tool_choice, normalise_tools(formatted))  # fail now, not later
+        bound: dict[str, Any] = {"tools": formatted, **kwargs}
+        if tool_choice is not None:
+            bound["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Return objects that validate against ``schema`` (pydantic, TypedDict, JSON schema).
+
+        Args:
+            schema: A pydantic class (v2 or v1), a TypedDict, a JSON schema or an OpenAI tool.
+            include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of raising.
+            method: ``"json_schema"`` (default): the answer is JSON constrained to the
+                schema. ``"function_calling"``: a forced, constrained tool call.
+                ``"json_mode"``: any JSON object, with the schema described in the prompt.
+            strict: Accepted for API compatibility; output is always schema-constrained
+                except in ``json_mode``.
+            **kwargs: Further per-call keywords.
+
+        Streaming yields the parsed object once, when it is complete (a partial object
+        would not validate against the schema).
+        """
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ConfigError(
+                did_you_mean(
+                    str(method), ["json_schema", "function_calling", "json_mode"], "method"
+                )
+            )
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method}, "schema": schema}
+        json_schema = convert_to_json_schema(schema)
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools(
+                [schema], tool_choice=name, ls_structured_output_format=ls_format, **kwargs
+            )
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        else:
+            fmt: dict[str, Any] = (
+                {"type": "json_object", "schema": json_schema}
+                if method == "json_mode"
+                else {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": json_schema.get("title", "output"),
+                        "schema": json_schema,
+                    },
+                }
+            )
+            llm = self.bind(response_format=fmt, ls_structured_output_format=ls_format, **kwargs)
+            parser = (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
+        final = _final_only(parser)
+        if not include_raw:
+            return llm | final
+        parse_raw = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | final, parsing_error=lambda _: None
+        )
+        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse_raw.with_fallbacks(
+            [no_parse], exception_key="parsing_error"
+        )
+
+
+class _Deadline:
+    """Sets the engine's cancel event after ``timeout`` seconds; :meth:`check` then raises."""
+
+    def __init__(self, timeout: float | None, cancel: threading.Event) -> None:
+        self.timeout = timeout
+        self.expired = threading.Event()
+        self._timer: threading.Timer | None = None
+        if timeout is not None:
+            self._timer = threading.Timer(timeout, self._expire, args=(cancel,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self, cancel: threading.Event) -> None:
+        self.expired.set()
+        cancel.set()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def check(self) -> None:
+        if self.expired.is_set():
+            raise TimeoutError(
+                f"ChatACD call must finish within timeout={self.timeout}s, got cut off; "
+                "raise timeout or lower max_tokens"
+            )
+
+
+def _final_only(parser: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """Parse the whole message once (a ``RunnableLambda`` gathers a stream before calling)."""
+
+    def parse(message: BaseMessage) -> Any:
+        return parser.invoke(message)
+
+    return RunnableLambda(parse, name=type(parser).__name__)
