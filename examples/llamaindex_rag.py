@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex
+from llama_index.core.base.base_query_engine import BaseQueryEngine
 
 from acd_integrations.embeddings import MiniLMEmbedding
 from acd_integrations.llama_index import ACDLLM
@@ -15,7 +16,7 @@ from acd_integrations.llama_index import ACDLLM
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def build_query_engine(max_tokens: int = 64):  # noqa: ANN201 - example code
+def build_query_engine(max_tokens: int = 64) -> BaseQueryEngine:
     Settings.embed_model = MiniLMEmbedding()
     Settings.llm = ACDLLM(method="acd", alpha=0.5, max_tokens=max_tokens)
     docs = SimpleDirectoryReader(str(DATA)).load_data()
