@@ -34,7 +34,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check acd_engine acd_integrations tests examples scripts
 
 typecheck: install
 	$(BIN)/mypy acd_engine acd_integrations
