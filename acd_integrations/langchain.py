@@ -328,9 +328,12 @@ class ChatACD(BaseChatModel):
     def _response_format(fmt: Mapping[str, Any]) -> tuple[str, str]:
         kind = fmt.get("type") if isinstance(fmt, Mapping) else None
         if kind == "json_object":
+            # Any JSON object; a schema handed over by with_structured_output(method=
+            # "json_mode") is enforced too, since an object the parser rejects is no use.
             schema = fmt.get("schema")
-            hint = _schema_instructions(schema) if isinstance(schema, Mapping) else ""
-            return hint or "Reply with only a JSON object.", json_object_grammar()
+            if isinstance(schema, Mapping):
+                return _schema_instructions(schema), json_schema_grammar(schema)
+            return "Reply with only a JSON object.", json_object_grammar()
         if kind == "json_schema":
             spec = fmt.get("json_schema", {})
             schema = spec.get("schema") if isinstance(spec, Mapping) else None
@@ -602,9 +605,10 @@ class ChatACD(BaseChatModel):
             include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of raising.
             method: ``"json_schema"`` (default): the answer is JSON constrained to the
                 schema. ``"function_calling"``: a forced, constrained tool call.
-                ``"json_mode"``: any JSON object, with the schema described in the prompt.
-            strict: Accepted for API compatibility; output is always schema-constrained
-                except in ``json_mode``.
+                ``"json_mode"``: a JSON object, described in the prompt; the schema is
+                enforced as well (bind ``response_format={"type": "json_object"}`` for an
+                unconstrained object).
+            strict: Accepted for API compatibility; output is always schema-constrained.
             **kwargs: Further per-call keywords.
 
         Streaming yields the parsed object once, when it is complete (a partial object

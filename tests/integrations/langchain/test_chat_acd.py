@@ -396,3 +396,19 @@ def test_unknown_structured_output_method():
         ConfigError, match="unknown method 'json_shema'; did you mean 'json_schema'"
     ):
         ChatACD().with_structured_output(Verdict, method="json_shema")  # type: ignore[arg-type]
+
+
+def test_response_format_grammars():
+    from acd_integrations._constrained import json_object_grammar, json_schema_grammar
+
+    schema = Verdict.model_json_schema()
+    hint, grammar = ChatACD._response_format({"type": "json_object"})
+    assert grammar == json_object_grammar() and "JSON object" in hint
+    hint, grammar = ChatACD._response_format({"type": "json_object", "schema": schema})
+    assert grammar == json_schema_grammar(schema) and "- confidence (integer)" in hint
+    _, grammar = ChatACD._response_format(
+        {"type": "json_schema", "json_schema": {"schema": schema}}
+    )
+    assert grammar == json_schema_grammar(schema)
+    with pytest.raises(ConfigError, match="response_format must be"):
+        ChatACD._response_format({"type": "xml"})
