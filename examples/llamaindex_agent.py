@@ -34,7 +34,7 @@ async def run_function_agent(question: str, max_tokens: int = 64) -> str:
     # A 135M model rarely volunteers a tool call; "required" on the first turn makes the
     # agent call one (schema-valid thanks to the grammar) and answer from its result.
     agent = FunctionAgent(
-        tools=TOOLS,
+        tools=list(TOOLS),
         llm=llm,
         system_prompt="Use the tools to answer.",
         initial_tool_choice="required",

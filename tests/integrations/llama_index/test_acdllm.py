@@ -170,10 +170,15 @@ def test_function_agent_calls_the_tool_and_uses_its_result(engine):
 
     from llama_index.core.tools import FunctionTool
 
-    example.TOOLS[1] = FunctionTool.from_defaults(fn=get_weather)
-    answer = asyncio.run(
-        example.run_function_agent("What is the weather in Lisbon?", max_tokens=40)
-    )
+    engine.set_pack(None)  # the shipped pack, whatever earlier tests swapped in
+    saved = example.TOOLS
+    example.TOOLS = [FunctionTool.from_defaults(fn=get_weather)]
+    try:
+        answer = asyncio.run(
+            example.run_function_agent("What is the weather in Lisbon?", max_tokens=40)
+        )
+    finally:
+        example.TOOLS = saved
     assert calls and "lisbon" in calls[0].lower()
     assert "sunny" in answer.lower() or "21" in answer
 
