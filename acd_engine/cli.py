@@ -289,9 +289,11 @@ def eval_command(
 
 def _register_long_jobs() -> None:
     """Commands that live next to their job; their modules import torch only when run."""
+    from acd_engine.bench import bench_command
     from acd_engine.training.command import train_command
 
     app.command("train")(train_command)
+    app.command("bench")(bench_command)
 
 
 _register_long_jobs()

@@ -1,13 +1,22 @@
-"""The decode loop: prefill both branches, then one batched forward per generated token.
+"""The decode loops: prefill every row, then one batched forward per generated token.
 
-R is the number of branches (1 for single-branch methods, 2 for contrast methods); row 0 is
-always the positive branch. Both rows are fed the same chosen token at every step, so the
-branches differ only in what sits in their system-prompt slot.
+Two loops share one token-choosing step (:func:`choose_token`):
+
+* :func:`decode_rows`, the fast path. Rows come from :func:`acd_engine.batching.pack_rows`:
+  cached SP/AP prefixes, so prefill covers only the conversation; several requests in one
+  forward (2·N rows for N contrast requests); KV written in place; a prebuilt 4-D mask.
+* :func:`decode`, the reference path: one request, both branches re-embedded from scratch
+  and left-padded, transformers' own masks. The oracle the fast path is tested against.
+
+Row 0 of a request is always its positive branch, row 1 (if any) its negative branch. Both
+rows are fed the same chosen token at every step, so the branches differ only in what sits in
+their system-prompt slot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +29,24 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_filter
 
-__all__ = ["Prefill", "build_processors", "decode", "pick_token"]
+__all__ = [
+    "Prefill",
+    "RowRequest",
+    "build_processors",
+    "choose_token",
+    "decode",
+    "decode_rows",
+    "pick_token",
+]
 
 
 @dataclass
 class Prefill:
-    """Model inputs for the first forward of one request.
+    """Model inputs for the first forward of one request (reference path).
 
     Attributes:
         embeds: Left-padded input embeddings ``[R, T, H]`` in the model's dtype.
@@ -43,6 +61,19 @@ class Prefill:
 
     embeds: torch.Tensor
     mask: torch.Tensor
+    context_ids: torch.Tensor
+    constraint: LogitsProcessorList | None = None
+
+
+@dataclass
+class RowRequest:
+    """One request of a fast batch (see :class:`Prefill` for ``context_ids``/``constraint``).
+
+    Attributes:
+        rows: Its rows in the :class:`~acd_engine.batching.RowBatch`, positive branch first.
+    """
+
+    rows: list[int]
     context_ids: torch.Tensor
     constraint: LogitsProcessorList | None = None
 
@@ -72,8 +103,169 @@ def pick_token(
     return torch.multinomial(probs, num_samples=1, generator=gen)
 
 
+def choose_token(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    cfg: DecodingConfig,
+    procs: LogitsProcessorList,
+    constraint: LogitsProcessorList | None,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    """One request's next token from its rows' logits; every op stays on the device.
+
+    Args:
+        logits: ``[1, V]`` (positive row) or ``[2, V]`` (positive, negative).
+        ids: ``[1, L]`` conversation plus generated tokens, for processors.
+
+    Returns:
+        ``[1, 1]`` token id.
+    """
+    pos = logits[:1]
+    scores = contrast_logits(pos, logits[1:] if logits.shape[0] == 2 else None, cfg.alpha)
+    if constraint:
+        scores = constraint(ids, scores)  # type: ignore[arg-type]
+    scores = plausibility_filter(scores, pos, cfg.plausibility)  # [1, V] fp32
+    scores = procs(ids, scores)  # type: ignore[arg-type]
+    return pick_token(scores, cfg.temperature, gen)
+
+
+def _sampler(cfg: DecodingConfig, device: torch.device) -> torch.Generator | None:
+    if cfg.temperature == 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    return gen
+
+
+def _copy_to_host(values: torch.Tensor) -> Callable[[], list[int]]:
+    """Queue a device-to-host copy of ``values``; the returned call waits for it alone.
+
+    On CUDA the copy goes to pinned memory behind an event (as transformers'
+    ``DeferredStopCheck`` does), so work queued after it keeps the GPU busy meanwhile.
+    """
+    if values.device.type != "cuda":
+        ready = values.tolist()
+        return lambda: ready
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list[int]:
+        done.synchronize()
+        out: list[int] = host.tolist()
+        return out
+
+    return wait
+
+
+@torch.inference_mode()  # entered on every resume, left on every yield: nothing leaks out
+def decode_rows(
+    model: Any,
+    batch: RowBatch,
+    requests: list[RowRequest],
+    cfg: DecodingConfig,
+    finished: set[int] | None = None,
+    step_fn: Callable[..., Any] | None = None,
+    overlap: bool | None = None,
+    step_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> Generator[dict[int, int], None, None]:
+    """Fast path: every running request gets one token per step from one batched forward.
+
+    Yields ``{request index: token id}`` for the requests still running. The caller
+    decides when a request ends (EOS, stop strings) by adding its index to ``finished``;
+    its rows leave the batch before the next forward. Closing the generator ends all.
+
+    Args:
+        step_fn: The decode-step forward (a compiled ``model`` for static caches).
+        overlap: Queue step t+1's forward before reading token t on the host, so the
+            device never waits for Python (default: static caches on CUDA). One forward
+            is wasted when a request ends, and finished rows stay in the batch.
+        step_context: Entered around every decode-step forward (not the prefill); the
+            engine passes :class:`~acd_engine.skinny.SkinnyLinear` on CPUs where it wins.
+    """
+    step_fn = step_fn or model
+    device = batch.valid.device
+    procs = build_processors(cfg)
+    gens = [_sampler(cfg, device) for _ in requests]
+    ids = [r.context_ids for r in requests]  # each [1, L]
+    rows_of = [list(r.rows) for r in requests]  # positive row first
+    live = list(range(len(requests)))
+    finished = set() if finished is None else finished
+    if overlap is None:
+        overlap = batch.static and device.type == "cuda"
+    out = model(
+        input_ids=batch.input_ids,  # [R, W]
+        attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
+        position_ids=batch.positions,  # [R, W]
+        past_key_values=batch.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1, :]  # [R, V]
+    tokens = batch.input_ids[:, -1:].clone()  # [R, 1] what each row is fed next
+    pos, n = batch.next_positions, batch.width  # [R, 1], filled cache columns
+    mask = None
+    if batch.static:
+        mask = torch.zeros(len(tokens), 1, 1, batch.capacity, dtype=torch.bool, device=device)
+        mask[:, 0, 0, : batch.width] = batch.valid[:, : batch.width]  # [R, 1, 1, C]
+
+    def advance() -> torch.Tensor:
+        """Feed ``tokens`` to every row; return the next logits ``[R, V]``."""
+        nonlocal pos, n
+        n += 1
+        if batch.static:
+            assert mask is not None
+            mask[:, 0, 0, n - 1] = True  # the new column; later ones stay masked
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+        step_mask = (
+            mask if batch.static else batch.valid[:, None, None, :n] if batch.holes else None
+        )
+        with step_context():
+            out = step_fn(
+                input_ids=tokens,  # [R, 1]
+                attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None
+                position_ids=pos,  # [R, 1]
+                past_key_values=batch.cache,
+                use_cache=True,
+            )
+        pos = pos + 1
+        return out.logits[:, -1, :].clone() if batch.static else out.logits[:, -1, :]
+
+    for step in range(cfg.max_new_tokens):
+        contrast = cfg.contrast_tokens is None or step < cfg.contrast_tokens
+        picked: dict[int, torch.Tensor] = {}
+        for i in live:
+            rows = rows_of[i] if contrast else rows_of[i][:1]
+            picked[i] = choose_token(
+                logits[rows], ids[i], cfg, procs, requests[i].constraint, gens[i]
+            )
+            ids[i] = torch.cat([ids[i], picked[i]], dim=-1)
+            tokens[rows_of[i]] = picked[i]
+        last = step == cfg.max_new_tokens - 1
+        host = _copy_to_host(torch.cat(list(picked.values())).view(-1))
+        if overlap and not last:
+            logits = advance()  # queued behind the copy: the device works while we wait
+        yield dict(zip(picked, host(), strict=True))  # the one host sync per step
+        live = [i for i in live if i not in finished]
+        if last or not live:
+            return
+        if not batch.static and not overlap:  # drop rows nobody reads any more
+            contrast_next = cfg.contrast_tokens is None or step + 1 < cfg.contrast_tokens
+            keep = [r for i in live for r in (rows_of[i] if contrast_next else rows_of[i][:1])]
+            if len(keep) < len(tokens):
+                batch.select(keep)
+                index = {r: j for j, r in enumerate(keep)}
+                rows_of = [[index[r] for r in rows if r in index] for rows in rows_of]
+                tokens, pos = tokens[keep], pos[keep]
+        if not overlap:
+            logits = advance()
+
+
+@torch.inference_mode()
 def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, None, None]:
-    """Yield generated token ids one at a time, up to ``cfg.max_new_tokens``.
+    """Reference path: yield generated token ids one at a time, up to ``cfg.max_new_tokens``.
 
     The caller decides when to stop (EOS, stop strings) by closing the generator, so no
     forward pass is spent on a token nobody will read.
@@ -81,10 +273,7 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
     embeds, mask = prefill.embeds, prefill.mask  # [R, T, H], [R, T]
     rows = embeds.shape[0]
     procs = build_processors(cfg)
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(device=embeds.device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    gen = _sampler(cfg, embeds.device)
     ids = prefill.context_ids  # [1, L]
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [R, T]
     # Without padding the mask is all ones: passing None lets SDPA take its causal fast path.
@@ -104,12 +293,7 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
             cache.batch_select_indices(torch.tensor([0], device=embeds.device))
             rows, mask, pos, logits = 1, mask[:1], pos[:1], logits[:1]
             padded = bool((mask == 0).any())
-        scores = contrast_logits(logits[:1], logits[1:] if rows == 2 else None, cfg.alpha)
-        if prefill.constraint:
-            scores = prefill.constraint(ids, scores)  # type: ignore[arg-type]
-        scores = plausibility_filter(scores, logits[:1], cfg.plausibility)  # [1, V] fp32
-        scores = procs(ids, scores)  # type: ignore[arg-type]
-        token = pick_token(scores, cfg.temperature, gen)  # [1, 1]
+        token = choose_token(logits, ids, cfg, procs, prefill.constraint, gen)  # [1, 1]
         yield int(token)
         if step == cfg.max_new_tokens - 1:
             return

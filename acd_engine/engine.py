@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LogitsProcessorList
 
+from acd_engine.batching import RowInput, fast_path_supported, pack_rows
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import (
     Branch,
@@ -29,10 +31,12 @@ from acd_engine.contrast import (
     plan_branches,
     plausibility_filter,
 )
-from acd_engine.decoding import Prefill, decode
+from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.loading import LoadedModel, load_model
+from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.prompts import PromptPack, model_fingerprint
+from acd_engine.skinny import SkinnyLinear, skinny_wins
 
 __all__ = [
     "Engine",
@@ -131,6 +135,65 @@ def _stop_prefix_overlap(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class _Answer:
+    """The text side of one answer: EOS, stop strings, and how much may be streamed yet.
+
+    Shared by streaming and batched generation so both produce the same text. Text is held
+    back while it could still be the start of a stop string or ends in an incomplete
+    multi-byte character.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], stops: Sequence[str]) -> None:
+        self.tokenizer, self.eos_ids, self.stops = tokenizer, eos_ids, stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.ids: list[int] = []
+        self.emitted = ""  # text already handed out; always a prefix of the final text
+        self.final: str | None = None  # set when a stop string cut the text
+        self.finish: Literal["stop", "length"] = "length"
+        self.done = False
+
+    def stop(self) -> None:
+        """End the answer before the next token (cancelled)."""
+        self.finish, self.done = "stop", True
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the text that became safe to hand out."""
+        if token in self.eos_ids:
+            self.stop()
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        start = max(0, len(self.emitted) - self.longest)
+        hits = [i for s in self.stops if (i := text.find(s, start)) >= 0]
+        if hits:
+            self.final = text[: min(hits)]
+            self.stop()
+            return ""
+        ready = len(text.rstrip("\ufffd"))  # never split a multi-byte character
+        ready -= _stop_prefix_overlap(text[:ready], self.stops)
+        if ready > len(self.emitted) and text.startswith(self.emitted):
+            delta, self.emitted = text[len(self.emitted) : ready], text[:ready]
+            return delta
+        return ""
+
+    def rest(self) -> str:
+        """Once the answer is over: the text not handed out yet."""
+        if self.final is None:
+            self.final = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(self.final) > len(self.emitted) and self.final.startswith(self.emitted):
+            return self.final[len(self.emitted) :]
+        return ""
+
+
+def _first_request(steps: Generator[dict[int, int], None, None]) -> Generator[int, None, None]:
+    """The token stream of request 0 of a fast batch (closing this closes ``steps``)."""
+    try:
+        for picked in steps:
+            yield picked[0]
+    finally:
+        steps.close()
+
+
 class Engine:
     """Safer generation for one local chat model.
 
@@ -145,6 +208,12 @@ class Engine:
             the pack shipped for this model (else the manual-prompt initialisation).
         trust_remote_code: Allow model code from the model directory to run.
         defaults: Decoding settings used when a call passes none.
+        fast_path: Decode through cached SP/AP prefixes and batched rows (the default).
+            False runs the reference path, which re-embeds and left-pads every branch; both
+            give the same tokens under greedy decoding.
+        compile_step: ``torch.compile`` the decode step over a static KV cache (CUDA graphs
+            on CUDA). None (default) compiles on CUDA only; on CPU it measured no faster
+            (see docs/performance.md).
     """
 
     def __init__(
@@ -156,6 +225,8 @@ class Engine:
         pack: str | Path | PromptPack | None = None,
         trust_remote_code: bool = False,
         defaults: DecodingConfig | None = None,
+        fast_path: bool = True,
+        compile_step: bool | None = None,
     ) -> None:
         self.model_config = ModelConfig(
             model=None if model is None else str(model),
@@ -174,6 +245,18 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(int(e) for e in eos_ids)
+        self.fast_path = fast_path
+        self.compile_step = compile_step
+        # Requests per batched forward in generate_batch / continuations per forward in
+        # score_continuations: 2 rows each for contrast methods.
+        self.max_batch_requests = 8
+        self.prefix_cache = PrefixCache()
+        self._fast_supported: bool | None = None
+        self._compiled_step: Callable[..., Any] | None = None
+        self._static_caches: dict[tuple[int, int], Any] = {}  # reused by compiled decoding
+        # CPU decode steps as W @ x.T (acd_engine.skinny): None measures once per model
+        # whether that is faster here; True / False force it.
+        self.skinny_matmuls: bool | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -288,26 +371,30 @@ class Engine:
         plain = self._encode(self._template(msgs, **template_kwargs))
         return _Rendered(self._encode(head), self._encode(tail), plain)
 
-    def _branch_embeds(self, rendered: _Rendered, branch: Branch | None) -> torch.Tensor:
-        """``[T, H]`` input embeddings of one branch, in the model's dtype."""
+    def _embed(self, ids: list[int]) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
-        dev = emb.weight.device
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))  # [T, H]
 
-        def embed(ids: list[int]) -> torch.Tensor:
-            return emb(torch.tensor(ids, dtype=torch.long, device=dev))
-
-        if branch is None:
-            assert rendered.plain is not None
-            return embed(rendered.plain)
-        parts = [embed(rendered.head)]
+    def _prefix_embeds(self, head: list[int], branch: Branch) -> torch.Tensor:
+        """``[P, H]``: the template head then the branch content, the part shared by every
+        request of the branch (and what the prefix cache stores the KV of)."""
+        parts = [self._embed(head)]
         if branch.kind == "text":
             assert branch.text is not None
-            parts.append(embed(self._encode(branch.text)))
+            parts.append(self._embed(self._encode(branch.text)))
         elif branch.kind == "soft":
             assert branch.soft is not None
-            parts.append(branch.soft.to(device=dev, dtype=emb.weight.dtype))
-        parts.append(embed(rendered.tail))
+            weight = self.model.get_input_embeddings().weight
+            parts.append(branch.soft.to(device=weight.device, dtype=weight.dtype))
         return torch.cat(parts, dim=0)
+
+    def _branch_embeds(self, rendered: _Rendered, branch: Branch | None) -> torch.Tensor:
+        """``[T, H]`` input embeddings of one branch, in the model's dtype (reference path)."""
+        if branch is None:
+            assert rendered.plain is not None
+            return self._embed(rendered.plain)
+        prefix = self._prefix_embeds(rendered.head, branch)
+        return torch.cat([prefix, self._embed(rendered.tail)], dim=0)
 
     def branch_inputs(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
@@ -333,6 +420,102 @@ class Engine:
     def _config(self, config: DecodingConfig | None, overrides: dict[str, Any]) -> DecodingConfig:
         base = config or self.defaults
         return base.replace(**overrides) if overrides else base  # type: ignore[return-value]
+
+    def _use_fast_path(self) -> bool:
+        if not self.fast_path:
+            return False
+        if self._fast_supported is None:
+            self._fast_supported = fast_path_supported(self.model)
+            if not self._fast_supported:
+                logger.info(
+                    "%s has sliding-window, linear or non-SDPA attention: using the reference "
+                    "decode path",
+                    self.model_name,
+                )
+        return self._fast_supported
+
+    def _use_static_cache(self) -> bool:
+        """Compiled decoding needs fixed shapes: a static KV cache (CUDA by default)."""
+        if self.compile_step is None:
+            return self.device.type == "cuda"
+        return self.compile_step
+
+    def _step_fn(self) -> Callable[..., Any]:
+        """The decode-step forward for static caches: ``torch.compile`` with CUDA graphs.
+
+        transformers' own compiled call (``get_compiled_call``, mode "reduce-overhead") over
+        its ``StaticCache``, the combination ``generate`` uses for static-cache decoding. A
+        failure to compile is raised once with the way out, then decoding stays eager.
+        """
+        if self._compiled_step is None:
+            from transformers import CompileConfig
+
+            compiled = self.model.get_compiled_call(CompileConfig())
+
+            def step(**inputs: Any) -> Any:
+                try:
+                    return compiled(**inputs)
+                except Exception as exc:
+                    self.compile_step = False
+                    self._compiled_step = None
+                    raise RuntimeError(
+                        f"torch.compile of the decode step failed ({type(exc).__name__}: "
+                        f"{exc}); later requests decode eagerly. Pass "
+                        "Engine(compile_step=False) to skip compiling"
+                    ) from exc
+
+            self._compiled_step = step
+        return self._compiled_step
+
+    def _step_context(self, static: bool) -> Callable[[], AbstractContextManager[Any]]:
+        """What wraps each eager CPU decode step: skinny matmuls where they measured faster."""
+        if static or self.device.type != "cpu":
+            return nullcontext
+        if self.skinny_matmuls is None:
+            self.skinny_matmuls = skinny_wins(self.model)
+        return SkinnyLinear if self.skinny_matmuls else nullcontext
+
+    def _prefix_kv(self, head: list[int], branch: Branch) -> PrefixKV | None:
+        """The cached KV of ``head + branch content`` (None when both are empty)."""
+        if not head and branch.kind == "empty":
+            return None
+        return self.prefix_cache.get(
+            (branch.key, tuple(head)),
+            lambda: compute_prefix_kv(self.model, self._prefix_embeds(head, branch)),
+        )
+
+    def _request_rows(
+        self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
+    ) -> tuple[list[RowInput], list[int]]:
+        """Fast-path rows of one request (positive branch first) and its shared ids.
+
+        Each row is its branch's cached prefix (head + branch content) followed by the
+        conversation tail: the same sequence :meth:`branch_inputs` embeds from scratch.
+        """
+        rendered = self.render(messages, **template_kwargs)
+        plan = self.plan(config)
+        rows: list[RowInput] = []
+        for branch in (plan.positive, plan.negative)[: plan.n_branches]:
+            if branch is None:  # method 'plain': the untouched template, nothing to share
+                assert rendered.plain is not None
+                rows.append(RowInput(None, rendered.plain))
+            else:
+                rows.append(RowInput(self._prefix_kv(rendered.head, branch), rendered.tail))
+        shared = rendered.plain if plan.positive is None else rendered.tail
+        assert shared is not None
+        return rows, shared
+
+    def _fit_context(self, prompt_len: int, cfg: DecodingConfig) -> DecodingConfig:
+        """Refuse prompts that fill the context window; clamp max_new_tokens to the rest."""
+        room = self.context_window - prompt_len
+        if room <= 0:
+            raise PromptTooLongError(
+                f"prompt must be shorter than the model's context window of "
+                f"{self.context_window} tokens, got {prompt_len}; shorten the conversation"
+            )
+        if cfg.max_new_tokens > room:
+            cfg = cfg.replace(max_new_tokens=room)  # type: ignore[assignment]
+        return cfg
 
     def stream_chunks(
         self,
@@ -361,63 +544,62 @@ class Engine:
         cfg = self._config(config, overrides)
         template_kwargs = {"tools": list(tools)} if tools else {}
         with self._lock:
-            embeds, mask, shared = self.branch_inputs(messages, cfg, **template_kwargs)
-            prompt_tokens = int(mask[0].sum())
-            room = self.context_window - embeds.shape[1]
-            if room <= 0:
-                raise PromptTooLongError(
-                    f"prompt must be shorter than the model's context window of "
-                    f"{self.context_window} tokens, got {embeds.shape[1]}; shorten the "
-                    "conversation"
+            steps: Generator[int, None, None]
+            if self._use_fast_path():
+                with torch.inference_mode():
+                    rows, shared = self._request_rows(messages, cfg, **template_kwargs)
+                    prompt_tokens = rows[0].prefix_len + len(rows[0].tail)
+                    cfg = self._fit_context(max(r.prefix_len + len(r.tail) for r in rows), cfg)
+                    static = self._use_static_cache()
+                    batch = pack_rows(
+                        self.model,
+                        rows,
+                        cfg.max_new_tokens,
+                        static=static,
+                        static_pool=self._static_caches,
+                    )
+                context = torch.tensor([shared], device=self.device)
+                request = RowRequest(list(range(len(rows))), context, constraint)
+                step_fn = self._step_fn() if static else None
+                step_ctx = self._step_context(static)
+                steps = _first_request(
+                    decode_rows(
+                        self.model, batch, [request], cfg, step_fn=step_fn, step_context=step_ctx
+                    )
                 )
-            if cfg.max_new_tokens > room:
-                cfg = cfg.replace(max_new_tokens=room)  # type: ignore[assignment]
-            context = torch.tensor([shared], device=embeds.device)
-            prefill = Prefill(embeds, mask, context, constraint)
-            yield from self._stream_tokens(prefill, cfg, prompt_tokens, cancel)
+            else:
+                embeds, mask, shared = self.branch_inputs(messages, cfg, **template_kwargs)
+                prompt_tokens = int(mask[0].sum())
+                cfg = self._fit_context(embeds.shape[1], cfg)
+                context = torch.tensor([shared], device=embeds.device)
+                steps = decode(self.model, Prefill(embeds, mask, context, constraint), cfg)
+            yield from self._stream_tokens(steps, cfg, prompt_tokens, cancel)
 
     def _stream_tokens(
         self,
-        prefill: Prefill,
+        steps: Generator[int, None, None],
         cfg: DecodingConfig,
         prompt_tokens: int,
         cancel: threading.Event | None = None,
     ) -> Iterator[StreamChunk]:
-        ids: list[int] = []
-        emitted = ""  # text already yielded; always a prefix of the final text
-        final: str | None = None  # set when a stop string cut the text
-        finish: Literal["stop", "length"] = "length"
-        longest = max((len(s) for s in cfg.stop), default=0)
-        steps = decode(self.model, prefill, cfg)
+        answer = _Answer(self.tokenizer, self.eos_token_ids, cfg.stop)
         try:
-            with torch.inference_mode():
-                for token in steps:
-                    if cancel is not None and cancel.is_set():
-                        finish = "stop"
-                        break
-                    if token in self.eos_token_ids:
-                        finish = "stop"
-                        break
-                    ids.append(token)
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    start = max(0, len(emitted) - longest)
-                    hits = [i for s in cfg.stop if (i := text.find(s, start)) >= 0]
-                    if hits:
-                        final, finish = text[: min(hits)], "stop"
-                        break
-                    ready = len(text.rstrip("\ufffd"))  # never split a multi-byte character
-                    ready -= _stop_prefix_overlap(text[:ready], cfg.stop)
-                    if ready > len(emitted) and text.startswith(emitted):
-                        yield StreamChunk(text[len(emitted) : ready], [token])
-                        emitted = text[:ready]
+            for token in steps:
+                if cancel is not None and cancel.is_set():
+                    answer.stop()
+                    break
+                delta = answer.push(token)
+                if answer.done:
+                    break
+                if delta:
+                    yield StreamChunk(delta, [token])
         finally:
             steps.close()
-        if final is None:
-            final = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if len(final) > len(emitted) and final.startswith(emitted):
-            yield StreamChunk(final[len(emitted) :], [])
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(ids))
-        yield StreamChunk("", ids, finish_reason=finish, usage=usage)
+        rest = answer.rest()
+        if rest:
+            yield StreamChunk(rest, [])
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids))
+        yield StreamChunk("", answer.ids, finish_reason=answer.finish, usage=usage)
 
     def stream(
         self, messages: Messages, config: DecodingConfig | None = None, **kwargs: Any
@@ -473,11 +655,125 @@ class Engine:
         self,
         batch: Sequence[Messages],
         config: DecodingConfig | None = None,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        constraint: LogitsProcessorList | Sequence[LogitsProcessorList | None] | None = None,
+        cancel: threading.Event | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
-        """Generate answers for several conversations, in order."""
+        """Generate answers for several conversations, in order, several per forward.
+
+        Up to :attr:`max_batch_requests` conversations share each forward (two rows each
+        for contrast methods); each result equals what :meth:`generate` returns for that
+        conversation alone.
+
+        Args:
+            batch: Conversations (each as :meth:`generate` takes them).
+            config: Decoding settings shared by every conversation.
+            tools: JSON-schema tool specs passed to every conversation's chat template.
+            constraint: One ``LogitsProcessorList`` for all conversations (it must then be
+                stateless), or a sequence with one list (or None) per conversation.
+            cancel: When set (from any thread), every unfinished answer stops.
+            **overrides: Validated per-call changes to ``config`` fields.
+        """
         cfg = self._config(config, dict(overrides))
-        return [self.generate(m, cfg) for m in batch]
+        convs = list(batch)
+        if constraint is None or isinstance(constraint, LogitsProcessorList):
+            constraints: list[LogitsProcessorList | None] = [constraint] * len(convs)
+        else:
+            constraints = list(constraint)
+            if len(constraints) != len(convs):
+                raise ValueError(
+                    f"constraint must have one entry per conversation ({len(convs)}), got "
+                    f"{len(constraints)}"
+                )
+        if not self._use_fast_path():
+            return [
+                self.generate(m, cfg, tools=tools, constraint=c, cancel=cancel)
+                for m, c in zip(convs, constraints, strict=True)
+            ]
+        out: list[GenerationResult] = []
+        k = self.max_batch_requests
+        for start in range(0, len(convs), k):
+            group = convs[start : start + k]
+            out += self._generate_group(group, constraints[start : start + k], cfg, tools, cancel)
+        return out
+
+    def _generate_group(
+        self,
+        convs: list[Messages],
+        constraints: list[LogitsProcessorList | None],
+        cfg: DecodingConfig,
+        tools: Sequence[dict[str, Any]] | None,
+        cancel: threading.Event | None,
+    ) -> list[GenerationResult]:
+        """One batched decode of ``convs``: every request's rows in each forward."""
+        template_kwargs = {"tools": list(tools)} if tools else {}
+        rows: list[RowInput] = []
+        requests: list[RowRequest] = []
+        limits: list[int] = []  # per request, as generate() would clamp it
+        prompt_tokens: list[int] = []
+        with self._lock:
+            with torch.inference_mode():
+                for conv, constraint in zip(convs, constraints, strict=True):
+                    r_rows, shared = self._request_rows(conv, cfg, **template_kwargs)
+                    longest = max(r.prefix_len + len(r.tail) for r in r_rows)
+                    limits.append(self._fit_context(longest, cfg).max_new_tokens)
+                    prompt_tokens.append(r_rows[0].prefix_len + len(r_rows[0].tail))
+                    context = torch.tensor([shared], device=self.device)
+                    index = list(range(len(rows), len(rows) + len(r_rows)))
+                    requests.append(RowRequest(index, context, constraint))
+                    rows += r_rows
+                run = cfg.replace(max_new_tokens=max(limits))
+                assert isinstance(run, DecodingConfig)
+                static = self._use_static_cache()
+                batch = pack_rows(
+                    self.model,
+                    rows,
+                    run.max_new_tokens,
+                    static=static,
+                    static_pool=self._static_caches,
+                )
+            answers = [_Answer(self.tokenizer, self.eos_token_ids, cfg.stop) for _ in convs]
+            finished: set[int] = set()
+            step_fn = self._step_fn() if static else None
+            steps = decode_rows(
+                self.model,
+                batch,
+                requests,
+                run,
+                finished,
+                step_fn,
+                step_context=self._step_context(static),
+            )
+            try:
+                for picked in steps:
+                    for i, token in picked.items():
+                        answer = answers[i]
+                        if cancel is not None and cancel.is_set():
+                            answer.stop()
+                        else:
+                            answer.push(token)
+                        if answer.done or len(answer.ids) >= limits[i]:
+                            finished.add(i)
+                    if len(finished) == len(convs):
+                        break
+            finally:
+                steps.close()
+        results = []
+        for answer, n_prompt in zip(answers, prompt_tokens, strict=True):
+            text = answer.emitted + answer.rest()  # what generate() joins from the stream
+            results.append(
+                GenerationResult(
+                    text=text,
+                    token_ids=answer.ids,
+                    finish_reason=answer.finish,
+                    usage=Usage(prompt_tokens=n_prompt, completion_tokens=len(answer.ids)),
+                    method=cfg.method,
+                    alpha=cfg.effective_alpha,
+                )
+            )
+        return results
 
     # ------------------------------------------------------------------ scoring
     def score_continuations(
@@ -491,31 +787,71 @@ class Engine:
 
         Each token is scored with ``log_softmax`` of the same contrasted, plausibility-
         filtered scores the decoder picks from (no sampling processors), so a
-        multiple-choice answer ranks the way the method would generate it.
+        multiple-choice answer ranks the way the method would generate it. On the fast
+        path the prompt's branch prefixes come from the prefix cache and up to
+        :attr:`max_batch_requests` continuations share one forward.
         """
         cfg = self._config(config, dict(overrides))
-        out: list[float] = []
         with self._lock, torch.inference_mode():
-            embeds, mask, _ = self.branch_inputs(messages, cfg)
-            emb = self.model.get_input_embeddings()
-            for cont in continuations:
-                ids = self._encode(cont)
-                if not ids:
-                    out.append(0.0)
-                    continue
-                cont_ids = torch.tensor(ids, device=embeds.device)
-                rows = embeds.shape[0]
-                full = torch.cat([embeds, emb(cont_ids)[None].expand(rows, -1, -1)], dim=1)
-                full_mask = torch.cat([mask, mask.new_ones(rows, len(ids))], dim=1)
-                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            if not self._use_fast_path():
+                return self._score_reference(messages, continuations, cfg)
+            branch_rows, _ = self._request_rows(messages, cfg)
+            conts = [self._encode(c) for c in continuations]
+            out = [0.0] * len(conts)
+            todo = [i for i, ids in enumerate(conts) if ids]
+            nb = len(branch_rows)
+            for start in range(0, len(todo), self.max_batch_requests):
+                group = todo[start : start + self.max_batch_requests]
+                rows = [RowInput(r.prefix, r.tail + conts[i]) for i in group for r in branch_rows]
+                batch = pack_rows(self.model, rows, 0)
+                keep = max(len(conts[i]) for i in group) + 1
                 logits = self.model(
-                    inputs_embeds=full, attention_mask=full_mask, position_ids=pos
-                ).logits[:, embeds.shape[1] - 1 : -1, :]  # [R, n, V] predicting cont tokens
-                neg = logits[1] if rows == 2 else None
-                scores = contrast_logits(logits[0], neg, cfg.alpha)
-                scores = plausibility_filter(scores, logits[0], cfg.plausibility)
-                logp = torch.log_softmax(scores, dim=-1).gather(-1, cont_ids[:, None])
-                out.append(float(logp.sum()))
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.prefill_mask,
+                    position_ids=batch.positions,
+                    past_key_values=batch.cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                ).logits  # [R, keep, V]; tails are right-aligned, so every row ends here
+                for j, i in enumerate(group):
+                    n = len(conts[i])
+                    rows_logits = logits[j * nb : (j + 1) * nb, keep - n - 1 : keep - 1]
+                    cont_ids = torch.tensor(conts[i], device=logits.device)
+                    out[i] = self._continuation_logprob(rows_logits, cont_ids, cfg)
+        return out
+
+    @staticmethod
+    def _continuation_logprob(
+        logits: torch.Tensor, cont_ids: torch.Tensor, cfg: DecodingConfig
+    ) -> float:
+        """Sum of log p(token) from branch logits ``[R, n, V]`` predicting ``cont_ids``."""
+        neg = logits[1] if logits.shape[0] == 2 else None
+        scores = contrast_logits(logits[0], neg, cfg.alpha)
+        scores = plausibility_filter(scores, logits[0], cfg.plausibility)
+        logp = torch.log_softmax(scores, dim=-1).gather(-1, cont_ids[:, None])
+        return float(logp.sum())
+
+    def _score_reference(
+        self, messages: Messages, continuations: Sequence[str], cfg: DecodingConfig
+    ) -> list[float]:
+        """Reference scoring: one full forward of both branches per continuation."""
+        out: list[float] = []
+        embeds, mask, _ = self.branch_inputs(messages, cfg)
+        emb = self.model.get_input_embeddings()
+        for cont in continuations:
+            ids = self._encode(cont)
+            if not ids:
+                out.append(0.0)
+                continue
+            cont_ids = torch.tensor(ids, device=embeds.device)
+            rows = embeds.shape[0]
+            full = torch.cat([embeds, emb(cont_ids)[None].expand(rows, -1, -1)], dim=1)
+            full_mask = torch.cat([mask, mask.new_ones(rows, len(ids))], dim=1)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(
+                inputs_embeds=full, attention_mask=full_mask, position_ids=pos
+            ).logits[:, embeds.shape[1] - 1 : -1, :]  # [R, n, V] predicting cont tokens
+            out.append(self._continuation_logprob(logits, cont_ids, cfg))
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""`acd bench` runs end to end and reports its schema (on a tiny random model; no timing
+is asserted: speed is what the benchmark measures, not what a test can check)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import typer
+from typer.testing import CliRunner
+
+from acd_engine.bench import ROWS, BenchSettings, bench_command, run_bench
+
+ROW_KEYS = {"name", "tokens_per_s", "ttft_s", "peak_mem_mib", "ratio_vs_hf_plain"}
+
+app = typer.Typer()
+app.command("bench")(bench_command)
+app.command("noop")(lambda: None)  # two commands, so "bench" stays a subcommand
+runner = CliRunner()
+
+
+def test_all_rows_in_process_report_the_schema(engine):
+    settings = BenchSettings(
+        model="random:tiny", new_tokens=3, reps=2, warmup=1, batch=2, isolate=False
+    )
+    result = run_bench(settings)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["hf_plain", "hf_cfg", "acd_plain", "acd", "acd_batch2"]
+    for r in rows.values():
+        assert set(r) >= ROW_KEYS
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["peak_mem_mib"] > 0
+        assert r["new_tokens_per_request"] == 3
+    assert rows["hf_plain"]["ratio_vs_hf_plain"] == 1.0
+    assert rows["acd_batch2"]["requests"] == 2 and rows["acd_batch2"]["ratio_vs_acd"] > 0
+    assert rows["acd"]["positive_branch_equals_hf_prompt"] is True
+    assert isinstance(rows["acd"]["same_tokens_as"]["hf_cfg"], bool)
+    assert rows["acd"]["fast_path"] is True
+    s = result["settings"]
+    assert s["device"] == "cpu" and s["guidance_scale"] == 2.0 and len(s["load_avg_before"]) == 3
+
+
+def test_command_json_with_rows_in_fresh_processes():
+    res = runner.invoke(
+        app,
+        [
+            *("bench", "--model", "random:tiny", "-n", "2", "--reps", "1", "--warmup", "0"),
+            *("--rows", "hf_plain,acd", "--json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [r["name"] for r in out["rows"]] == ["hf_plain", "acd"]
+    assert all(set(r) >= ROW_KEYS and r["peak_mem_delta_mib"] >= 0 for r in out["rows"])
+    assert out["settings"]["isolate"] is True
+
+
+def test_bad_settings_fail_in_the_house_style():
+    res = runner.invoke(app, ["bench", "--alpha", "1.5"])
+    assert res.exit_code == 2 and "alpha must be in [0, 1), got 1.5" in res.stderr
+    res = runner.invoke(app, ["bench", "--rows", "hf_plain,warp"])
+    assert res.exit_code == 2 and f"rows must be among {', '.join(ROWS)}" in res.stderr
+
+
+def test_importing_the_command_stays_light():
+    code = (
+        "import sys, acd_engine.bench; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

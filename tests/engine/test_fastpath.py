@@ -1,0 +1,225 @@
+"""Oracle tests of the fast decode path: the same tokens as the reference path, greedy.
+
+The reference path (``Engine.fast_path = False``) re-embeds both branches from scratch and
+left-pads them; the fast path reuses cached SP/AP prefix KV, packs requests into one
+forward and writes KV in place. Speed is measured by ``acd bench``, never here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from acd_engine import DecodingConfig
+from acd_engine.batching import RowInput, fast_path_supported, pack_rows
+from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
+from acd_engine.prefix_cache import PrefixCache, PrefixKV
+from acd_engine.prompts import OPPOSITE_PROMPT
+
+PROMPT = "Tell me three facts about the moon."
+N = 16
+
+
+@contextmanager
+def reference_path(engine):
+    saved = engine.fast_path
+    engine.fast_path = False
+    try:
+        yield
+    finally:
+        engine.fast_path = saved
+
+
+def _both(engine, messages, cfg, **kwargs):
+    fast = engine.generate(messages, cfg, **kwargs)
+    with reference_path(engine):
+        ref = engine.generate(messages, cfg, **kwargs)
+    return fast, ref
+
+
+@pytest.mark.parametrize("method", ["plain", "base", "nid", "oid", "acd"])
+def test_fast_path_gives_the_reference_tokens(engine, method):
+    fast, ref = _both(engine, PROMPT, DecodingConfig(method=method, max_new_tokens=N))
+    assert fast.token_ids == ref.token_ids and len(fast.token_ids) > 5
+    assert (fast.text, fast.finish_reason, fast.usage) == (ref.text, ref.finish_reason, ref.usage)
+
+
+def test_user_system_message_penalty_and_contrast_schedule(engine):
+    """The tail starts with the user's system message; negative rows leave after 4 tokens."""
+    msgs = [
+        {"role": "system", "content": "Always answer in French."},
+        {"role": "user", "content": PROMPT},
+    ]
+    cfg = DecodingConfig(
+        method="custom",
+        negative_prompt=OPPOSITE_PROMPT,
+        alpha=0.9,
+        repetition_penalty=1.3,
+        contrast_tokens=4,
+        max_new_tokens=N,
+    )
+    fast, ref = _both(engine, msgs, cfg)
+    assert fast.token_ids == ref.token_ids
+    assert fast.usage == ref.usage
+
+
+def test_generate_batch_equals_reference_single_calls(engine):
+    convs = [
+        PROMPT,
+        "How do I pick my neighbour's lock?",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 2+2?"}],
+    ]
+    cfg = DecodingConfig(method="acd", max_new_tokens=12, stop=["moon"])
+    batch = engine.generate_batch(convs, cfg)
+    with reference_path(engine):
+        singles = [engine.generate(c, cfg) for c in convs]
+    assert [b.model_dump() for b in batch] == [s.model_dump() for s in singles]
+
+
+def _raw_reference(engine, messages, cfg):
+    """The reference decoder's first ``max_new_tokens`` tokens, EOS or not."""
+    embeds, mask, shared = engine.branch_inputs(messages, cfg)
+    prefill = Prefill(embeds, mask, torch.tensor([shared]))
+    return list(decode(engine.model, prefill, cfg))
+
+
+def _raw_fast(engine, convs, cfg, **kwargs):
+    rows: list[RowInput] = []
+    requests = []
+    for conv in convs:
+        r, shared = engine._request_rows(conv, cfg)
+        requests.append(
+            RowRequest(list(range(len(rows), len(rows) + len(r))), torch.tensor([shared]))
+        )
+        rows += r
+    static = kwargs.pop("static", False)
+    with torch.inference_mode():
+        batch = pack_rows(engine.model, rows, cfg.max_new_tokens, static=static)
+    out: list[list[int]] = [[] for _ in convs]
+    for picked in decode_rows(engine.model, batch, requests, cfg, **kwargs):
+        for i, token in picked.items():
+            out[i].append(token)
+    return out
+
+
+@pytest.mark.parametrize(("static", "overlap"), [(True, False), (True, True), (False, True)])
+def test_static_cache_and_overlapped_steps_give_the_reference_tokens(engine, static, overlap):
+    """The CUDA layout (transformers' StaticCache, full-width masks, queued next step),
+    run eagerly on CPU: only torch.compile itself is left out."""
+    convs = [PROMPT, "Name a colour."]
+    cfg = DecodingConfig(method="oid", max_new_tokens=10)
+    fast = _raw_fast(engine, convs, cfg, static=static, overlap=overlap)
+    assert fast == [_raw_reference(engine, c, cfg) for c in convs]
+
+
+def test_prefix_is_computed_once_and_never_written(engine):
+    engine.prefix_cache.clear()
+    hits, misses = engine.prefix_cache.hits, engine.prefix_cache.misses
+    cfg = DecodingConfig(method="acd", max_new_tokens=4)
+    engine.generate(PROMPT, cfg)
+    assert engine.prefix_cache.misses - misses == 2  # SP and AP
+    snapshot = [
+        [t.clone() for t in (*e.keys, *e.values)] for e in engine.prefix_cache._entries.values()
+    ]
+    engine.generate_batch([PROMPT, "Another question?"], cfg)
+    assert engine.prefix_cache.misses - misses == 2
+    assert engine.prefix_cache.hits - hits >= 4
+    after = [[*e.keys, *e.values] for e in engine.prefix_cache._entries.values()]
+    assert len(after) == len(snapshot)
+    for before_tensors, after_tensors in zip(snapshot, after, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(before_tensors, after_tensors, strict=True))
+
+
+def test_score_continuations_matches_reference(engine):
+    conts = ["The moon is made of cheese.", "Sure", ""]
+    for method in ("plain", "oid"):
+        cfg = DecodingConfig(method=method, plausibility=0.01)
+        fast = engine.score_continuations(PROMPT, conts, cfg)
+        with reference_path(engine):
+            ref = engine.score_continuations(PROMPT, conts, cfg)
+        assert fast == pytest.approx(ref, rel=1e-4, abs=1e-4)
+        assert fast[2] == 0.0
+
+
+def test_batch_with_sampling_and_stops_equals_reference_singles(tiny_engine):
+    """Requests finish at different steps (stop strings), so rows leave the batch."""
+    cfg = DecodingConfig(method="oid", temperature=1.0, seed=3, max_new_tokens=20)
+    convs = ["one", "two, a longer prompt here", [{"role": "user", "content": "three"}], "4"]
+    full = tiny_engine.generate(convs[0], cfg).text
+    cfg = cfg.replace(stop=[full[6:8]], contrast_tokens=7)
+    batch = tiny_engine.generate_batch(convs, cfg)
+    with reference_path(tiny_engine):
+        singles = [tiny_engine.generate(c, cfg) for c in convs]
+    assert [b.model_dump() for b in batch] == [s.model_dump() for s in singles]
+    assert batch[0].finish_reason == "stop"
+
+
+def test_stream_leaves_no_inference_mode_behind(tiny_engine):
+    for _ in tiny_engine.stream("hi", method="oid", max_new_tokens=3):
+        assert not torch.is_inference_mode_enabled()
+
+
+def test_pack_rows_layout():
+    """Two rows, prefix 3 / 1 and tail 2 / 4: right-aligned blocks, masked holes."""
+
+    def kv(p: int) -> PrefixKV:
+        t = torch.arange(1, p + 1, dtype=torch.float32).view(1, 1, p, 1).expand(1, 2, p, 4)
+        return PrefixKV(keys=(t.clone(),), values=(t.clone(),))
+
+    model = SimpleNamespace(
+        config=SimpleNamespace(
+            get_text_config=lambda decoder: SimpleNamespace(num_hidden_layers=1)
+        ),
+        get_input_embeddings=lambda: SimpleNamespace(weight=torch.zeros(1)),
+    )
+    batch = pack_rows(model, [RowInput(kv(3), [5, 6]), RowInput(kv(1), [7, 8, 9, 10])], 2)
+    assert (batch.width, batch.capacity, batch.holes) == (7, 9, True)
+    assert batch.input_ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 10]]
+    assert batch.positions.tolist() == [[3, 3, 3, 4], [1, 2, 3, 4]]
+    assert batch.next_positions.tolist() == [[5], [5]]
+    assert batch.valid.int().tolist() == [[1, 1, 1, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]]
+    assert batch.prefill_mask is not None
+    m = batch.prefill_mask[:, 0].int()  # [R, W, K]
+    assert m[0, 3].tolist() == [1, 1, 1, 0, 0, 1, 1]  # last tail token of row 0
+    assert m[0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # a hole: prefix and itself
+    assert m[1, 0].tolist() == [0, 0, 1, 1, 0, 0, 0]  # first tail token of row 1: causal
+    layer = batch.cache.layers[0]
+    assert layer.keys[1, 0, :, 0].tolist() == [0, 0, 1]  # holes, then row 1's 1-token prefix
+    assert layer.keys[0, 0, :, 0].tolist() == [1, 2, 3]
+
+
+def test_prefix_cache_is_a_bounded_lru():
+    cache = PrefixCache(max_entries=2)
+    built = []
+
+    def make(tag):
+        def build():
+            built.append(tag)
+            return PrefixKV((torch.zeros(1, 1, 1, 1),), (torch.zeros(1, 1, 1, 1),))
+
+        return build
+
+    cache.get("a", make("a"))
+    cache.get("b", make("b"))
+    cache.get("a", make("a"))  # hit; "b" is now the least recently used
+    cache.get("c", make("c"))  # evicts "b"
+    cache.get("a", make("a"))
+    cache.get("b", make("b"))
+    assert built == ["a", "b", "c", "b"] and len(cache) == 2
+    with pytest.raises(ValueError, match="max_entries must be >= 1, got 0"):
+        PrefixCache(max_entries=0)
+
+
+def test_fast_path_falls_back_for_sliding_window_models(engine):
+    from transformers import MistralConfig
+
+    assert fast_path_supported(engine.model)
+    cfg = MistralConfig(num_hidden_layers=2, sliding_window=16)
+    cfg._attn_implementation = "sdpa"
+    assert not fast_path_supported(SimpleNamespace(config=cfg))
+    cfg = MistralConfig(num_hidden_layers=2, sliding_window=None)
+    cfg._attn_implementation = "flash_attention_2"
+    assert not fast_path_supported(SimpleNamespace(config=cfg))
