@@ -254,6 +254,14 @@ def eval_command(
     ] = "runs/eval",
     max_new_tokens: MaxTokOpt = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")] = 8,
+    plausibility: Annotated[
+        float,
+        typer.Option(
+            "--plausibility",
+            help="Plausibility tau for contrast methods (0.1: the shipped pack's anchor-split "
+            "choice; 0: raw contrast).",
+        ),
+    ] = 0.1,
     judge: Annotated[str, typer.Option("--judge", help="Refusal judge name.")] = "refusal",
     model: ModelOpt = None,
     pack: PackOpt = None,
@@ -278,6 +286,7 @@ def eval_command(
             out_dir=Path(out),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            plausibility=plausibility,
             judge=judge,
             progress=True,
         )

@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 PAPER_METHODS: tuple[str, ...] = ("plain", "base", "nid", "oid", "acd")
 RUN_FILE = "run.json"
 # Settings that change what a record means; a resumed run must match them.
-_PINNED = ("model_name", "judge", "max_new_tokens")
+_PINNED = ("model_name", "judge", "max_new_tokens", "plausibility")
 
 Messages = list[dict[str, str]]
 
@@ -146,6 +146,14 @@ class EvalOptions(_Settings):
     )
     max_new_tokens: int = Field(default=256, ge=1, description="Generation length cap.")
     batch_size: int = Field(default=8, ge=1, description="Prompts per generate_batch call.")
+    plausibility: float = Field(
+        default=0.1,
+        description="Plausibility constraint tau for every contrast method (nid, oid, acd, "
+        "custom), so they are compared under the same guard; greedy single-branch methods "
+        "are unaffected by it. 0.1 is the shipped pack's recommendation, chosen on the anchor "
+        "validation split (docs/opo.md), never on these benchmarks; 0 is the paper's raw "
+        "contrast.",
+    )
     judge: str = Field(default=DEFAULT_JUDGE, description="Refusal judge name (get_judge).")
     positive_prompt: str | None = Field(
         default=None, description="method 'custom' only: positive-branch system prompt."
@@ -177,6 +185,8 @@ class EvalOptions(_Settings):
         for alpha in self.alphas:
             if not 0.0 <= alpha < 1.0:
                 raise ConfigError(f"alphas must be in [0, 1), got {alpha}")
+        if not 0.0 <= self.plausibility < 1.0:
+            raise ConfigError(f"plausibility must be in [0, 1), got {self.plausibility}")
         for bench in self.benchmarks:
             check_benchmark_name(bench)
         if self.judge not in available_judges():
@@ -194,6 +204,8 @@ class EvalOptions(_Settings):
             }
         if alpha is not None:
             extra["alpha"] = alpha
+        if method in CONTRAST_METHODS:
+            extra["plausibility"] = self.plausibility
         return DecodingConfig(
             method=method, max_new_tokens=self.max_new_tokens, temperature=0.0, **extra
         )
@@ -339,6 +351,7 @@ def run_eval(engine: EvalModel, options: EvalOptions, *, judge: Judge | None = N
                 "model_name": engine.model_name,
                 "judge": judge_obj.name,
                 "max_new_tokens": options.max_new_tokens,
+                "plausibility": options.plausibility,
             },
             options,
         )

@@ -118,6 +118,15 @@ def test_decoding_config_is_greedy() -> None:
     assert (cfg.method, cfg.alpha, cfg.temperature, cfg.max_new_tokens) == ("acd", 0.25, 0.0, 17)
 
 
+def test_plausibility_applies_to_every_contrast_method_alike() -> None:
+    o = EvalOptions(plausibility=0.2)
+    assert {o.decoding_config(m, 0.5).plausibility for m in ("nid", "oid", "acd")} == {0.2}
+    assert o.decoding_config("base", None).plausibility == 0.0
+    assert EvalOptions().decoding_config("acd", 0.5).plausibility == 0.1
+    with pytest.raises(ConfigError, match=r"^plausibility must be in \[0, 1\), got 1.0"):
+        EvalOptions(plausibility=1.0)
+
+
 # ------------------------------------------------------------------ a full run
 
 
@@ -214,6 +223,8 @@ def test_rerun_with_other_settings_is_refused(data_dir: Path, tmp_path: Path) ->
     run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench"))
     with pytest.raises(ConfigError, match=r"^max_new_tokens must match the run already in"):
         run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench", max_new_tokens=64))
+    with pytest.raises(ConfigError, match=r"^plausibility must match the run already in"):
+        run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench", plausibility=0.0))
 
 
 def test_duplicate_benchmark_names_are_refused(data_dir: Path, tmp_path: Path) -> None:
