@@ -29,6 +29,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_filter
@@ -198,7 +199,7 @@ def decode_rows(
         input_ids=batch.input_ids,  # [R, W]
         attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
         position_ids=batch.positions,  # [R, W]
-        past_key_values=batch.cache,
+        **cache_arg(model, batch.cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -227,7 +228,7 @@ def decode_rows(
                 input_ids=tokens,  # [R, 1]
                 attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None
                 position_ids=pos,  # [R, 1]
-                past_key_values=batch.cache,
+                **cache_arg(model, batch.cache),
                 use_cache=True,
             )
         pos = pos + 1
@@ -285,7 +286,7 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits [R, V]
+    cache, logits = output_cache(out), out.logits[:, -1, :]  # logits [R, V]
     pos = pos[:, -1:]  # [R, 1]
     for step in range(cfg.max_new_tokens):
         if rows == 2 and cfg.contrast_tokens is not None and step >= cfg.contrast_tokens:
@@ -304,7 +305,7 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
             input_ids=token.expand(rows, 1),
             attention_mask=mask if padded else None,
             position_ids=pos,
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = output_cache(out), out.logits[:, -1, :]

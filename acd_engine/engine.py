@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LogitsProcessorList
 
+from acd_engine._compat import cache_arg
 from acd_engine.batching import RowInput, fast_path_supported, pack_rows
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import (
@@ -809,7 +810,7 @@ class Engine:
                     input_ids=batch.input_ids,
                     attention_mask=batch.prefill_mask,
                     position_ids=batch.positions,
-                    past_key_values=batch.cache,
+                    **cache_arg(self.model, batch.cache),
                     use_cache=True,
                     logits_to_keep=keep,
                 ).logits  # [R, keep, V]; tails are right-aligned, so every row ends here

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from acd_engine._compat import output_cache
+
 __all__ = ["PrefixCache", "PrefixKV", "compute_prefix_kv"]
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def compute_prefix_kv(model: Any, embeds: torch.Tensor) -> PrefixKV:
         out = model(
             inputs_embeds=embeds[None], position_ids=positions, use_cache=True, logits_to_keep=1
         )
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     return PrefixKV(
         keys=tuple(layer.keys.clone() for layer in layers),
         values=tuple(layer.values.clone() for layer in layers),

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from acd_engine._compat import cache_arg, output_cache
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_filter
 from acd_engine.errors import ConfigError
@@ -67,7 +68,7 @@ def _decode_chunk(engine: Any, prompts: Sequence[str], cfg: DecodingConfig) -> l
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = output_cache(out), out.logits[:, -1, :]
     pos = pos[:, -1:]
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool)
@@ -97,10 +98,10 @@ def _decode_chunk(engine: Any, prompts: Sequence[str], cfg: DecodingConfig) -> l
             input_ids=nxt,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = output_cache(out), out.logits[:, -1, :]
     return tokens
 
 

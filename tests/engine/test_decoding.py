@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from acd_engine import DecodingConfig
+from acd_engine._compat import cache_arg, output_cache
 from acd_engine.contrast import contrast_logits, plausibility_filter
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
 
@@ -106,12 +107,12 @@ def test_batched_step_equals_two_separate_forwards(engine):
             input_ids=nxt.expand(2, 1),
             attention_mask=mask2,
             position_ids=pos[:, -1:] + 1,
-            past_key_values=out.past_key_values,
+            **cache_arg(model, output_cache(out)),
         )
         for row, n in enumerate(lengths):
             solo = embeds[row : row + 1, -n:]
             ref = model(inputs_embeds=solo, use_cache=True)
-            ref_step = model(input_ids=nxt, past_key_values=ref.past_key_values)
+            ref_step = model(input_ids=nxt, **cache_arg(model, output_cache(ref)))
             d1 = (out.logits[row, -1].float() - ref.logits[0, -1].float()).abs().max()
             d2 = (step.logits[row, -1].float() - ref_step.logits[0, -1].float()).abs().max()
             assert d1 < 1e-4 and d2 < 1e-4, (row, d1, d2)
