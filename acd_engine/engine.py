@@ -8,6 +8,7 @@ every branch shares token for token, and each branch fills the slot with its own
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from transformers import LogitsProcessorList
 
 from acd_engine._compat import cache_arg
 from acd_engine.batching import RowInput, fast_path_supported, pack_rows
+from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import (
     Branch,
@@ -195,6 +197,17 @@ def _first_request(steps: Generator[dict[int, int], None, None]) -> Generator[in
         steps.close()
 
 
+@dataclass
+class _Call:
+    """One ``generate`` call, as queued for coalescing."""
+
+    messages: Messages
+    config: DecodingConfig
+    tools: Sequence[dict[str, Any]] | None
+    constraint: LogitsProcessorList | None
+    cancel: threading.Event | None
+
+
 class Engine:
     """Safer generation for one local chat model.
 
@@ -252,6 +265,9 @@ class Engine:
         # score_continuations: 2 rows each for contrast methods.
         self.max_batch_requests = 8
         self.prefix_cache = PrefixCache()
+        self._coalescer: Coalescer[GenerationResult] = Coalescer(
+            self._run_calls, self._lock, lambda: self.max_batch_requests
+        )
         self._fast_supported: bool | None = None
         self._compiled_step: Callable[..., Any] | None = None
         self._static_caches: dict[tuple[int, int], Any] = {}  # reused by compiled decoding
@@ -625,6 +641,10 @@ class Engine:
     ) -> GenerationResult:
         """Generate one answer.
 
+        Calls made from several threads while the engine is busy are decoded together
+        (``acd_engine.coalesce``): LangChain's ``batch`` and concurrent async calls share
+        forwards without asking. Each result is the one a lone call would get.
+
         Args:
             messages: OpenAI-style ``[{"role": ..., "content": ...}]`` or a user string.
             config: Decoding settings (default: the engine's ``defaults``).
@@ -634,10 +654,22 @@ class Engine:
             **overrides: Per-call changes to ``config`` fields, validated (``alpha=0.3``).
         """
         cfg = self._config(config, dict(overrides))
+        call = _Call(messages, cfg, tools, constraint, cancel)
+        if not self._use_fast_path():
+            return self._generate_one(call)
+        key = (cfg.model_dump_json(), json.dumps(tools, sort_keys=True, default=str))
+        return self._coalescer.submit(call, key)
+
+    def _generate_one(self, call: _Call) -> GenerationResult:
+        """One request on its own, through the streaming path."""
         parts: list[str] = []
         last: StreamChunk | None = None
         chunks = self.stream_chunks(
-            messages, cfg, tools=tools, constraint=constraint, cancel=cancel
+            call.messages,
+            call.config,
+            tools=call.tools,
+            constraint=call.constraint,
+            cancel=call.cancel,
         )
         for chunk in chunks:
             parts.append(chunk.text)
@@ -648,9 +680,37 @@ class Engine:
             token_ids=last.token_ids,
             finish_reason=last.finish_reason,
             usage=last.usage,
-            method=cfg.method,
-            alpha=cfg.effective_alpha,
+            method=call.config.method,
+            alpha=call.config.effective_alpha,
         )
+
+    def _run_calls(self, group: Sequence[Pending[GenerationResult]]) -> None:
+        """Run coalesced calls (with the lock held): one batched decode, or one call alone.
+
+        If a batch fails (one prompt too long, say), every call is retried alone, so each
+        gets its own result or its own error.
+        """
+        calls: list[_Call] = [p.request for p in group]
+        if len(group) > 1:
+            try:
+                first = calls[0]
+                results = self._generate_group(
+                    [c.messages for c in calls],
+                    [c.constraint for c in calls],
+                    first.config,
+                    first.tools,
+                    [c.cancel for c in calls],
+                )
+                for p, result in zip(group, results, strict=True):
+                    p.result = result
+                return
+            except Exception:
+                logger.debug("a coalesced batch failed; running its calls one by one")
+        for p, call in zip(group, calls, strict=True):
+            try:
+                p.result = self._generate_one(call)
+            except Exception as exc:
+                p.error = exc
 
     def generate_batch(
         self,
@@ -697,7 +757,8 @@ class Engine:
         k = self.max_batch_requests
         for start in range(0, len(convs), k):
             group = convs[start : start + k]
-            out += self._generate_group(group, constraints[start : start + k], cfg, tools, cancel)
+            cancels = [cancel] * len(group)
+            out += self._generate_group(group, constraints[start : start + k], cfg, tools, cancels)
         return out
 
     def _generate_group(
@@ -706,7 +767,7 @@ class Engine:
         constraints: list[LogitsProcessorList | None],
         cfg: DecodingConfig,
         tools: Sequence[dict[str, Any]] | None,
-        cancel: threading.Event | None,
+        cancels: Sequence[threading.Event | None],
     ) -> list[GenerationResult]:
         """One batched decode of ``convs``: every request's rows in each forward."""
         template_kwargs = {"tools": list(tools)} if tools else {}
@@ -751,6 +812,7 @@ class Engine:
                 for picked in steps:
                     for i, token in picked.items():
                         answer = answers[i]
+                        cancel = cancels[i]
                         if cancel is not None and cancel.is_set():
                             answer.stop()
                         else:

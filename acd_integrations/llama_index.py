@@ -306,13 +306,10 @@ class ACDLLM(FunctionCallingLLM):
         return ChatResponse(message=message, raw=raw, additional_kwargs=dict(usage))
 
     def _generate(self, req: _Request, cancel: threading.Event | None = None) -> ChatResponse:
-        parts: list[str] = []
-        last: StreamChunk | None = None
-        for chunk in self._chunks(req, cancel):
-            parts.append(chunk.text)
-            last = chunk
-        assert last is not None
-        return self._response(req, "".join(parts), last)
+        # Engine.generate (not a drained stream): concurrent calls then share forwards.
+        out = self._engine.generate(req.messages, req.config, **self._engine_kwargs(req, cancel))
+        last = StreamChunk("", out.token_ids, finish_reason=out.finish_reason, usage=out.usage)
+        return self._response(req, out.text, last)
 
     def _stream(
         self, req: _Request, chunks: Iterator[StreamChunk]
