@@ -121,6 +121,7 @@ class CellMetrics(BaseModel):
     mean_seconds: float | None
     n_mc: int
     mc1_accuracy: float | None
+    n_errors: int = 0
 
 
 class VariantMetrics(BaseModel):
@@ -140,6 +141,8 @@ class VariantMetrics(BaseModel):
 
 
 def _cell(key: tuple[str, str, float | None], records: list[EvalRecord]) -> CellMetrics:
+    failed = [r for r in records if r.error is not None]
+    records = [r for r in records if r.error is None]
     gens = [r for r in records if r.kind == "generate"]
     harmful = [r for r in gens if r.label == "harmful"]
     safe = [r for r in gens if r.label == "safe"]
@@ -161,6 +164,7 @@ def _cell(key: tuple[str, str, float | None], records: list[EvalRecord]) -> Cell
         mean_seconds=_mean(r.seconds for r in records),
         n_mc=len(mcs),
         mc1_accuracy=_rate([mc1_correct(r.scores or []) for r in mcs]),
+        n_errors=len(failed),
     )
 
 
@@ -189,7 +193,7 @@ def variant_metrics(
         by_variant[(cell.method, cell.alpha)].append(cell)
     gens: dict[tuple[str, float | None], list[EvalRecord]] = defaultdict(list)
     for record in records:
-        if record.kind == "generate":
+        if record.kind == "generate" and record.error is None:
             gens[(record.method, record.alpha)].append(record)
     out: list[VariantMetrics] = []
     for (method, alpha), group in by_variant.items():

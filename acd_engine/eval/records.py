@@ -55,7 +55,9 @@ class EvalRecord(BaseModel):
     alphas. ``prompt`` is kept so a record can be audited on its own; ``judge`` names who gave
     the ``verdict`` so differently judged runs are never pooled by accident. ``seconds`` is the wall time of the engine call divided by its batch size.
     ``scores`` (MC1 only) holds the summed log-probabilities of ``best_answer`` followed by
-    each incorrect answer.
+    each incorrect answer. ``error`` is set (and nothing else is) when the engine refused the
+    prompt itself (too long for the context window, say): the run goes on, the record keeps
+    the reason, and metrics leave it out. Delete its line to retry it.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -76,6 +78,7 @@ class EvalRecord(BaseModel):
     finish_reason: str | None = None
     seconds: float = 0.0
     scores: list[float] | None = None
+    error: str | None = None
 
     @property
     def key(self) -> RecordKey:

@@ -208,10 +208,19 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         "",
         f"- model: `{summary.model_name}`",
         f"- judge: `{summary.judge}`; greedy decoding, max_new_tokens {opts.get('max_new_tokens')}",
+        f"- plausibility τ of the contrast methods: {opts.get('plausibility', 0.0)}",
         f"- sample: {opts.get('limit') or 'all'} prompts per benchmark, seed {opts.get('seed')} "
         "(ids in summary.json)",
         f"- status: {status}",
         f"- created: {summary.created}",
+    ]
+    errors = sum(c.n_errors for c in summary.cells)
+    if errors:
+        lines.append(
+            f"- **{errors} prompt(s) refused by the engine** (e.g. too long): kept in "
+            "records.jsonl with their `error`, left out of every metric"
+        )
+    lines += [
         "",
         "All values are percentages. ↑ higher is better, ↓ lower is better; – means not measured.",
         "",

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from acd_engine.config import CONTRAST_METHODS, METHODS, DecodingConfig, _Settings, did_you_mean
-from acd_engine.errors import ConfigError
+from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
     DEFAULT_JUDGE,
     Judge,
@@ -262,36 +262,68 @@ class _Run:
         config = self.options.decoding_config(method, alpha)
         for chunk in _chunks(todo, self.options.batch_size):
             start = time.perf_counter()
-            results = self.engine.generate_batch([_messages(item) for item in chunk], config)
+            results = self._generate_chunk(chunk, config)
             seconds = (time.perf_counter() - start) / len(chunk)
-            if len(results) != len(chunk):
-                raise RuntimeError(
-                    f"generate_batch must return one result per prompt, got {len(results)} "
-                    f"for {len(chunk)}"
-                )
-            verdicts = judge_many(
-                self.judge, [item.prompt for item in chunk], [r.text for r in results]
+            ok = [
+                (item, r)
+                for item, r in zip(chunk, results, strict=True)
+                if not isinstance(r, ACDError)
+            ]
+            verdicts = iter(
+                judge_many(self.judge, [i.prompt for i, _ in ok], [r.text for _, r in ok])
+                if ok
+                else []
             )
-            for item, result, verdict in zip(chunk, results, verdicts, strict=True):
-                self.log.append(
-                    EvalRecord(
-                        benchmark=bench.name,
-                        id=item.id,
-                        method=method,
-                        alpha=alpha,
-                        label=item.label,
-                        category=item.category,
-                        prompt=item.prompt,
-                        output=result.text,
-                        verdict=verdict,
-                        judge=self.judge.name,
-                        tokens=result.usage.completion_tokens,
-                        token_ids=list(result.token_ids),
-                        finish_reason=result.finish_reason,
-                        seconds=seconds,
+            for item, result in zip(chunk, results, strict=True):
+                common = self._common(bench, item, method, alpha)
+                if isinstance(result, ACDError):
+                    self.log.append(EvalRecord(**common, error=str(result)))
+                else:
+                    self.log.append(
+                        EvalRecord(
+                            **common,
+                            output=result.text,
+                            verdict=next(verdicts),
+                            judge=self.judge.name,
+                            tokens=result.usage.completion_tokens,
+                            token_ids=list(result.token_ids),
+                            finish_reason=result.finish_reason,
+                            seconds=seconds,
+                        )
                     )
-                )
                 self.bar.update(1)
+
+    def _generate_chunk(
+        self, chunk: Sequence[BenchmarkItem], config: DecodingConfig
+    ) -> list[GenerationLike | ACDError]:
+        """One batch; if the engine refuses it, each prompt alone, keeping every refusal."""
+        try:
+            batch = self.engine.generate_batch([_messages(i) for i in chunk], config)
+        except ACDError as exc:
+            if len(chunk) > 1:
+                return [r for item in chunk for r in self._generate_chunk([item], config)]
+            logger.warning("%s: %s (recorded as an error)", chunk[0].id, exc)
+            return [exc]
+        if len(batch) != len(chunk):
+            raise RuntimeError(
+                f"generate_batch must return one result per prompt, got {len(batch)} for "
+                f"{len(chunk)}"
+            )
+        return list(batch)
+
+    @staticmethod
+    def _common(
+        bench: Benchmark, item: BenchmarkItem, method: str, alpha: float | None
+    ) -> dict[str, Any]:
+        return {
+            "benchmark": bench.name,
+            "id": item.id,
+            "method": method,
+            "alpha": alpha,
+            "label": item.label,
+            "category": item.category,
+            "prompt": item.prompt,
+        }
 
     def score(
         self, bench: Benchmark, method: str, alpha: float | None, todo: list[BenchmarkItem]
@@ -299,22 +331,22 @@ class _Run:
         config = self.options.decoding_config(method, alpha)
         for item in todo:
             answers = [item.best_answer or "", *(item.incorrect_answers or ())]
+            common = self._common(bench, item, method, alpha)
             start = time.perf_counter()
-            scores = self.engine.score_continuations(_messages(item), answers, config)
-            self.log.append(
-                EvalRecord(
-                    benchmark=bench.name,
-                    id=item.id,
-                    method=method,
-                    alpha=alpha,
-                    kind="mc1",
-                    label=item.label,
-                    category=item.category,
-                    prompt=item.prompt,
-                    scores=list(scores),
-                    seconds=time.perf_counter() - start,
+            try:
+                scores = self.engine.score_continuations(_messages(item), answers, config)
+            except ACDError as exc:
+                logger.warning("%s: %s (recorded as an error)", item.id, exc)
+                self.log.append(EvalRecord(**common, kind="mc1", error=str(exc)))
+            else:
+                self.log.append(
+                    EvalRecord(
+                        **common,
+                        kind="mc1",
+                        scores=list(scores),
+                        seconds=time.perf_counter() - start,
+                    )
                 )
-            )
             self.bar.update(1)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import ANSWER, REFUSAL, FakeEngine
 
-from acd_engine.errors import ConfigError
+from acd_engine.errors import ConfigError, PromptTooLongError
 from acd_engine.eval.records import RECORDS_FILE, EvalRecord, RecordLog, read_records
 from acd_engine.eval.registry import load_benchmark, sample_items
 from acd_engine.eval.runner import EvalOptions, run_eval, variants
@@ -353,3 +353,45 @@ def test_resume_after_kill_loses_and_duplicates_nothing(data_dir: Path, tmp_path
     assert [c.model_dump(exclude={"mean_seconds"}) for c in summary.cells] == [
         c.model_dump(exclude={"mean_seconds"}) for c in clean.cells
     ]
+
+
+class _RefusingEngine(FakeEngine):
+    """The engine refuses one prompt (too long, say) wherever it appears."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def generate_batch(self, batch: Any, config: Any = None) -> Any:
+        if any(m[-1]["content"] == self.bad for m in batch):
+            raise PromptTooLongError(f"prompt must be shorter than 8192 tokens, got {self.bad!r}")
+        return super().generate_batch(batch, config)
+
+    def score_continuations(self, messages: Any, continuations: Any, config: Any = None) -> Any:
+        if messages[-1]["content"] == self.bad:
+            raise PromptTooLongError("prompt must be shorter than 8192 tokens")
+        return super().score_continuations(messages, continuations, config)
+
+
+def test_a_prompt_the_engine_refuses_is_recorded_and_the_run_goes_on(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    o = opts(data_dir, tmp_path / "out", methods="base", benchmarks="advbench,truthfulqa")
+    bench = load_benchmark("advbench", data_dir)
+    items = sample_items(bench, 10, 0)
+    bad = items[1].prompt  # in the first batch of 4, with three good prompts
+    engine = _RefusingEngine(bad)
+    summary = run_eval(engine, o)
+    records = read_records(o.out_dir)
+    failed = [r for r in records if r.error]
+    assert [(r.benchmark, r.prompt) for r in failed] == [("advbench", bad)]
+    assert "shorter than 8192 tokens" in failed[0].error and failed[0].verdict is None
+    assert summary.complete and summary.n_done == summary.n_expected  # nothing is missing
+    cell = summary.cell("advbench", "base", None)
+    assert cell is not None and (cell.n, cell.n_errors) == (9, 1)
+    report = (o.out_dir / "report.md").read_text(encoding="utf-8")
+    assert "1 prompt(s) refused by the engine" in report
+    # a rerun does not retry it, and the MC benchmark was not affected
+    again = _RefusingEngine(bad)
+    run_eval(again, o)
+    assert again.batches == [] and again.scored == []
