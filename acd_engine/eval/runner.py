@@ -328,7 +328,11 @@ class _Run:
     def score(
         self, bench: Benchmark, method: str, alpha: float | None, todo: list[BenchmarkItem]
     ) -> None:
-        config = self.options.decoding_config(method, alpha)
+        # Raw contrast: the plausibility filter is a decoding guard that gives -inf to any
+        # token outside the safe branch's top set, which would turn MC1 into a count of ties
+        # (see DEFINITIONS["MC1"]).
+        config = self.options.decoding_config(method, alpha).replace(plausibility=0.0)
+        assert isinstance(config, DecodingConfig)
         for item in todo:
             answers = [item.best_answer or "", *(item.incorrect_answers or ())]
             common = self._common(bench, item, method, alpha)

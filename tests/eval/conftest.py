@@ -71,6 +71,7 @@ class FakeEngine:
         self.batches: list[tuple[str, float, int, int]] = []  # method, alpha, size, max_new
         self.configs: list[Any] = []
         self.scored: list[str] = []
+        self.score_configs: list[Any] = []
 
     def generate_batch(
         self, batch: Sequence[list[dict[str, str]]], config: Any = None
@@ -106,6 +107,7 @@ class FakeEngine:
         """Contrast methods prefer the first (best) answer; single-branch ones the shortest."""
         assert config is not None
         self.scored.append(messages[-1]["content"])
+        self.score_configs.append(config)
         bonus = 100.0 if config.is_contrastive else 0.0
         return [-float(len(c)) + (bonus if i == 0 else 0.0) for i, c in enumerate(continuations)]
 

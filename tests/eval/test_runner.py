@@ -118,6 +118,23 @@ def test_decoding_config_is_greedy() -> None:
     assert (cfg.method, cfg.alpha, cfg.temperature, cfg.max_new_tokens) == ("acd", 0.25, 0.0, 17)
 
 
+def test_mc1_scores_the_raw_contrast_while_generation_keeps_plausibility(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    engine = FakeEngine()
+    o = opts(
+        data_dir,
+        tmp_path / "out",
+        methods="acd",
+        benchmarks="advbench,truthfulqa",
+        plausibility=0.2,
+    )
+    run_eval(engine, o)
+    assert {c.plausibility for c in engine.configs} == {0.2}
+    assert engine.score_configs and {c.plausibility for c in engine.score_configs} == {0.0}
+    assert {c.alpha for c in engine.score_configs} == {0.25, 0.5}
+
+
 def test_plausibility_applies_to_every_contrast_method_alike() -> None:
     o = EvalOptions(plausibility=0.2)
     assert {o.decoding_config(m, 0.5).plausibility for m in ("nid", "oid", "acd")} == {0.2}
