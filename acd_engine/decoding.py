@@ -169,7 +169,7 @@ def decode_rows(
     finished: set[int] | None = None,
     step_fn: Callable[..., Any] | None = None,
     overlap: bool | None = None,
-    step_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    step_context: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> Generator[dict[int, int], None, None]:
     """Fast path: every running request gets one token per step from one batched forward.
 
@@ -182,8 +182,9 @@ def decode_rows(
         overlap: Queue step t+1's forward before reading token t on the host, so the
             device never waits for Python (default: static caches on CUDA). One forward
             is wasted when a request ends, and finished rows stay in the batch.
-        step_context: Entered around every decode-step forward (not the prefill); the
-            engine passes :class:`~acd_engine.skinny.SkinnyLinear` on CPUs where it wins.
+        step_context: Called with the step's row count; what it returns is entered around
+            that decode-step forward (not the prefill). The engine passes
+            :class:`~acd_engine.skinny.SkinnyLinear` for few rows on CPUs where it wins.
     """
     step_fn = step_fn or model
     device = batch.valid.device
@@ -223,7 +224,7 @@ def decode_rows(
         step_mask = (
             mask if batch.static else batch.valid[:, None, None, :n] if batch.holes else None
         )
-        with step_context():
+        with step_context(len(tokens)) if step_context else nullcontext():
             out = step_fn(
                 input_ids=tokens,  # [R, 1]
                 attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None

@@ -39,7 +39,7 @@ from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.prompts import PromptPack, model_fingerprint
-from acd_engine.skinny import SkinnyLinear, skinny_wins
+from acd_engine.skinny import MAX_ROWS, SkinnyLinear, skinny_wins
 
 __all__ = [
     "Engine",
@@ -484,13 +484,23 @@ class Engine:
             self._compiled_step = step
         return self._compiled_step
 
-    def _step_context(self, static: bool) -> Callable[[], AbstractContextManager[Any]]:
-        """What wraps each eager CPU decode step: skinny matmuls where they measured faster."""
+    def _step_context(self, static: bool) -> Callable[[int], AbstractContextManager[Any]] | None:
+        """What wraps each eager CPU decode step: skinny matmuls where they measured faster.
+
+        Only for steps of at most ``skinny.MAX_ROWS`` rows: above that every linear takes the
+        ordinary kernel anyway, and the mode would only add its per-op Python dispatch.
+        """
         if static or self.device.type != "cpu":
-            return nullcontext
+            return None
         if self.skinny_matmuls is None:
             self.skinny_matmuls = skinny_wins(self.model)
-        return SkinnyLinear if self.skinny_matmuls else nullcontext
+        if not self.skinny_matmuls:
+            return None
+
+        def context(rows: int) -> AbstractContextManager[Any]:
+            return SkinnyLinear() if rows <= MAX_ROWS else nullcontext()
+
+        return context
 
     def _prefix_kv(self, head: list[int], branch: Branch) -> PrefixKV | None:
         """The cached KV of ``head + branch content`` (None when both are empty)."""

@@ -223,3 +223,21 @@ def test_fast_path_falls_back_for_sliding_window_models(engine):
     cfg = MistralConfig(num_hidden_layers=2, sliding_window=None)
     cfg._attn_implementation = "flash_attention_2"
     assert not fast_path_supported(SimpleNamespace(config=cfg))
+
+
+def test_skinny_matmuls_wrap_only_steps_with_few_rows(engine):
+    from contextlib import nullcontext
+
+    from acd_engine.skinny import MAX_ROWS, SkinnyLinear
+
+    saved = engine.skinny_matmuls
+    try:
+        engine.skinny_matmuls = True
+        context = engine._step_context(static=False)
+        assert isinstance(context(2), SkinnyLinear)
+        assert isinstance(context(MAX_ROWS + 1), nullcontext)
+        assert engine._step_context(static=True) is None  # compiled steps: never
+        engine.skinny_matmuls = False
+        assert engine._step_context(static=False) is None
+    finally:
+        engine.skinny_matmuls = saved
