@@ -262,7 +262,19 @@ def eval_command(
             "choice; 0: raw contrast).",
         ),
     ] = 0.1,
-    judge: Annotated[str, typer.Option("--judge", help="Refusal judge name.")] = "refusal",
+    judge: Annotated[
+        str, typer.Option("--judge", help="refusal (marker match), hf or openai.")
+    ] = "refusal",
+    judge_model: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-model", help="hf: a local model dir or .gguf; openai: the model name."
+        ),
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option("--judge-url", help="openai: the endpoint, e.g. http://localhost:8000/v1."),
+    ] = None,
     model: ModelOpt = None,
     pack: PackOpt = None,
     verbose: VerboseOpt = False,
@@ -274,6 +286,7 @@ def eval_command(
         from pathlib import Path
 
         from acd_engine.engine import get_engine
+        from acd_engine.eval.judges import get_judge
         from acd_engine.eval.runner import EvalOptions, run_eval
 
         options = EvalOptions(
@@ -290,7 +303,13 @@ def eval_command(
             judge=judge,
             progress=True,
         )
-        run_eval(get_engine(model, pack=pack), options)
+        judge_options: dict[str, Any] = {}
+        if judge == "hf":
+            judge_options = {"model": judge_model}
+        elif judge == "openai":
+            judge_options = {"url": judge_url, "model": judge_model}
+        judge_obj = get_judge(judge, **judge_options)
+        run_eval(get_engine(model, pack=pack), options, judge=judge_obj)
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
     _run(go)

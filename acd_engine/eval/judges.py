@@ -371,7 +371,25 @@ class RefusalMarkerJudge:
 
 # --------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, JudgeFactory] = {DEFAULT_JUDGE: RefusalMarkerJudge}
+
+def _hf_judge(**options: object) -> Judge:
+    from acd_engine.eval.model_judges import HFModelJudge
+
+    return HFModelJudge(**options)  # type: ignore[arg-type]
+
+
+def _openai_judge(**options: object) -> Judge:
+    from acd_engine.eval.model_judges import EndpointJudge
+
+    return EndpointJudge(**options)  # type: ignore[arg-type]
+
+
+# "hf" and "openai" import nothing until asked for (acd_engine.eval.model_judges).
+_REGISTRY: dict[str, JudgeFactory] = {
+    DEFAULT_JUDGE: RefusalMarkerJudge,
+    "hf": _hf_judge,
+    "openai": _openai_judge,
+}
 
 
 def register_judge(name: str, factory: JudgeFactory, *, replace: bool = False) -> None:
