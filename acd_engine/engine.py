@@ -532,6 +532,51 @@ class Engine:
         assert shared is not None
         return rows, shared
 
+    def _plan_request(
+        self,
+        messages: Messages,
+        cfg: DecodingConfig,
+        constraint: LogitsProcessorList | None,
+        first_row: int,
+        template_kwargs: dict[str, Any],
+    ) -> tuple[list[RowInput], RowRequest, int, int]:
+        """One request's fast-path rows, placed from row ``first_row`` of a batch.
+
+        Returns:
+            Its rows, its :class:`RowRequest`, its prompt tokens (positive branch) and the
+            max_new_tokens it may use (clamped to the context window).
+        """
+        with torch.inference_mode():
+            rows, shared = self._request_rows(messages, cfg, **template_kwargs)
+        longest = max(r.prefix_len + len(r.tail) for r in rows)
+        limit = self._fit_context(longest, cfg).max_new_tokens
+        context = torch.tensor([shared], device=self.device)
+        request = RowRequest(list(range(first_row, first_row + len(rows))), context, constraint)
+        return rows, request, rows[0].prefix_len + len(rows[0].tail), limit
+
+    def _decode_packed(
+        self,
+        rows: list[RowInput],
+        requests: list[RowRequest],
+        cfg: DecodingConfig,
+        finished: set[int] | None = None,
+    ) -> Generator[dict[int, int], None, None]:
+        """Pack ``rows`` into one cache and decode ``requests`` over them (lock held)."""
+        static = self._use_static_cache()
+        with torch.inference_mode():
+            batch = pack_rows(
+                self.model, rows, cfg.max_new_tokens, static=static, static_pool=self._static_caches
+            )
+        return decode_rows(
+            self.model,
+            batch,
+            requests,
+            cfg,
+            finished,
+            self._step_fn() if static else None,
+            step_context=self._step_context(static),
+        )
+
     def _fit_context(self, prompt_len: int, cfg: DecodingConfig) -> DecodingConfig:
         """Refuse prompts that fill the context window; clamp max_new_tokens to the rest."""
         room = self.context_window - prompt_len
@@ -573,27 +618,11 @@ class Engine:
         with self._lock:
             steps: Generator[int, None, None]
             if self._use_fast_path():
-                with torch.inference_mode():
-                    rows, shared = self._request_rows(messages, cfg, **template_kwargs)
-                    prompt_tokens = rows[0].prefix_len + len(rows[0].tail)
-                    cfg = self._fit_context(max(r.prefix_len + len(r.tail) for r in rows), cfg)
-                    static = self._use_static_cache()
-                    batch = pack_rows(
-                        self.model,
-                        rows,
-                        cfg.max_new_tokens,
-                        static=static,
-                        static_pool=self._static_caches,
-                    )
-                context = torch.tensor([shared], device=self.device)
-                request = RowRequest(list(range(len(rows))), context, constraint)
-                step_fn = self._step_fn() if static else None
-                step_ctx = self._step_context(static)
-                steps = _first_request(
-                    decode_rows(
-                        self.model, batch, [request], cfg, step_fn=step_fn, step_context=step_ctx
-                    )
+                rows, request, prompt_tokens, limit = self._plan_request(
+                    messages, cfg, constraint, 0, template_kwargs
                 )
+                cfg = cfg.replace(max_new_tokens=limit)  # type: ignore[assignment]
+                steps = _first_request(self._decode_packed(rows, [request], cfg))
             else:
                 embeds, mask, shared = self.branch_inputs(messages, cfg, **template_kwargs)
                 prompt_tokens = int(mask[0].sum())
@@ -786,38 +815,19 @@ class Engine:
         limits: list[int] = []  # per request, as generate() would clamp it
         prompt_tokens: list[int] = []
         with self._lock:
-            with torch.inference_mode():
-                for conv, constraint in zip(convs, constraints, strict=True):
-                    r_rows, shared = self._request_rows(conv, cfg, **template_kwargs)
-                    longest = max(r.prefix_len + len(r.tail) for r in r_rows)
-                    limits.append(self._fit_context(longest, cfg).max_new_tokens)
-                    prompt_tokens.append(r_rows[0].prefix_len + len(r_rows[0].tail))
-                    context = torch.tensor([shared], device=self.device)
-                    index = list(range(len(rows), len(rows) + len(r_rows)))
-                    requests.append(RowRequest(index, context, constraint))
-                    rows += r_rows
-                run = cfg.replace(max_new_tokens=max(limits))
-                assert isinstance(run, DecodingConfig)
-                static = self._use_static_cache()
-                batch = pack_rows(
-                    self.model,
-                    rows,
-                    run.max_new_tokens,
-                    static=static,
-                    static_pool=self._static_caches,
+            for conv, constraint in zip(convs, constraints, strict=True):
+                r_rows, request, n_prompt, limit = self._plan_request(
+                    conv, cfg, constraint, len(rows), template_kwargs
                 )
+                rows += r_rows
+                requests.append(request)
+                prompt_tokens.append(n_prompt)
+                limits.append(limit)
+            run = cfg.replace(max_new_tokens=max(limits))
+            assert isinstance(run, DecodingConfig)
             answers = [_Answer(self.tokenizer, self.eos_token_ids, cfg.stop) for _ in convs]
             finished: set[int] = set()
-            step_fn = self._step_fn() if static else None
-            steps = decode_rows(
-                self.model,
-                batch,
-                requests,
-                run,
-                finished,
-                step_fn,
-                step_context=self._step_context(static),
-            )
+            steps = self._decode_packed(rows, requests, run, finished)
             try:
                 for picked in steps:
                     for i, token in picked.items():
