@@ -47,7 +47,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, field_validator
 
-from acd_engine.config import _Settings
+from acd_engine.config import _Settings, half_open_unit
 from acd_engine.errors import ConfigError
 
 __all__ = ["ROWS", "BenchSettings", "bench_command", "run_bench", "run_row"]
@@ -134,10 +134,8 @@ class BenchSettings(_Settings):
 
     @field_validator("alpha")
     @classmethod
-    def _alpha_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
+    def _unit_range(cls, v: float) -> float:
+        return half_open_unit(v)
 
     @field_validator("rows")
     @classmethod

@@ -21,6 +21,7 @@ __all__ = [
     "Method",
     "ModelConfig",
     "format_errors",
+    "half_open_unit",
 ]
 
 Method = Literal["plain", "base", "nid", "oid", "acd", "custom"]
@@ -73,6 +74,14 @@ def format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
         else:
             lines.append(f"{loc} {rule}, got {got}")
     return "; ".join(lines)
+
+
+def half_open_unit(v: float) -> float:
+    """Field validator body for strengths in [0, 1) (alpha, tau): the message pydantic
+    turns into ``alpha must be in [0, 1), got 1.5``."""
+    if not 0.0 <= v < 1.0:
+        raise ValueError("must be in [0, 1)")
+    return v
 
 
 class _Settings(BaseModel):
@@ -182,19 +191,10 @@ class DecodingConfig(_Settings):
         description="method='custom' only: the system prompt of the negative branch (required).",
     )
 
-    @field_validator("alpha")
+    @field_validator("alpha", "plausibility")
     @classmethod
-    def _alpha_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("plausibility")
-    @classmethod
-    def _plausibility_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
+    def _unit_range(cls, v: float) -> float:
+        return half_open_unit(v)
 
     @field_validator("stop", mode="before")
     @classmethod

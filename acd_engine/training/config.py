@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from acd_engine.config import _Settings
+from acd_engine.config import _Settings, half_open_unit
 
 __all__ = ["SHORT_OPPOSITE_PROMPT", "SHORT_SAFE_PROMPT", "Source", "TrainConfig"]
 
@@ -190,9 +190,7 @@ class TrainConfig(_Settings):
     @field_validator("val_alpha", "val_plausibility")
     @classmethod
     def _unit_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
+        return half_open_unit(v)
 
     @field_validator("sources", mode="before")
     @classmethod
