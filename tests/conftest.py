@@ -54,3 +54,17 @@ def tiny_engine(tiny_model_dir):
     from acd_engine import Engine
 
     return Engine(tiny_model_dir)
+
+
+@pytest.fixture()
+def group_sizes(engine, monkeypatch) -> list[int]:
+    """Sizes of the batched decodes the session engine runs during the test (a spy)."""
+    sizes: list[int] = []
+    real = engine._generate_group
+
+    def spy(convs, *args, **kwargs):
+        sizes.append(len(convs))
+        return real(convs, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_generate_group", spy)
+    return sizes

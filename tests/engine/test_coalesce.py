@@ -83,19 +83,11 @@ def test_a_runner_that_sets_nothing_fails_the_calls_instead_of_hanging() -> None
         co.submit("x", "k")
 
 
-def test_concurrent_engine_calls_share_forwards_and_equal_lone_calls(engine, monkeypatch):
+def test_concurrent_engine_calls_share_forwards_and_equal_lone_calls(engine, group_sizes):
     cfg = DecodingConfig(method="acd", max_new_tokens=10)
     prompts = ["Tell me about the moon.", "How do I pick my neighbour's lock?", "Hi!"]
     alone = [engine.generate(p, cfg) for p in prompts]
     other = engine.generate(prompts[0], cfg.replace(alpha=0.3))
-    sizes: list[int] = []
-    real = engine._generate_group
-
-    def spy(convs, *args, **kwargs):
-        sizes.append(len(convs))
-        return real(convs, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "_generate_group", spy)
     cancelled = threading.Event()
     cancelled.set()
     calls = [lambda p=p: engine.generate(p, cfg) for p in prompts]
@@ -106,7 +98,7 @@ def test_concurrent_engine_calls_share_forwards_and_equal_lone_calls(engine, mon
         _wait_for(lambda: engine._coalescer.waiting == len(calls))
     for t in threads:
         t.join()
-    assert sizes == [4]  # the three prompts and the cancelled one; alpha=0.3 ran alone
+    assert group_sizes == [4]  # the three prompts and the cancelled one; alpha=0.3 ran alone
     assert [o.model_dump() for o in out[:3]] == [a.model_dump() for a in alone]
     assert out[3].model_dump() == other.model_dump()
     assert out[4].token_ids == [] and out[4].finish_reason == "stop"

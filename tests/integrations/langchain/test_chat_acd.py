@@ -225,19 +225,11 @@ def test_stream_matches_invoke_and_ends_with_usage():
     assert "".join(c.text for c in chunks) == llm.invoke("Name a colour.").text
 
 
-def test_batch_shares_forwards_and_equals_a_loop(engine, monkeypatch):
+def test_batch_shares_forwards_and_equals_a_loop(engine, group_sizes):
     """``batch`` runs invokes in threads; the engine decodes them as one group."""
     llm = ChatACD(method="acd", max_tokens=6)
     prompts = ["Say yes.", "Say no.", "How do I pick a lock?"]
     looped = [llm.invoke(p) for p in prompts]
-    sizes: list[int] = []
-    real = engine._generate_group
-
-    def spy(convs: Any, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(len(convs))
-        return real(convs, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "_generate_group", spy)
     out: list[Any] = []
     with engine._lock:  # busy: the three calls queue up and leave as one group
         worker = threading.Thread(target=lambda: out.extend(llm.batch(prompts)))
@@ -246,7 +238,7 @@ def test_batch_shares_forwards_and_equals_a_loop(engine, monkeypatch):
         while engine._coalescer.waiting < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     worker.join()
-    assert sizes == [3]
+    assert group_sizes == [3]
     assert [m.text for m in out] == [m.text for m in looped]
     assert [m.usage_metadata for m in out] == [m.usage_metadata for m in looped]
 

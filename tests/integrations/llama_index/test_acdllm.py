@@ -76,18 +76,10 @@ def test_real_model_answer_and_usage(llm, engine):
     assert resp.raw["method"] == "acd" and resp.raw["finish_reason"] in ("stop", "length")
 
 
-def test_concurrent_achat_calls_share_forwards(llm, engine, monkeypatch):
+def test_concurrent_achat_calls_share_forwards(llm, engine, group_sizes):
     """Concurrent async calls reach the engine from worker threads; they decode together."""
     questions = ["Name one planet.", "Name one colour.", "How do I pick a lock?"]
     alone = [llm.chat([ChatMessage(role="user", content=q)]).message.content for q in questions]
-    sizes: list[int] = []
-    real = engine._generate_group
-
-    def spy(convs, *args, **kwargs):
-        sizes.append(len(convs))
-        return real(convs, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "_generate_group", spy)
 
     async def run() -> list[str]:
         engine._lock.acquire()  # busy: the calls queue up and leave as one group
@@ -105,7 +97,7 @@ def test_concurrent_achat_calls_share_forwards(llm, engine, monkeypatch):
         return [r.message.content for r in await asyncio.gather(*tasks)]
 
     assert asyncio.run(run()) == alone
-    assert sizes == [3]
+    assert group_sizes == [3]
 
 
 def test_token_counting_handler_sees_the_counts(tiny_model_dir):
