@@ -23,7 +23,14 @@ from typing import Any, Protocol
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from acd_engine.config import CONTRAST_METHODS, METHODS, DecodingConfig, _Settings, did_you_mean
+from acd_engine.config import (
+    CONTRAST_METHODS,
+    METHODS,
+    DecodingConfig,
+    _Settings,
+    did_you_mean,
+    half_open_unit,
+)
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
     DEFAULT_JUDGE,
@@ -168,6 +175,11 @@ class EvalOptions(_Settings):
     def _split_lists(cls, value: Any) -> Any:
         return _split(value)
 
+    @field_validator("plausibility")
+    @classmethod
+    def _unit_range(cls, v: float) -> float:
+        return half_open_unit(v)
+
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
         # Checked here rather than in pydantic validators so the message names the list
@@ -185,8 +197,6 @@ class EvalOptions(_Settings):
         for alpha in self.alphas:
             if not 0.0 <= alpha < 1.0:
                 raise ConfigError(f"alphas must be in [0, 1), got {alpha}")
-        if not 0.0 <= self.plausibility < 1.0:
-            raise ConfigError(f"plausibility must be in [0, 1), got {self.plausibility}")
         for bench in self.benchmarks:
             check_benchmark_name(bench)
         if self.judge not in available_judges():
