@@ -39,7 +39,7 @@ from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.prompts import PromptPack, model_fingerprint
-from acd_engine.skinny import MAX_ROWS, SkinnyLinear, skinny_wins
+from acd_engine.skinny import SkinnyLinear, skinny_max_rows
 
 __all__ = [
     "Engine",
@@ -271,9 +271,9 @@ class Engine:
         self._fast_supported: bool | None = None
         self._compiled_step: Callable[..., Any] | None = None
         self._static_caches: dict[tuple[int, int], Any] = {}  # reused by compiled decoding
-        # CPU decode steps as W @ x.T (acd_engine.skinny): None measures once per model
-        # whether that is faster here; True / False force it.
-        self.skinny_matmuls: bool | None = None
+        # CPU decode steps as W @ x.T (acd_engine.skinny) for steps of at most this many
+        # rows: None measures once per model up to where that is faster here; 0 turns it off.
+        self.skinny_rows: int | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -487,18 +487,19 @@ class Engine:
     def _step_context(self, static: bool) -> Callable[[int], AbstractContextManager[Any]] | None:
         """What wraps each eager CPU decode step: skinny matmuls where they measured faster.
 
-        Only for steps of at most ``skinny.MAX_ROWS`` rows: above that every linear takes the
+        Only for steps of at most ``skinny_rows`` rows: above that every linear takes the
         ordinary kernel anyway, and the mode would only add its per-op Python dispatch.
         """
         if static or self.device.type != "cpu":
             return None
-        if self.skinny_matmuls is None:
-            self.skinny_matmuls = skinny_wins(self.model)
-        if not self.skinny_matmuls:
+        if self.skinny_rows is None:
+            self.skinny_rows = skinny_max_rows(self.model)
+        limit = self.skinny_rows
+        if limit <= 0:
             return None
 
         def context(rows: int) -> AbstractContextManager[Any]:
-            return SkinnyLinear() if rows <= MAX_ROWS else nullcontext()
+            return SkinnyLinear(limit) if rows <= limit else nullcontext()
 
         return context
 

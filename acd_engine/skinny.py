@@ -1,18 +1,19 @@
-"""Skinny matmuls for CPU decode steps: ``W @ x.T`` instead of ``x @ W.T`` for 1-4 rows.
+"""Skinny matmuls for CPU decode steps: ``W @ x.T`` instead of ``x @ W.T``.
 
 A decode step multiplies every weight matrix by only R rows (R = 1 for plain decoding, 2
-for a contrast request). On the 2-core AMD EPYC this project is developed on, MKL's
-``sgemm``/``sgemv`` for that shape is slow: the 49152 x 576 LM head takes ~10 ms for one
-row and ~23 ms for two, while the same product written as ``W @ x.T`` (N = 2 columns)
-takes ~4 ms. Every ``nn.Linear`` of the step gains similarly, so a whole step of the
-default model goes from ~57 ms (1 row) / ~91 ms (2 rows) to ~35 / ~52 ms.
+for a contrast request, 2·N for a batch of N). On the 2-core AMD EPYC this project is
+developed on, MKL's ``sgemm`` for that shape is slow: the 49152 x 576 LM head takes ~21 ms
+for two rows and ~20 ms for sixteen, while the same product written as ``W @ x.T`` takes
+~5 ms and ~13 ms. Every ``nn.Linear`` of the step gains similarly (a 16-row step of the
+default model: ~68 ms of matmuls become ~56 ms).
 
-Whether this wins depends on the BLAS and the CPU, so :func:`skinny_wins` measures it once
-per model on the largest weight and the engine only uses it when it does. The rewrite is a
-``TorchFunctionMode``: thread-local and active only around the engine's own decode-step
-forwards, so nothing else that shares the model (training, other threads) is affected.
-Only the summation order changes (like any other GEMM kernel choice); the oracle tests
-check the tokens stay the reference path's.
+Whether this wins depends on the BLAS, the CPU and the row count, so
+:func:`skinny_max_rows` measures it once per model on the largest weight for
+:data:`ROW_COUNTS` rows, and the engine uses it only for steps of at most that many rows.
+The rewrite is a ``TorchFunctionMode``: thread-local and active only around the engine's
+own decode-step forwards, so nothing else that shares the model (training, other threads)
+is affected. Only the summation order changes (like any other GEMM kernel choice); the
+oracle tests check the tokens stay the reference path's.
 """
 
 from __future__ import annotations
@@ -27,24 +28,29 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MAX_ROWS", "SkinnyLinear", "skinny_linear", "skinny_wins"]
+__all__ = ["ROW_COUNTS", "SkinnyLinear", "skinny_linear", "skinny_max_rows"]
 
 logger = logging.getLogger(__name__)
 
-# Above this many rows the ordinary kernel was as fast or faster (measured at 8 and 16).
-MAX_ROWS = 4
+# Row counts timed by skinny_max_rows: one row, one contrast request, then batches (a
+# batch of N contrast requests is 2·N rows). Above the largest, the ordinary kernel runs.
+ROW_COUNTS = (1, 2, 8, 16, 32)
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_rows: int = ROW_COUNTS[-1],
 ) -> torch.Tensor:
-    """``F.linear`` computed as ``weight @ x.T`` for at most :data:`MAX_ROWS` rows.
+    """``F.linear`` computed as ``weight @ x.T`` for at most ``max_rows`` rows.
 
     One row is padded to two (a copy of itself): the two-column product is the fast one.
+    More rows (a prefill, say) take ``F.linear``.
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if rows == 0 or rows > MAX_ROWS or x.device.type != "cpu":
+    if rows == 0 or rows > max_rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, k)  # [M, K]
     if rows == 1:
@@ -56,7 +62,15 @@ def skinny_linear(
 
 
 class SkinnyLinear(TorchFunctionMode):
-    """Within this context (this thread only), ``F.linear`` goes through :func:`skinny_linear`."""
+    """Within this context (this thread only), ``F.linear`` goes through :func:`skinny_linear`.
+
+    Args:
+        max_rows: Products with more rows than this keep the ordinary kernel.
+    """
+
+    def __init__(self, max_rows: int = ROW_COUNTS[-1]) -> None:
+        super().__init__()
+        self.max_rows = max_rows
 
     def __torch_function__(
         self,
@@ -67,7 +81,7 @@ class SkinnyLinear(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            return skinny_linear(*args, **kwargs)
+            return skinny_linear(*args, **{**kwargs, "max_rows": self.max_rows})
         return func(*args, **kwargs)
 
 
@@ -80,15 +94,16 @@ def _best_of(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-_DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_DECISIONS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-def skinny_wins(model: Any, repeats: int = 5, margin: float = 0.85) -> bool:
-    """Whether :class:`SkinnyLinear` speeds up this model's decode steps on this machine.
+def skinny_max_rows(model: Any, repeats: int = 3, margin: float = 0.85) -> int:
+    """Up to how many rows :class:`SkinnyLinear` speeds up this model's decode steps here.
 
-    Times the largest weight (the LM head, typically) both ways for one and two rows, best
-    of ``repeats``; skinny must take under ``margin`` of the ordinary time for both. Only
-    for CPU float weights; about 0.2 s, once per model (the answer is remembered).
+    Times the largest weight (the LM head, typically) both ways for each of
+    :data:`ROW_COUNTS` rows, best of ``repeats``. Skinny must take under ``margin`` of the
+    ordinary time at every count up to the one returned; 0 means never. Only for CPU float
+    weights; about 0.5 s, once per model (the answer is remembered).
     """
     if model in _DECISIONS:
         return _DECISIONS[model]
@@ -98,11 +113,11 @@ def skinny_wins(model: Any, repeats: int = 5, margin: float = 0.85) -> bool:
         if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"
     ]
     if not weights or not weights[0].is_floating_point():
-        return False
+        return 0
     w = max(weights, key=lambda t: t.numel())
+    timings: dict[int, tuple[float, float]] = {}
     with torch.inference_mode():
-        timings: dict[int, tuple[float, float]] = {}
-        for rows in (1, 2):
+        for rows in ROW_COUNTS:
             x = torch.randn(rows, w.shape[1], dtype=w.dtype)
 
             def skinny(x: torch.Tensor = x) -> torch.Tensor:
@@ -113,13 +128,19 @@ def skinny_wins(model: Any, repeats: int = 5, margin: float = 0.85) -> bool:
 
             skinny(), plain()  # warm both paths once
             timings[rows] = (_best_of(skinny, repeats), _best_of(plain, repeats))
-    wins = all(skinny < margin * plain for skinny, plain in timings.values())
-    _DECISIONS[model] = wins
+            if timings[rows][0] >= margin * timings[rows][1]:
+                break
+    max_rows = 0
+    for rows, (fast, slow) in timings.items():
+        if fast >= margin * slow:
+            break
+        max_rows = rows
+    _DECISIONS[model] = max_rows
     logger.info(
-        "skinny decode matmuls %s: %s",
-        "on" if wins else "off",
+        "skinny decode matmuls up to %d rows: %s",
+        max_rows,
         ", ".join(
             f"{r} row(s) {s * 1e3:.1f} ms vs {p * 1e3:.1f} ms" for r, (s, p) in timings.items()
         ),
     )
-    return wins
+    return max_rows

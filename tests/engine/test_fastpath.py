@@ -228,16 +228,17 @@ def test_fast_path_falls_back_for_sliding_window_models(engine):
 def test_skinny_matmuls_wrap_only_steps_with_few_rows(engine):
     from contextlib import nullcontext
 
-    from acd_engine.skinny import MAX_ROWS, SkinnyLinear
+    from acd_engine.skinny import SkinnyLinear
 
-    saved = engine.skinny_matmuls
+    saved = engine.skinny_rows
     try:
-        engine.skinny_matmuls = True
+        engine.skinny_rows = 16
         context = engine._step_context(static=False)
         assert isinstance(context(2), SkinnyLinear)
-        assert isinstance(context(MAX_ROWS + 1), nullcontext)
+        assert context(16).max_rows == 16
+        assert isinstance(context(17), nullcontext)
         assert engine._step_context(static=True) is None  # compiled steps: never
-        engine.skinny_matmuls = False
+        engine.skinny_rows = 0
         assert engine._step_context(static=False) is None
     finally:
-        engine.skinny_matmuls = saved
+        engine.skinny_rows = saved
