@@ -33,6 +33,7 @@ from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_filter
+from acd_engine.head import LinearHead
 
 __all__ = [
     "Prefill",
@@ -41,6 +42,7 @@ __all__ = [
     "choose_token",
     "decode",
     "decode_rows",
+    "finish_token",
     "pick_token",
 ]
 
@@ -123,11 +125,71 @@ def choose_token(
     """
     pos = logits[:1]
     scores = contrast_logits(pos, logits[1:] if logits.shape[0] == 2 else None, cfg.alpha)
+    return finish_token(scores, pos, ids, cfg, procs, constraint, gen)
+
+
+def finish_token(
+    scores: torch.Tensor,
+    pos: torch.Tensor,
+    ids: torch.Tensor,
+    cfg: DecodingConfig,
+    procs: LogitsProcessorList,
+    constraint: LogitsProcessorList | None,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    """The step after the contrast: constraint, plausibility filter, processors, sampler.
+
+    Args:
+        scores: Contrasted fp32 scores ``[1, V]`` (not modified).
+        pos: The positive branch's logits ``[1, V]``, for the plausibility filter.
+        ids: ``[1, L]`` conversation plus generated tokens, for processors.
+
+    Returns:
+        ``[1, 1]`` token id.
+    """
     if constraint:
         scores = constraint(ids, scores)  # type: ignore[arg-type]
     scores = plausibility_filter(scores, pos, cfg.plausibility)  # [1, V] fp32
     scores = procs(ids, scores)  # type: ignore[arg-type]
     return pick_token(scores, cfg.temperature, gen)
+
+
+def _request_scores(
+    out: torch.Tensor,
+    rows_of: list[list[int]],
+    live: list[int],
+    contrast: bool,
+    cfg: DecodingConfig,
+    head: LinearHead | None,
+    step_context: Callable[[int], AbstractContextManager[Any]] | None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each live request's contrasted fp32 scores ``[1, V]`` and positive logits ``[1, V]``.
+
+    Args:
+        out: The step's logits ``[R, V]``, or its last hidden states ``[R, H]`` when
+            ``head`` is given: then a contrast request with no plausibility filter sends
+            one row, ``h_pos - alpha * h_neg``, through the head (see :mod:`acd_engine.head`)
+            and its "positive logits" are that row (the filter, off, never reads them).
+    """
+    rows = {i: rows_of[i] if contrast else rows_of[i][:1] for i in live}
+    if head is None:
+        per_request = {i: out[r] for i, r in rows.items()}  # [1 or 2, V] each
+    else:
+        parts = {}
+        for i, r in rows.items():
+            h = out[r]  # [1 or 2, H]
+            parts[i] = h[:1] - cfg.alpha * h[1:] if len(h) == 2 and cfg.plausibility == 0 else h
+        n = sum(len(h) for h in parts.values())
+        with step_context(n) if step_context else nullcontext():
+            logits = head(torch.cat(list(parts.values())))  # [n, V]
+        sizes = [len(h) for h in parts.values()]
+        per_request = dict(zip(parts, logits.split(sizes), strict=True))
+    result = {}
+    for i, logits_i in per_request.items():
+        pos = logits_i[:1]  # [1, V]
+        neg = logits_i[1:] if len(logits_i) == 2 else None
+        result[i] = (contrast_logits(pos, neg, cfg.alpha), pos)
+    return result
 
 
 def _sampler(cfg: DecodingConfig, device: torch.device) -> torch.Generator | None:
@@ -170,6 +232,7 @@ def decode_rows(
     step_fn: Callable[..., Any] | None = None,
     overlap: bool | None = None,
     step_context: Callable[[int], AbstractContextManager[Any]] | None = None,
+    head: LinearHead | None = None,
 ) -> Generator[dict[int, int], None, None]:
     """Fast path: every running request gets one token per step from one batched forward.
 
@@ -185,8 +248,13 @@ def decode_rows(
         step_context: Called with the step's row count; what it returns is entered around
             that decode-step forward (not the prefill). The engine passes
             :class:`~acd_engine.skinny.SkinnyLinear` for few rows on CPUs where it wins.
+        head: The model's LM head as a linear map (:func:`acd_engine.head.linear_head`):
+            forwards stop at the decoder and the contrast runs on hidden states, so a
+            contrast request sends one row through the head, not two. Eager steps only.
     """
-    step_fn = step_fn or model
+    if head is not None and step_fn is not None:
+        raise ValueError("head needs eager decode steps; got a step_fn as well, pass one")
+    forward = head.decoder if head is not None else step_fn or model
     device = batch.valid.device
     procs = build_processors(cfg)
     gens = [_sampler(cfg, device) for _ in requests]
@@ -196,15 +264,17 @@ def decode_rows(
     finished = set() if finished is None else finished
     if overlap is None:
         overlap = batch.static and device.type == "cuda"
-    out = model(
+    prefill = head.decoder if head is not None else model
+    out = prefill(
         input_ids=batch.input_ids,  # [R, W]
         attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
         position_ids=batch.positions,  # [R, W]
-        **cache_arg(model, batch.cache),
+        **cache_arg(prefill, batch.cache),
         use_cache=True,
-        logits_to_keep=1,
+        **({} if head is not None else {"logits_to_keep": 1}),
     )
-    logits = out.logits[:, -1, :]  # [R, V]
+    # [R, V] logits, or [R, H] hidden states when the contrast runs before the head
+    state = out.logits[:, -1, :] if head is None else out.last_hidden_state[:, -1, :]
     tokens = batch.input_ids[:, -1:].clone()  # [R, 1] what each row is fed next
     pos, n = batch.next_positions, batch.width  # [R, 1], filled cache columns
     mask = None
@@ -213,7 +283,7 @@ def decode_rows(
         mask[:, 0, 0, : batch.width] = batch.valid[:, : batch.width]  # [R, 1, 1, C]
 
     def advance() -> torch.Tensor:
-        """Feed ``tokens`` to every row; return the next logits ``[R, V]``."""
+        """Feed ``tokens`` to every row; return the next ``[R, V]`` logits (``[R, H]``)."""
         nonlocal pos, n
         n += 1
         if batch.static:
@@ -225,30 +295,32 @@ def decode_rows(
             mask if batch.static else batch.valid[:, None, None, :n] if batch.holes else None
         )
         with step_context(len(tokens)) if step_context else nullcontext():
-            out = step_fn(
+            out = forward(
                 input_ids=tokens,  # [R, 1]
                 attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None
                 position_ids=pos,  # [R, 1]
-                **cache_arg(model, batch.cache),
+                **cache_arg(forward, batch.cache),
                 use_cache=True,
             )
         pos = pos + 1
+        if head is not None:
+            return out.last_hidden_state[:, -1, :]
         return out.logits[:, -1, :].clone() if batch.static else out.logits[:, -1, :]
 
     for step in range(cfg.max_new_tokens):
         contrast = cfg.contrast_tokens is None or step < cfg.contrast_tokens
         picked: dict[int, torch.Tensor] = {}
+        scores = _request_scores(state, rows_of, live, contrast, cfg, head, step_context)
         for i in live:
-            rows = rows_of[i] if contrast else rows_of[i][:1]
-            picked[i] = choose_token(
-                logits[rows], ids[i], cfg, procs, requests[i].constraint, gens[i]
+            picked[i] = finish_token(
+                *scores[i], ids[i], cfg, procs, requests[i].constraint, gens[i]
             )
             ids[i] = torch.cat([ids[i], picked[i]], dim=-1)
             tokens[rows_of[i]] = picked[i]
         last = step == cfg.max_new_tokens - 1
         host = _copy_to_host(torch.cat(list(picked.values())).view(-1))
         if overlap and not last:
-            logits = advance()  # queued behind the copy: the device works while we wait
+            state = advance()  # queued behind the copy: the device works while we wait
         yield dict(zip(picked, host(), strict=True))  # the one host sync per step
         live = [i for i in live if i not in finished]
         if last or not live:
@@ -262,7 +334,7 @@ def decode_rows(
                 rows_of = [[index[r] for r in rows if r in index] for rows in rows_of]
                 tokens, pos = tokens[keep], pos[keep]
         if not overlap:
-            logits = advance()
+            state = advance()
 
 
 @torch.inference_mode()

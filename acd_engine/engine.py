@@ -36,6 +36,7 @@ from acd_engine.contrast import (
 )
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
+from acd_engine.head import linear_head
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.prompts import PromptPack, model_fingerprint
@@ -274,6 +275,9 @@ class Engine:
         # CPU decode steps as W @ x.T (acd_engine.skinny) for steps of at most this many
         # rows: None measures once per model up to where that is faster here; 0 turns it off.
         self.skinny_rows: int | None = None
+        # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
+        # one head row per contrast request instead of two. False keeps two.
+        self.contrast_before_head = True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -576,6 +580,7 @@ class Engine:
             finished,
             self._step_fn() if static else None,
             step_context=self._step_context(static),
+            head=None if static or not self.contrast_before_head else linear_head(self.model),
         )
 
     def _fit_context(self, prompt_len: int, cfg: DecodingConfig) -> DecodingConfig:

@@ -85,25 +85,27 @@ class SkinnyLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _best_of(fn: Callable[[], Any], repeats: int) -> float:
-    best = float("inf")
+def _best_of_both(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Best times of ``a`` and ``b``, run alternately so a burst of load hits both alike."""
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for k, fn in enumerate((a, b)):
+            start = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 _DECISIONS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-def skinny_max_rows(model: Any, repeats: int = 3, margin: float = 0.85) -> int:
+def skinny_max_rows(model: Any, repeats: int = 5, margin: float = 0.9) -> int:
     """Up to how many rows :class:`SkinnyLinear` speeds up this model's decode steps here.
 
     Times the largest weight (the LM head, typically) both ways for each of
     :data:`ROW_COUNTS` rows, best of ``repeats``. Skinny must take under ``margin`` of the
     ordinary time at every count up to the one returned; 0 means never. Only for CPU float
-    weights; about 0.5 s, once per model (the answer is remembered).
+    weights; about 0.8 s, once per model (the answer is remembered).
     """
     if model in _DECISIONS:
         return _DECISIONS[model]
@@ -127,7 +129,7 @@ def skinny_max_rows(model: Any, repeats: int = 3, margin: float = 0.85) -> int:
                 return F.linear(x, w)
 
             skinny(), plain()  # warm both paths once
-            timings[rows] = (_best_of(skinny, repeats), _best_of(plain, repeats))
+            timings[rows] = _best_of_both(skinny, plain, repeats)
             if timings[rows][0] >= margin * timings[rows][1]:
                 break
     max_rows = 0

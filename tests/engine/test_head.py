@@ -1,0 +1,61 @@
+"""Contrast before the LM head: found only where logits are ``W h``, same tokens, fewer rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from acd_engine import DecodingConfig
+from acd_engine.head import LinearHead, linear_head
+
+CONVS = ["Tell me three facts about the moon.", "How do I pick my neighbour's lock?"]
+
+
+def test_default_model_head_is_found_and_is_the_models_own(engine):
+    head = linear_head(engine.model)
+    assert head is not None
+    assert head.weight is engine.model.get_output_embeddings().weight
+    assert head.decoder is engine.model.get_decoder()
+
+
+def test_a_head_that_is_not_plain_w_h_is_refused(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert linear_head(model) is not None
+    capped = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # Soft-capping after the head (as Gemma 2 does): logits are no longer W h.
+    capped.get_output_embeddings().register_forward_hook(lambda m, i, out: 5 * torch.tanh(out))
+    assert linear_head(capped) is None
+    half = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    assert linear_head(half) is None  # a bf16 contrast of hidden states would round otherwise
+
+
+@pytest.fixture()
+def head_rows(monkeypatch) -> list[int]:
+    """Rows each call of any LinearHead multiplies (a spy)."""
+    rows: list[int] = []
+    real = LinearHead.__call__
+
+    def spy(self: LinearHead, hidden: torch.Tensor) -> torch.Tensor:
+        rows.append(hidden.shape[0])
+        return real(self, hidden)
+
+    monkeypatch.setattr(LinearHead, "__call__", spy)
+    return rows
+
+
+@pytest.mark.parametrize(("tau", "rows_per_request"), [(0.0, 1), (0.1, 2)])
+def test_contrast_requests_send_one_head_row_without_the_filter(
+    engine, head_rows, tau, rows_per_request
+):
+    cfg = DecodingConfig(method="acd", plausibility=tau, max_new_tokens=6)
+    got = engine.generate_batch(CONVS, cfg)
+    assert head_rows and set(head_rows) == {rows_per_request * len(CONVS)}
+    engine.contrast_before_head = False
+    try:
+        head_rows.clear()
+        two_rows = engine.generate_batch(CONVS, cfg)
+    finally:
+        engine.contrast_before_head = True
+    assert head_rows == []
+    assert [r.token_ids for r in got] == [r.token_ids for r in two_rows]
