@@ -52,7 +52,9 @@ def skinny_linear(
     rows = x.numel() // k if k else 0
     if rows == 0 or rows > max_rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, k)  # [M, K]
+    # contiguous: the previous skinny product comes out transposed ([M, N] with strides
+    # (1, M)), and MKL is ~4x slower when handed that layout as the [K, M] operand
+    x2 = x.reshape(rows, k).contiguous()  # [M, K]
     if rows == 1:
         x2 = torch.cat([x2, x2])  # [2, K]
     y = torch.mm(weight, x2.t()).t()[:rows]  # [N, K] @ [K, M] -> [M, N]
