@@ -52,12 +52,13 @@ def skinny_linear(
     rows = x.numel() // k if k else 0
     if rows == 0 or rows > max_rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    # contiguous: the previous skinny product comes out transposed ([M, N] with strides
-    # (1, M)), and MKL is ~4x slower when handed that layout as the [K, M] operand
-    x2 = x.reshape(rows, k).contiguous()  # [M, K]
+    x2 = x.reshape(rows, k)  # [M, K]
     if rows == 1:
         x2 = torch.cat([x2, x2])  # [2, K]
-    y = torch.mm(weight, x2.t()).t()[:rows]  # [N, K] @ [K, M] -> [M, N]
+    # The product comes out transposed ([M, N] with strides (1, M)); it is made contiguous
+    # because that layout is slow downstream: MKL took ~4x longer with it as the next
+    # product's operand, and SDPA's CPU flash kernel refuses such queries (math fallback).
+    y = torch.mm(weight, x2.t()).t()[:rows].contiguous()  # [N, K] @ [K, M] -> [M, N]
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
