@@ -254,7 +254,8 @@ def decode_rows(
     """
     if head is not None and step_fn is not None:
         raise ValueError("head needs eager decode steps; got a step_fn as well, pass one")
-    forward = head.decoder if head is not None else step_fn or model
+    module = head.decoder if head is not None else model  # whose forward runs (or compiled)
+    forward = step_fn or module
     device = batch.valid.device
     procs = build_processors(cfg)
     gens = [_sampler(cfg, device) for _ in requests]
@@ -264,12 +265,11 @@ def decode_rows(
     finished = set() if finished is None else finished
     if overlap is None:
         overlap = batch.static and device.type == "cuda"
-    prefill = head.decoder if head is not None else model
-    out = prefill(
+    out = module(
         input_ids=batch.input_ids,  # [R, W]
         attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
         position_ids=batch.positions,  # [R, W]
-        **cache_arg(prefill, batch.cache),
+        **cache_arg(module, batch.cache),
         use_cache=True,
         **({} if head is not None else {"logits_to_keep": 1}),
     )
@@ -299,7 +299,7 @@ def decode_rows(
                 input_ids=tokens,  # [R, 1]
                 attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None
                 position_ids=pos,  # [R, 1]
-                **cache_arg(forward, batch.cache),
+                **cache_arg(module, batch.cache),
                 use_cache=True,
             )
         pos = pos + 1

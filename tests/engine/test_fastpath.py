@@ -108,10 +108,15 @@ def _raw_fast(engine, convs, cfg, **kwargs):
 @pytest.mark.parametrize(("static", "overlap"), [(True, False), (True, True), (False, True)])
 def test_static_cache_and_overlapped_steps_give_the_reference_tokens(engine, static, overlap):
     """The CUDA layout (transformers' StaticCache, full-width masks, queued next step),
-    run eagerly on CPU: only torch.compile itself is left out."""
+    run eagerly on CPU: only torch.compile itself is left out. The step goes through a
+    plain function, as a compiled step does."""
     convs = [PROMPT, "Name a colour."]
     cfg = DecodingConfig(method="oid", max_new_tokens=10)
-    fast = _raw_fast(engine, convs, cfg, static=static, overlap=overlap)
+
+    def step_fn(**inputs):
+        return engine.model(**inputs)
+
+    fast = _raw_fast(engine, convs, cfg, static=static, overlap=overlap, step_fn=step_fn)
     assert fast == [_raw_reference(engine, c, cfg) for c in convs]
 
 
