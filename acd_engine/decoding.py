@@ -15,6 +15,7 @@ their system-prompt slot.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -162,23 +163,33 @@ def _request_scores(
     cfg: DecodingConfig,
     head: LinearHead | None,
     step_context: Callable[[int], AbstractContextManager[Any]] | None,
+    constrained: set[int],
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Each live request's contrasted fp32 scores ``[1, V]`` and positive logits ``[1, V]``.
 
     Args:
         out: The step's logits ``[R, V]``, or its last hidden states ``[R, H]`` when
-            ``head`` is given: then a contrast request with no plausibility filter sends
-            one row, ``h_pos - alpha * h_neg``, through the head (see :mod:`acd_engine.head`)
-            and its "positive logits" are that row (the filter, off, never reads them).
+            ``head`` is given. Then a contrast request sends one row through the head
+            (see :mod:`acd_engine.head`): with no plausibility filter the row is
+            ``h_pos - alpha * h_neg`` (its "positive logits" are that row, which the
+            filter, off, never reads); with the filter it is ``h_pos``, and the negative
+            branch is scored only on the tokens the filter keeps. A request with a
+            constraint keeps both rows, because its constraint may move the filter's cutoff.
+        constrained: The live requests that have a constraint.
     """
     rows = {i: rows_of[i] if contrast else rows_of[i][:1] for i in live}
+    negatives: dict[int, torch.Tensor] = {}  # scored on the filter's candidates only
     if head is None:
         per_request = {i: out[r] for i, r in rows.items()}  # [1 or 2, V] each
     else:
         parts = {}
         for i, r in rows.items():
             h = out[r]  # [1 or 2, H]
-            parts[i] = h[:1] - cfg.alpha * h[1:] if len(h) == 2 and cfg.plausibility == 0 else h
+            if len(h) == 2 and cfg.plausibility == 0:
+                h = h[:1] - cfg.alpha * h[1:]  # W h_pos - a W h_neg = W (h_pos - a h_neg)
+            elif len(h) == 2 and i not in constrained:
+                negatives[i], h = h[1:], h[:1]
+            parts[i] = h
         n = sum(len(h) for h in parts.values())
         with step_context(n) if step_context else nullcontext():
             logits = head(torch.cat(list(parts.values())))  # [n, V]
@@ -187,9 +198,36 @@ def _request_scores(
     result = {}
     for i, logits_i in per_request.items():
         pos = logits_i[:1]  # [1, V]
-        neg = logits_i[1:] if len(logits_i) == 2 else None
-        result[i] = (contrast_logits(pos, neg, cfg.alpha), pos)
+        if i in negatives:
+            assert head is not None
+            scores = _candidate_contrast(pos, negatives[i], head.weight, cfg)
+        else:
+            scores = contrast_logits(pos, logits_i[1:] if len(logits_i) == 2 else None, cfg.alpha)
+        result[i] = (scores, pos)
     return result
+
+
+def _candidate_contrast(
+    pos: torch.Tensor, h_neg: torch.Tensor, weight: torch.Tensor, cfg: DecodingConfig
+) -> torch.Tensor:
+    """``pos - alpha * neg`` on the plausibility filter's candidates, ``-inf`` elsewhere.
+
+    The filter keeps tokens whose positive logit is within ``log(tau)`` of the best one
+    (:func:`~acd_engine.contrast.plausibility_filter`), usually a handful; every other
+    token ends at ``-inf`` whatever its negative logit. So the negative branch is scored
+    on the candidates alone: ``k`` rows of the head instead of all ``V``.
+
+    Args:
+        pos: Positive logits ``[1, V]``.
+        h_neg: The negative branch's last hidden state ``[1, H]``.
+        weight: The LM head ``[V, H]``.
+    """
+    cutoff = pos.max() + math.log(cfg.plausibility)
+    candidates = (pos[0] >= cutoff).nonzero()[:, 0]  # [k]
+    neg = weight[candidates] @ h_neg[0]  # [k]
+    scores = torch.full_like(pos, float("-inf"), dtype=torch.float32)  # [1, V]
+    scores[0, candidates] = pos[0, candidates].float() - cfg.alpha * neg.float()
+    return scores
 
 
 def _sampler(cfg: DecodingConfig, device: torch.device) -> torch.Generator | None:
@@ -310,7 +348,10 @@ def decode_rows(
     for step in range(cfg.max_new_tokens):
         contrast = cfg.contrast_tokens is None or step < cfg.contrast_tokens
         picked: dict[int, torch.Tensor] = {}
-        scores = _request_scores(state, rows_of, live, contrast, cfg, head, step_context)
+        constrained = {i for i in live if requests[i].constraint}
+        scores = _request_scores(
+            state, rows_of, live, contrast, cfg, head, step_context, constrained
+        )
         for i in live:
             picked[i] = finish_token(
                 *scores[i], ids[i], cfg, procs, requests[i].constraint, gens[i]

@@ -44,18 +44,35 @@ def head_rows(monkeypatch) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize(("tau", "rows_per_request"), [(0.0, 1), (0.1, 2)])
-def test_contrast_requests_send_one_head_row_without_the_filter(
-    engine, head_rows, tau, rows_per_request
+def _no_eos(engine):
+    """A constraint (a logits processor) that only forbids EOS: tokens unchanged until then."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    return LogitsProcessorList([SuppressTokensLogitsProcessor([engine.tokenizer.eos_token_id])])
+
+
+@pytest.mark.parametrize(
+    ("tau", "constrained", "rows_per_request"),
+    [(0.0, False, 1), (0.1, False, 1), (0.0, True, 1), (0.1, True, 2)],
+)
+def test_contrast_requests_send_fewer_head_rows_with_the_same_tokens(
+    engine, head_rows, tau, constrained, rows_per_request
 ):
-    cfg = DecodingConfig(method="acd", plausibility=tau, max_new_tokens=6)
-    got = engine.generate_batch(CONVS, cfg)
+    """tau = 0: one contrasted row. tau > 0: the positive row, the negative branch scored on
+    the filter's candidates only, unless a constraint could move the filter's cutoff."""
+    cfg = DecodingConfig(method="acd", plausibility=tau, max_new_tokens=8)
+    kwargs = {"constraint": _no_eos(engine)} if constrained else {}
+    got = engine.generate_batch(CONVS, cfg, **kwargs)
     assert head_rows and set(head_rows) == {rows_per_request * len(CONVS)}
     engine.contrast_before_head = False
     try:
         head_rows.clear()
-        two_rows = engine.generate_batch(CONVS, cfg)
+        two_rows = engine.generate_batch(CONVS, cfg, **kwargs)
+        engine.fast_path = False
+        reference = [engine.generate(c, cfg, **kwargs) for c in CONVS]
     finally:
         engine.contrast_before_head = True
+        engine.fast_path = True
     assert head_rows == []
     assert [r.token_ids for r in got] == [r.token_ids for r in two_rows]
+    assert [r.token_ids for r in got] == [r.token_ids for r in reference]
