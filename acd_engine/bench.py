@@ -392,7 +392,8 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
             extra["positive_branch_equals_hf_prompt"] = (
                 rendered.head + sp + rendered.tail == pos_ids
             )
-            extra["prefill_tokens_per_branch"] = len(rendered.tail)
+            rows, _ = engine._request_rows(_messages(BENCH_USER, None), cfg)
+            extra["prefill_tokens_per_branch"] = len(rows[0].tail)
         extra["fast_path"] = engine.fast_path
 
     label = f"acd_batch{settings.batch}" if name == "acd_batch" else name

@@ -275,6 +275,7 @@ class Engine:
         # CPU decode steps as W @ x.T (acd_engine.skinny) for steps of at most this many
         # rows: None measures once per model up to where that is faster here; 0 turns it off.
         self.skinny_rows: int | None = None
+        self._stub: list[int] | None = None  # see _tail_stub
         # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
         # one head row per contrast request instead of two. False keeps two.
         self.contrast_before_head = True
@@ -507,32 +508,64 @@ class Engine:
 
         return context
 
-    def _prefix_kv(self, head: list[int], branch: Branch) -> PrefixKV | None:
-        """The cached KV of ``head + branch content`` (None when both are empty)."""
-        if not head and branch.kind == "empty":
+    def _prefix_kv(
+        self, head: list[int], branch: Branch, stub: list[int] | None = None
+    ) -> PrefixKV | None:
+        """The cached KV of ``head + branch content + stub`` (None when all are empty)."""
+        stub = stub or []
+        if not head and branch.kind == "empty" and not stub:
             return None
-        return self.prefix_cache.get(
-            (branch.key, tuple(head)),
-            lambda: compute_prefix_kv(self.model, self._prefix_embeds(head, branch)),
-        )
+
+        def compute() -> PrefixKV:
+            embeds = self._prefix_embeds(head, branch)
+            if stub:
+                embeds = torch.cat([embeds, self._embed(stub)], dim=0)
+            return compute_prefix_kv(self.model, embeds)
+
+        return self.prefix_cache.get((branch.key, tuple(head), tuple(stub)), compute)
+
+    def _tail_stub(self, template_kwargs: dict[str, Any]) -> list[int]:
+        """The template tokens every tail starts with, when the chat opens with a user turn.
+
+        For ChatML that is ``<|im_end|>\n<|im_start|>user\n``: the same for every request
+        without a system message of its own, so it is cached with the branch prefix and
+        prefill skips it. Found once by rendering two different one-word chats and keeping
+        their common tail start. A request whose tail does not start with exactly these
+        ids (another template path, or a tokenizer that merged the last one with the
+        user's text) keeps its whole tail.
+        """
+        if template_kwargs:  # tools change the template text; not worth a cache entry each
+            return []
+        if self._stub is None:
+            first, second = (self.render(word).tail for word in ("Hi", "Why"))
+            common = 0
+            while common < min(len(first), len(second)) and first[common] == second[common]:
+                common += 1
+            self._stub = first[:common]
+        return self._stub
 
     def _request_rows(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
     ) -> tuple[list[RowInput], list[int]]:
         """Fast-path rows of one request (positive branch first) and its shared ids.
 
-        Each row is its branch's cached prefix (head + branch content) followed by the
-        conversation tail: the same sequence :meth:`branch_inputs` embeds from scratch.
+        Each row is its branch's cached prefix (head + branch content + the tail's template
+        stub) followed by the rest of the conversation tail: the same sequence
+        :meth:`branch_inputs` embeds from scratch.
         """
         rendered = self.render(messages, **template_kwargs)
         plan = self.plan(config)
+        stub = self._tail_stub(template_kwargs)
+        if len(rendered.tail) <= len(stub) or rendered.tail[: len(stub)] != stub:
+            stub = []
         rows: list[RowInput] = []
         for branch in (plan.positive, plan.negative)[: plan.n_branches]:
             if branch is None:  # method 'plain': the untouched template, nothing to share
                 assert rendered.plain is not None
                 rows.append(RowInput(None, rendered.plain))
             else:
-                rows.append(RowInput(self._prefix_kv(rendered.head, branch), rendered.tail))
+                prefix = self._prefix_kv(rendered.head, branch, stub)
+                rows.append(RowInput(prefix, rendered.tail[len(stub) :]))
         shared = rendered.plain if plan.positive is None else rendered.tail
         assert shared is not None
         return rows, shared

@@ -247,3 +247,26 @@ def test_skinny_matmuls_wrap_only_steps_with_few_rows(engine):
         assert engine._step_context(static=False) is None
     finally:
         engine.skinny_rows = saved
+
+
+def test_tail_template_stub_is_cached_with_the_prefix(engine):
+    """Prefill skips the template tokens every tail starts with (ChatML: ``<|im_end|>\\n
+    <|im_start|>user\\n``); a chat whose tail starts otherwise keeps its whole tail."""
+    cfg = DecodingConfig(method="acd")
+    stub = engine._tail_stub({})
+    assert engine.tokenizer.decode(stub) == "<|im_end|>\n<|im_start|>user\n"
+    rendered = engine.render(PROMPT)
+    rows, shared = engine._request_rows(PROMPT, cfg)
+    assert shared == rendered.tail
+    assert [r.tail for r in rows] == [rendered.tail[len(stub) :]] * 2
+    sp_len = len(rendered.head) + engine.pack.sp.shape[0] + len(stub)
+    assert rows[0].prefix_len == sp_len
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rows, _ = engine._request_rows(with_system, cfg)
+    assert rows[0].tail == engine.render(with_system).tail
+
+
+@pytest.mark.parametrize("user", ["\n\nLeading blank lines?", " spaced", "<|im_start|>odd"])
+def test_odd_tail_starts_give_the_reference_tokens(engine, user):
+    fast, ref = _both(engine, user, DecodingConfig(method="oid", max_new_tokens=6))
+    assert fast.token_ids == ref.token_ids
