@@ -260,10 +260,10 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
 
     from acd_engine.config import ModelConfig
     from acd_engine.loading import (
-        _CACHE,
         LoadedModel,
         default_model_path,
         load_model,
+        register_model,
         resolve_device_dtype,
     )
 
@@ -288,9 +288,7 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     name = settings.model or folder.name
-    _CACHE[(str(folder.resolve()), str(device), str(dtype), False)] = LoadedModel(
-        model, tokenizer, name, str(folder), device, dtype
-    )
+    register_model(LoadedModel(model, tokenizer, name, str(folder), device, dtype))
     _LOADED[key] = (model, tokenizer, str(folder))
     return _LOADED[key]
 

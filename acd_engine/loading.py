@@ -178,6 +178,22 @@ _CACHE: dict[tuple[str, str, str, bool], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _key(
+    path: str | Path, device: torch.device, dtype: torch.dtype, remote: bool
+) -> tuple[str, str, str, bool]:
+    return (str(Path(path).resolve()), str(device), str(dtype), remote)
+
+
+def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None:
+    """Make :func:`load_model` (and so ``Engine(loaded.path)``) return ``loaded``.
+
+    For models built in memory, e.g. random weights from a config for benchmarks: they
+    have a directory (holding the config) but no weights to load from it.
+    """
+    with _CACHE_LOCK:
+        _CACHE[_key(loaded.path, loaded.device, loaded.dtype, trust_remote_code)] = loaded
+
+
 def load_model(config: ModelConfig | None = None) -> LoadedModel:
     """Load (or return the already loaded) model and tokenizer for ``config``.
 
@@ -190,7 +206,7 @@ def load_model(config: ModelConfig | None = None) -> LoadedModel:
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     with _CACHE_LOCK:
         path, name = _resolve_path(config.model)
-        key = (str(path.resolve()), str(device), str(dtype), config.trust_remote_code)
+        key = _key(path, device, dtype, config.trust_remote_code)
         if key in _CACHE:
             return _CACHE[key]
         common: dict[str, Any] = {
