@@ -70,11 +70,14 @@ def linear_head(model: Any) -> LinearHead | None:
     ):
         candidate = LinearHead(decoder, head.weight)
         ids = torch.arange(4, device=head.weight.device)[None]  # [1, 4]
-        with torch.inference_mode():
-            logits = model(input_ids=ids, use_cache=False).logits  # [1, 4, V]
-            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, 4, H]
-            if torch.allclose(candidate(hidden), logits, rtol=1e-4, atol=1e-4):
-                found = candidate
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=ids, use_cache=False).logits  # [1, 4, V]
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, 4, H]
+                if torch.allclose(candidate(hidden), logits, rtol=1e-4, atol=1e-4):
+                    found = candidate
+        except Exception as exc:  # a decoder that wants other inputs: keep the plain path
+            logger.debug("linear head check failed: %s", exc)
     _FOUND[model] = found
     logger.info("contrast before the LM head: %s", "on" if found else "off")
     return found

@@ -28,6 +28,9 @@ def test_a_head_that_is_not_plain_w_h_is_refused(tiny_model_dir):
     assert linear_head(capped) is None
     half = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     assert linear_head(half) is None  # a bf16 contrast of hidden states would round otherwise
+    odd = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    odd.get_decoder = lambda: torch.nn.Identity()  # a decoder that wants other inputs
+    assert linear_head(odd) is None
 
 
 @pytest.fixture()
