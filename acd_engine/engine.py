@@ -537,7 +537,10 @@ class Engine:
         if template_kwargs:  # tools change the template text; not worth a cache entry each
             return []
         if self._stub is None:
-            first, second = (self.render(word).tail for word in ("Hi", "Why"))
+            try:
+                first, second = (self.render(word).tail for word in ("Hi", "Why"))
+            except MessagesError:  # a template that cannot place the slot: nothing shared
+                first, second = [], []
             common = 0
             while common < min(len(first), len(second)) and first[common] == second[common]:
                 common += 1
