@@ -102,6 +102,11 @@ class _Rendered:
     plain: list[int] | None  # the template rendered untouched, for method 'plain'
 
 
+def _leading(ids: list[int], start: list[int]) -> list[int]:
+    """``start`` when ``ids`` begins with it and goes on past it, else ``[]``."""
+    return start if len(ids) > len(start) and ids[: len(start)] == start else []
+
+
 def _normalise_messages(messages: Messages) -> list[dict[str, str]]:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
@@ -275,7 +280,7 @@ class Engine:
         # CPU decode steps as W @ x.T (acd_engine.skinny) for steps of at most this many
         # rows: None measures once per model up to where that is faster here; 0 turns it off.
         self.skinny_rows: int | None = None
-        self._stub: list[int] | None = None  # see _tail_stub
+        self._constants: dict[str, list[int]] = {}  # see _template_constant
         # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
         # one head row per contrast request instead of two. False keeps two.
         self.contrast_before_head = True
@@ -524,28 +529,40 @@ class Engine:
 
         return self.prefix_cache.get((branch.key, tuple(head), tuple(stub)), compute)
 
-    def _tail_stub(self, template_kwargs: dict[str, Any]) -> list[int]:
-        """The template tokens every tail starts with, when the chat opens with a user turn.
+    def _plain_prefix_kv(self, start: list[int]) -> PrefixKV | None:
+        """The cached KV of the untouched template's constant start (method ``plain``)."""
+        if not start:
+            return None
+        return self.prefix_cache.get(
+            ("plain", tuple(start)), lambda: compute_prefix_kv(self.model, self._embed(start))
+        )
 
-        For ChatML that is ``<|im_end|>\n<|im_start|>user\n``: the same for every request
-        without a system message of its own, so it is cached with the branch prefix and
-        prefill skips it. Found once by rendering two different one-word chats and keeping
-        their common tail start. A request whose tail does not start with exactly these
-        ids (another template path, or a tokenizer that merged the last one with the
-        user's text) keeps its whole tail.
+    def _template_constant(
+        self, part: Literal["tail", "plain"], template_kwargs: dict[str, Any]
+    ) -> list[int]:
+        """The template tokens every ``part`` starts with, when the chat opens with a user turn.
+
+        ``tail``: what follows the system slot, ``<|im_end|>\n<|im_start|>user\n`` for
+        ChatML. ``plain``: the untouched template's start, e.g. SmolLM2's default system
+        prompt and the user header. Both are the same for every request without a system
+        message of its own, so their KV is cached (with the branch prefix, or alone for
+        method ``plain``) and prefill skips them. Found once by rendering two different
+        one-word chats and keeping their common start. A request that does not start with
+        exactly these ids (a system message of its own, or a tokenizer that merged the last
+        one with the user's text) keeps its whole sequence.
         """
         if template_kwargs:  # tools change the template text; not worth a cache entry each
             return []
-        if self._stub is None:
+        if part not in self._constants:
             try:
-                first, second = (self.render(word).tail for word in ("Hi", "Why"))
+                first, second = (getattr(self.render(w), part) or [] for w in ("Hi", "Why"))
             except MessagesError:  # a template that cannot place the slot: nothing shared
                 first, second = [], []
             common = 0
             while common < min(len(first), len(second)) and first[common] == second[common]:
                 common += 1
-            self._stub = first[:common]
-        return self._stub
+            self._constants[part] = first[:common]
+        return self._constants[part]
 
     def _request_rows(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
@@ -554,19 +571,19 @@ class Engine:
 
         Each row is its branch's cached prefix (head + branch content + the tail's template
         stub) followed by the rest of the conversation tail: the same sequence
-        :meth:`branch_inputs` embeds from scratch.
+        :meth:`branch_inputs` embeds from scratch. Method ``plain`` caches the template's
+        constant start the same way.
         """
         rendered = self.render(messages, **template_kwargs)
         plan = self.plan(config)
-        stub = self._tail_stub(template_kwargs)
-        if len(rendered.tail) <= len(stub) or rendered.tail[: len(stub)] != stub:
-            stub = []
         rows: list[RowInput] = []
         for branch in (plan.positive, plan.negative)[: plan.n_branches]:
-            if branch is None:  # method 'plain': the untouched template, nothing to share
+            if branch is None:  # method 'plain': the untouched template
                 assert rendered.plain is not None
-                rows.append(RowInput(None, rendered.plain))
+                start = _leading(rendered.plain, self._template_constant("plain", template_kwargs))
+                rows.append(RowInput(self._plain_prefix_kv(start), rendered.plain[len(start) :]))
             else:
+                stub = _leading(rendered.tail, self._template_constant("tail", template_kwargs))
                 prefix = self._prefix_kv(rendered.head, branch, stub)
                 rows.append(RowInput(prefix, rendered.tail[len(stub) :]))
         shared = rendered.plain if plan.positive is None else rendered.tail

@@ -253,7 +253,7 @@ def test_tail_template_stub_is_cached_with_the_prefix(engine):
     """Prefill skips the template tokens every tail starts with (ChatML: ``<|im_end|>\\n
     <|im_start|>user\\n``); a chat whose tail starts otherwise keeps its whole tail."""
     cfg = DecodingConfig(method="acd")
-    stub = engine._tail_stub({})
+    stub = engine._template_constant("tail", {})
     assert engine.tokenizer.decode(stub) == "<|im_end|>\n<|im_start|>user\n"
     rendered = engine.render(PROMPT)
     rows, shared = engine._request_rows(PROMPT, cfg)
@@ -270,3 +270,13 @@ def test_tail_template_stub_is_cached_with_the_prefix(engine):
 def test_odd_tail_starts_give_the_reference_tokens(engine, user):
     fast, ref = _both(engine, user, DecodingConfig(method="oid", max_new_tokens=6))
     assert fast.token_ids == ref.token_ids
+
+
+def test_plain_template_start_is_cached_as_a_prefix(engine):
+    """Method plain: SmolLM2's template injects its own system prompt; that and the user
+    header are the same for every chat, so prefill covers only the user's text onward."""
+    start = engine._template_constant("plain", {})
+    assert engine.tokenizer.decode(start).endswith("<|im_end|>\n<|im_start|>user\n")
+    rows, shared = engine._request_rows(PROMPT, DecodingConfig(method="plain"))
+    assert shared == engine.render(PROMPT).plain
+    assert rows[0].prefix_len == len(start) and rows[0].tail == shared[len(start) :]
