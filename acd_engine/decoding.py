@@ -173,8 +173,9 @@ def _request_scores(
             (see :mod:`acd_engine.head`): with no plausibility filter the row is
             ``h_pos - alpha * h_neg`` (its "positive logits" are that row, which the
             filter, off, never reads); with the filter it is ``h_pos``, and the negative
-            branch is scored only on the tokens the filter keeps. A request with a
-            constraint keeps both rows, because its constraint may move the filter's cutoff.
+            branch is scored only on the tokens the filter keeps (on CPU: finding them
+            is a host sync on CUDA). A request with a constraint keeps both rows,
+            because its constraint may move the filter's cutoff.
         constrained: The live requests that have a constraint.
     """
     rows = {i: rows_of[i] if contrast else rows_of[i][:1] for i in live}
@@ -187,7 +188,7 @@ def _request_scores(
             h = out[r]  # [1 or 2, H]
             if len(h) == 2 and cfg.plausibility == 0:
                 h = h[:1] - cfg.alpha * h[1:]  # W h_pos - a W h_neg = W (h_pos - a h_neg)
-            elif len(h) == 2 and i not in constrained:
+            elif len(h) == 2 and i not in constrained and h.device.type == "cpu":
                 negatives[i], h = h[1:], h[:1]
             parts[i] = h
         n = sum(len(h) for h in parts.values())
