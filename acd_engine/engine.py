@@ -40,7 +40,7 @@ from acd_engine.head import linear_head
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.prompts import PromptPack, model_fingerprint
-from acd_engine.skinny import SkinnyLinear, skinny_max_rows
+from acd_engine.skinny import SkinnyLinear, skinny_plan
 
 __all__ = [
     "Engine",
@@ -280,6 +280,7 @@ class Engine:
         # CPU decode steps as W @ x.T (acd_engine.skinny) for steps of at most this many
         # rows: None measures once per model up to where that is faster here; 0 turns it off.
         self.skinny_rows: int | None = None
+        self.skinny_pad_block = 0  # zero-pad skinny products to this block (measured with rows)
         self._constants: dict[str, list[int]] = {}  # see _template_constant
         # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
         # one head row per contrast request instead of two. False keeps two.
@@ -503,13 +504,13 @@ class Engine:
         if static or self.device.type != "cpu":
             return None
         if self.skinny_rows is None:
-            self.skinny_rows = skinny_max_rows(self.model)
-        limit = self.skinny_rows
+            self.skinny_rows, self.skinny_pad_block = skinny_plan(self.model)
+        limit, block = self.skinny_rows, self.skinny_pad_block
         if limit <= 0:
             return None
 
         def context(rows: int) -> AbstractContextManager[Any]:
-            return SkinnyLinear(limit) if rows <= limit else nullcontext()
+            return SkinnyLinear(limit, block) if rows <= limit else nullcontext()
 
         return context
 
