@@ -8,7 +8,7 @@ for two rows and ~20 ms for sixteen, while the same product written as ``W @ x.T
 default model: ~68 ms of matmuls become ~56 ms).
 
 Whether this wins depends on the BLAS, the CPU and the row count, so
-:func:`skinny_max_rows` measures it once per model on the largest weight for
+:func:`skinny_plan` measures it once per model on the largest weight for
 :data:`ROW_COUNTS` rows, and the engine uses it only for steps of at most that many rows.
 The rewrite is a ``TorchFunctionMode``: thread-local and active only around the engine's
 own decode-step forwards, so nothing else that shares the model (training, other threads)
@@ -34,13 +34,12 @@ __all__ = [
     "SkinnyLinear",
     "padded_rows",
     "skinny_linear",
-    "skinny_max_rows",
     "skinny_plan",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Row counts timed by skinny_max_rows: one row, one contrast request, then batches (a
+# Row counts timed by skinny_plan: one row, one contrast request, then batches (a
 # batch of N contrast requests is 2·N rows). Above the largest, the ordinary kernel runs.
 ROW_COUNTS = (1, 2, 8, 16, 32)
 
@@ -131,14 +130,6 @@ _DECISIONS: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDic
 PAD_BLOCK = 16  # the padding block tried by skinny_plan (16 fp32 lanes in AVX-512)
 
 
-def skinny_max_rows(model: Any, repeats: int = 5, margin: float = 0.9) -> int:
-    """Up to how many rows :class:`SkinnyLinear` speeds up this model's decode steps here.
-
-    See :func:`skinny_plan`; this is its first half.
-    """
-    return skinny_plan(model, repeats, margin)[0]
-
-
 def skinny_plan(model: Any, repeats: int = 5, margin: float = 0.9) -> tuple[int, int]:
     """``(max_rows, pad_block)`` for :class:`SkinnyLinear` on this model and machine.
 
@@ -160,6 +151,7 @@ def skinny_plan(model: Any, repeats: int = 5, margin: float = 0.9) -> tuple[int,
         return 0, 0
     w = max(weights, key=lambda t: t.numel())
     timings: dict[int, tuple[float, float]] = {}
+    max_rows = 0
     with torch.inference_mode():
         for rows in ROW_COUNTS:
             x = torch.randn(rows, w.shape[1], dtype=w.dtype)
@@ -171,14 +163,10 @@ def skinny_plan(model: Any, repeats: int = 5, margin: float = 0.9) -> tuple[int,
                 return F.linear(x, w)
 
             skinny(), plain()  # warm both paths once
-            timings[rows] = _best_of_both(skinny, plain, repeats)
-            if timings[rows][0] >= margin * timings[rows][1]:
+            fast, slow = timings[rows] = _best_of_both(skinny, plain, repeats)
+            if fast >= margin * slow:
                 break
-    max_rows = 0
-    for rows, (fast, slow) in timings.items():
-        if fast >= margin * slow:
-            break
-        max_rows = rows
+            max_rows = rows
     pad_block = 0
     if max_rows >= PAD_BLOCK:
         x = torch.randn(12, w.shape[1], dtype=w.dtype)

@@ -10,7 +10,7 @@ from acd_engine.skinny import (
     SkinnyLinear,
     padded_rows,
     skinny_linear,
-    skinny_max_rows,
+    skinny_plan,
 )
 
 
@@ -38,11 +38,11 @@ def test_skinny_mode_rewrites_linear_layers_only_inside_the_context():
     torch.testing.assert_close(layer(x), inside)
 
 
-def test_skinny_max_rows_is_a_measured_row_count_remembered_per_model(tiny_engine):
+def test_skinny_plan_is_a_measured_row_count_remembered_per_model(tiny_engine):
     model = tiny_engine.model
-    first = skinny_max_rows(model, repeats=1)
+    first = skinny_plan(model, repeats=1)[0]
     assert first == 0 or first in ROW_COUNTS
-    assert skinny_max_rows(model, repeats=1) == first  # measured once
+    assert skinny_plan(model, repeats=1)[0] == first  # measured once
 
 
 def test_padded_rows_rounds_up_only_above_half_a_block():
@@ -60,7 +60,7 @@ def test_padding_with_zero_rows_keeps_the_product():
 
 
 def test_skinny_plan_pads_only_when_skinny_reaches_a_block(tiny_engine):
-    from acd_engine.skinny import PAD_BLOCK, skinny_plan
+    from acd_engine.skinny import PAD_BLOCK
 
     max_rows, pad_block = skinny_plan(tiny_engine.model, repeats=1)
     assert pad_block in (0, PAD_BLOCK)
