@@ -102,6 +102,9 @@ class _Rendered:
     plain: list[int] | None  # the template rendered untouched, for method 'plain'
 
 
+_NO_BRANCH = Branch("empty", key="empty")  # an empty system slot adds nothing to a prefix
+
+
 def _leading(ids: list[int], start: list[int]) -> list[int]:
     """``start`` when ``ids`` begins with it and goes on past it, else ``[]``."""
     return start if len(ids) > len(start) and ids[: len(start)] == start else []
@@ -530,14 +533,6 @@ class Engine:
 
         return self.prefix_cache.get((branch.key, tuple(head), tuple(stub)), compute)
 
-    def _plain_prefix_kv(self, start: list[int]) -> PrefixKV | None:
-        """The cached KV of the untouched template's constant start (method ``plain``)."""
-        if not start:
-            return None
-        return self.prefix_cache.get(
-            ("plain", tuple(start)), lambda: compute_prefix_kv(self.model, self._embed(start))
-        )
-
     def _template_constant(
         self, part: Literal["tail", "plain"], template_kwargs: dict[str, Any]
     ) -> list[int]:
@@ -582,7 +577,8 @@ class Engine:
             if branch is None:  # method 'plain': the untouched template
                 assert rendered.plain is not None
                 start = _leading(rendered.plain, self._template_constant("plain", template_kwargs))
-                rows.append(RowInput(self._plain_prefix_kv(start), rendered.plain[len(start) :]))
+                prefix = self._prefix_kv(start, _NO_BRANCH)  # the KV of `start` alone
+                rows.append(RowInput(prefix, rendered.plain[len(start) :]))
             else:
                 stub = _leading(rendered.tail, self._template_constant("tail", template_kwargs))
                 prefix = self._prefix_kv(rendered.head, branch, stub)
