@@ -124,9 +124,13 @@ def choose_token(
     Returns:
         ``[1, 1]`` token id.
     """
-    pos = logits[:1]
-    scores = contrast_logits(pos, logits[1:] if logits.shape[0] == 2 else None, cfg.alpha)
-    return finish_token(scores, pos, ids, cfg, procs, constraint, gen)
+    return finish_token(*_contrast_rows(logits, cfg.alpha), ids, cfg, procs, constraint, gen)
+
+
+def _contrast_rows(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1 or 2, V]`` rows (positive first) -> contrasted fp32 scores and positive logits."""
+    pos = logits[:1]  # [1, V]
+    return contrast_logits(pos, logits[1:] if len(logits) == 2 else None, alpha), pos
 
 
 def finish_token(
@@ -198,13 +202,12 @@ def _request_scores(
         per_request = dict(zip(parts, logits.split(sizes), strict=True))
     result = {}
     for i, logits_i in per_request.items():
-        pos = logits_i[:1]  # [1, V]
         if i in negatives:
             assert head is not None
-            scores = _candidate_contrast(pos, negatives[i], head.weight, cfg)
+            pos = logits_i[:1]  # [1, V]
+            result[i] = (_candidate_contrast(pos, negatives[i], head.weight, cfg), pos)
         else:
-            scores = contrast_logits(pos, logits_i[1:] if len(logits_i) == 2 else None, cfg.alpha)
-        result[i] = (scores, pos)
+            result[i] = _contrast_rows(logits_i, cfg.alpha)
     return result
 
 
