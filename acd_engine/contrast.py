@@ -28,7 +28,14 @@ import torch
 from acd_engine.config import DecodingConfig
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
-__all__ = ["Branch", "BranchPlan", "contrast_logits", "plan_branches", "plausibility_filter"]
+__all__ = [
+    "Branch",
+    "BranchPlan",
+    "contrast_logits",
+    "plan_branches",
+    "plausibility_cutoff",
+    "plausibility_filter",
+]
 
 
 @dataclass(frozen=True)
@@ -125,5 +132,9 @@ def plausibility_filter(scores: torch.Tensor, pos: torch.Tensor, tau: float) -> 
     if tau <= 0.0:
         return scores
     allowed = pos.float().masked_fill(scores == float("-inf"), float("-inf"))  # [B, V]
-    cutoff = allowed.max(dim=-1, keepdim=True).values + math.log(tau)  # [B, 1]
-    return scores.masked_fill(allowed < cutoff, float("-inf"))
+    return scores.masked_fill(allowed < plausibility_cutoff(allowed, tau), float("-inf"))
+
+
+def plausibility_cutoff(pos: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[B, 1]``: the lowest positive logit the filter keeps, ``max + log(tau)`` per row."""
+    return pos.max(dim=-1, keepdim=True).values + math.log(tau)

@@ -15,7 +15,6 @@ their system-prompt slot.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from transformers import (
 from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
-from acd_engine.contrast import contrast_logits, plausibility_filter
+from acd_engine.contrast import contrast_logits, plausibility_cutoff, plausibility_filter
 from acd_engine.head import LinearHead
 
 __all__ = [
@@ -226,8 +225,8 @@ def _candidate_contrast(
         h_neg: The negative branch's last hidden state ``[1, H]``.
         weight: The LM head ``[V, H]``.
     """
-    cutoff = pos.max() + math.log(cfg.plausibility)
-    candidates = (pos[0] >= cutoff).nonzero()[:, 0]  # [k]
+    cutoff = plausibility_cutoff(pos.float(), cfg.plausibility)  # [1, 1]
+    candidates = (pos[0] >= cutoff[0]).nonzero()[:, 0]  # [k]
     neg = weight[candidates] @ h_neg[0]  # [k]
     scores = torch.full_like(pos, float("-inf"), dtype=torch.float32)  # [1, V]
     scores[0, candidates] = pos[0, candidates].float() - cfg.alpha * neg.float()
