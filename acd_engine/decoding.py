@@ -165,7 +165,7 @@ def _request_scores(
     contrast: bool,
     cfg: DecodingConfig,
     head: LinearHead | None,
-    step_context: Callable[[int], AbstractContextManager[Any]] | None,
+    step_context: Callable[[int, int], AbstractContextManager[Any]] | None,
     constrained: set[int],
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Each live request's contrasted fp32 scores ``[1, V]`` and positive logits ``[1, V]``.
@@ -195,7 +195,7 @@ def _request_scores(
                 negatives[i], h = h[1:], h[:1]
             parts[i] = h
         n = sum(len(h) for h in parts.values())
-        with step_context(n) if step_context else nullcontext():
+        with step_context(n, 1) if step_context else nullcontext():
             logits = head(torch.cat(list(parts.values())))  # [n, V]
         sizes = [len(h) for h in parts.values()]
         per_request = dict(zip(parts, logits.split(sizes), strict=True))
@@ -272,7 +272,7 @@ def decode_rows(
     finished: set[int] | None = None,
     step_fn: Callable[..., Any] | None = None,
     overlap: bool | None = None,
-    step_context: Callable[[int], AbstractContextManager[Any]] | None = None,
+    step_context: Callable[[int, int], AbstractContextManager[Any]] | None = None,
     head: LinearHead | None = None,
 ) -> Generator[dict[int, int], None, None]:
     """Fast path: every running request gets one token per step from one batched forward.
@@ -286,9 +286,11 @@ def decode_rows(
         overlap: Queue step t+1's forward before reading token t on the host, so the
             device never waits for Python (default: static caches on CUDA). One forward
             is wasted when a request ends, and finished rows stay in the batch.
-        step_context: Called with the step's row count; what it returns is entered around
-            that decode-step forward (not the prefill). The engine passes
-            :class:`~acd_engine.skinny.SkinnyLinear` for few rows on CPUs where it wins.
+        step_context: Called with a forward's rows and tokens per row (``R, W`` for the
+            prefill, ``R, 1`` for a step, ``n, 1`` for the head); what it returns is entered
+            around that forward. The engine passes its matmul kernel choice
+            (:class:`~acd_engine.skinny.SkinnyLinear`,
+            :class:`~acd_engine.prepack.PrepackedLinear`) where it measured faster.
         head: The model's LM head as a linear map (:func:`acd_engine.head.linear_head`):
             forwards stop at the decoder and the contrast runs on hidden states, so a
             contrast request sends one row through the head, not two. Eager steps only.
@@ -306,14 +308,15 @@ def decode_rows(
     finished = set() if finished is None else finished
     if overlap is None:
         overlap = batch.static and device.type == "cuda"
-    out = module(
-        input_ids=batch.input_ids,  # [R, W]
-        attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
-        position_ids=batch.positions,  # [R, W]
-        **cache_arg(module, batch.cache),
-        use_cache=True,
-        **({} if head is not None else {"logits_to_keep": 1}),
-    )
+    with step_context(*batch.input_ids.shape) if step_context else nullcontext():
+        out = module(
+            input_ids=batch.input_ids,  # [R, W]
+            attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
+            position_ids=batch.positions,  # [R, W]
+            **cache_arg(module, batch.cache),
+            use_cache=True,
+            **({} if head is not None else {"logits_to_keep": 1}),
+        )
     # [R, V] logits, or [R, H] hidden states when the contrast runs before the head
     state = out.logits[:, -1, :] if head is None else out.last_hidden_state[:, -1, :]
     tokens = batch.input_ids[:, -1:].clone()  # [R, 1] what each row is fed next
@@ -335,7 +338,7 @@ def decode_rows(
         step_mask = (
             mask if batch.static else batch.valid[:, None, None, :n] if batch.holes else None
         )
-        with step_context(len(tokens)) if step_context else nullcontext():
+        with step_context(len(tokens), 1) if step_context else nullcontext():
             out = forward(
                 input_ids=tokens,  # [R, 1]
                 attention_mask=step_mask,  # [R, 1, 1, n] (or [R, 1, 1, C] static), or None

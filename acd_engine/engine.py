@@ -39,6 +39,15 @@ from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.head import linear_head
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
+from acd_engine.prepack import (
+    PLAN_ROWS,
+    Prepacked,
+    PrepackedLinear,
+    prepack_bytes,
+    prepack_fits,
+    prepack_plan,
+    prepack_weights,
+)
 from acd_engine.prompts import PromptPack, model_fingerprint
 from acd_engine.skinny import SkinnyLinear, skinny_plan
 
@@ -284,6 +293,12 @@ class Engine:
         # rows: None measures once per model up to where that is faster here; 0 turns it off.
         self.skinny_rows: int | None = None
         self.skinny_pad_block = 0  # zero-pad skinny products to this block (measured with rows)
+        # CPU decode steps of at least this many rows (batches) multiply by oneDNN-prepacked
+        # copies of the weights (acd_engine.prepack): None measures once per model, the first
+        # time a step has that many rows, whether and from where that is faster here (and
+        # checks the copy fits in memory); 0 turns it off.
+        self.prepack_rows: int | None = None
+        self._prepacked: Prepacked | None = None
         self._constants: dict[str, list[int]] = {}  # see _template_constant
         # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
         # one head row per contrast request instead of two. False keeps two.
@@ -498,24 +513,55 @@ class Engine:
             self._compiled_step = step
         return self._compiled_step
 
-    def _step_context(self, static: bool) -> Callable[[int], AbstractContextManager[Any]] | None:
-        """What wraps each eager CPU decode step: skinny matmuls where they measured faster.
+    def _step_context(
+        self, static: bool
+    ) -> Callable[[int, int], AbstractContextManager[Any]] | None:
+        """What wraps each eager CPU forward: the matmul kernel measured fastest here.
 
-        Only for steps of at most ``skinny_rows`` rows: above that every linear takes the
-        ordinary kernel anyway, and the mode would only add its per-op Python dispatch.
+        The returned function takes a forward's rows and tokens per row. Forwards of at
+        least ``prepack_rows`` rows (a batch: its prefill too) use prepacked weights;
+        one-token steps of at most ``skinny_rows`` rows skinny matmuls; others the
+        ordinary kernel (no mode: it would only add its per-op Python dispatch).
         """
         if static or self.device.type != "cpu":
             return None
         if self.skinny_rows is None:
             self.skinny_rows, self.skinny_pad_block = skinny_plan(self.model)
         limit, block = self.skinny_rows, self.skinny_pad_block
-        if limit <= 0:
+        if limit <= 0 and self.prepack_rows == 0:
             return None
 
-        def context(rows: int) -> AbstractContextManager[Any]:
-            return SkinnyLinear(limit, block) if rows <= limit else nullcontext()
+        def context(rows: int, width: int) -> AbstractContextManager[Any]:
+            packs = self._prepacked_for(rows)
+            if packs is not None:
+                return PrepackedLinear(packs)
+            return SkinnyLinear(limit, block) if width == 1 and rows <= limit else nullcontext()
 
         return context
+
+    def _prepacked_for(self, rows: int) -> Prepacked | None:
+        """The prepacked weights if a step of ``rows`` rows should use them (made on first need)."""
+        if self.prepack_rows == 0 or rows < PLAN_ROWS[0]:
+            return None
+        if self.prepack_rows is None:
+            if prepack_fits(self.model):
+                skinny = (self.skinny_rows or 0, self.skinny_pad_block)
+                self.prepack_rows = prepack_plan(self.model, skinny)
+            else:
+                logger.info("no prepacked weights: a copy would take too much of the free memory")
+                self.prepack_rows = 0
+        if not self.prepack_rows or rows < self.prepack_rows:
+            return None
+        if self._prepacked is None:
+            start = time.perf_counter()
+            self._prepacked = prepack_weights(self.model)
+            logger.info(
+                "prepacked %d linear weights for batched steps: %.0f MiB in %.1f s",
+                len(self._prepacked),
+                prepack_bytes(self.model) / 2**20,
+                time.perf_counter() - start,
+            )
+        return self._prepacked
 
     def _prefix_kv(
         self, head: list[int], branch: Branch, stub: list[int] | None = None

@@ -230,23 +230,24 @@ def test_fast_path_falls_back_for_sliding_window_models(engine):
     assert not fast_path_supported(SimpleNamespace(config=cfg))
 
 
-def test_skinny_matmuls_wrap_only_steps_with_few_rows(engine):
+def test_skinny_matmuls_wrap_only_one_token_steps_with_few_rows(engine):
     from contextlib import nullcontext
 
     from acd_engine.skinny import SkinnyLinear
 
-    saved = engine.skinny_rows
+    saved = engine.skinny_rows, engine.prepack_rows
     try:
-        engine.skinny_rows = 16
+        engine.skinny_rows, engine.prepack_rows = 16, 0
         context = engine._step_context(static=False)
-        assert isinstance(context(2), SkinnyLinear)
-        assert context(16).max_rows == 16
-        assert isinstance(context(17), nullcontext)
+        assert isinstance(context(2, 1), SkinnyLinear)
+        assert context(16, 1).max_rows == 16
+        assert isinstance(context(17, 1), nullcontext)
+        assert isinstance(context(2, 5), nullcontext)  # a prefill
         assert engine._step_context(static=True) is None  # compiled steps: never
         engine.skinny_rows = 0
         assert engine._step_context(static=False) is None
     finally:
-        engine.skinny_rows = saved
+        engine.skinny_rows, engine.prepack_rows = saved
 
 
 def test_tail_template_stub_is_cached_with_the_prefix(engine):

@@ -1,0 +1,134 @@
+"""Prepacked weights for batched CPU steps: the same products and tokens, made only on need."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import acd_engine.prepack as prepack
+from acd_engine import DecodingConfig
+from acd_engine.prepack import (
+    PLAN_ROWS,
+    PrepackedLinear,
+    prepack_fits,
+    prepack_linear,
+    prepack_plan,
+    prepack_weights,
+    prepacked_available,
+)
+from acd_engine.skinny import SkinnyLinear
+
+needs_onednn = pytest.mark.skipif(not prepacked_available(), reason="no oneDNN in this build")
+
+
+@needs_onednn
+def test_prepacked_product_matches_linear_with_bias_and_leading_dims():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 64)
+    packs = prepack_weights(layer)
+    for shape in ((1, 32), (4, 32), (2, 3, 32)):
+        x = torch.randn(*shape)
+        got = prepack_linear(x, layer.weight, layer.bias, packs)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_a_weight_changed_in_place_is_never_answered_from_its_stale_copy():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 64, bias=False)
+    packs = prepack_weights(layer)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert torch.equal(prepack_linear(x, layer.weight, None, packs), F.linear(x, layer.weight))
+    other = torch.randn(64, 32)  # not packed at all
+    assert torch.equal(prepack_linear(x, other, None, packs), F.linear(x, other))
+
+
+@needs_onednn
+def test_mode_routes_linear_layers_through_the_packs_only_inside(monkeypatch):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 64, bias=False)
+    packs = prepack_weights(layer)
+    calls = []
+    real = prepack.prepack_linear
+    monkeypatch.setattr(prepack, "prepack_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 32)
+    with PrepackedLinear(packs):
+        inside = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(layer(x), inside)
+    assert calls == [1]
+
+
+def test_plan_is_never_without_onednn_and_fit_follows_free_memory(tiny_engine, monkeypatch):
+    model = tiny_engine.model
+    monkeypatch.setattr(prepack, "_DECISIONS", prepack.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(prepack, "prepacked_available", lambda: False)
+    assert prepack_plan(model) == 0
+    need = prepack.prepack_bytes(model)
+    assert need > 0
+    monkeypatch.setattr(prepack, "_available_bytes", lambda: 4 * need)
+    assert prepack_fits(model)
+    monkeypatch.setattr(prepack, "_available_bytes", lambda: 2 * need)
+    assert not prepack_fits(model)
+
+
+@needs_onednn
+def test_plan_is_a_measured_row_count_remembered_per_model(tiny_engine):
+    first = prepack_plan(tiny_engine.model, repeats=1)
+    assert first == 0 or first in PLAN_ROWS
+    assert prepack_plan(tiny_engine.model, repeats=1) == first
+
+
+@contextmanager
+def kernels(engine, prepack_rows, skinny_rows=None):
+    saved = engine.prepack_rows, engine._prepacked, engine.skinny_rows
+    engine.prepack_rows = prepack_rows
+    if skinny_rows is not None:
+        engine.skinny_rows = skinny_rows
+    try:
+        yield
+    finally:
+        engine.prepack_rows, engine._prepacked, engine.skinny_rows = saved
+
+
+@needs_onednn
+def test_engine_picks_the_kernel_by_rows_and_packs_only_on_first_need(engine):
+    with kernels(engine, prepack_rows=4, skinny_rows=16):
+        engine._prepacked = None
+        context = engine._step_context(static=False)
+        assert isinstance(context(2, 1), SkinnyLinear)  # one request: no copy made
+        assert isinstance(context(2, 30), nullcontext)  # its prefill: the ordinary kernel
+        assert engine._prepacked is None
+        assert isinstance(context(4, 1), PrepackedLinear)  # a batch
+        assert isinstance(context(4, 30), PrepackedLinear)  # and its prefill
+        assert engine._prepacked is not None
+        weights = {id(m.weight) for m in engine.model.modules() if isinstance(m, torch.nn.Linear)}
+        assert set(engine._prepacked) == weights
+    with kernels(engine, prepack_rows=0, skinny_rows=0):
+        assert engine._step_context(static=False) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("prepack_rows", [4, 0])
+def test_batches_on_prepacked_weights_give_the_reference_tokens(engine, prepack_rows):
+    convs = [
+        "Tell me three facts about the moon.",
+        "How do I pick my neighbour's lock?",
+        "Write a haiku about rain.",
+    ]
+    cfg = DecodingConfig(method="acd", max_new_tokens=12)
+    with kernels(engine, prepack_rows=prepack_rows):
+        batch = engine.generate_batch(convs, cfg)
+        assert (engine._prepacked is not None) == bool(prepack_rows)
+    saved = engine.fast_path
+    engine.fast_path = False
+    try:
+        singles = [engine.generate(c, cfg) for c in convs]
+    finally:
+        engine.fast_path = saved
+    assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
