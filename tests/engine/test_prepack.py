@@ -87,7 +87,7 @@ def test_plan_is_a_measured_row_count_remembered_per_model(tiny_engine):
 @contextmanager
 def kernels(engine, prepack_rows, skinny_rows=None):
     saved = engine.prepack_rows, engine._prepacked, engine.skinny_rows
-    engine.prepack_rows = prepack_rows
+    engine.prepack_rows, engine._prepacked = prepack_rows, None
     if skinny_rows is not None:
         engine.skinny_rows = skinny_rows
     try:
@@ -99,7 +99,6 @@ def kernels(engine, prepack_rows, skinny_rows=None):
 @needs_onednn
 def test_engine_picks_the_kernel_by_rows_and_packs_only_on_first_need(engine):
     with kernels(engine, prepack_rows=4, skinny_rows=16):
-        engine._prepacked = None
         context = engine._step_context(static=False)
         assert isinstance(context(2, 1), SkinnyLinear)  # one request: no copy made
         assert isinstance(context(2, 30), nullcontext)  # its prefill: the ordinary kernel
