@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from acd_engine.skinny import _best_of_both, skinny_linear
+from acd_engine.skinny import LinearMode, _best_of_both, skinny_linear
 
 __all__ = [
     "PLAN_ROWS",
@@ -116,26 +114,17 @@ def prepack_linear(
     return torch.ops.mkldnn._linear_pointwise(x, entry[2], bias, "none", [], "")
 
 
-class PrepackedLinear(TorchFunctionMode):
+class PrepackedLinear(LinearMode):
     """Within this context (this thread only), ``F.linear`` uses the prepacked weights."""
 
     def __init__(self, packs: Prepacked) -> None:
         super().__init__()
         self.packs = packs
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight, *rest = args
-            bias = rest[0] if rest else kwargs.get("bias")
-            return prepack_linear(x, weight, bias, self.packs)
-        return func(*args, **kwargs)
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return prepack_linear(x, weight, bias, self.packs)
 
 
 def _available_bytes() -> int | None:

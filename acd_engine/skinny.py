@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "PAD_BLOCK",
     "ROW_COUNTS",
+    "LinearMode",
     "SkinnyLinear",
     "padded_rows",
     "skinny_linear",
@@ -87,7 +88,32 @@ def skinny_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-class SkinnyLinear(TorchFunctionMode):
+class LinearMode(TorchFunctionMode):
+    """Within this context (this thread only), ``F.linear`` calls :meth:`linear` instead.
+
+    The base of the engine's matmul kernel choices (:class:`SkinnyLinear`,
+    :class:`~acd_engine.prepack.PrepackedLinear`); every other function runs as it is.
+    """
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return self.linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class SkinnyLinear(LinearMode):
     """Within this context (this thread only), ``F.linear`` goes through :func:`skinny_linear`.
 
     Args:
@@ -100,18 +126,10 @@ class SkinnyLinear(TorchFunctionMode):
         self.max_rows = max_rows
         self.pad_block = pad_block
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear:
-            extra = {"max_rows": self.max_rows, "pad_block": self.pad_block}
-            return skinny_linear(*args, **{**kwargs, **extra})
-        return func(*args, **kwargs)
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return skinny_linear(x, weight, bias, self.max_rows, self.pad_block)
 
 
 def _best_of_both(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
