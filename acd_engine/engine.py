@@ -985,19 +985,21 @@ class Engine:
             out = [0.0] * len(conts)
             todo = [i for i, ids in enumerate(conts) if ids]
             nb = len(branch_rows)
+            kernel = self._step_context(static=False)
             for start in range(0, len(todo), self.max_batch_requests):
                 group = todo[start : start + self.max_batch_requests]
                 rows = [RowInput(r.prefix, r.tail + conts[i]) for i in group for r in branch_rows]
                 batch = pack_rows(self.model, rows, 0)
                 keep = max(len(conts[i]) for i in group) + 1
-                logits = self.model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.prefill_mask,
-                    position_ids=batch.positions,
-                    **cache_arg(self.model, batch.cache),
-                    use_cache=True,
-                    logits_to_keep=keep,
-                ).logits  # [R, keep, V]; tails are right-aligned, so every row ends here
+                with kernel(*batch.input_ids.shape) if kernel else nullcontext():
+                    logits = self.model(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.prefill_mask,
+                        position_ids=batch.positions,
+                        **cache_arg(self.model, batch.cache),
+                        use_cache=True,
+                        logits_to_keep=keep,
+                    ).logits  # [R, keep, V]; tails are right-aligned, so every row ends here
                 for j, i in enumerate(group):
                     n = len(conts[i])
                     rows_logits = logits[j * nb : (j + 1) * nb, keep - n - 1 : keep - 1]

@@ -131,3 +131,19 @@ def test_batches_on_prepacked_weights_give_the_reference_tokens(engine, prepack_
     finally:
         engine.fast_path = saved
     assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
+
+
+@needs_onednn
+def test_scoring_on_prepacked_weights_matches_the_reference(engine):
+    conts = ["The moon is made of cheese.", "Sure", "It orbits the Earth."]
+    cfg = DecodingConfig(method="oid")
+    with kernels(engine, prepack_rows=4):
+        fast = engine.score_continuations("Tell me about the moon.", conts, cfg)
+        assert engine._prepacked is not None  # 3 continuations x 2 branches = 6 rows
+    saved = engine.fast_path
+    engine.fast_path = False
+    try:
+        ref = engine.score_continuations("Tell me about the moon.", conts, cfg)
+    finally:
+        engine.fast_path = saved
+    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-4)
