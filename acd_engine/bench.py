@@ -393,6 +393,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
             rows, _ = engine._request_rows(_messages(BENCH_USER, None), cfg)
             extra["prefill_tokens_per_branch"] = len(rows[0].tail)
         extra["fast_path"] = engine.fast_path
+        call = _recording_kernels(call, engine, extra)
 
     label = f"acd_batch{settings.batch}" if name == "acd_batch" else name
     return _Prepared(label, call, device, extra)
@@ -455,6 +456,25 @@ def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, A
             }
         )
     return out
+
+
+def _recording_kernels(
+    call: Callable[[list[float]], list[list[int]]], engine: Any, extra: dict[str, Any]
+) -> Callable[[list[float]], list[list[int]]]:
+    """``call``, noting in ``extra`` the CPU matmul kernels the engine settled on (they are
+    measured on first use, so only known after a call)."""
+
+    def recorded(clock: list[float]) -> list[list[int]]:
+        out = call(clock)
+        extra["kernels"] = {
+            "skinny_rows": engine.skinny_rows,
+            "skinny_pad_block": engine.skinny_pad_block,
+            "prepack_rows": engine.prepack_rows,
+            "prepacked": engine._prepacked is not None,
+        }
+        return out
+
+    return recorded
 
 
 def run_row(name: str, settings: BenchSettings) -> dict[str, Any]:

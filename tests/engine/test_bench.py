@@ -36,6 +36,11 @@ def test_all_rows_in_process_report_the_schema(engine):
     assert rows["acd"]["positive_branch_equals_hf_prompt"] is True
     assert isinstance(rows["acd"]["same_tokens_as"]["hf_cfg"], bool)
     assert rows["acd"]["fast_path"] is True
+    for name in ("acd", "acd_batch2"):  # the kernels the engine measured and used
+        assert set(rows[name]["kernels"]) == {
+            "skinny_rows", "skinny_pad_block", "prepack_rows", "prepacked",
+        }  # fmt: skip
+    assert rows["acd"]["kernels"]["prepacked"] is False  # one request never packs
     s = result["settings"]
     assert s["device"] == "cpu" and s["guidance_scale"] == 2.0 and len(s["load_avg_before"]) == 3
 
