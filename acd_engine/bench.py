@@ -99,6 +99,26 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
         "rope_theta": 500000.0,
     },
+    "smollm2-1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 8192,
+        "rope_theta": 130000.0,
+        "tie_word_embeddings": True,
+    },
+    "smollm2-135m": {  # the default model's shape, for GPU runs without its GGUF
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    },
     "tiny": {  # the test suite's 2-layer model
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -619,7 +639,8 @@ def bench_command(
         typer.Option(
             "--model",
             help="Local model dir or .gguf (default: embedded SmolLM2), a dir with only a "
-            "config.json, or random:llama3-8b / random:tiny (random weights).",
+            "config.json, or random:<preset> (random weights; presets: "
+            f"{', '.join(RANDOM_PRESETS)}).",
         ),
     ] = None,
     new_tokens: Annotated[
