@@ -43,10 +43,9 @@ from acd_engine.prepack import (
     PLAN_ROWS,
     Prepacked,
     PrepackedLinear,
-    prepack_bytes,
     prepack_fits,
     prepack_plan,
-    prepack_weights,
+    shared_prepacked,
 )
 from acd_engine.prompts import PromptPack, model_fingerprint
 from acd_engine.skinny import SkinnyLinear, skinny_plan
@@ -553,14 +552,7 @@ class Engine:
         if not self.prepack_rows or rows < self.prepack_rows:
             return None
         if self._prepacked is None:
-            start = time.perf_counter()
-            self._prepacked = prepack_weights(self.model)
-            logger.info(
-                "prepacked %d linear weights for batched steps: %.0f MiB in %.1f s",
-                len(self._prepacked),
-                prepack_bytes(self.model) / 2**20,
-                time.perf_counter() - start,
-            )
+            self._prepacked = shared_prepacked(self.model)
         return self._prepacked
 
     def _prefix_kv(

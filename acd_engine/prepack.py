@@ -31,6 +31,8 @@ any GEMM kernel choice); the oracle tests check the tokens stay the reference pa
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ __all__ = [
     "prepack_plan",
     "prepack_weights",
     "prepacked_available",
+    "shared_prepacked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,30 @@ def _linears(model: Any) -> list[torch.Tensor]:
 def prepack_weights(model: Any) -> Prepacked:
     """A oneDNN prepacked copy of each of ``model``'s linear weights, keyed by ``id``."""
     return _pack(_linears(model))
+
+
+_SHARED: weakref.WeakKeyDictionary[Any, Prepacked] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_prepacked(model: Any) -> Prepacked:
+    """``model``'s prepacked weights, made on the first call and shared by every later one.
+
+    Engines share loaded models (one per path, device and dtype in the process), so they
+    share the copy too: a second engine on the same model costs no second copy.
+    """
+    with _SHARED_LOCK:
+        packs = _SHARED.get(model)
+        if packs is None:
+            start = time.perf_counter()
+            packs = _SHARED[model] = prepack_weights(model)
+            logger.info(
+                "prepacked %d linear weights for batched steps: %.0f MiB in %.1f s",
+                len(packs),
+                prepack_bytes(model) / 2**20,
+                time.perf_counter() - start,
+            )
+        return packs
 
 
 def _pack(weights: list[torch.Tensor]) -> Prepacked:

@@ -18,6 +18,7 @@ from acd_engine.prepack import (
     prepack_plan,
     prepack_weights,
     prepacked_available,
+    shared_prepacked,
 )
 from acd_engine.skinny import SkinnyLinear
 
@@ -82,6 +83,18 @@ def test_plan_is_a_measured_row_count_remembered_per_model(tiny_engine):
     first = prepack_plan(tiny_engine.model, repeats=1)
     assert first == 0 or first in PLAN_ROWS
     assert prepack_plan(tiny_engine.model, repeats=1) == first
+
+
+@needs_onednn
+def test_engines_on_one_model_share_one_prepacked_copy(tiny_engine, tiny_model_dir):
+    from acd_engine import Engine
+
+    other = Engine(tiny_model_dir)
+    assert other.model is tiny_engine.model  # loaded models are shared per process
+    packs = shared_prepacked(tiny_engine.model)
+    assert shared_prepacked(other.model) is packs
+    with kernels(other, prepack_rows=4), kernels(tiny_engine, prepack_rows=4):
+        assert other._prepacked_for(4) is tiny_engine._prepacked_for(4) is packs
 
 
 @contextmanager
