@@ -17,7 +17,7 @@ rows   W @ x.T/MKL   prepacked
 32     70 ms         45 ms
 =====  ============  ==========
 
-so a batch of 8 requests went from ~79 to ~110 tokens/s. The price is a second copy of
+so a batch of 8 requests went from ~78 to ~104 tokens/s (`acd bench`). The price is a second copy of
 every linear weight (the model's own weights stay: training, Hugging Face ``generate`` and
 other threads use them). So the copy is made only when a step first needs it (a batch,
 never a single request), only where :func:`prepack_plan` measured it faster, and only when
