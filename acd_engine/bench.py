@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from acd_engine.config import _Settings, half_open_unit
 from acd_engine.errors import ConfigError
@@ -151,6 +151,11 @@ class BenchSettings(_Settings):
     rows: tuple[str, ...] = ROWS
     isolate: bool = True
     compile_step: bool | None = None
+    tokenizer: str | None = Field(
+        default=None,
+        description="random:<preset> models only: a local directory holding the tokenizer "
+        "they use (default: the embedded SmolLM2's), for machines without the embedded model.",
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -163,6 +168,22 @@ class BenchSettings(_Settings):
         unknown = [r for r in v if r not in ROWS + EXTRA_ROWS]
         if unknown:
             raise ValueError(f"must be among {', '.join(ROWS + EXTRA_ROWS)}")
+        return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_for_random_models(cls, v: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if v is not None and not (model or "").startswith("random:"):
+            raise ValueError(
+                "needs --model random:<preset> (a real model brings its own tokenizer; the "
+                f"model given is {model!r})"
+            )
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(
+                "must be a local directory holding tokenizer files (as "
+                "tokenizer.save_pretrained writes them)"
+            )
         return v
 
 
@@ -237,8 +258,21 @@ def _force_length(eos_ids: Sequence[int], vocab: int, clock: list[float]) -> Any
     return LogitsProcessorList([ForceLength()])
 
 
-def _random_config_dir(name: str | None) -> Path | None:
-    """For random weights: a directory holding only a config.json (written for presets)."""
+def _bench_tokenizer(path: str | None) -> Any:
+    """The tokenizer of random-weight models: ``path``'s, or the embedded model's."""
+    if path is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    from acd_engine.config import ModelConfig
+    from acd_engine.loading import default_model_path, load_model
+
+    return load_model(ModelConfig(model=str(default_model_path()))).tokenizer
+
+
+def _random_config_dir(name: str | None, tokenizer: Any = None) -> Path | None:
+    """For random weights: a directory holding only a config.json (written for presets,
+    whose vocabulary is ``tokenizer``'s)."""
     if name is None:
         return None
     if name.startswith("random:"):
@@ -250,10 +284,9 @@ def _random_config_dir(name: str | None) -> Path | None:
             )
         from transformers import LlamaConfig
 
-        from acd_engine.config import ModelConfig
-        from acd_engine.loading import cache_dir, default_model_path, load_model
+        from acd_engine.loading import cache_dir
 
-        tokenizer = load_model(ModelConfig(model=str(default_model_path()))).tokenizer
+        tokenizer = tokenizer if tokenizer is not None else _bench_tokenizer(None)
         fields = {"vocab_size": len(tokenizer), **RANDOM_PRESETS[preset]}
         folder = cache_dir() / "bench" / f"random-{preset}"
         config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
@@ -266,7 +299,7 @@ def _random_config_dir(name: str | None) -> Path | None:
     return None
 
 
-_LOADED: dict[tuple[str | None, str, str], tuple[Any, Any, str | None]] = {}
+_LOADED: dict[tuple[str | None, str, str, str | None], tuple[Any, Any, str | None]] = {}
 
 
 def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
@@ -274,23 +307,25 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
 
     A random-weight model (config only) is built on the target device and registered in
     the process-wide model cache under its config directory, so ``Engine(dir)`` uses it.
-    Its tokenizer is the default model's (token ids it lacks are masked while decoding).
+    Its tokenizer is ``settings.tokenizer`` or the default model's (token ids it lacks are
+    masked while decoding).
     """
     import torch
 
     from acd_engine.config import ModelConfig
     from acd_engine.loading import (
         LoadedModel,
-        default_model_path,
         load_model,
         register_model,
         resolve_device_dtype,
     )
 
-    key = (settings.model, settings.device, settings.dtype)
+    key = (settings.model, settings.device, settings.dtype, settings.tokenizer)
     if key in _LOADED:
         return _LOADED[key]
-    folder = _random_config_dir(settings.model)
+    random = (settings.model or "").startswith("random:")
+    tokenizer = _bench_tokenizer(settings.tokenizer) if random else None
+    folder = _random_config_dir(settings.model, tokenizer)
     if folder is None:
         loaded = load_model(
             ModelConfig(model=settings.model, device=settings.device, dtype=settings.dtype)
@@ -298,7 +333,8 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
         return loaded.model, loaded.tokenizer, settings.model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = load_model(ModelConfig(model=str(default_model_path()))).tokenizer
+    if tokenizer is None:  # a config-only directory: the embedded model's tokenizer
+        tokenizer = _bench_tokenizer(None)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
     torch.manual_seed(0)
@@ -676,6 +712,13 @@ def bench_command(
             help="torch.compile the engine's decode step (default: on CUDA only).",
         ),
     ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="random:<preset> only: a tokenizer directory (default: the embedded model's).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Benchmark: HF generate (plain, CFG) vs the engine (plain, acd, batched acd)."""
@@ -693,6 +736,7 @@ def bench_command(
             rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
             isolate=isolate,
             compile_step=compile_step,
+            tokenizer=tokenizer,
         )
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

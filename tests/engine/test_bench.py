@@ -67,6 +67,36 @@ def test_bad_settings_fail_in_the_house_style():
     assert res.exit_code == 2 and f"rows must be among {', '.join(ROWS)}" in res.stderr
 
 
+def test_random_models_take_a_tokenizer_directory(engine, tmp_path, monkeypatch):
+    """Machines without the embedded model (a GPU box, say) bring the tokenizer as files."""
+    import acd_engine.loading
+
+    engine.tokenizer.save_pretrained(str(tmp_path))
+
+    def no_default_model():
+        raise acd_engine.loading.ModelNotFoundError("the embedded model is not installed")
+
+    monkeypatch.setattr(acd_engine.loading, "default_model_path", no_default_model)
+    settings = BenchSettings(
+        model="random:tiny",
+        tokenizer=str(tmp_path),
+        new_tokens=2,
+        reps=1,
+        warmup=0,
+        rows=("acd",),
+        isolate=False,
+    )
+    (row,) = run_bench(settings)["rows"]
+    assert row["name"] == "acd" and row["new_tokens_per_request"] == 2
+    res = runner.invoke(app, ["bench", "--tokenizer", str(tmp_path)])
+    assert res.exit_code == 2 and "tokenizer needs --model random:<preset>" in res.stderr
+    missing = tmp_path / "missing"
+    res = runner.invoke(app, ["bench", "--model", "random:tiny", "--tokenizer", str(missing)])
+    assert res.exit_code == 2
+    assert "tokenizer must be a local directory holding tokenizer files" in res.stderr
+    assert f"got '{missing}'" in res.stderr
+
+
 def test_importing_the_command_stays_light():
     code = (
         "import sys, acd_engine.bench; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
