@@ -270,7 +270,7 @@ def _bench_tokenizer(path: str | None) -> Any:
     return load_model(ModelConfig(model=str(default_model_path()))).tokenizer
 
 
-def _random_config_dir(name: str | None, tokenizer: Any = None) -> Path | None:
+def _random_config_dir(name: str | None, tokenizer: Any) -> Path | None:
     """For random weights: a directory holding only a config.json (written for presets,
     whose vocabulary is ``tokenizer``'s)."""
     if name is None:
@@ -286,7 +286,6 @@ def _random_config_dir(name: str | None, tokenizer: Any = None) -> Path | None:
 
         from acd_engine.loading import cache_dir
 
-        tokenizer = tokenizer if tokenizer is not None else _bench_tokenizer(None)
         fields = {"vocab_size": len(tokenizer), **RANDOM_PRESETS[preset]}
         folder = cache_dir() / "bench" / f"random-{preset}"
         config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)

@@ -194,10 +194,9 @@ def _request_scores(
             elif len(h) == 2 and i not in constrained and h.device.type == "cpu":
                 negatives[i], h = h[1:], h[:1]
             parts[i] = h
-        n = sum(len(h) for h in parts.values())
-        with step_context(n, 1) if step_context else nullcontext():
-            logits = head(torch.cat(list(parts.values())))  # [n, V]
         sizes = [len(h) for h in parts.values()]
+        with step_context(sum(sizes), 1) if step_context else nullcontext():
+            logits = head(torch.cat(list(parts.values())))  # [n, V]
         per_request = dict(zip(parts, logits.split(sizes), strict=True))
     result = {}
     for i, logits_i in per_request.items():

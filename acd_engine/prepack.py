@@ -199,9 +199,11 @@ def prepack_plan(
     if prepacked_available() and len(weights) > 1:
         head = max(weights, key=lambda w: w.numel())
         timed: list[torch.Tensor] = []
+        size = 0
         for w in weights:
-            if w is not head and sum(t.numel() * t.element_size() for t in timed) < PLAN_BYTES:
+            if w is not head and size < PLAN_BYTES:
                 timed.append(w)
+                size += w.numel() * w.element_size()
         try:
             answer = _measure(timed, skinny, repeats, margin)
         except RuntimeError as exc:  # a build whose oneDNN refuses these weights
@@ -217,22 +219,18 @@ def _measure(
     packs = _pack(weights)
     max_rows, pad_block = skinny
     timings: dict[int, tuple[float, float]] = {}
+    dtype, widths = weights[0].dtype, {w.shape[1] for w in weights}
     with torch.inference_mode():
         for rows in PLAN_ROWS:
-            dtype = weights[0].dtype
-            xs = {k: torch.randn(rows, k, dtype=dtype) for k in {w.shape[1] for w in weights}}
+            xs = {k: torch.randn(rows, k, dtype=dtype) for k in widths}
 
             def packed(xs: dict[int, torch.Tensor] = xs) -> None:
                 for w in weights:
                     prepack_linear(xs[w.shape[1]], w, None, packs)
 
-            def other(xs: dict[int, torch.Tensor] = xs, rows: int = rows) -> None:
-                for w in weights:
-                    x = xs[w.shape[1]]
-                    if rows <= max_rows:
-                        skinny_linear(x, w, max_rows=max_rows, pad_block=pad_block)
-                    else:
-                        F.linear(x, w)
+            def other(xs: dict[int, torch.Tensor] = xs) -> None:
+                for w in weights:  # skinny_linear takes F.linear above max_rows itself
+                    skinny_linear(xs[w.shape[1]], w, max_rows=max_rows, pad_block=pad_block)
 
             packed()  # warm both once
             other()
