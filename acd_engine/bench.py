@@ -14,8 +14,8 @@ Rows (same prompts, same number of new tokens in every row):
 
 Every row forces exactly ``new_tokens`` tokens with one logits processor (EOS masked, also
 passed to HF ``generate``), so tokens/s compare like for like. Time to first token is the
-moment that processor first sees scores: the prefill (both branches, or CFG's extra
-unconditional prefill) is done and only the argmax remains. Tokens/s is end to end
+moment that processor first sees scores (on CUDA, once they are computed): the prefill
+(both branches, or CFG's extra unconditional prefill) is done and only the argmax remains. Tokens/s is end to end
 (new tokens / wall time of the call, prefill included): what a caller waits for.
 
 Peak memory: by default each row runs in a fresh Python process (model loaded, warm-up
@@ -237,23 +237,35 @@ class _Memory:
         return peak, peak - self.base
 
 
+_BANNED: dict[tuple[Any, ...], Any] = {}  # (device, vocab size, eos ids, tokenizer size) -> mask
+
+
 def _force_length(eos_ids: Sequence[int], vocab: int, clock: list[float]) -> Any:
     """A logits processor that masks EOS (and ids the tokenizer lacks) and logs its calls.
 
     Masking EOS makes every row generate exactly ``max_new_tokens`` tokens (what HF's
     ``min_new_tokens`` does); ``clock`` receives the time of each call, so its first entry is
-    the moment the first token's scores were ready.
+    the moment the first token's scores were ready (on CUDA the first call waits for them).
+
+    The mask is built once per device and reused: building it per call indexes a CUDA
+    tensor with a host list, a blocking copy that would stall every step behind the
+    device and hide what a decode loop does without host syncs.
     """
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class ForceLength(LogitsProcessor):
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
+            if not clock:
+                _sync(scores.device)  # the first token's scores exist now, not just queued
             clock.append(time.perf_counter())
-            banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-            banned[list(eos_ids)] = True
-            banned[vocab:] = True
-            return scores.masked_fill(banned, float("-inf"))
+            key = (scores.device, scores.shape[-1], tuple(eos_ids), vocab)
+            if key not in _BANNED:
+                banned = torch.zeros(scores.shape[-1], dtype=torch.bool)
+                banned[list(eos_ids)] = True
+                banned[vocab:] = True
+                _BANNED[key] = banned.to(scores.device)
+            return scores.masked_fill(_BANNED[key], float("-inf"))
 
     return LogitsProcessorList([ForceLength()])
 

@@ -184,11 +184,11 @@ def _request_scores(
     rows = {i: rows_of[i] if contrast else rows_of[i][:1] for i in live}
     negatives: dict[int, torch.Tensor] = {}  # scored on the filter's candidates only
     if head is None:
-        per_request = {i: out[r] for i, r in rows.items()}  # [1 or 2, V] each
+        per_request = {i: out[_span(r)] for i, r in rows.items()}  # [1 or 2, V] each
     else:
         parts = {}
         for i, r in rows.items():
-            h = out[r]  # [1 or 2, H]
+            h = out[_span(r)]  # [1 or 2, H]
             if len(h) == 2 and cfg.plausibility == 0:
                 h = h[:1] - cfg.alpha * h[1:]  # W h_pos - a W h_neg = W (h_pos - a h_neg)
             elif len(h) == 2 and i not in constrained and h.device.type == "cpu":
@@ -207,6 +207,17 @@ def _request_scores(
         else:
             result[i] = _contrast_rows(logits_i, cfg.alpha)
     return result
+
+
+def _span(rows: list[int]) -> slice:
+    """A request's rows (always consecutive) as a slice.
+
+    Indexing a CUDA tensor with a Python list sends the list to the device with a blocking
+    copy, which would make the host wait for every queued forward at each step; a slice
+    is a view and waits for nothing.
+    """
+    assert rows == list(range(rows[0], rows[0] + len(rows))), rows
+    return slice(rows[0], rows[0] + len(rows))
 
 
 def _candidate_contrast(
@@ -362,7 +373,7 @@ def decode_rows(
                 *scores[i], ids[i], cfg, procs, requests[i].constraint, gens[i]
             )
             ids[i] = torch.cat([ids[i], picked[i]], dim=-1)
-            tokens[rows_of[i]] = picked[i]
+            tokens[_span(rows_of[i])] = picked[i]
         last = step == cfg.max_new_tokens - 1
         host = _copy_to_host(torch.cat(list(picked.values())).view(-1))
         if overlap and not last:

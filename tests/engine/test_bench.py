@@ -103,3 +103,21 @@ def test_importing_the_command_stays_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_force_length_masks_eos_and_unknown_ids_with_one_cached_mask():
+    import torch
+
+    from acd_engine import bench
+
+    clock: list[float] = []
+    procs = bench._force_length([2, 5], vocab=8, clock=clock)
+    before = len(bench._BANNED)
+    scores = torch.zeros(1, 10)
+    first = procs(torch.zeros(1, 3, dtype=torch.long), scores)
+    second = procs(torch.zeros(1, 4, dtype=torch.long), scores)
+    banned = [i for i in range(10) if first[0, i] == float("-inf")]
+    assert banned == [2, 5, 8, 9]
+    assert torch.equal(first, second) and torch.equal(scores, torch.zeros(1, 10))
+    assert len(clock) == 2 and clock[0] <= clock[1]
+    assert len(bench._BANNED) == before + 1  # built once, reused on the next step

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from acd_engine import DecodingConfig
 from acd_engine.batching import RowInput, fast_path_supported, pack_rows
@@ -118,6 +120,67 @@ def test_static_cache_and_overlapped_steps_give_the_reference_tokens(engine, sta
 
     fast = _raw_fast(engine, convs, cfg, static=static, overlap=overlap, step_fn=step_fn)
     assert fast == [_raw_reference(engine, c, cfg) for c in convs]
+
+
+class _HostReads(TorchFunctionMode):
+    """Records what makes the host wait for a CUDA device: reading values, list indexes."""
+
+    READS = frozenset(
+        {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.paused = False  # inside the model's forward (a captured graph on CUDA)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if not self.paused:
+            if name in self.READS:
+                self.reads.append(name)
+            elif name in ("__getitem__", "__setitem__"):
+                index = args[1] if isinstance(args[1], tuple) else (args[1],)
+                if any(isinstance(i, list) for i in index):
+                    self.reads.append(f"{name}[list]")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["plain", "acd"])
+def test_cuda_step_layout_reads_the_host_once_per_step(engine, method):
+    """On CUDA each step may wait for its token's copy alone (``_copy_to_host``); any other
+    host read or list index is a blocking sync that stalls the queued next forward. Checked
+    on CPU by recording those calls in the loop's own code, steps after the first."""
+    convs = [PROMPT, "Name a colour."]
+    cfg = DecodingConfig(method=method, max_new_tokens=6)
+    spy = _HostReads()
+
+    def step_fn(**inputs: Any) -> Any:
+        spy.paused = True
+        try:
+            return engine.model(**inputs)
+        finally:
+            spy.paused = False
+
+    rows: list[RowInput] = []
+    requests = []
+    for conv in convs:
+        r, shared = engine._request_rows(conv, cfg)
+        requests.append(
+            RowRequest(list(range(len(rows), len(rows) + len(r))), torch.tensor([shared]))
+        )
+        rows += r
+    with torch.inference_mode():
+        batch = pack_rows(engine.model, rows, cfg.max_new_tokens, static=True)
+    steps = decode_rows(engine.model, batch, requests, cfg, step_fn=step_fn, overlap=True)
+    with spy:
+        next(steps)  # the prefill forward runs eagerly: not counted
+        per_step = []
+        for _ in range(cfg.max_new_tokens - 1):
+            spy.reads.clear()
+            next(steps)
+            per_step.append(list(spy.reads))
+    assert per_step == [["tolist"]] * (cfg.max_new_tokens - 1)
 
 
 def test_prefix_is_computed_once_and_never_written(engine):
