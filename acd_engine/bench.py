@@ -162,6 +162,14 @@ class BenchSettings(_Settings):
     def _unit_range(cls, v: float) -> float:
         return half_open_unit(v)
 
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        preset = v.removeprefix("random:") if v is not None and v.startswith("random:") else None
+        if preset is not None and preset not in RANDOM_PRESETS:
+            raise ValueError(f"random:<preset> must name one of {', '.join(RANDOM_PRESETS)}")
+        return v
+
     @field_validator("rows")
     @classmethod
     def _known_rows(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -288,12 +296,7 @@ def _random_config_dir(name: str | None, tokenizer: Any) -> Path | None:
     if name is None:
         return None
     if name.startswith("random:"):
-        preset = name.removeprefix("random:")
-        if preset not in RANDOM_PRESETS:
-            raise ValueError(
-                f"model random:<preset> must name one of {', '.join(RANDOM_PRESETS)}, got "
-                f"{preset!r}"
-            )
+        preset = name.removeprefix("random:")  # a known one: BenchSettings checks
         from transformers import LlamaConfig
 
         from acd_engine.loading import cache_dir

@@ -65,6 +65,10 @@ def test_bad_settings_fail_in_the_house_style():
     assert res.exit_code == 2 and "alpha must be in [0, 1), got 1.5" in res.stderr
     res = runner.invoke(app, ["bench", "--rows", "hf_plain,warp"])
     assert res.exit_code == 2 and f"rows must be among {', '.join(ROWS)}" in res.stderr
+    res = runner.invoke(app, ["bench", "--model", "random:llama9-1t"])
+    assert res.exit_code == 2
+    assert "model random:<preset> must name one of llama3-8b, " in res.stderr
+    assert "got 'random:llama9-1t'" in res.stderr
 
 
 def test_random_models_take_a_tokenizer_directory(engine, tmp_path, monkeypatch):
