@@ -88,7 +88,8 @@ def _raw_reference(engine, messages, cfg):
     return list(decode(engine.model, prefill, cfg))
 
 
-def _raw_fast(engine, convs, cfg, **kwargs):
+def _raw_steps(engine, convs, cfg, static=False, **kwargs):
+    """``decode_rows`` over ``convs`` packed into one batch, as the engine packs them."""
     rows: list[RowInput] = []
     requests = []
     for conv in convs:
@@ -97,11 +98,14 @@ def _raw_fast(engine, convs, cfg, **kwargs):
             RowRequest(list(range(len(rows), len(rows) + len(r))), torch.tensor([shared]))
         )
         rows += r
-    static = kwargs.pop("static", False)
     with torch.inference_mode():
         batch = pack_rows(engine.model, rows, cfg.max_new_tokens, static=static)
+    return decode_rows(engine.model, batch, requests, cfg, **kwargs)
+
+
+def _raw_fast(engine, convs, cfg, **kwargs):
     out: list[list[int]] = [[] for _ in convs]
-    for picked in decode_rows(engine.model, batch, requests, cfg, **kwargs):
+    for picked in _raw_steps(engine, convs, cfg, **kwargs):
         for i, token in picked.items():
             out[i].append(token)
     return out
@@ -162,17 +166,7 @@ def test_cuda_step_layout_reads_the_host_once_per_step(engine, method):
         finally:
             spy.paused = False
 
-    rows: list[RowInput] = []
-    requests = []
-    for conv in convs:
-        r, shared = engine._request_rows(conv, cfg)
-        requests.append(
-            RowRequest(list(range(len(rows), len(rows) + len(r))), torch.tensor([shared]))
-        )
-        rows += r
-    with torch.inference_mode():
-        batch = pack_rows(engine.model, rows, cfg.max_new_tokens, static=True)
-    steps = decode_rows(engine.model, batch, requests, cfg, step_fn=step_fn, overlap=True)
+    steps = _raw_steps(engine, convs, cfg, static=True, step_fn=step_fn, overlap=True)
     with spy:
         next(steps)  # the prefill forward runs eagerly: not counted
         per_step = []
