@@ -86,6 +86,29 @@ def test_plan_is_a_measured_row_count_remembered_per_model(tiny_engine):
 
 
 @needs_onednn
+@pytest.mark.parametrize(
+    ("ratios", "answer"),
+    [
+        ((0.5, 0.5, 0.5, 0.5), 4),  # wins everywhere: from the smallest count
+        ((0.9, 0.5, 0.79, 0.5), 8),  # 0.79 is under the 0.8 margin
+        ((0.5, 0.5, 0.85, 0.5), 32),  # a loss at 16 rows: only from 32, never a gap
+        ((0.5, 0.5, 0.5, 0.8), 0),  # equal to the margin at 32 rows is not a win
+    ],
+)
+def test_plan_takes_the_smallest_count_from_which_prepacked_always_wins(
+    tiny_engine, monkeypatch, ratios, answer
+):
+    """The rule over the timings: prepacked under ``margin`` (0.8) of the other kernel's
+    time at that row count and at every larger one (timings faked, the rule real)."""
+    assert PLAN_ROWS == (4, 8, 16, 32)  # the ratios above are given in this order
+    monkeypatch.setattr(prepack, "_DECISIONS", prepack.weakref.WeakKeyDictionary())
+    timings = iter((r, 1.0) for r in ratios)
+    monkeypatch.setattr(prepack, "_best_of_both", lambda *args: next(timings))
+    assert prepack_plan(tiny_engine.model, repeats=1) == answer
+    assert next(timings, None) is None  # every row count of PLAN_ROWS was timed
+
+
+@needs_onednn
 def test_engines_on_one_model_share_one_prepacked_copy(tiny_engine, tiny_model_dir):
     from acd_engine import Engine
 
