@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import acd_engine.skinny as skinny
 from acd_engine.skinny import (
     ROW_COUNTS,
     SkinnyLinear,
@@ -65,3 +67,24 @@ def test_skinny_plan_pads_only_when_skinny_reaches_a_block(tiny_engine):
     max_rows, pad_block = skinny_plan(tiny_engine.model, repeats=1)
     assert pad_block in (0, PAD_BLOCK)
     assert pad_block == 0 or max_rows >= PAD_BLOCK
+
+
+@pytest.mark.parametrize(
+    ("ratios", "plan"),
+    [
+        ((0.5, 0.5, 0.5, 0.5, 0.5, 0.5), (32, 16)),  # last ratio: 12 rows padded vs not
+        ((0.5, 0.5, 0.95), (2, 0)),  # stops at the first loss; no padding test below 16
+        ((0.5, 0.5, 0.5, 0.5, 0.9, 0.9), (16, 0)),  # equal to the 0.9 margin is a loss
+        ((0.95,), (0, 0)),
+    ],
+)
+def test_skinny_plan_rule_on_faked_timings(tiny_engine, monkeypatch, ratios, plan):
+    """The rule over the timings: skinny under ``margin`` (0.9) of the ordinary time at
+    every count up to ``max_rows``; padding only from a block's worth of rows and only
+    where it wins by the margin too (timings faked, the rule real)."""
+    assert ROW_COUNTS == (1, 2, 8, 16, 32)  # the ratios above are given in this order
+    monkeypatch.setattr(skinny, "_DECISIONS", skinny.weakref.WeakKeyDictionary())
+    timings = iter((r, 1.0) for r in ratios)
+    monkeypatch.setattr(skinny, "_best_of_both", lambda *args: next(timings))
+    assert skinny_plan(tiny_engine.model, repeats=1) == plan
+    assert next(timings, None) is None  # every faked timing was asked for
