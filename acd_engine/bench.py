@@ -15,8 +15,9 @@ Rows (same prompts, same number of new tokens in every row):
 Every row forces exactly ``new_tokens`` tokens with one logits processor (EOS masked, also
 passed to HF ``generate``), so tokens/s compare like for like. Time to first token is the
 moment that processor first sees scores (on CUDA, once they are computed): the prefill
-(both branches, or CFG's extra unconditional prefill) is done and only the argmax remains. Tokens/s is end to end
-(new tokens / wall time of the call, prefill included): what a caller waits for.
+(both branches, or CFG's extra unconditional prefill) is done and only the argmax
+remains. Tokens/s is end to end (new tokens / wall time of the call, prefill included):
+what a caller waits for.
 
 Peak memory: by default each row runs in a fresh Python process (model loaded, warm-up
 done, then the kernel's peak-RSS mark is reset through ``/proc/self/clear_refs`` before
