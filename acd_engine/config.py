@@ -20,9 +20,17 @@ __all__ = [
     "DecodingConfig",
     "Method",
     "ModelConfig",
+    "check_text",
     "format_errors",
     "half_open_unit",
+    "unicode_problem",
 ]
+
+# Numeric ranges that work: beyond them float32 overflows to inf/NaN or torch refuses the value.
+MAX_INT = 2**31 - 1  # token counts and top_k
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 
 Method = Literal["plain", "base", "nid", "oid", "acd", "custom"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -69,11 +77,36 @@ def format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
             rule = err["msg"].replace("Input should be", "must be")
         else:
             rule = err["msg"].replace("Input should be", "must be")
-        if not err["loc"] or rule.endswith(f", got {got}"):
+        if not err["loc"] or ", got " in rule:
             lines.append(f"{loc} {rule}")
         else:
             lines.append(f"{loc} {rule}, got {got}")
     return "; ".join(lines)
+
+
+UNICODE_RULE = "must be valid Unicode text (no lone surrogates or undecodable bytes)"
+
+
+def unicode_problem(text: str) -> str | None:
+    """``got '\\udcff' at position 3`` for text that cannot be encoded as UTF-8, else None.
+
+    Python strings may hold lone surrogates (from ``surrogateescape``-decoded command lines,
+    JSON ``"\\udc80"`` escapes or broken clients); tokenizers, JSON writers and sockets all
+    fail on them later with errors that name none of the user's input.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"got {text[exc.start : exc.start + 1]!r} at position {exc.start}"
+    return None
+
+
+def check_text(text: str, name: str, error: type[Exception] = ConfigError) -> str:
+    """Raise ``error('<name> must be valid Unicode text ..., got ...')`` for bad text."""
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise error(f"{name} {UNICODE_RULE}, {problem}")
+    return text
 
 
 def half_open_unit(v: float) -> float:
@@ -131,31 +164,48 @@ class DecodingConfig(_Settings):
         ),
     )
     max_new_tokens: int = Field(
-        default=256, ge=1, description="Upper bound on generated tokens (finish_reason 'length')."
+        default=256,
+        ge=1,
+        le=MAX_INT,
+        description="Upper bound on generated tokens (finish_reason 'length'); clamped to the "
+        "room the context window leaves.",
     )
     temperature: float = Field(
-        default=0.0, ge=0.0, description="0 decodes greedily; > 0 samples from softmax(z / T)."
+        default=0.0,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        allow_inf_nan=False,
+        description="0 decodes greedily; > 0 samples from softmax(z / T). Values in "
+        f"(0, {MIN_TEMPERATURE}) are refused: z / T overflows float32 and gives NaN.",
     )
     top_p: float = Field(
         default=1.0,
         gt=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Nucleus sampling mass; 1 disables it. Only used when temperature > 0.",
     )
     top_k: int = Field(
-        default=0, ge=0, description="Keep the k most likely tokens; 0 disables it. Sampling only."
+        default=0,
+        ge=0,
+        le=MAX_INT,
+        description="Keep the k most likely tokens; 0 disables it. Sampling only.",
     )
     repetition_penalty: float = Field(
         default=1.0,
-        gt=0.0,
+        allow_inf_nan=False,
         description=(
             "CTRL-style penalty (>1 discourages repeats) on tokens already in the conversation "
-            "or the answer; 1 disables it. Applied after the contrast."
+            f"or the answer; 1 disables it. Applied after the contrast. In [{MIN_PENALTY}, "
+            f"{MAX_PENALTY}]: beyond that the scaled logits overflow or every token ties."
         ),
     )
     seed: int | None = Field(
         default=None,
-        description="Seed for sampling; the same seed and inputs give the same tokens.",
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for sampling; the same seed and inputs give the same tokens. Any "
+        "int that fits torch's 64-bit generator seed.",
     )
     stop: tuple[str, ...] = Field(
         default=(),
@@ -176,6 +226,7 @@ class DecodingConfig(_Settings):
     contrast_tokens: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_INT,
         description=(
             "Contrast only the first m generated tokens, then continue on the positive branch "
             "alone (as SafeDecoding does). None contrasts every token."
@@ -210,6 +261,30 @@ class DecodingConfig(_Settings):
     def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in v):
             raise ValueError("must not contain empty strings")
+        for i, s in enumerate(v):
+            if (problem := unicode_problem(s)) is not None:
+                raise ValueError(f"{UNICODE_RULE}, {problem} of stop[{i}]")
+        return v
+
+    @field_validator("positive_prompt", "negative_prompt")
+    @classmethod
+    def _prompt_text(cls, v: str | None) -> str | None:
+        if v is not None and (problem := unicode_problem(v)) is not None:
+            raise ValueError(f"{UNICODE_RULE}, {problem}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, v: float) -> float:
+        if 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _penalty_range(cls, v: float) -> float:
+        if not MIN_PENALTY <= v <= MAX_PENALTY:
+            raise ValueError(f"must be in [{MIN_PENALTY}, {MAX_PENALTY}]")
         return v
 
     @model_validator(mode="after")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -17,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, Field
@@ -26,7 +29,7 @@ from transformers import LogitsProcessorList
 from acd_engine._compat import cache_arg
 from acd_engine.batching import RowInput, fast_path_supported, pack_rows
 from acd_engine.coalesce import Coalescer, Pending
-from acd_engine.config import DecodingConfig, ModelConfig
+from acd_engine.config import DecodingConfig, ModelConfig, check_text
 from acd_engine.contrast import (
     Branch,
     BranchPlan,
@@ -63,7 +66,11 @@ logger = logging.getLogger(__name__)
 
 Messages = str | Sequence[dict[str, Any]]
 ROLES = ("system", "user", "assistant", "tool")
-_SENTINEL = "@@ACD_BRANCH_PROMPT@@"
+# Markers placed in the rendered template text. A random part chosen per process means no
+# user text can collide with them (a fixed marker typed by a user broke rendering).
+_NONCE = secrets.token_hex(8)
+_SENTINEL = f"@@ACD_SLOT_{_NONCE}@@"  # the system-prompt slot where branch prompts go
+_PLACEHOLDER = f"@@ACD_TEXT_{_NONCE}_"  # + index + "@@": message text kept out of the template
 _DEFAULT_PACKS = "packs"  # folder in acd_engine/resources holding shipped packs
 
 
@@ -113,6 +120,13 @@ class _Rendered:
 _NO_BRANCH = Branch("empty", key="empty")  # an empty system slot adds nothing to a prefix
 
 
+def _control_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """Matches any string the tokenizer turns into an added (control) token, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    words = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words))) if words else None
+
+
 def _leading(ids: list[int], start: list[int]) -> list[int]:
     """``start`` when ``ids`` begins with it and goes on past it, else ``[]``."""
     return start if len(ids) > len(start) and ids[: len(start)] == start else []
@@ -140,6 +154,7 @@ def _normalise_messages(messages: Messages) -> list[dict[str, str]]:
             raise MessagesError(
                 f"messages[{i}].content must be a string, got {type(m['content']).__name__}"
             )
+        check_text(m["content"], f"messages[{i}].content", MessagesError)
         out.append({**m})
     return out
 
@@ -214,15 +229,53 @@ def _first_request(steps: Generator[dict[int, int], None, None]) -> Generator[in
         steps.close()
 
 
+class CancelFlag(Protocol):
+    """Anything with ``is_set()``: a ``threading.Event``, or several combined."""
+
+    def is_set(self) -> bool: ...
+
+
+class _AnyEvent:
+    """Set when any of its events is (the caller's cancel, or the stream being closed)."""
+
+    def __init__(self, *events: CancelFlag | None) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
 @dataclass
 class _Call:
-    """One ``generate`` call, as queued for coalescing."""
+    """One request, as queued for coalescing.
+
+    ``sink`` receives its stream chunks as they are ready (streaming calls); ``streamed``
+    records that it received any, so a failed batch never reruns a call whose reader has
+    already seen part of an answer.
+    """
 
     messages: Messages
     config: DecodingConfig
     tools: Sequence[dict[str, Any]] | None
     constraint: LogitsProcessorList | None
-    cancel: threading.Event | None
+    cancel: CancelFlag | None
+    sink: Callable[[StreamChunk], None] | None = None
+    streamed: bool = False
+
+    def emit(self, chunk: StreamChunk) -> None:
+        """Hand one chunk to the sink."""
+        if self.sink is not None:
+            self.streamed = True
+            self.sink(chunk)
+
+
+def _closing_chunks(answer: _Answer, prompt_tokens: int) -> Iterator[StreamChunk]:
+    """The end of a stream: the text held back, then ``finish_reason`` and ``usage``."""
+    rest = answer.rest()
+    if rest:
+        yield StreamChunk(rest, [])
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids))
+    yield StreamChunk("", answer.ids, finish_reason=answer.finish, usage=usage)
 
 
 class Engine:
@@ -299,6 +352,7 @@ class Engine:
         self.prepack_rows: int | None = None
         self._prepacked: Prepacked | None = None
         self._constants: dict[str, list[int]] = {}  # see _template_constant
+        self._control_re = _control_pattern(self.tokenizer)  # see encode_data
         # Contrast hidden states before a linear LM head (acd_engine.head) in eager decoding:
         # one head row per contrast request instead of two. False keeps two.
         self.contrast_before_head = True
@@ -377,7 +431,47 @@ class Engine:
 
     # ------------------------------------------------------------------ rendering
     def _encode(self, text: str) -> list[int]:
+        """Template text: control-token strings in it become control tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _has_control(self, text: str) -> bool:
+        return self._control_re is not None and self._control_re.search(text) is not None
+
+    def encode_data(self, text: str) -> list[int]:
+        """Token ids of user text as data: ``<|im_end|>`` typed by a user stays plain text.
+
+        Text without any control-token string takes the ordinary path, so its tokens are the
+        ones the model was trained on; only text that spells a control token is tokenized
+        with special tokens split into ordinary pieces.
+        """
+        if not self._has_control(text):
+            return self._encode(text)
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        )
+
+    def _protect(self, text: str, fills: dict[str, str]) -> str:
+        """``text`` itself, or a placeholder (remembered in ``fills``) if it spells a control
+        token, so the template renders around it and :meth:`_encode_rendered` encodes it as
+        data."""
+        if not self._has_control(text):
+            return text
+        key = f"{_PLACEHOLDER}{len(fills)}@@"
+        fills[key] = text
+        return key
+
+    def _encode_rendered(self, text: str, fills: dict[str, str]) -> list[int]:
+        """Template text with placeholders: the template's own parts as template text (its
+        control tokens stay control tokens), each placeholder's user text as data."""
+        if not fills:
+            return self._encode(text)
+        ids: list[int] = []
+        for piece in re.split("(" + "|".join(map(re.escape, fills)) + ")", text):
+            if piece in fills:
+                ids += self.encode_data(fills[piece])
+            elif piece:
+                ids += self._encode(piece)
+        return ids
 
     def _template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -393,28 +487,51 @@ class Engine:
         """Render once; split around the system-prompt slot so every branch shares the rest.
 
         The user's own system message is kept, after the branch prompt. Templates that
-        refuse a system role get the slot at the start of the first user message.
+        refuse a system role get the slot at the start of the first user message. Message
+        text is data: text that spells a control token (``<|im_start|>system``) is rendered
+        through a placeholder and tokenized as plain text, so no user can forge a turn.
         """
         msgs = _normalise_messages(messages)
-        user_system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        rest = msgs[1:] if user_system is not None else msgs
+        fills: dict[str, str] = {}
+        safe = [{**m, "content": self._protect(m["content"], fills)} for m in msgs]
+        user_system = safe[0]["content"] if safe[0]["role"] == "system" else None
+        rest = safe[1:] if user_system is not None else safe
         slot = _SENTINEL + ("\n\n" + user_system if user_system else "")
         try:
             text = self._template([{"role": "system", "content": slot}, *rest], **template_kwargs)
         except MessagesError:
             raise
-        except Exception:  # template without a system role: use the first user turn
-            first = next(i for i, m in enumerate(rest) if m["role"] == "user")
+        except Exception as exc:  # jinja raises anything; a template without a system role
+            first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+            if first is None:
+                raise MessagesError(
+                    f"messages must be accepted by the chat template of {self.model_name}, got "
+                    f"an error from it: {exc}"
+                ) from None
             rest = [dict(m) for m in rest]
             rest[first]["content"] = slot + "\n\n" + rest[first]["content"]
-            text = self._template(rest, **template_kwargs)
+            text = self._template_or_error(rest, template_kwargs)
         if text.count(_SENTINEL) != 1:
             raise MessagesError(
                 "chat template dropped the system prompt slot; cannot place branches"
             )
         head, tail = text.split(_SENTINEL)
-        plain = self._encode(self._template(msgs, **template_kwargs))
-        return _Rendered(self._encode(head), self._encode(tail), plain)
+        plain = self._encode_rendered(self._template_or_error(safe, template_kwargs), fills)
+        return _Rendered(
+            self._encode_rendered(head, fills), self._encode_rendered(tail, fills), plain
+        )
+
+    def _template_or_error(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str:
+        """:meth:`_template`, with the template's own errors (role order, say) as input errors."""
+        try:
+            return self._template(messages, **kwargs)
+        except MessagesError:
+            raise
+        except Exception as exc:  # jinja's TemplateError and whatever a template raises
+            raise MessagesError(
+                f"messages must be accepted by the chat template of {self.model_name}, got an "
+                f"error from it: {exc}"
+            ) from None
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
@@ -426,7 +543,7 @@ class Engine:
         parts = [self._embed(head)]
         if branch.kind == "text":
             assert branch.text is not None
-            parts.append(self._embed(self._encode(branch.text)))
+            parts.append(self._embed(self.encode_data(branch.text)))
         elif branch.kind == "soft":
             assert branch.soft is not None
             weight = self.model.get_input_embeddings().weight
@@ -692,12 +809,19 @@ class Engine:
         constraint: LogitsProcessorList | None = None,
         cancel: threading.Event | None = None,
         **overrides: Any,
-    ) -> Iterator[StreamChunk]:
+    ) -> Generator[StreamChunk, None, None]:
         """Stream text deltas; the final chunk carries ``finish_reason`` and ``usage``.
 
         Text is held back while it could still be the start of a stop string or ends in
         an incomplete multi-byte character, so the concatenated deltas always equal the
         text :meth:`generate` returns.
+
+        The request is decoded by a worker thread that queues for the engine like
+        :meth:`generate` (so concurrent streams and calls share forwards) and hands deltas
+        over a queue: the stream holds no lock between tokens, a slow or abandoned reader
+        never blocks other requests, and the iterator may be advanced from any thread (as
+        Starlette does with sync iterators). Closing the iterator, or dropping it, stops
+        the decode before its next token. Settings are validated here, at the call.
 
         Args:
             messages: OpenAI-style messages or a user string.
@@ -708,29 +832,57 @@ class Engine:
             **overrides: Validated per-call changes to ``config`` fields.
         """
         cfg = self._config(config, overrides)
-        template_kwargs = {"tools": list(tools)} if tools else {}
-        with self._lock:
-            steps: Generator[int, None, None]
-            if self._use_fast_path():
-                rows, request, prompt_tokens, limit = self._plan_request(
-                    messages, cfg, constraint, 0, template_kwargs
-                )
-                cfg = cfg.replace(max_new_tokens=limit)  # type: ignore[assignment]
-                steps = _first_request(self._decode_packed(rows, [request], cfg))
+        return self._stream_call(_Call(messages, cfg, tools, constraint, cancel))
+
+    def _stream_call(self, call: _Call) -> Generator[StreamChunk, None, None]:
+        """Run ``call`` in a worker thread; yield the chunks it hands over."""
+        chunks: queue.SimpleQueue[StreamChunk | BaseException | None] = queue.SimpleQueue()
+        closed = threading.Event()
+        call.sink = chunks.put
+        call.cancel = _AnyEvent(call.cancel, closed)
+
+        def work() -> None:
+            try:
+                self._submit(call)
+            except BaseException as exc:  # handed to the reader, who raises it
+                chunks.put(exc)
             else:
-                embeds, mask, shared = self.branch_inputs(messages, cfg, **template_kwargs)
-                prompt_tokens = int(mask[0].sum())
-                cfg = self._fit_context(embeds.shape[1], cfg)
-                context = torch.tensor([shared], device=embeds.device)
-                steps = decode(self.model, Prefill(embeds, mask, context, constraint), cfg)
-            yield from self._stream_tokens(steps, cfg, prompt_tokens, cancel)
+                chunks.put(None)
+
+        threading.Thread(target=work, name="acd-stream", daemon=True).start()
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # closed, dropped or finished: stop decoding at the next token
+            closed.set()
+
+    def _chunks(self, call: _Call) -> Iterator[StreamChunk]:
+        """One request decoded on its own; the caller holds the lock while iterating."""
+        cfg = call.config
+        template_kwargs = {"tools": list(call.tools)} if call.tools else {}
+        steps: Generator[int, None, None]
+        if self._use_fast_path():
+            rows, request, prompt_tokens, limit = self._plan_request(
+                call.messages, cfg, call.constraint, 0, template_kwargs
+            )
+            cfg = cfg.replace(max_new_tokens=limit)  # type: ignore[assignment]
+            steps = _first_request(self._decode_packed(rows, [request], cfg))
+        else:
+            embeds, mask, shared = self.branch_inputs(call.messages, cfg, **template_kwargs)
+            prompt_tokens = int(mask[0].sum())
+            cfg = self._fit_context(embeds.shape[1], cfg)
+            context = torch.tensor([shared], device=embeds.device)
+            steps = decode(self.model, Prefill(embeds, mask, context, call.constraint), cfg)
+        yield from self._stream_tokens(steps, cfg, prompt_tokens, call.cancel)
 
     def _stream_tokens(
         self,
         steps: Generator[int, None, None],
         cfg: DecodingConfig,
         prompt_tokens: int,
-        cancel: threading.Event | None = None,
+        cancel: CancelFlag | None = None,
     ) -> Iterator[StreamChunk]:
         answer = _Answer(self.tokenizer, self.eos_token_ids, cfg.stop)
         try:
@@ -745,11 +897,7 @@ class Engine:
                     yield StreamChunk(delta, [token])
         finally:
             steps.close()
-        rest = answer.rest()
-        if rest:
-            yield StreamChunk(rest, [])
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids))
-        yield StreamChunk("", answer.ids, finish_reason=answer.finish, usage=usage)
+        yield from _closing_chunks(answer, prompt_tokens)
 
     def stream(
         self, messages: Messages, config: DecodingConfig | None = None, **kwargs: Any
@@ -758,9 +906,13 @@ class Engine:
 
         Takes the same arguments as :meth:`stream_chunks`.
         """
-        for chunk in self.stream_chunks(messages, config, **kwargs):
-            if chunk.text:
-                yield chunk.text
+        chunks = self.stream_chunks(messages, config, **kwargs)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            chunks.close()
 
     def generate(
         self,
@@ -787,24 +939,22 @@ class Engine:
             **overrides: Per-call changes to ``config`` fields, validated (``alpha=0.3``).
         """
         cfg = self._config(config, dict(overrides))
-        call = _Call(messages, cfg, tools, constraint, cancel)
+        return self._submit(_Call(messages, cfg, tools, constraint, cancel))
+
+    def _submit(self, call: _Call) -> GenerationResult:
+        """Queue ``call`` for the engine (coalesced with compatible ones on the fast path)."""
         if not self._use_fast_path():
-            return self._generate_one(call)
-        key = (cfg.model_dump_json(), json.dumps(tools, sort_keys=True, default=str))
+            with self._lock:
+                return self._generate_one(call)
+        key = (call.config.model_dump_json(), json.dumps(call.tools, sort_keys=True, default=str))
         return self._coalescer.submit(call, key)
 
     def _generate_one(self, call: _Call) -> GenerationResult:
-        """One request on its own, through the streaming path."""
+        """One request on its own (lock held); its chunks go to ``call.sink`` as well."""
         parts: list[str] = []
         last: StreamChunk | None = None
-        chunks = self.stream_chunks(
-            call.messages,
-            call.config,
-            tools=call.tools,
-            constraint=call.constraint,
-            cancel=call.cancel,
-        )
-        for chunk in chunks:
+        for chunk in self._chunks(call):
+            call.emit(chunk)
             parts.append(chunk.text)
             last = chunk
         assert last is not None and last.finish_reason is not None and last.usage is not None
@@ -820,29 +970,34 @@ class Engine:
     def _run_calls(self, group: Sequence[Pending[GenerationResult]]) -> None:
         """Run coalesced calls (with the lock held): one batched decode, or one call alone.
 
-        If a batch fails (one prompt too long, say), every call is retried alone, so each
-        gets its own result or its own error.
+        If a batch fails (one prompt too long, say), every call that has not streamed
+        anything yet is retried alone, so each gets its own result or its own error.
         """
         calls: list[_Call] = [p.request for p in group]
         if len(group) > 1:
             try:
-                first = calls[0]
                 results = self._generate_group(
                     [c.messages for c in calls],
                     [c.constraint for c in calls],
-                    first.config,
-                    first.tools,
+                    calls[0].config,
+                    calls[0].tools,
                     [c.cancel for c in calls],
+                    [c.emit if c.sink is not None else None for c in calls],
                 )
                 for p, result in zip(group, results, strict=True):
                     p.result = result
                 return
-            except Exception:
-                logger.debug("a coalesced batch failed; running its calls one by one")
+            except Exception as exc:  # any failure: each call gets its own answer or error
+                logger.debug("a coalesced batch failed (%s); running its calls one by one", exc)
+                for p, call in zip(group, calls, strict=True):
+                    if call.streamed:  # its reader has seen deltas: a rerun would repeat them
+                        p.error = exc
         for p, call in zip(group, calls, strict=True):
+            if p.error is not None:
+                continue
             try:
                 p.result = self._generate_one(call)
-            except Exception as exc:
+            except Exception as exc:  # handed to that call's caller, who raises it
                 p.error = exc
 
     def generate_batch(
@@ -900,9 +1055,15 @@ class Engine:
         constraints: list[LogitsProcessorList | None],
         cfg: DecodingConfig,
         tools: Sequence[dict[str, Any]] | None,
-        cancels: Sequence[threading.Event | None],
+        cancels: Sequence[CancelFlag | None],
+        sinks: Sequence[Callable[[StreamChunk], None] | None] | None = None,
     ) -> list[GenerationResult]:
-        """One batched decode of ``convs``: every request's rows in each forward."""
+        """One batched decode of ``convs``: every request's rows in each forward.
+
+        ``sinks`` (one per conversation, or None) receive that answer's stream chunks as
+        they become ready, the same chunks :meth:`stream_chunks` yields for it alone.
+        """
+        outs = list(sinks) if sinks is not None else [None] * len(convs)
         template_kwargs = {"tools": list(tools)} if tools else {}
         rows: list[RowInput] = []
         requests: list[RowRequest] = []
@@ -930,13 +1091,22 @@ class Engine:
                         if cancel is not None and cancel.is_set():
                             answer.stop()
                         else:
-                            answer.push(token)
+                            delta = answer.push(token)
+                            if delta and (sink := outs[i]) is not None and not answer.done:
+                                sink(StreamChunk(delta, [token]))
                         if answer.done or len(answer.ids) >= limits[i]:
+                            if i not in finished and (sink := outs[i]) is not None:
+                                for chunk in _closing_chunks(answer, prompt_tokens[i]):
+                                    sink(chunk)
                             finished.add(i)
                     if len(finished) == len(convs):
                         break
             finally:
                 steps.close()
+            for i, answer in enumerate(answers):  # decoding ran out before they finished
+                if i not in finished and (sink := outs[i]) is not None:
+                    for chunk in _closing_chunks(answer, prompt_tokens[i]):
+                        sink(chunk)
         results = []
         for answer, n_prompt in zip(answers, prompt_tokens, strict=True):
             text = answer.emitted + answer.rest()  # what generate() joins from the stream
@@ -973,7 +1143,7 @@ class Engine:
             if not self._use_fast_path():
                 return self._score_reference(messages, continuations, cfg)
             branch_rows, _ = self._request_rows(messages, cfg)
-            conts = [self._encode(c) for c in continuations]
+            conts = [self.encode_data(c) for c in continuations]
             out = [0.0] * len(conts)
             todo = [i for i, ids in enumerate(conts) if ids]
             nb = len(branch_rows)
@@ -1018,7 +1188,7 @@ class Engine:
         embeds, mask, _ = self.branch_inputs(messages, cfg)
         emb = self.model.get_input_embeddings()
         for cont in continuations:
-            ids = self._encode(cont)
+            ids = self.encode_data(cont)
             if not ids:
                 out.append(0.0)
                 continue

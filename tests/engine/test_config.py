@@ -18,7 +18,36 @@ from acd_engine import ConfigError, DecodingConfig
         ({"top_p": 0}, "top_p must be > 0.0, got 0"),
         ({"top_p": 1.5}, "top_p must be <= 1.0, got 1.5"),
         ({"top_k": -3}, "top_k must be >= 0, got -3"),
-        ({"repetition_penalty": 0}, "repetition_penalty must be > 0.0, got 0"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be in [0.01, 100.0], got 0"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty must be in [0.01, 100.0], got 1e-300"),
+        (
+            {"repetition_penalty": 1e9},
+            "repetition_penalty must be in [0.01, 100.0], got 1000000000.0",
+        ),
+        (
+            {"repetition_penalty": float("nan")},
+            "repetition_penalty must be a finite number, got nan",
+        ),
+        ({"temperature": 1e-300}, "temperature must be 0 (greedy) or in [0.01, 100.0], got 1e-300"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+        ({"temperature": 101}, "temperature must be <= 100.0, got 101"),
+        ({"top_p": float("nan")}, "top_p must be a finite number, got nan"),
+        ({"alpha": float("nan")}, "alpha must be in [0, 1), got nan"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"seed": 2**64}, "seed must be <= 18446744073709551615, got 18446744073709551616"),
+        ({"max_new_tokens": 2**40}, "max_new_tokens must be <= 2147483647, got 1099511627776"),
+        ({"top_k": 2**40}, "top_k must be <= 2147483647, got 1099511627776"),
+        ({"contrast_tokens": 2**40}, "contrast_tokens must be <= 2147483647"),
+        (
+            {"stop": ["ok", "a\udcff"]},
+            "stop must be valid Unicode text (no lone surrogates or undecodable bytes), got "
+            "'\\udcff' at position 1 of stop[1]",
+        ),
+        (
+            {"method": "custom", "negative_prompt": "\ud800x"},
+            "negative_prompt must be valid Unicode text (no lone surrogates or undecodable "
+            "bytes), got '\\ud800' at position 0",
+        ),
         ({"contrast_tokens": -1}, "contrast_tokens must be >= 0, got -1"),
         ({"stop": ["ok", ""]}, "stop must not contain empty strings"),
         (
@@ -68,3 +97,19 @@ def test_stop_accepts_a_single_string_and_effective_alpha():
 def test_every_field_is_documented():
     for name, field in DecodingConfig.model_fields.items():
         assert field.description and len(field.description) > 20, name
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 0.01, "seed": 0},
+        {"temperature": 100.0, "seed": 2**64 - 1},
+        {"repetition_penalty": 0.01},
+        {"repetition_penalty": 100.0},
+        {"top_k": 2**31 - 1, "temperature": 1.0},
+    ],
+)
+def test_edge_values_that_are_allowed_decode_without_nan(tiny_engine, kwargs):
+    """The ends of every numeric range give a real answer: no NaN, no empty 'stop'."""
+    result = tiny_engine.generate("hello", method="oid", max_new_tokens=3, **kwargs)
+    assert len(result.token_ids) == 3 and result.finish_reason == "length"
