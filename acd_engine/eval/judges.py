@@ -26,13 +26,14 @@ from importlib import resources
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 from acd_engine.config import did_you_mean
-from acd_engine.errors import ConfigError
+from acd_engine.errors import ACDError, ConfigError
 
 __all__ = [
     "DEFAULT_JUDGE",
     "MARKER_MODES",
     "VERDICTS",
     "Judge",
+    "JudgeError",
     "JudgeFactory",
     "MarkerMode",
     "RefusalMarkerJudge",
@@ -57,12 +58,22 @@ MARKER_MODES: tuple[str, ...] = get_args(MarkerMode)
 DEFAULT_JUDGE = "refusal"
 
 
+class JudgeError(ACDError, RuntimeError):
+    """A judge could not give a verdict for one pair (endpoint down, timed out, odd reply).
+
+    The runner records it as that row's error and goes on: a flaky judge must not cost the
+    generations of a multi-hour run. It is not a ``ConfigError`` because the settings may be
+    right and the server merely busy.
+    """
+
+
 @runtime_checkable
 class Judge(Protocol):
     """Anything that labels one (prompt, response) pair.
 
     ``name`` is written into evaluation records, so two runs judged differently are never
-    pooled by accident.
+    pooled by accident. A judge may also have a ``settings`` dict of whatever else changes its
+    verdicts (mode, window, endpoint URL); ``acd eval`` pins it in ``run.json`` with the name.
     """
 
     name: str
@@ -315,6 +326,11 @@ class RefusalMarkerJudge:
 
     def __repr__(self) -> str:
         return f"RefusalMarkerJudge(mode={self.mode!r}, window={self.window}, blank={self.blank!r})"
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """What changes this judge's verdicts; pinned by ``acd eval`` so resumes agree."""
+        return {"mode": self.mode, "window": self.window, "blank": self.blank}
 
     def match(self, response: str) -> str | None:
         """Return why ``response`` counts as a refusal (``"rule:marker"``), or ``None``.

@@ -4,7 +4,13 @@ Why this shape: an evaluation of a few thousand generations takes hours on a lap
 interrupted. Appending one self-contained line per result (write, flush, fsync) means a crash
 loses at most the line being written; on reopen a torn last line is cut off and everything
 before it is kept, and the run skips every key already present. Summary files are written with
-:func:`atomic_write_bytes` (temp file + ``os.replace``) so a reader never sees half a report.
+:func:`acd_engine.atomic.atomic_write_bytes` (temp file fsynced, renamed, folder fsynced) so a
+reader never sees half a report, even after a power cut; the two writers are re-exported here
+for the modules that import them from this one.
+
+Benchmark text may hold lone surrogates (undecodable bytes read with ``surrogateescape``, or a
+``"\\ud800"`` escape in the JSON); :func:`json_line` writes such a value with ASCII escapes so
+it round-trips instead of crashing the write and, with it, every rerun.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from acd_engine.atomic import atomic_write_bytes, atomic_write_text
 from acd_engine.errors import ConfigError
 
 try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected.
@@ -34,6 +41,7 @@ __all__ = [
     "RecordLog",
     "atomic_write_bytes",
     "atomic_write_text",
+    "json_line",
     "read_records",
     "record_key",
 ]
@@ -57,7 +65,10 @@ class EvalRecord(BaseModel):
     ``scores`` (MC1 only) holds the summed log-probabilities of ``best_answer`` followed by
     each incorrect answer. ``error`` is set (and nothing else is) when the engine refused the
     prompt itself (too long for the context window, say): the run goes on, the record keeps
-    the reason, and metrics leave it out. Delete its line to retry it.
+    the reason, and metrics leave it out. The same holds for a prompt that cannot be encoded
+    (a lone surrogate), a prompt whose generation raised, and an output the judge could not
+    judge (``error`` starts with ``judge``; ``output`` is kept for audit). A rerun skips error
+    records like any other, so a bad row never stops a run twice; delete its line to retry it.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -91,19 +102,19 @@ def record_key(benchmark: str, item_id: str, method: str, alpha: float | None) -
     return (benchmark, item_id, method, alpha)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def json_line(data: object, *, indent: int | None = None) -> str:
+    """JSON text of ``data``, UTF-8 readable where possible, ASCII-escaped where it must be.
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    ``ensure_ascii=False`` keeps non-English prompts readable in ``records.jsonl``, but a lone
+    surrogate cannot be encoded as UTF-8; for such a value the whole document is written with
+    ``\\uXXXX`` escapes, which ``json.loads`` turns back into the same string.
+    """
+    text = json.dumps(data, ensure_ascii=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, ensure_ascii=True, indent=indent)
+    return text
 
 
 def _parse(line: bytes) -> EvalRecord:
@@ -213,7 +224,7 @@ class RecordLog:
 
     def append(self, record: EvalRecord) -> None:
         """Make ``record`` durable now (one line, flushed and fsynced) and remember it."""
-        line = json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n"
+        line = json_line(record.model_dump(mode="json")) + "\n"
         self._write(line.encode("utf-8"))
         self._records[record.key] = record
 

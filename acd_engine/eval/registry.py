@@ -34,6 +34,7 @@ __all__ = [
     "BenchmarkSpec",
     "Role",
     "check_benchmark_name",
+    "is_encodable",
     "load_benchmark",
     "resolve_data_dir",
     "sample_items",
@@ -162,6 +163,19 @@ class Benchmark:
         return "mixed"
 
 
+def is_encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode that UTF-8 can encode (no lone surrogates).
+
+    Python hands undecodable bytes of argv and of files read with ``surrogateescape`` over as
+    lone surrogates; tokenizers, JSON writers and terminals refuse them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_path(name: str) -> bool:
     return name.endswith(".jsonl") or "/" in name or os.sep in name
 
@@ -211,22 +225,32 @@ def load_benchmark(name: str, data_dir: Path | None = None) -> Benchmark:
     check_benchmark_name(name)
     if _is_path(name):
         path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"benchmark file must exist, got '{path}'")
+        hint = ""
     else:
         path = resolve_data_dir(data_dir) / f"{name}.jsonl"
-        if not path.is_file():
-            raise ConfigError(
-                f"benchmark file must exist, got '{path}'; is --data-dir the "
-                "shared/data/benchmarks folder?"
-            )
-    raw = path.read_bytes()
+        hint = "; is --data-dir the shared/data/benchmarks folder?"
+    if path.is_dir():
+        raise ConfigError(f"benchmark file must be a file, got the folder '{path}'")
+    if not path.is_file():
+        raise ConfigError(f"benchmark file must exist, got '{path}'{hint}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"benchmark file must be readable, got '{path}' ({exc.strerror or exc})"
+        ) from None
     items: list[BenchmarkItem] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        # Undecodable bytes become lone surrogates instead of refusing the whole set: the row
+        # is kept, and the runner records it as an error (see ``EvalRecord.error``), so one
+        # bad row costs one record, not the run.
+        line = line_bytes.decode("utf-8", errors="surrogateescape")
         if not line.strip():
             continue
         where = f"{path.name} line {lineno}"
+        if not is_encodable(line):
+            logger.warning("%s is not valid UTF-8; its row will be recorded as an error", where)
         try:
             item = BenchmarkItem.model_validate(json.loads(line))
         except json.JSONDecodeError as exc:

@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from acd_engine.atomic import atomic_write_bytes, atomic_write_text
 from acd_engine.config import METHODS
 from acd_engine.eval.metrics import DEFINITIONS, CellMetrics, VariantMetrics
-from acd_engine.eval.records import atomic_write_bytes, atomic_write_text
+from acd_engine.eval.records import json_line
 from acd_engine.eval.registry import Role
 
 __all__ = [
@@ -217,8 +218,9 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
     errors = sum(c.n_errors for c in summary.cells)
     if errors:
         lines.append(
-            f"- **{errors} prompt(s) refused by the engine** (e.g. too long): kept in "
-            "records.jsonl with their `error`, left out of every metric"
+            f"- **{errors} output(s) recorded as errors** (a prompt the engine refused or "
+            "could not encode, a generation that raised, an output the judge could not judge): "
+            "kept in records.jsonl with their `error`, left out of every metric; see Errors"
         )
     lines += [
         "",
@@ -232,6 +234,21 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         "",
         *_sweep_tables(summary),
     ]
+    if errors:
+        lines += ["## Errors", ""]
+        lines += _table(
+            ["benchmark", "method", "α", "errors", "of"],
+            [
+                [c.benchmark, c.method, _alpha(c.alpha), str(c.n_errors), str(c.n + c.n_errors)]
+                for c in summary.cells
+                if c.n_errors
+            ],
+        )
+        lines += [
+            "",
+            "Rerunning skips error records; delete a record's line from records.jsonl to retry it.",
+            "",
+        ]
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
@@ -441,7 +458,11 @@ def write_report(summary: EvalSummary, out_dir: Path) -> list[Path]:
     """Write ``summary.json``, the plots and ``report.md`` into ``out_dir``; return the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / SUMMARY_FILE, summary.model_dump_json(indent=2) + "\n")
+    # json_line, not model_dump_json: a sampled id may hold a lone surrogate (an undecodable
+    # byte in the benchmark file), which pydantic refuses to encode and json escapes.
+    atomic_write_text(
+        out_dir / SUMMARY_FILE, json_line(summary.model_dump(mode="json"), indent=2) + "\n"
+    )
     plots = _write_plots(summary, out_dir)
     atomic_write_text(out_dir / REPORT_FILE, render_markdown(summary, plots))
     logger.info("report written to %s", out_dir / REPORT_FILE)

@@ -7,15 +7,26 @@ same command resumes it. The summary and report are rebuilt from the records at 
 
 The engine is reached only through :class:`EvalModel`, a two-method protocol in the style of
 lm-evaluation-harness, so tests (and other backends) can drive the runner without a model.
+
+Hostile input is contained where it enters. :func:`prepare_eval` checks everything that needs
+no model (benchmark files, the output folder and its files, ``run.json``) so ``acd eval``
+fails in milliseconds, not after loading. A row that cannot be generated (a lone surrogate,
+a prompt the engine refuses, a generation that raises) or judged (an endpoint that timed
+out) becomes one error record and the run goes on; a rerun skips it like any finished row.
+``run.json`` pins every setting that changes an output, so one folder never mixes runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +34,7 @@ from typing import Any, Protocol
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from acd_engine.atomic import atomic_write_text
 from acd_engine.config import (
     CONTRAST_METHODS,
     METHODS,
@@ -35,26 +47,48 @@ from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
     DEFAULT_JUDGE,
     Judge,
+    Verdict,
     available_judges,
     get_judge,
     judge_many,
 )
 from acd_engine.eval.metrics import cell_metrics, variant_metrics
-from acd_engine.eval.records import EvalRecord, RecordKey, RecordLog, atomic_write_text, record_key
+from acd_engine.eval.records import (
+    RECORDS_FILE,
+    EvalRecord,
+    RecordKey,
+    RecordLog,
+    json_line,
+    record_key,
+)
 from acd_engine.eval.registry import (
     BENCHMARKS,
     Benchmark,
     BenchmarkItem,
     check_benchmark_name,
+    is_encodable,
     load_benchmark,
     sample_items,
 )
-from acd_engine.eval.report import BenchmarkInfo, EvalSummary, write_report
+from acd_engine.eval.report import (
+    PLOT_FILES,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    BenchmarkInfo,
+    EvalSummary,
+    write_report,
+)
 
 __all__ = [
+    "MAX_UNEXPECTED_IN_A_ROW",
     "PAPER_METHODS",
+    "RUN_FILE",
     "EvalModel",
     "EvalOptions",
+    "EvalPlan",
+    "check_out_dir",
+    "pack_sha256",
+    "prepare_eval",
     "run_eval",
     "variants",
 ]
@@ -63,8 +97,37 @@ logger = logging.getLogger(__name__)
 
 PAPER_METHODS: tuple[str, ...] = ("plain", "base", "nid", "oid", "acd")
 RUN_FILE = "run.json"
-# Settings that change what a record means; a resumed run must match them.
-_PINNED = ("model_name", "judge", "max_new_tokens", "plausibility")
+OUTPUT_FILES: tuple[str, ...] = (
+    RECORDS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    REPORT_FILE,
+    *PLOT_FILES.values(),
+)
+# run.json files written before every setting was pinned kept four at the top level.
+_LEGACY_PINS = {
+    "model_name": "model",
+    "judge": "judge",
+    "max_new_tokens": "max_new_tokens",
+    "plausibility": "plausibility",
+}
+# DecodingConfig fields pinned under their own names or not at all: method and alpha are part
+# of every record's key, and the custom prompts are pinned only when custom runs.
+_UNPINNED_DECODING = frozenset(
+    {"method", "alpha", "max_new_tokens", "plausibility", "positive_prompt", "negative_prompt"}
+)
+_HEX = re.compile(r"[0-9a-f]{16,}")
+
+MAX_UNEXPECTED_IN_A_ROW = 16
+"""Rows in a row that may fail with an error that is not about their input before the run
+stops with that error (a bug, a broken device): recording thousands of identical failures
+would hide it, and the unrecorded rows are retried by the next run."""
+# What a single row's bad input raises: the engine's own refusals, and ValueErrors (which
+# include UnicodeError and pydantic's ValidationError) from tokenizers and parsers.
+_INPUT_ERRORS: tuple[type[Exception], ...] = (ACDError, ValueError)
+# What a judge raises for one pair it cannot judge (JudgeError is an ACDError; OSError for
+# judges that do their own I/O).
+_JUDGE_ERRORS: tuple[type[Exception], ...] = (ACDError, ValueError, OSError)
 
 Messages = list[dict[str, str]]
 
@@ -241,30 +304,260 @@ def _chunks(items: Sequence[BenchmarkItem], size: int) -> Iterator[Sequence[Benc
         yield items[start : start + size]
 
 
-def _pin_run(out_dir: Path, pinned: dict[str, Any], options: EvalOptions) -> None:
-    """Refuse to mix records made under different settings in one folder; then record ours."""
+def pack_sha256(pack: Any) -> str:
+    """SHA-256 over a prompt pack's SP and AP tensors (dtype, shape and bytes).
+
+    The pack's own ``id`` is a short prefix; the full hash is pinned so two packs can never
+    pass for one.
+    """
+    digest = hashlib.sha256()
+    for name in ("sp", "ap"):
+        tensor = getattr(pack, name).detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _static_pins(
+    options: EvalOptions, benches: Sequence[Benchmark], judge: Judge | None
+) -> dict[str, Any]:
+    """The pinned settings that need no model: decoding, benchmark contents, the judge."""
+    pins: dict[str, Any] = {
+        "max_new_tokens": options.max_new_tokens,
+        "plausibility": options.plausibility,
+    }
+    decoding = options.decoding_config("plain", None).model_dump(mode="json")
+    for name, value in decoding.items():
+        if name not in _UNPINNED_DECODING:
+            pins[f"decoding {name}"] = value
+    if "custom" in options.methods:
+        pins["custom positive_prompt"] = options.positive_prompt
+        pins["custom negative_prompt"] = options.negative_prompt
+    for bench in benches:
+        pins[f"benchmark {bench.name} sha256"] = bench.sha256
+    if judge is not None:
+        pins["judge"] = judge.name
+        settings = getattr(judge, "settings", None)
+        if isinstance(settings, dict):
+            for key, value in settings.items():
+                pins[f"judge {key}"] = value
+    return _as_json(pins)
+
+
+def _engine_pins(engine: EvalModel, options: EvalOptions) -> dict[str, Any]:
+    """The pinned settings of the model: its name, its weights' fingerprint, dtype and pack.
+
+    Read with ``getattr`` because :class:`EvalModel` only promises ``model_name``; an
+    ``acd_engine.Engine`` has them all. The pack is pinned only when ``acd`` runs (no other
+    method reads it), so a plain-only run can later be extended with ``acd``.
+    """
+    pins: dict[str, Any] = {"model": engine.model_name}
+    fingerprint = getattr(engine, "fingerprint", None)
+    if isinstance(fingerprint, dict):
+        for key, value in sorted(fingerprint.items()):
+            pins[f"model {key}"] = value
+    describe = getattr(engine, "describe", None)
+    if callable(describe):
+        facts = describe()
+        if isinstance(facts, dict) and "dtype" in facts:
+            pins["model dtype"] = facts["dtype"]
+    if "acd" in options.methods:
+        pack = getattr(engine, "pack", None)
+        if pack is not None:
+            pins["pack sha256"] = pack_sha256(pack)
+    return _as_json(pins)
+
+
+def _as_json(pins: dict[str, Any]) -> dict[str, Any]:
+    """Pins as they read back from run.json (tuples as lists), so comparisons are exact."""
+    loaded: dict[str, Any] = json.loads(json.dumps(pins))
+    return loaded
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and _HEX.fullmatch(value):
+        return f"{value[:12]}…"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}…"
+
+
+def _read_pins(out_dir: Path) -> dict[str, Any] | None:
+    """The settings pinned by the run already in ``out_dir``, or None for a new folder."""
     path = out_dir / RUN_FILE
-    if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        for key in _PINNED:
-            if key in before and before[key] != pinned[key]:
-                raise ConfigError(
-                    f"{key} must match the run already in '{out_dir}' ({before[key]!r}), got "
-                    f"{pinned[key]!r}; use another --out folder or the same setting"
-                )
-    doc = {**pinned, "options": options.model_dump(mode="json")}
-    atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    if not path.exists():
+        return None
+    problem = ""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # unreadable, not JSON, not UTF-8
+        doc, problem = None, f" ({type(exc).__name__})"
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"run.json in '{out_dir}' must be the JSON object acd eval wrote, got an unreadable "
+            f"file{problem}; use a new --out"
+        )
+    pins = doc.get("pinned")
+    if isinstance(pins, dict):
+        return pins
+    return {new: doc[old] for old, new in _LEGACY_PINS.items() if old in doc}
+
+
+def _check_pins(out_dir: Path, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse settings that differ from the run already in ``out_dir``, naming the first.
+
+    Only settings both runs have are compared: a setting the earlier run did not pin (the
+    pack of a run without acd, a benchmark it did not have) is free, and pinned from now on.
+    """
+    if not before:
+        return
+    for key, value in now.items():
+        if key in before and before[key] != value:
+            raise ConfigError(
+                f"run.json in '{out_dir}' was made with {key} {_show(before[key])}, got "
+                f"{_show(value)}; use a new --out"
+            )
+
+
+def _pin_run(out_dir: Path, now: dict[str, Any], options: EvalOptions) -> None:
+    """Check ``now`` against ``run.json`` and write the union back (call under the lock)."""
+    before = _read_pins(out_dir)
+    _check_pins(out_dir, before, now)
+    pinned = {**(before or {}), **now}
+    doc = {
+        "model_name": pinned.get("model"),
+        "judge": pinned.get("judge"),
+        "pinned": pinned,
+        "options": options.model_dump(mode="json"),
+    }
+    atomic_write_text(out_dir / RUN_FILE, json_line(doc, indent=2) + "\n")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Make sure ``out_dir`` is (or can become) a writable folder whose output names are free.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file or under one, cannot be created or written, or one
+            of the files the run writes (records.jsonl, run.json, ...) is a folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir must be a folder, got the file '{out_dir}'")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".acd-eval-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"out_dir must be a writable folder, got '{out_dir}' ({reason})"
+        ) from None
+    for name in OUTPUT_FILES:
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(
+                f"{name} in '{out_dir}' must be a file, got a folder (or another non-file); "
+                "move it away or use a new --out"
+            )
+        if path.is_file() and not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"{name} in '{out_dir}' must be readable and writable, got neither")
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What :func:`prepare_eval` checked and loaded: the benchmarks, samples and variants."""
+
+    benches: tuple[Benchmark, ...]
+    samples: dict[str, tuple[BenchmarkItem, ...]]
+    grid: list[tuple[str, float | None]]
+
+
+def prepare_eval(options: EvalOptions, judge: Judge | None = None) -> EvalPlan:
+    """Check everything a run needs that does not need the model, before one is loaded.
+
+    Loads every benchmark, checks the output folder and its files, opens ``records.jsonl``
+    once (a corrupt line or another run holding the folder fails here) and compares the
+    model-free settings with ``run.json``. :func:`run_eval` calls it too; ``acd eval`` calls
+    it before loading the model so a typo costs milliseconds, not a model load.
+
+    Raises:
+        ConfigError: bad or duplicate benchmark, unusable ``out_dir``, or a ``run.json`` made
+            with other settings.
+    """
+    benches = tuple(load_benchmark(name, options.data_dir) for name in options.benchmarks)
+    names = [b.name for b in benches]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"benchmarks must have distinct names, got {dupes[0]!r} twice")
+    out_dir = Path(options.out_dir)
+    check_out_dir(out_dir)
+    with RecordLog(out_dir):
+        _check_pins(out_dir, _read_pins(out_dir), _static_pins(options, benches, judge))
+    samples = {b.name: sample_items(b, options.limit, options.seed) for b in benches}
+    return EvalPlan(benches, samples, variants(options))
+
+
+def _describe_error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ACDError) else f"{type(exc).__name__}: {exc}"
+
+
+def _unencodable(texts: Sequence[str]) -> str | None:
+    """The error of a row whose text cannot reach a tokenizer, or None when it can."""
+    for text in texts:
+        if not is_encodable(text):
+            at = next(i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff")
+            return (
+                f"prompt must be valid UTF-8 text, got a lone surrogate (an undecodable byte) "
+                f"at character {at}"
+            )
+    return None
 
 
 @dataclass
 class _Run:
-    """One invocation: the engine, the open record log, the judge and the progress bar."""
+    """One invocation: the engine, the open record log, the judge and the progress bar.
+
+    Failures are contained per row. A row whose input is bad (an ``ACDError`` or
+    ``ValueError``) is recorded as an error at once. A row that fails otherwise is recorded
+    too, but only once a later row succeeds (or the run ends): when
+    :data:`MAX_UNEXPECTED_IN_A_ROW` rows fail that way in a row, the run stops with the error
+    instead, and those rows, never written, are retried by the next run.
+    """
 
     engine: EvalModel
     options: EvalOptions
     judge: Judge
     log: RecordLog
     bar: tqdm[Any]
+    pending: list[EvalRecord] = field(default_factory=list)
+
+    def _record_failure(self, common: dict[str, Any], exc: Exception, kind: str) -> None:
+        record = EvalRecord(**common, kind=kind, error=_describe_error(exc))  # type: ignore[arg-type]
+        if isinstance(exc, _INPUT_ERRORS):
+            logger.warning("%s: %s (recorded as an error)", common["id"], record.error)
+            self.log.append(record)
+            return
+        logger.warning(
+            "%s: unexpected %s (recorded as an error)", common["id"], record.error, exc_info=exc
+        )
+        self.pending.append(record)
+        if len(self.pending) >= MAX_UNEXPECTED_IN_A_ROW:
+            logger.error(
+                "%d rows in a row failed with unexpected errors; stopping (they are not "
+                "recorded, the next run retries them)",
+                len(self.pending),
+            )
+            self.pending.clear()
+            raise exc
+
+    def _succeeded(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Record the pending unexpected failures: a success showed they were the rows' own."""
+        for record in self.pending:
+            self.log.append(record)
+        self.pending.clear()
 
     def generate(
         self, bench: Benchmark, method: str, alpha: float | None, todo: list[BenchmarkItem]
@@ -277,42 +570,77 @@ class _Run:
             ok = [
                 (item, r)
                 for item, r in zip(chunk, results, strict=True)
-                if not isinstance(r, ACDError)
+                if not isinstance(r, Exception)
             ]
-            verdicts = iter(
-                judge_many(self.judge, [i.prompt for i, _ in ok], [r.text for _, r in ok])
-                if ok
-                else []
-            )
+            verdicts = iter(self._judge([i.prompt for i, _ in ok], [r.text for _, r in ok]))
             for item, result in zip(chunk, results, strict=True):
                 common = self._common(bench, item, method, alpha)
-                if isinstance(result, ACDError):
-                    self.log.append(EvalRecord(**common, error=str(result)))
+                if isinstance(result, Exception):
+                    self._record_failure(common, result, "generate")
                 else:
+                    self._succeeded()
+                    verdict = next(verdicts)
                     self.log.append(
                         EvalRecord(
                             **common,
                             output=result.text,
-                            verdict=next(verdicts),
+                            verdict=None if isinstance(verdict, Exception) else verdict,
                             judge=self.judge.name,
                             tokens=result.usage.completion_tokens,
                             token_ids=list(result.token_ids),
                             finish_reason=result.finish_reason,
                             seconds=seconds,
+                            error=(
+                                f"judge {self.judge.name}: {_describe_error(verdict)}"
+                                if isinstance(verdict, Exception)
+                                else None
+                            ),
                         )
                     )
                 self.bar.update(1)
 
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict | Exception]:
+        """Verdicts in order; a pair the judge cannot judge gets its exception instead."""
+        if not prompts:
+            return []
+        try:
+            return list(judge_many(self.judge, prompts, responses))
+        except _JUDGE_ERRORS as exc:
+            if len(prompts) == 1:
+                logger.warning("judge %s failed: %s", self.judge.name, exc)
+                return [exc]
+            logger.warning(
+                "judge %s failed on a batch (%s); judging its pairs one by one",
+                self.judge.name,
+                exc,
+            )
+        out: list[Verdict | Exception] = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            try:
+                out.append(self.judge.judge(prompt, response))
+            except _JUDGE_ERRORS as exc:
+                logger.warning("judge %s failed: %s", self.judge.name, exc)
+                out.append(exc)
+        return out
+
     def _generate_chunk(
         self, chunk: Sequence[BenchmarkItem], config: DecodingConfig
-    ) -> list[GenerationLike | ACDError]:
-        """One batch; if the engine refuses it, each prompt alone, keeping every refusal."""
+    ) -> list[GenerationLike | Exception]:
+        """One batch; if it fails, each prompt alone, so one bad row costs only itself."""
+        bad = [_unencodable([item.prompt]) for item in chunk]
+        if any(bad):
+            good = [item for item, why in zip(chunk, bad, strict=True) if why is None]
+            done = iter(self._generate_chunk(good, config) if good else [])
+            return [next(done) if why is None else ConfigError(why) for why in bad]
         try:
             batch = self.engine.generate_batch([_messages(i) for i in chunk], config)
-        except ACDError as exc:
+        # Broad on purpose: whatever one row makes the engine raise fails its whole batch, and
+        # only running the rows alone tells which one it was. Errors a lone row raises are
+        # classified (and, when systematic, re-raised) by _record_failure.
+        except Exception as exc:
             if len(chunk) > 1:
+                logger.info("a batch failed (%s); generating its %d rows alone", exc, len(chunk))
                 return [r for item in chunk for r in self._generate_chunk([item], config)]
-            logger.warning("%s: %s (recorded as an error)", chunk[0].id, exc)
             return [exc]
         if len(batch) != len(chunk):
             raise RuntimeError(
@@ -347,12 +675,17 @@ class _Run:
             answers = [item.best_answer or "", *(item.incorrect_answers or ())]
             common = self._common(bench, item, method, alpha)
             start = time.perf_counter()
+            why = _unencodable([item.prompt, *answers])
             try:
+                if why is not None:
+                    raise ConfigError(why)
                 scores = self.engine.score_continuations(_messages(item), answers, config)
-            except ACDError as exc:
-                logger.warning("%s: %s (recorded as an error)", item.id, exc)
-                self.log.append(EvalRecord(**common, kind="mc1", error=str(exc)))
+            # Broad for the reason given in _generate_chunk; _record_failure re-raises errors
+            # that are not about this row once they repeat.
+            except Exception as exc:
+                self._record_failure(common, exc, "mc1")
             else:
+                self._succeeded()
                 self.log.append(
                     EvalRecord(
                         **common,
@@ -364,41 +697,42 @@ class _Run:
             self.bar.update(1)
 
 
-def run_eval(engine: EvalModel, options: EvalOptions, *, judge: Judge | None = None) -> EvalSummary:
+def run_eval(
+    engine: EvalModel,
+    options: EvalOptions,
+    *,
+    judge: Judge | None = None,
+    plan: EvalPlan | None = None,
+) -> EvalSummary:
     """Run (or resume) an evaluation and write ``summary.json``, ``report.md`` and plots.
 
     Args:
         engine: the model, e.g. ``acd_engine.Engine``; see :class:`EvalModel`.
         options: what to run; see :class:`EvalOptions`.
         judge: a judge object overriding ``options.judge`` (tests, custom judges).
+        plan: the result of :func:`prepare_eval` for these options, if already made.
 
     Returns:
         The summary that was written to ``<out_dir>/summary.json``.
 
     Raises:
-        ConfigError: unknown benchmark, missing data, or an ``out_dir`` that holds a run with
-            another model, judge or ``max_new_tokens``, or is in use by another run.
+        ConfigError: unknown benchmark, missing data, an unusable ``out_dir``, one in use by
+            another run, or one whose ``run.json`` was made with other settings (the message
+            names the setting and both values).
     """
-    benches = [load_benchmark(name, options.data_dir) for name in options.benchmarks]
-    names = [b.name for b in benches]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"benchmarks must have distinct names, got {dupes[0]!r} twice")
-    samples = {b.name: sample_items(b, options.limit, options.seed) for b in benches}
-    grid = variants(options)
     judge_obj = judge if judge is not None else get_judge(options.judge)
+    if plan is None:
+        plan = prepare_eval(options, judge_obj)
+    benches, samples, grid = plan.benches, plan.samples, plan.grid
     out_dir = Path(options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir)
 
+    # Everything from pinning to the report happens under the folder's lock, so a second run
+    # can never interleave records with ours or overwrite our report with its own.
     with RecordLog(out_dir) as log:
         _pin_run(
             out_dir,
-            {
-                "model_name": engine.model_name,
-                "judge": judge_obj.name,
-                "max_new_tokens": options.max_new_tokens,
-                "plausibility": options.plausibility,
-            },
+            {**_static_pins(options, benches, judge_obj), **_engine_pins(engine, options)},
             options,
         )
         expected: list[RecordKey] = [
@@ -440,6 +774,7 @@ def run_eval(engine: EvalModel, options: EvalOptions, *, judge: Judge | None = N
                         run.score(bench, method, alpha, todo)
                     else:
                         run.generate(bench, method, alpha, todo)
+            run.flush()
         except KeyboardInterrupt:
             logger.warning(
                 "interrupted: %d records are safe in %s; rerun the same command to resume",
@@ -451,18 +786,17 @@ def run_eval(engine: EvalModel, options: EvalOptions, *, judge: Judge | None = N
             bar.close()
         wanted = set(expected)
         records = [r for r in log if r.key in wanted]
-
-    summary = summarize(
-        records,
-        benches,
-        samples,
-        grid,
-        model_name=engine.model_name,
-        judge=judge_obj.name,
-        options=options,
-        n_expected=len(expected),
-    )
-    write_report(summary, out_dir)
+        summary = summarize(
+            records,
+            benches,
+            samples,
+            grid,
+            model_name=engine.model_name,
+            judge=judge_obj.name,
+            options=options,
+            n_expected=len(expected),
+        )
+        write_report(summary, out_dir)
     return summary
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from acd_engine.errors import ConfigError
-from acd_engine.eval.judges import available_judges, get_judge
+from acd_engine.eval.judges import JudgeError, available_judges, get_judge
 from acd_engine.eval.model_judges import JUDGE_PROMPT, parse_verdict
 
 
@@ -84,7 +84,7 @@ def test_model_judges_fail_in_house_style() -> None:
     with pytest.raises(ConfigError, match="judge model must be a local model directory"):
         get_judge("hf")
     unreachable = get_judge("openai", url="http://127.0.0.1:9/v1", model="m", timeout=2)
-    with pytest.raises(ConfigError, match="judge endpoint must be reachable at"):
+    with pytest.raises(JudgeError, match="judge endpoint must be reachable at"):
         unreachable.judge("p", "r")
 
 

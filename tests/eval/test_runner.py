@@ -238,9 +238,11 @@ def test_rerun_with_more_alphas_runs_only_the_new_cells(data_dir: Path, tmp_path
 def test_rerun_with_other_settings_is_refused(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench"))
-    with pytest.raises(ConfigError, match=r"^max_new_tokens must match the run already in"):
+    with pytest.raises(
+        ConfigError, match=r"^run.json in '.*' was made with max_new_tokens 32, got 64; use a new"
+    ):
         run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench", max_new_tokens=64))
-    with pytest.raises(ConfigError, match=r"^plausibility must match the run already in"):
+    with pytest.raises(ConfigError, match=r"was made with plausibility 0.1, got 0.0; use a new"):
         run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench", plausibility=0.0))
 
 
@@ -407,7 +409,8 @@ def test_a_prompt_the_engine_refuses_is_recorded_and_the_run_goes_on(
     cell = summary.cell("advbench", "base", None)
     assert cell is not None and (cell.n, cell.n_errors) == (9, 1)
     report = (o.out_dir / "report.md").read_text(encoding="utf-8")
-    assert "1 prompt(s) refused by the engine" in report
+    assert "1 output(s) recorded as errors" in report
+    assert "| advbench | base | – | 1 | 10 |" in report  # the Errors table names the cell
     # a rerun does not retry it, and the MC benchmark was not affected
     again = _RefusingEngine(bad)
     run_eval(again, o)
