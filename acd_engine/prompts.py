@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from acd_engine.atomic import atomic_write
 from acd_engine.errors import PromptPackError
 
 __all__ = [
@@ -59,8 +59,88 @@ PACK_FORMAT_VERSION = "1"
 FINGERPRINT_KEYS = ("architecture", "hidden_size", "vocab_size", "tokenizer_hash", "embedding_hash")
 
 
+# Largest magnitude a soft-prompt value may have: the fp16 maximum. A pack must stay finite
+# when a half-precision model casts it to its own dtype; real embeddings are O(1), so anything
+# near this bound is a corrupt or hostile file, not a trained prompt.
+MAX_ABS_VALUE = float(torch.finfo(torch.float16).max)
+
+# Reserved metadata keys: :meth:`PromptPack.save` writes them itself.
+_RESERVED_METADATA = ("format_version", "fingerprint")
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters, so a hostile value cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    """Refuse what would crash or silently poison decoding: shape, dtype, NaN/inf, size."""
+    if not isinstance(t, torch.Tensor):
+        raise PromptPackError(f"prompt pack {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise PromptPackError(
+            f"prompt pack {name} must be a 2-D tensor [tokens, hidden], got shape {tuple(t.shape)}"
+        )
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise PromptPackError(
+            f"prompt pack {name} must have >= 1 token and hidden size >= 1, got shape "
+            f"{tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise PromptPackError(
+            f"prompt pack {name} must be a floating-point tensor, got dtype {t.dtype}"
+        )
+    # Checked after the fp32 cast the pack stores: a finite fp64 value can overflow it.
+    values = t.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise PromptPackError(
+            f"prompt pack {name} must hold only finite values, got {bad} NaN/inf of "
+            f"{values.numel()}"
+        )
+    peak = float(values.abs().max())
+    if peak > MAX_ABS_VALUE:
+        raise PromptPackError(
+            f"prompt pack {name} values must be within +-{MAX_ABS_VALUE:g} (fp16 range), "
+            f"got {peak:g}"
+        )
+
+
+def _check_strings(what: str, mapping: Any) -> None:
+    """Fingerprint and metadata end up as safetensors string metadata: str -> str only."""
+    if not isinstance(mapping, dict):
+        raise PromptPackError(
+            f"prompt pack {what} must be a dict of strings, got {type(mapping).__name__}"
+        )
+    for k, v in mapping.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise PromptPackError(
+                f"prompt pack {what} must map strings to strings, got {_short(k)}: {_short(v)}"
+            )
+        for text in (k, v):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PromptPackError(
+                    f"prompt pack {what} must be valid UTF-8 text, got {_short(text)}"
+                ) from None
+
+
+def _hidden_from(fingerprint: dict[str, str], whose: str) -> int | None:
+    """The fingerprint's ``hidden_size`` as an int (``None`` when it has none)."""
+    raw = fingerprint.get("hidden_size")
+    if raw is None:
+        return None
+    if not raw.isdecimal() or int(raw) < 1:
+        raise PromptPackError(
+            f"{whose} fingerprint hidden_size must be a positive integer, got {_short(raw)}"
+        )
+    return int(raw)
 
 
 def model_fingerprint(model: Any, tokenizer: Any) -> dict[str, str]:
@@ -99,19 +179,37 @@ class PromptPack:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, t in (("sp", self.sp), ("ap", self.ap)):
-            if t.ndim != 2 or t.shape[0] < 1:
-                raise PromptPackError(
-                    f"{name} must be a 2-D tensor [n_virtual >= 1, hidden], got shape "
-                    f"{tuple(t.shape)}"
-                )
+        """Validate everything here, so a pack that would break decoding can never exist.
+
+        Training, :meth:`from_manual_prompts` and :meth:`load` all build packs through this,
+        so a wrong shape, NaN, or a fingerprint that contradicts the tensors is refused once,
+        with a message, instead of surfacing as a tensor error (or empty output) at generate.
+        """
+        _check_tensor("sp", self.sp)
+        _check_tensor("ap", self.ap)
         if self.sp.shape[1] != self.ap.shape[1]:
             raise PromptPackError(
-                f"sp and ap must have the same hidden size, got {self.sp.shape[1]} and "
-                f"{self.ap.shape[1]}"
+                f"prompt pack sp and ap must have the same hidden size, got "
+                f"{self.sp.shape[1]} and {self.ap.shape[1]}"
             )
-        self.sp = self.sp.detach().to(torch.float32)
-        self.ap = self.ap.detach().to(torch.float32)
+        _check_strings("fingerprint", self.fingerprint)
+        _check_strings("metadata", self.metadata)
+        reserved = sorted(set(_RESERVED_METADATA) & self.metadata.keys())
+        if reserved:
+            raise PromptPackError(
+                f"prompt pack metadata must not use the reserved keys "
+                f"{list(_RESERVED_METADATA)}, got {reserved}"
+            )
+        declared = _hidden_from(self.fingerprint, "prompt pack")
+        if declared is not None and declared != self.sp.shape[1]:
+            raise PromptPackError(
+                f"prompt pack tensors must have the fingerprint's hidden size {declared}, got "
+                f"{self.sp.shape[1]}"
+            )
+        self.sp = self.sp.detach().to("cpu", torch.float32).contiguous()
+        self.ap = self.ap.detach().to("cpu", torch.float32).contiguous()
+        self.fingerprint = dict(self.fingerprint)
+        self.metadata = dict(self.metadata)
 
     @property
     def trained(self) -> bool:
@@ -142,14 +240,19 @@ class PromptPack:
         """
         emb = model.get_input_embeddings()
 
-        def embed(text: str) -> torch.Tensor:
-            ids = tokenizer.encode(text, add_special_tokens=False)
+        def embed(name: str, text: str) -> torch.Tensor:
+            ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+            if not ids:
+                raise PromptPackError(
+                    f"prompt pack {name} text must encode to >= 1 token, got {_short(text)}"
+                )
             with torch.no_grad():
-                return emb(torch.tensor(ids, device=emb.weight.device)).float().cpu()
+                ids_t = torch.tensor(ids, dtype=torch.long, device=emb.weight.device)
+                return emb(ids_t).float().cpu()
 
         return cls(
-            sp=embed(safe_text),
-            ap=embed(opposite_text),
+            sp=embed("sp", safe_text),
+            ap=embed("ap", opposite_text),
             fingerprint=fingerprint or model_fingerprint(model, tokenizer),
             metadata={
                 "trained": "false",
@@ -159,28 +262,23 @@ class PromptPack:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the pack atomically (temp file + rename) so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the pack atomically and durably, so a crash never leaves half a file."""
         meta = {
             **self.metadata,
             "format_version": PACK_FORMAT_VERSION,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"sp": self.sp.contiguous(), "ap": self.ap.contiguous()}, tmp, metadata=meta)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a pack is a shareable artefact
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        tensors = {"sp": self.sp.contiguous(), "ap": self.ap.contiguous()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PromptPack:
-        """Read a pack written by :meth:`save`; raise :class:`PromptPackError` if malformed."""
+        """Read a pack written by :meth:`save`; raise :class:`PromptPackError` if malformed.
+
+        Everything in the file is untrusted: the header, the fingerprint JSON and the tensors
+        are all checked here, so a bad file fails at load with the file's name in the message,
+        never later inside the decode loop.
+        """
         path = Path(path)
         if not path.is_file():
             raise PromptPackError(
@@ -190,7 +288,8 @@ class PromptPack:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                names = sorted(f.keys())
+                tensors = {k: f.get_tensor(k) for k in ("sp", "ap") if k in names}
         except Exception as exc:
             raise PromptPackError(
                 f"prompt pack '{path}' must be a readable safetensors file: {exc}"
@@ -198,17 +297,50 @@ class PromptPack:
         if meta.get("format_version") != PACK_FORMAT_VERSION:
             raise PromptPackError(
                 f"prompt pack format_version must be {PACK_FORMAT_VERSION!r}, got "
-                f"{meta.get('format_version')!r} in '{path}'"
+                f"{_short(meta.get('format_version'))} in '{path}'"
             )
         missing = {"sp", "ap"} - tensors.keys()
         if missing:
-            raise PromptPackError(f"prompt pack '{path}' lacks tensors {sorted(missing)}")
-        fingerprint = json.loads(meta.pop("fingerprint", "{}"))
+            raise PromptPackError(
+                f"prompt pack tensors must include 'sp' and 'ap', got {names} in '{path}'"
+            )
+        extra = [n for n in names if n not in ("sp", "ap")]
+        if extra:
+            logger.warning("prompt pack '%s': ignoring unknown tensors %s", path, extra)
+        raw = meta.pop("fingerprint", None)
+        try:
+            fingerprint = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError:
+            fingerprint = None
+        if not isinstance(fingerprint, dict):
+            raise PromptPackError(
+                f"prompt pack fingerprint must be a JSON object of strings, got {_short(raw)} "
+                f"in '{path}'"
+            )
         meta.pop("format_version")
-        return cls(sp=tensors["sp"], ap=tensors["ap"], fingerprint=fingerprint, metadata=meta)
+        try:
+            return cls(sp=tensors["sp"], ap=tensors["ap"], fingerprint=fingerprint, metadata=meta)
+        except PromptPackError as exc:
+            raise PromptPackError(f"{exc} in '{path}'") from None
 
-    def check_compatible(self, fingerprint: dict[str, str], source: str = "prompt pack") -> None:
-        """Refuse a pack made for another model, naming what differs and how to fix it."""
+    def check_compatible(
+        self,
+        fingerprint: dict[str, str],
+        source: str = "prompt pack",
+        *,
+        hidden_size: int | None = None,
+    ) -> None:
+        """Refuse a pack made for another model, naming what differs and how to fix it.
+
+        Besides the fingerprint keys, the tensors' own width is checked against the model's
+        hidden size (``hidden_size``, else the model fingerprint's): a pack whose fingerprint
+        was copied from the right model but whose tensors are another width would otherwise
+        pass here and fail inside the forward pass.
+        """
+        if not isinstance(fingerprint, dict):
+            raise PromptPackError(
+                f"model fingerprint must be a dict, got {type(fingerprint).__name__}"
+            )
         diffs = [
             f"{k} (pack {self.fingerprint.get(k)!r}, model {fingerprint.get(k)!r})"
             for k in FINGERPRINT_KEYS
@@ -218,4 +350,13 @@ class PromptPack:
             raise PromptPackError(
                 f"{source} was made for another model: {', '.join(diffs)} differ; train a pack "
                 "for this model with `acd train --model PATH --out pack.safetensors`"
+            )
+        model_hidden = hidden_size
+        if model_hidden is None and isinstance(fingerprint.get("hidden_size"), str):
+            model_hidden = _hidden_from(fingerprint, "model")
+        width = int(self.sp.shape[1])
+        if model_hidden is not None and width != model_hidden:
+            raise PromptPackError(
+                f"{source} tensors must have the model's hidden size {model_hidden}, got "
+                f"{width}; train a pack for this model with `acd train --out pack.safetensors`"
             )
