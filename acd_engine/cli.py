@@ -1,7 +1,14 @@
 """`acd`: generate, compare, chat (and the long jobs: train, eval, bench).
 
 Heavy modules (torch, transformers) are imported inside the commands so ``acd --help``
-answers instantly. Errors the user can fix are printed to stderr as one line, exit code 2.
+answers instantly.
+
+Every command, ``train`` and ``bench`` included, reports what the user can fix as ONE line
+``error: <message>`` on stderr with exit code 2: the package's own errors (``ACDError``), the
+operating system's (``OSError``: a missing, unwritable or wrong-kind path), text that is not
+Unicode (``UnicodeError``: Python decodes undecodable argv bytes as lone surrogates), pydantic
+validation and typer/click usage errors. :class:`OneLineErrors` does this for the whole app,
+so no command can forget it. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +17,90 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+USER_ERROR_EXIT = 2
+
+
+def echo_error(message: object) -> int:
+    """Print ``error: <message>`` as exactly one line on stderr; return the exit code, 2.
+
+    The message is folded onto one line (scripts grep for it) and lone surrogates are shown
+    as ``\\udcff`` escapes (an error about undecodable input must not itself fail to print).
+    """
+    text = " ".join(str(message).split()) or "unknown error"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    typer.echo(f"error: {text}", err=True)
+    return USER_ERROR_EXIT
+
+
+def fail(message: object) -> NoReturn:
+    """:func:`echo_error`, then leave the command with exit code 2."""
+    raise typer.Exit(echo_error(message))
+
+
+def _click_class(name: str) -> type[Exception]:
+    """A click exception class found through typer's public ``BadParameter``.
+
+    typer 0.29 vendors click (``typer._click``), older releases use ``click`` itself; the
+    classes' names are the same in both, so this works with either and imports nothing private.
+    """
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+_CLICK_ERROR = _click_class("ClickException")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input or the machine is wrong", never "the code is wrong"."""
+    from acd_engine.errors import ACDError
+
+    return (ACDError, OSError, UnicodeError, ValidationError)
+
+
+class OneLineErrors(TyperGroup):
+    """The app's click group: usage and user errors of every command become one line.
+
+    typer prints usage errors as a multi-line panel and lets every other exception through as
+    a traceback with exit code 1. Running click in non-standalone mode hands both to us.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(
+                args=args,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except typer.Abort:  # Ctrl-C or EOF at a prompt
+            typer.echo("aborted", err=True)
+            code = 1
+        except _CLICK_ERROR as exc:  # usage: missing argument, bad int, no such option
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `acd` alone: show the help
+                exc.show()  # type: ignore[attr-defined]
+                code = USER_ERROR_EXIT
+            else:
+                code = echo_error(exc.format_message())  # type: ignore[attr-defined]
+        except user_error_types() as exc:
+            code = echo_error(exc)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="acd",
@@ -21,6 +108,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 T = TypeVar("T")
@@ -63,19 +151,31 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _run(fn: Callable[[], T]) -> T:
-    """Turn the package's own errors into one clean stderr line and exit code 2."""
-    from acd_engine.errors import ACDError
+    """Call a command body, turning user errors into one stderr line and exit code 2.
 
+    :class:`OneLineErrors` does the same for the whole app; this covers a command function
+    called on its own (``typer.main.get_command`` of one command, or a test).
+    """
     try:
         return fn()
-    except ACDError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except user_error_types() as exc:
+        fail(exc)
+
+
+def _text(value: str, name: str) -> str:
+    """``value`` if UTF-8 can encode it; else the house-style ``ConfigError`` naming ``name``.
+
+    Checked before any model loads: undecodable bytes in argv or stdin arrive as lone
+    surrogates, which tokenizers and terminals refuse with errors that name no input.
+    """
+    from acd_engine.config import check_text
+
+    return check_text(value, name)
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return [*msgs, {"role": "user", "content": prompt}]
+    msgs = [{"role": "system", "content": _text(system, "system")}] if system else []
+    return [*msgs, {"role": "user", "content": _text(prompt, "prompt")}]
 
 
 @app.command()
@@ -112,8 +212,9 @@ def generate(
             seed=seed,
             plausibility=plausibility,
         )
+        messages = _messages(prompt, system)
         engine = get_engine(model, pack=pack)
-        result = engine.generate(_messages(prompt, system), cfg)
+        result = engine.generate(messages, cfg)
         if as_json:
             typer.echo(json.dumps(result.model_dump(), ensure_ascii=False))
         else:
@@ -146,7 +247,13 @@ def compare(
         from acd_engine.config import DecodingConfig
         from acd_engine.engine import get_engine
 
+        for i, prompt in enumerate(prompts):
+            _text(prompt, f"prompts[{i}]")
         names = [m.strip() for m in methods.split(",") if m.strip()]
+        if not names:
+            from acd_engine.errors import ConfigError
+
+            raise ConfigError(f"methods must name at least one method, got {methods!r}")
         configs = [
             DecodingConfig(
                 method=m, alpha=alpha, max_new_tokens=max_new_tokens, plausibility=plausibility
@@ -206,8 +313,8 @@ def chat(
         cfg = DecodingConfig(
             method=method, alpha=alpha, max_new_tokens=max_new_tokens, temperature=temperature
         )
+        history: list[dict[str, str]] = _messages("", system)[:-1]
         engine = get_engine(model, pack=pack)
-        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         typer.echo(f"{engine.model_name} · method {cfg.method} · empty line quits")
         while True:
             try:
@@ -216,7 +323,7 @@ def chat(
                 break
             if not line:
                 break
-            history.append({"role": "user", "content": line})
+            history.append({"role": "user", "content": _text(line, "message")})
             typer.echo("acd> ", nl=False)
             parts = []
             for delta in engine.stream(history, cfg):
@@ -286,8 +393,8 @@ def eval_command(
         from pathlib import Path
 
         from acd_engine.engine import get_engine
-        from acd_engine.eval.judges import get_judge
-        from acd_engine.eval.runner import EvalOptions, run_eval
+        from acd_engine.eval.judges import Judge, get_judge
+        from acd_engine.eval.runner import EvalOptions, prepare_eval, run_eval
 
         options = EvalOptions(
             methods=methods,
@@ -308,8 +415,17 @@ def eval_command(
             judge_options = {"model": judge_model}
         elif judge == "openai":
             judge_options = {"url": judge_url, "model": judge_model}
-        judge_obj = get_judge(judge, **judge_options)
-        run_eval(get_engine(model, pack=pack), options, judge=judge_obj)
+
+        # Order: everything cheap first, so a typo fails before any model loads. A hf judge
+        # loads a model, so the benchmarks and --out are checked before it; other judges are
+        # built first and their settings checked against run.json too.
+        judge_obj: Judge | None = None
+        if judge != "hf":
+            judge_obj = get_judge(judge, **judge_options)
+        plan = prepare_eval(options, judge_obj)
+        if judge_obj is None:
+            judge_obj = get_judge(judge, **judge_options)
+        run_eval(get_engine(model, pack=pack), options, judge=judge_obj, plan=plan)
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
     _run(go)

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from acd_engine.config import did_you_mean, format_errors
+from acd_engine.config import did_you_mean, format_errors, unicode_problem
 from acd_engine.errors import ConfigError
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "BenchmarkSpec",
     "Role",
     "check_benchmark_name",
-    "is_encodable",
     "load_benchmark",
     "resolve_data_dir",
     "sample_items",
@@ -163,19 +162,6 @@ class Benchmark:
         return "mixed"
 
 
-def is_encodable(text: str) -> bool:
-    """Whether ``text`` is valid Unicode that UTF-8 can encode (no lone surrogates).
-
-    Python hands undecodable bytes of argv and of files read with ``surrogateescape`` over as
-    lone surrogates; tokenizers, JSON writers and terminals refuse them.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_path(name: str) -> bool:
     return name.endswith(".jsonl") or "/" in name or os.sep in name
 
@@ -249,7 +235,7 @@ def load_benchmark(name: str, data_dir: Path | None = None) -> Benchmark:
         if not line.strip():
             continue
         where = f"{path.name} line {lineno}"
-        if not is_encodable(line):
+        if unicode_problem(line) is not None:
             logger.warning("%s is not valid UTF-8; its row will be recorded as an error", where)
         try:
             item = BenchmarkItem.model_validate(json.loads(line))

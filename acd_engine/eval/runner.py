@@ -38,10 +38,12 @@ from acd_engine.atomic import atomic_write_text
 from acd_engine.config import (
     CONTRAST_METHODS,
     METHODS,
+    UNICODE_RULE,
     DecodingConfig,
     _Settings,
     did_you_mean,
     half_open_unit,
+    unicode_problem,
 )
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
@@ -66,7 +68,6 @@ from acd_engine.eval.registry import (
     Benchmark,
     BenchmarkItem,
     check_benchmark_name,
-    is_encodable,
     load_benchmark,
     sample_items,
 )
@@ -504,12 +505,9 @@ def _describe_error(exc: BaseException) -> str:
 def _unencodable(texts: Sequence[str]) -> str | None:
     """The error of a row whose text cannot reach a tokenizer, or None when it can."""
     for text in texts:
-        if not is_encodable(text):
-            at = next(i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff")
-            return (
-                f"prompt must be valid UTF-8 text, got a lone surrogate (an undecodable byte) "
-                f"at character {at}"
-            )
+        problem = unicode_problem(text)
+        if problem is not None:
+            return f"prompt {UNICODE_RULE}, {problem}"
     return None
 
 
