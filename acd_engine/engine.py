@@ -533,6 +533,37 @@ class Engine:
                 f"error from it: {exc}"
             ) from None
 
+    def count_tokens(
+        self,
+        messages: Messages,
+        config: DecodingConfig | None = None,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> int:
+        """The prompt tokens a request would use: ``usage.prompt_tokens`` before decoding.
+
+        Counts the positive branch as rendered for ``config``'s method (its system prompt or
+        soft prompt included), so framework token budgets (LangChain's trimming, LlamaIndex
+        memory) see what the model will read. No forward runs.
+        """
+        cfg = config or self.defaults
+        template_kwargs = {"tools": list(tools)} if tools else {}
+        with self._lock:
+            rendered = self.render(messages, **template_kwargs)
+            positive = self.plan(cfg).positive
+        if positive is None:
+            assert rendered.plain is not None
+            return len(rendered.plain)
+        if positive.kind == "text":
+            assert positive.text is not None
+            content = len(self.encode_data(positive.text))
+        elif positive.kind == "soft":
+            assert positive.soft is not None
+            content = int(positive.soft.shape[0])
+        else:
+            content = 0
+        return len(rendered.head) + content + len(rendered.tail)
+
     def _embed(self, ids: list[int]) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
         return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))  # [T, H]

@@ -273,6 +273,25 @@ class ChatACD(BaseChatModel):
             pack=self.pack,
         )
 
+    # -- token counting ------------------------------------------------------------------------
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` from the engine's own tokenizer (offline).
+
+        LangChain's default loads a GPT-2 tokenizer from a model hub; token counting,
+        ``trim_messages`` and summarising memory all go through here.
+        """
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.engine.encode_data(text)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """The prompt tokens these messages take as this model's template renders them for
+        this model's method (the system or soft prompt included): ``usage.input_tokens``."""
+        req = self._prepare(list(messages), None, {"tools": list(tools)} if tools else {})
+        return req.engine.count_tokens(req.messages, req.config, tools=req.native_tools)
+
     # -- request preparation ---------------------------------------------------------------
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

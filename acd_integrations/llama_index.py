@@ -16,7 +16,7 @@ import difflib
 import logging
 import re
 import threading
-from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +190,22 @@ class ACDLLM(FunctionCallingLLM):
     def engine(self) -> Engine:
         """The shared engine (one per model/device/dtype/pack in the process)."""
         return self._engine
+
+    @property
+    def tokenizer(self) -> Callable[[str], list[int]]:
+        """The engine's tokenizer as LlamaIndex's tokenizer hook: ``text -> token ids``.
+
+        LlamaIndex's default (``Settings.tokenizer``, and the ``tokenizer_fn`` of memory
+        buffers) is tiktoken, which fetches its encodings from the network. Offline, set
+        ``Settings.tokenizer = llm.tokenizer`` or pass ``tokenizer_fn=llm.tokenizer``.
+        """
+        return self._engine.encode_data
+
+    def count_tokens(self, messages: Sequence[ChatMessage], **kwargs: Any) -> int:
+        """The prompt tokens ``chat(messages, **kwargs)`` would use (its ``prompt_tokens``)."""
+        req = self._request(messages, kwargs)
+        tools = [t.to_openai() for t in req.tools] if req.native_tools and req.tools else None
+        return self._engine.count_tokens(req.messages, req.config, tools=tools)
 
     @property
     def metadata(self) -> LLMMetadata:
