@@ -2,8 +2,7 @@
 
 ``ci`` (the default, used by ``make test``) is derandomized, so every run tries the same
 cases and a failure reproduces; ``fuzz`` (``make fuzz``) tries many more, at random.
-Each test sets its own ``max_examples`` for ``ci``; ``fuzz`` multiplies it through
-:func:`examples`.
+Each test module sets its own ``max_examples``, larger when ``HYPOTHESIS_PROFILE=fuzz``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,3 @@ settings.register_profile("fuzz", deadline=None, suppress_health_check=_SLOW_OK)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
-
-def examples(n: int) -> int:
-    """``n`` cases under the ``ci`` profile, 20 times as many under ``fuzz``."""
-    return n if PROFILE == "ci" else 20 * n
