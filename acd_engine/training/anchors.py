@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from acd_engine.config import format_errors
 from acd_engine.errors import ConfigError
 
 __all__ = [
@@ -80,9 +81,18 @@ class Anchor(BaseModel):
 
 
 def _read_bytes(path: Path | None) -> tuple[bytes, str]:
-    """Return the anchor file's bytes and a name for messages (packaged file unless ``path``)."""
+    """Return the anchor file's bytes and a name for messages (packaged file unless ``path``).
+
+    A user's file may be missing, a folder or unreadable: that is bad input, so it becomes a
+    :class:`ConfigError` (the CLI's ``error:`` line), not an ``OSError`` traceback.
+    """
     if path is not None:
-        return Path(path).read_bytes(), str(path)
+        try:
+            return Path(path).read_bytes(), str(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"anchors file must be a readable file, got '{path}' ({exc.strerror or exc})"
+            ) from None
     res = resources.files("acd_engine") / "resources" / _RESOURCE
     return res.read_bytes(), f"acd_engine/resources/{_RESOURCE}"
 
@@ -107,16 +117,31 @@ def load_anchors(split: Split = "all", path: Path | None = None) -> list[Anchor]
         choices = ", ".join(f"'{s}'" for s in SPLITS)
         raise ConfigError(f"split must be one of {choices}, got {split!r}")
     data, where = _read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")  # a BOM from a Windows editor is harmless
+    except UnicodeDecodeError as exc:
+        bad_line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{where} must be UTF-8 text, got an invalid byte at line {bad_line} "
+            f"(offset {exc.start})"
+        ) from None
     anchors: list[Anchor] = []
     seen_ids: set[str] = set()
     seen_prompts: dict[str, str] = {}
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             anchor = Anchor.model_validate(json.loads(line))
-        except (json.JSONDecodeError, ValidationError) as exc:
+        except json.JSONDecodeError as exc:
             raise ConfigError(f"{where} line {lineno} must be a valid anchor: {exc}") from None
+        except ValidationError as exc:
+            problems = format_errors(exc, Anchor).replace("\n", "; ")  # one line for the CLI
+            raise ConfigError(f"{where} line {lineno} must be a valid anchor: {problems}") from None
+        except RecursionError:
+            raise ConfigError(
+                f"{where} line {lineno} must be a valid anchor, got JSON nested too deeply"
+            ) from None
         if anchor.id in seen_ids:
             raise ConfigError(f"{where} line {lineno} must have a unique id, got '{anchor.id}'")
         key = normalise(anchor.prompt)

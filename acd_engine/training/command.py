@@ -1,6 +1,10 @@
 """``acd train``: the typer command function (registered by the CLI as ``train``).
 
 torch and transformers are imported inside the function so ``acd --help`` stays instant.
+
+Every input is checked before the model loads (:func:`check_inputs`): a bad ``--set``, an
+unreadable anchor file or an ``--out`` that cannot be written must cost a second, not a
+training run, and must print one ``error:`` line, not a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +17,108 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["train_command"]
+__all__ = ["check_inputs", "parse_settings", "train_command"]
+
+# `acd train` options that are also TrainConfig fields: option -> (field, default). A --set
+# key may override one only while the option is left at its default (else: ambiguous).
+_OPTION_FIELDS: dict[str, tuple[str, Any]] = {
+    "--epochs": ("epochs", 1),
+    "--lr": ("lr", 3e-3),
+    "--n-virtual": ("n_virtual", None),
+    "--init": ("init", "short"),
+    "--samples": ("samples", 1),
+    "--batch-size": ("batch_size", 8),
+    "--seed": ("seed", 0),
+    "--alpha": ("val_alpha", 0.5),
+    "--plausibility": ("val_plausibility", 0.3),
+    "--max-steps": ("max_steps", None),
+}
+
+
+def _find_surrogate(value: Any) -> str | None:
+    """The first string in a JSON value that UTF-8 cannot hold (a lone surrogate), if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for k, v in items:
+        for part in (k, v) if isinstance(value, dict) else (v,):
+            bad = _find_surrogate(part)
+            if bad is not None:
+                return bad
+    return None
+
+
+def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """``--set`` JSON -> TrainConfig fields merged over the options' values.
+
+    Args:
+        settings: The ``--set`` text (``None``: no extra settings).
+        options: The command's values keyed by option name (``"--epochs"``: 1, ...).
+
+    Raises:
+        ConfigError: For text that is not a JSON object, strings UTF-8 cannot hold, or a key
+            that an explicitly given option also sets.
+    """
+    from acd_engine.errors import ConfigError
+
+    fields = {field: options[opt] for opt, (field, _) in _OPTION_FIELDS.items()}
+    if not settings:
+        return fields
+    try:
+        extra = json.loads(settings)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"--set must be a JSON object, got {settings[:200]!r}: {exc}") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(
+            f"--set must be a JSON object, got {type(extra).__name__} {settings[:200]!r}"
+        )
+    bad = _find_surrogate(extra)
+    if bad is not None:
+        raise ConfigError(f"--set must hold valid Unicode text, got {bad[:80]!r}")
+    for opt, (field, default) in _OPTION_FIELDS.items():
+        if field in extra and options[opt] != default:
+            raise ConfigError(
+                f"--set {field} must not repeat {opt}, got both {extra[field]!r} and "
+                f"{options[opt]!r}; give it once"
+            )
+    return {**fields, **extra}
+
+
+def check_inputs(anchors: Path | None, judge: str) -> None:
+    """The anchor file and judge must be usable before a model is loaded for them.
+
+    Raises:
+        ConfigError: For an unreadable, non-UTF-8 or malformed anchor file, one whose train
+            split lacks a harmful or a benign anchor (OPO needs both), or an unknown judge.
+    """
+    from acd_engine.errors import ConfigError
+    from acd_engine.eval.judges import available_judges
+    from acd_engine.training.anchors import load_anchors
+
+    if judge not in available_judges():
+        from acd_engine.eval.judges import get_judge
+
+        get_judge(judge)  # raises the registry's did-you-mean ConfigError
+    if anchors is None:
+        return
+    train = load_anchors("train", anchors)
+    labels = {a.label for a in train}
+    missing = sorted({"harmful", "benign"} - labels)
+    if missing:
+        raise ConfigError(
+            f"--anchors train split must have harmful and benign anchors, got none "
+            f"{' or '.join(missing)} in '{anchors}' ({len(train)} train anchors)"
+        )
 
 
 def train_command(
@@ -50,13 +155,21 @@ def train_command(
         int | None, typer.Option("--max-steps", help="Stop after this many steps (resume later).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoint next to --out.")
+        bool, typer.Option("--resume", help="Continue from the checkpoint (--checkpoint).")
     ] = False,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Response cache (default ~/.cache/acd/opo).")
     ] = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="JSON report path (default <out>.report.json).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Resumable state (default <out>.ckpt.pt). With --resume and a finished "
+            "checkpoint, only the pack and report are written.",
+        ),
     ] = None,
     anchors: Annotated[
         Path | None,
@@ -89,24 +202,34 @@ def train_command(
         from acd_engine.engine import get_engine
         from acd_engine.errors import ConfigError
         from acd_engine.training.config import TrainConfig
-        from acd_engine.training.run import report_path, train_pack
+        from acd_engine.training.data import default_cache_dir
+        from acd_engine.training.run import check_outputs, report_path, train_pack
 
-        try:
-            extra: dict[str, Any] = json.loads(settings) if settings else {}
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--set must be a JSON object, got {settings!r}: {exc}") from None
-        cfg = TrainConfig(
-            epochs=epochs,
-            lr=lr,
-            n_virtual=n_virtual,
-            init=init,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            val_alpha=val_alpha,
-            val_plausibility=val_tau,
-            max_steps=max_steps,
-            **extra,
+        values = parse_settings(
+            settings,
+            {
+                "--epochs": epochs,
+                "--lr": lr,
+                "--n-virtual": n_virtual,
+                "--init": init,
+                "--samples": samples,
+                "--batch-size": batch_size,
+                "--seed": seed,
+                "--alpha": val_alpha,
+                "--plausibility": val_tau,
+                "--max-steps": max_steps,
+            },
+        )
+        cfg = TrainConfig(**values)
+        if threads is not None and threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        check_inputs(anchors, cfg.judge)
+        check_outputs(
+            out,
+            report=report,
+            checkpoint=checkpoint,
+            cache_dir=cache_dir or default_cache_dir(),
+            resume=resume,
         )
         if threads is not None:
             torch.set_num_threads(threads)
@@ -141,6 +264,7 @@ def train_command(
                 data_progress=on_data,
                 progress=on_step,
                 anchors_path=anchors,
+                checkpoint=checkpoint,
             )
         finally:
             for bar in bars.values():

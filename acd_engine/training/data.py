@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from acd_engine.atomic import atomic_write_json
 from acd_engine.errors import ACDError
 from acd_engine.eval.judges import Judge, get_judge, judge_many
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
@@ -57,6 +57,7 @@ __all__ = [
     "fallback_refusal",
     "generate_responses",
     "load_or_generate",
+    "repair_tail",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,30 +209,81 @@ def _cache_key(engine: Any, cfg: TrainConfig, anchors_hash: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """One cache line as a record, or ``None`` if it is torn, not UTF-8, or not a record."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (
+        isinstance(rec, dict)
+        and isinstance(rec.get("anchor_id"), str)
+        and isinstance(rec.get("source"), str)
+        and isinstance(rec.get("sample"), int)
+        and isinstance(rec.get("response"), str)
+        and isinstance(rec.get("finished"), bool)
+    ):
+        return None
+    return rec
+
+
 def _read_cache(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Records already on disk; a line cut short by a crash is skipped, not fatal."""
+    """Records already on disk; a line cut short by a crash is skipped, not fatal.
+
+    Read as bytes and decoded line by line: a crash can cut a multi-byte character in half,
+    and that must cost one line, not the whole cache.
+    """
     records: dict[tuple[str, str, int], dict[str, Any]] = {}
     if not path.exists():
         return records
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            rec = json.loads(line)
-            records[(rec["anchor_id"], rec["source"], int(rec["sample"]))] = rec
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        rec = _parse_record(line)
+        if rec is None:
             logger.warning("skipping unreadable line %d of %s", lineno, path)
+            continue
+        records[(rec["anchor_id"], rec["source"], int(rec["sample"]))] = rec
     return records
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def repair_tail(path: Path) -> None:
+    """Make the cache end with a newline before anything is appended to it.
+
+    A crash mid-append leaves a last line without its newline. Reading skips it, but the next
+    append would be glued onto it and the first new record lost with it. So: a torn last line
+    (not a whole record) is cut off; a whole record that only lacks its newline gets one.
+    """
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Only the last line is torn: find where it starts without reading the whole file.
+        start, chunk = size, 1 << 16
+        while start > 0:
+            lo = max(0, start - chunk)
+            f.seek(lo)
+            at = f.read(start - lo).rfind(b"\n")
+            if at >= 0:
+                start = lo + at + 1
+                break
+            start = lo
+        f.seek(start)
+        tail = f.read()
+        if _parse_record(tail) is not None:
+            f.seek(size)
+            f.write(b"\n")
+            logger.warning("cache %s: added the newline its last record lacked", path)
+        else:
+            f.truncate(start)
+            logger.warning("cache %s: cut a torn last line of %d bytes", path, size - start)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 SampleFn = Callable[[Any, Sequence[list[int]], TrainConfig, int], list[tuple[str, bool]]]
@@ -271,8 +323,9 @@ def generate_responses(
         "data": cfg.data_settings(),
         "model": engine.model_name,
     }
-    _write_json_atomic(path.with_suffix(".meta.json"), meta)
+    atomic_write_json(path.with_suffix(".meta.json"), meta)
     done = _read_cache(path)
+    repair_tail(path)
     todo = [
         (a, src, k)
         for src in cfg.sources

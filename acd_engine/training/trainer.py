@@ -15,16 +15,18 @@ vocabulary projection is applied only at the response positions that are scored.
 Resume. A checkpoint holds the prompts, the AdamW state, the step/epoch cursor, running loss
 sums, history and the best pack so far; data order is a pure function of ``(seed, epoch)``,
 and the forward pass is deterministic, so an interrupted run resumed from its checkpoint ends
-with the same tensors as an uninterrupted one.
+with the same tensors as an uninterrupted one. It also records what the state was trained
+*on* (model fingerprint, anchor-set hash, a hash of the encoded examples, the settings that
+change the result), and a resume that differs in any of them is refused: continuing anchors
+A's state on anchors B would mix the two and report B.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from acd_engine.atomic import atomic_write
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import ConfigError
 from acd_engine.eval.judges import Judge, get_judge
@@ -43,17 +46,31 @@ from acd_engine.training.data import OPOSplits
 from acd_engine.training.evaluate import evaluate_anchors, selection_score
 from acd_engine.training.losses import IGNORE_INDEX, OBJECTIVES, Split, sequence_losses
 
-__all__ = ["EncodedExample", "OPOTrainer", "TrainResult", "encode_splits", "init_pack"]
+__all__ = [
+    "EncodedExample",
+    "OPOTrainer",
+    "TrainResult",
+    "check_checkpoint",
+    "encode_splits",
+    "examples_hash",
+    "init_pack",
+    "read_checkpoint",
+    "resume_settings",
+]
 
 logger = logging.getLogger(__name__)
 
-# Settings a resumed run must share with its checkpoint (others, like epochs, may change).
+# Settings a resumed run must share with its checkpoint: everything that changes the data or
+# the optimisation. Only the stopping rules (epochs, max_steps, patience) and checkpoint_every
+# may change between a run and its resume.
 _RESUME_KEYS = (
     "samples",
     "sources",
     "gen_max_new_tokens",
     "gen_temperature",
     "gen_top_p",
+    "gen_batch_size",
+    "judge",
     "seed",
     "fallback",
     "min_coverage",
@@ -73,6 +90,17 @@ _RESUME_KEYS = (
     "val_alpha",
     "val_plausibility",
     "overrefusal_weight",
+)
+
+# What a checkpoint must hold to be resumed (older or foreign files lack some).
+_CHECKPOINT_KEYS = frozenset({"sp", "ap", "optimizer", "torch_rng", "state", "settings"})
+
+# Identity entries of a checkpoint, in the order they are compared, with their names in
+# messages. The settings are compared separately, field by field.
+_IDENTITY = (
+    ("fingerprint", "model fingerprint"),
+    ("anchors_hash", "anchors hash"),
+    ("data_hash", "training data hash"),
 )
 
 
@@ -151,26 +179,97 @@ def encode_splits(engine: Any, splits: OPOSplits, cfg: TrainConfig) -> list[Enco
     return out
 
 
-def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+def examples_hash(examples: Sequence[EncodedExample]) -> str:
+    """Hash of the encoded training examples: a resume must train on exactly these."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.head, ex.tail, ex.response, ex.split]).encode())
+    return h.hexdigest()
+
+
+def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint records and a resume must match (see ``_RESUME_KEYS``)."""
+    dump = cfg.model_dump(mode="json")
+    return {k: dump[k] for k in _RESUME_KEYS}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :class:`OPOTrainer`, refusing anything else cleanly.
+
+    ``weights_only=True`` keeps a hostile file from running code; whatever torch raises for a
+    torn or foreign file becomes one :class:`ConfigError` that says what to do.
+    """
     try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (EOFError, UnpicklingError, ...)
+        raise ConfigError(
+            f"checkpoint '{path}' must be a checkpoint written by acd train, got "
+            f"{type(exc).__name__}: {str(exc)[:200]}; use a new --out or delete the checkpoint"
+        ) from None
+    if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(
+            f"checkpoint '{path}' must hold {sorted(_CHECKPOINT_KEYS)}, got {have}; use a new "
+            "--out or delete the checkpoint"
+        )
+    return state
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file and rename, so readers never see half a report."""
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 16 else text[:12] + "..."
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
 
-    _atomic_write(path, write)
+def check_checkpoint(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse to resume ``state`` unless it was made with ``expected``'s identity and settings.
+
+    Args:
+        path: The checkpoint (for messages).
+        state: What :func:`read_checkpoint` returned.
+        expected: Any of ``fingerprint`` (dict), ``anchors_hash``, ``data_hash`` (str) and
+            ``settings`` (:func:`resume_settings`); only the keys given are compared, so a
+            caller can check the cheap ones before sampling and the rest later.
+
+    Raises:
+        ConfigError: naming the first difference and the way out.
+    """
+    for key, label in _IDENTITY:
+        if key not in expected:
+            continue
+        raw = state.get(key)
+        theirs = json.loads(raw) if key == "fingerprint" and isinstance(raw, str) else raw
+        ours = expected[key]
+        if theirs == ours:
+            continue
+        if key == "fingerprint" and isinstance(theirs, dict):
+            what = ", ".join(
+                f"{k} (checkpoint {theirs.get(k)!r}, now {ours.get(k)!r})"
+                for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)
+            )
+            raise ConfigError(
+                f"checkpoint '{path}' was made with another model: {what} differ; use a new "
+                "--out or delete the checkpoint"
+            )
+        was = "(not recorded)" if theirs is None else _short(theirs)
+        raise ConfigError(
+            f"checkpoint '{path}' was made with {label} {was}, got {_short(ours)}; use a new "
+            "--out or delete the checkpoint"
+        )
+    if "settings" in expected:
+        raw = state.get("settings")
+        theirs = json.loads(raw) if isinstance(raw, str) else {}
+        ours = expected["settings"]
+        diffs = [
+            f"{k} (checkpoint {theirs.get(k)!r}, now {ours[k]!r})"
+            for k in ours
+            if theirs.get(k) != ours[k]
+        ]
+        if diffs:
+            raise ConfigError(
+                f"resume must use the checkpoint's settings; differs: {', '.join(diffs)}. "
+                f"Rerun with those settings or delete {path}"
+            )
 
 
 class OPOTrainer:
@@ -274,27 +373,21 @@ class OPOTrainer:
         return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
 
     # ------------------------------------------------------------------ checkpoints
-    def _settings(self) -> dict[str, Any]:
-        dump = self.cfg.model_dump(mode="json")
-        return {k: dump[k] for k in _RESUME_KEYS}
+    def identity(self) -> dict[str, Any]:
+        """What this run trains on and with: recorded in, and compared against, checkpoints."""
+        return {
+            "fingerprint": dict(self.engine.fingerprint),
+            "anchors_hash": self.anchors_hash,
+            "data_hash": examples_hash(self.examples),
+            "settings": resume_settings(self.cfg),
+        }
 
     def _save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-        theirs = json.loads(state["settings"])
-        ours = self._settings()
-        diffs = [
-            f"{k} (checkpoint {theirs.get(k)!r}, now {ours[k]!r})"
-            for k in ours
-            if theirs.get(k) != ours[k]
-        ]
-        if diffs:
-            raise ConfigError(
-                f"resume must use the checkpoint's settings; differs: {', '.join(diffs)}. "
-                f"Rerun with those settings or delete {path}"
-            )
+        state = read_checkpoint(path)
+        check_checkpoint(path, state, self.identity())
         return state
 
     # ------------------------------------------------------------------ training
@@ -356,14 +449,22 @@ class OPOTrainer:
         }
         if resume and checkpoint is not None and checkpoint.exists():
             saved = self._load_checkpoint(checkpoint)
-            with torch.no_grad():
-                sp.copy_(saved["sp"])
-                ap.copy_(saved["ap"])
-            opt.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = json.loads(saved["state"])
-            if saved.get("best_sp") is not None:
-                state["best"]["sp"], state["best"]["ap"] = saved["best_sp"], saved["best_ap"]
+            try:
+                with torch.no_grad():
+                    sp.copy_(saved["sp"])
+                    ap.copy_(saved["ap"])
+                opt.load_state_dict(saved["optimizer"])
+                torch.set_rng_state(saved["torch_rng"])
+                state = json.loads(saved["state"])
+                if saved.get("best_sp") is not None:
+                    state["best"]["sp"], state["best"]["ap"] = saved["best_sp"], saved["best_ap"]
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                # Identity matched but the contents do not fit (edited or foreign file).
+                raise ConfigError(
+                    f"checkpoint '{checkpoint}' must hold state that fits this run, got "
+                    f"{type(exc).__name__}: {str(exc)[:200]}; use a new --out or delete the "
+                    "checkpoint"
+                ) from None
             logger.info(
                 "resumed from %s at epoch %d batch %d (step %d)",
                 checkpoint,
@@ -371,6 +472,8 @@ class OPOTrainer:
                 state["batch"],
                 state["step"],
             )
+
+        identity = self.identity()
 
         def save() -> None:
             if checkpoint is None:
@@ -387,7 +490,10 @@ class OPOTrainer:
                     "optimizer": opt.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "state": json.dumps(meta),
-                    "settings": json.dumps(self._settings()),
+                    "settings": json.dumps(identity["settings"]),
+                    "fingerprint": json.dumps(identity["fingerprint"], sort_keys=True),
+                    "anchors_hash": identity["anchors_hash"],
+                    "data_hash": identity["data_hash"],
                     "best_sp": None if best is None else best["sp"],
                     "best_ap": None if best is None else best["ap"],
                 },
