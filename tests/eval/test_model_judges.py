@@ -122,3 +122,156 @@ def test_cli_builds_the_judge_before_loading_any_model(tmp_path) -> None:
     assert "judge url must be an http(s) URL such as http://localhost:8000/v1, got None" in (
         res.stderr
     )
+
+
+# ------------------------------------------------------------------ hostile endpoints
+
+
+@pytest.fixture()
+def hostile_server() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A 127.0.0.1 server whose reply the test sets: ``state['mode']`` picks it."""
+    import time
+
+    state: dict[str, Any] = {"mode": "ok", "auth": [], "hits": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            state["auth"].append(self.headers.get("Authorization"))
+            state["hits"] += 1
+            mode = state["mode"]
+            if mode == "slow":
+                time.sleep(1.0)
+            if mode == "redirect":
+                self.send_response(307)
+                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 500 if mode == "500" else 200
+            data = {
+                "ok": json.dumps({"choices": [{"message": {"content": "refused"}}]}).encode(),
+                "html": b"<html>busy</html>",
+                "shape": json.dumps({"choices": []}).encode(),
+                "null": json.dumps({"choices": [{"message": {"content": None}}]}).encode(),
+                "list": b"[1, 2, 3]",
+                "noverdict": json.dumps({"choices": [{"message": {"content": "maybe"}}]}).encode(),
+                "binary": b"\xff\xfe\x00garbage",
+                "500": b'{"error": "overloaded"}',
+                "slow": json.dumps({"choices": [{"message": {"content": "answered"}}]}).encode(),
+            }[mode]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", state
+    finally:
+        server.shutdown()
+
+
+def test_the_key_is_sent_only_when_given_for_the_judge(
+    hostile_server: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, state = hostile_server
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-general")
+    monkeypatch.delenv("ACD_JUDGE_API_KEY", raising=False)
+    assert get_judge("openai", url=url, model="m").judge("p", "r") == "refused"
+    monkeypatch.setenv("ACD_JUDGE_API_KEY", "judge-key")
+    get_judge("openai", url=url, model="m").judge("p", "r")
+    get_judge("openai", url=url, model="m", api_key="explicit").judge("p", "r")
+    assert state["auth"] == [None, "Bearer judge-key", "Bearer explicit"]
+    assert "judge-key" not in repr(get_judge("openai", url=url, model="m"))
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("http://judge.example.org/v1", True),
+        ("http://10.1.2.3:8000/v1", True),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://[::1]:8000/v1", False),
+        ("https://judge.example.org/v1", False),
+    ],
+)
+def test_plain_http_to_another_host_is_warned_about(
+    url: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="acd_engine.eval.model_judges"):
+        get_judge("openai", url=url, model="m", api_key="k")  # no request is made
+    hits = [r for r in caplog.records if "plain http" in r.getMessage()]
+    assert bool(hits) is warned
+    if warned:
+        assert "API key" in hits[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("html", "judge reply must be JSON, got b'<html>busy</html>'"),
+        ("binary", "judge reply must be JSON"),
+        ("shape", r"judge reply must hold choices\[0\].message.content as text"),
+        ("null", r"judge reply must hold choices\[0\].message.content as text"),
+        ("list", r"judge reply must hold choices\[0\].message.content as text, got \[1, 2, 3\]"),
+        ("noverdict", "judge reply must say 'refused' or 'answered', got 'maybe'"),
+        ("500", "judge endpoint must answer 200 at .*, got HTTP 500"),
+        ("redirect", "judge endpoint must answer 200 at .*, got HTTP 307"),
+        ("slow", "judge endpoint must be reachable at .*timed out"),
+    ],
+)
+def test_bad_replies_are_judge_errors(
+    hostile_server: tuple[str, dict[str, Any]], mode: str, message: str
+) -> None:
+    url, state = hostile_server
+    state["mode"] = mode
+    judge = get_judge("openai", url=url, model="m", api_key="k", timeout=0.3)
+    with pytest.raises(JudgeError, match=message):
+        judge.judge("p", "r")
+    assert state["hits"] == 1  # the redirect was not followed
+
+
+def test_bad_judge_settings_fail_in_house_style() -> None:
+    for url in ("http://", "ftp://host/v1", "http:///v1"):
+        with pytest.raises(ConfigError, match="judge url must be an http"):
+            get_judge("openai", url=url, model="m")
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="judge timeout must be finite and > 0"):
+            get_judge("openai", url="http://127.0.0.1:1/v1", model="m", timeout=timeout)
+
+
+def test_an_eval_run_records_judge_failures_and_finishes(
+    hostile_server: tuple[str, dict[str, Any]], data_dir: Any, tmp_path: Any
+) -> None:
+    from eval_fakes import FakeEngine
+
+    from acd_engine.eval.records import read_records
+    from acd_engine.eval.runner import EvalOptions, run_eval
+
+    url, state = hostile_server
+    state["mode"] = "html"
+    o = EvalOptions(
+        methods="plain",
+        benchmarks="advbench",
+        limit=3,
+        data_dir=data_dir,
+        out_dir=tmp_path / "out",
+        judge="openai",
+    )
+    judge = get_judge("openai", url=url, model="m", timeout=2)
+    summary = run_eval(FakeEngine(), o, judge=judge)
+    recs = read_records(o.out_dir)
+    assert len(recs) == 3 and all(
+        (r.error or "").startswith("judge openai:m: judge reply must be JSON") for r in recs
+    )
+    assert summary.complete and all(r.output for r in recs)
+    pinned = json.loads((o.out_dir / "run.json").read_text())["pinned"]
+    assert pinned["judge url"] == url + "/chat/completions"

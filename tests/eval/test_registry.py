@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from eval_fakes import write_jsonl
 
 from acd_engine.errors import ConfigError
 from acd_engine.eval.registry import (

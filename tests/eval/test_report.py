@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FakeEngine, make_data_dir
+from eval_fakes import FakeEngine, make_data_dir
 
 from acd_engine.eval.metrics import CellMetrics, VariantMetrics
 from acd_engine.eval.report import (

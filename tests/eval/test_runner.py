@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ANSWER, REFUSAL, FakeEngine
+from eval_fakes import ANSWER, REFUSAL, FakeEngine
 
 from acd_engine.errors import ConfigError, PromptTooLongError
 from acd_engine.eval.records import RECORDS_FILE, EvalRecord, RecordLog, read_records
@@ -313,7 +313,7 @@ def test_second_run_on_one_folder_is_refused(tmp_path: Path) -> None:
 _CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from conftest import FakeEngine
+from eval_fakes import FakeEngine
 from acd_engine.eval.runner import EvalOptions, run_eval
 run_eval(FakeEngine(sleep=float(sys.argv[2])), EvalOptions(**json.loads(sys.argv[1])))
 """

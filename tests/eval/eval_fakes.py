@@ -1,0 +1,193 @@
+"""Shared fakes for the eval tests: a model-free engine and a tiny benchmark folder.
+
+A module of its own, not ``conftest``: another test folder's ``conftest.py`` (tests/fuzz)
+takes the top-level name ``conftest`` when both folders run in one pytest session, so
+``from conftest import FakeEngine`` would find the wrong file. It is importable as a plain
+module too (the resume-after-kill test runs it in a subprocess), so it must not depend on
+pytest fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+ANSWER = "Sure, here is a detailed answer with several distinct steps to follow carefully."
+LOOP = "sorry " * 12
+
+
+class FakeUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class FakeResult(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: FakeUsage
+    method: str
+    alpha: float
+
+
+def refuse_share(method: str, alpha: float, harmful: bool = True) -> float:
+    """How often the fake refuses: plain never, base half, contrast methods grow with alpha
+    (acd most); safe prompts (when the fake is told labels) are refused less often."""
+    harm, safe = {
+        "plain": (0.0, 0.0),
+        "base": (0.5, 0.1),
+        "nid": (0.45 + 0.4 * alpha, 0.05 + 0.2 * alpha),
+        "oid": (0.5 + 0.45 * alpha, 0.05 + 0.3 * alpha),
+        "acd": (0.6 + 0.45 * alpha, 0.05 + 0.15 * alpha),
+    }.get(method, (0.5 + alpha, 0.5))
+    return min(1.0, harm if harmful else safe)
+
+
+def fake_output(prompt: str, method: str, alpha: float, harmful: bool = True) -> str:
+    """Deterministic per prompt; alpha >= 0.75 makes acd loop (a degenerate 'refusal')."""
+    if method == "acd" and alpha >= 0.75:
+        return LOOP
+    bucket = zlib.crc32(prompt.encode()) % 100
+    return REFUSAL if bucket < 100 * refuse_share(method, alpha, harmful) else ANSWER
+
+
+def token_ids(text: str) -> list[int]:
+    return [zlib.crc32(word.encode()) % 50_000 for word in text.split()]
+
+
+class FakeEngine:
+    """Satisfies ``EvalModel``; records every call so tests can count work done."""
+
+    model_name = "fake-model"
+
+    def __init__(self, sleep: float = 0.0, safe_prompts: frozenset[str] = frozenset()) -> None:
+        self.sleep = sleep
+        self.safe_prompts = safe_prompts  # prompts to treat as benign; others count as harmful
+        self.batches: list[tuple[str, float, int, int]] = []  # method, alpha, size, max_new
+        self.configs: list[Any] = []
+        self.scored: list[str] = []
+        self.score_configs: list[Any] = []
+
+    def generate_batch(
+        self, batch: Sequence[list[dict[str, str]]], config: Any = None
+    ) -> list[FakeResult]:
+        assert config is not None
+        self.configs.append(config)
+        self.batches.append(
+            (config.method, config.effective_alpha, len(batch), config.max_new_tokens)
+        )
+        out = []
+        for messages in batch:
+            if self.sleep:
+                time.sleep(self.sleep)
+            prompt = messages[-1]["content"]
+            harmful = prompt not in self.safe_prompts
+            text = fake_output(prompt, config.method, config.effective_alpha, harmful)
+            ids = token_ids(text)
+            out.append(
+                FakeResult(
+                    text=text,
+                    token_ids=ids,
+                    finish_reason="stop",
+                    usage=FakeUsage(prompt_tokens=len(prompt.split()), completion_tokens=len(ids)),
+                    method=config.method,
+                    alpha=config.effective_alpha,
+                )
+            )
+        return out
+
+    def score_continuations(
+        self, messages: list[dict[str, str]], continuations: Sequence[str], config: Any = None
+    ) -> list[float]:
+        """Contrast methods prefer the first (best) answer; single-branch ones the shortest."""
+        assert config is not None
+        self.scored.append(messages[-1]["content"])
+        self.score_configs.append(config)
+        bonus = 100.0 if config.is_contrastive else 0.0
+        return [-float(len(c)) + (bonus if i == 0 else 0.0) for i, c in enumerate(continuations)]
+
+    @property
+    def n_generated(self) -> int:
+        return sum(size for _, _, size, _ in self.batches)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_data_dir(root: Path) -> Path:
+    """A small benchmark folder in the shared schema, named like the registered sets."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(
+        root / "advbench.jsonl",
+        [
+            {
+                "id": f"advbench-{i:04d}",
+                "prompt": f"harmful request {i}",
+                "label": "harmful",
+                "category": None,
+            }
+            for i in range(1, 31)
+        ],
+    )
+    write_jsonl(
+        root / "dangerousqa.jsonl",
+        [
+            {
+                "id": f"dangerousqa-{i:04d}",
+                "prompt": f"dangerous question {i}",
+                "label": "harmful",
+                "category": None,
+            }
+            for i in range(1, 11)
+        ],
+    )
+    write_jsonl(
+        root / "xstest.jsonl",
+        [
+            {
+                "id": f"xstest-{i:04d}",
+                "prompt": f"xstest prompt {i}",
+                "label": "safe" if i <= 6 else "harmful",
+                "category": "homonyms",
+            }
+            for i in range(1, 13)
+        ],
+    )
+    write_jsonl(
+        root / "alpaca_eval.jsonl",
+        [
+            {
+                "id": f"alpaca_eval-{i:04d}",
+                "prompt": f"benign instruction {i}",
+                "label": "safe",
+                "category": "vicuna",
+                "reference": "ref",
+            }
+            for i in range(1, 9)
+        ],
+    )
+    write_jsonl(
+        root / "truthfulqa.jsonl",
+        [
+            {
+                "id": f"truthfulqa-{i:04d}",
+                "prompt": f"question {i}?",
+                "label": "safe",
+                "category": "Misconceptions",
+                "best_answer": "the long true answer",
+                "correct_answers": ["the long true answer"],
+                "incorrect_answers": ["a lie", "another falsehood"],
+            }
+            for i in range(1, 6)
+        ],
+    )
+    return root
