@@ -380,7 +380,11 @@ def eval_command(
     ] = None,
     judge_url: Annotated[
         str | None,
-        typer.Option("--judge-url", help="openai: the endpoint, e.g. http://localhost:8000/v1."),
+        typer.Option(
+            "--judge-url",
+            help="openai: the endpoint, e.g. http://localhost:8000/v1; a key, if it needs "
+            "one, comes from $ACD_JUDGE_API_KEY (never $OPENAI_API_KEY).",
+        ),
     ] = None,
     model: ModelOpt = None,
     pack: PackOpt = None,
