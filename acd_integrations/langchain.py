@@ -256,8 +256,9 @@ class ChatACD(BaseChatModel):
             ls_temperature=kwargs.get("temperature", self.temperature),
             ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
         )
-        if stop or self.stop:
-            params["ls_stop"] = list(stop or self.stop or [])
+        stops = [stop] if isinstance(stop, str) else stop or self.stop or []
+        if isinstance(stops, list | tuple) and stops:  # tracing metadata only: a bad `stop`
+            params["ls_stop"] = [str(s) for s in stops]  # is refused by the call itself
         return params
 
     @property
