@@ -18,4 +18,3 @@ settings.register_profile(
 settings.register_profile("fuzz", deadline=None, suppress_health_check=_SLOW_OK)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
-

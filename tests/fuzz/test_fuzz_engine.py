@@ -190,4 +190,3 @@ def test_adapters_answer_or_raise_a_typed_error(adapters, prompt, cfg):
             call()
         except Exception as exc:
             _typed(exc)
-
