@@ -515,6 +515,14 @@ class OPOTrainer:
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss, l_sp, l_ap = self._batch_loss(batch, sp, ap)
+                    if not math.isfinite(l_sp + l_ap):
+                        # Stop before the step: a NaN would poison SP/AP and every later
+                        # checkpoint, and only surface as a refused pack at the end.
+                        raise ConfigError(
+                            f"training loss must be finite, got {l_sp + l_ap} at step "
+                            f"{state['step'] + 1}; lower lr (now {cfg.lr}) or grad_clip and "
+                            "rerun (the last checkpoint is intact)"
+                        )
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_([sp, ap], cfg.grad_clip)
                 opt.step()

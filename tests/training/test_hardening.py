@@ -467,3 +467,24 @@ def test_check_outputs_accepts_a_fresh_run_and_a_resume(tmp_path):
     with pytest.raises(ConfigError, match="must not exist for a new run"):
         check_outputs(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "p.ckpt.pt"]  # probes removed
+
+
+def test_a_diverging_loss_stops_before_the_prompts_are_poisoned(
+    tiny_engine, splits, fast_cfg, tmp_path, monkeypatch
+):
+    path = tmp_path / "d.ckpt.pt"
+    cfg = fast_cfg.replace(val_every=0)
+    t = trainer(tiny_engine, splits, cfg)
+    real = OPOTrainer._batch_loss
+    calls: list[int] = []
+
+    def nan_on_second(self: OPOTrainer, *args: Any) -> Any:
+        calls.append(1)
+        loss, l_sp, l_ap = real(self, *args)
+        return (loss, l_sp, float("nan")) if len(calls) == 2 else (loss, l_sp, l_ap)
+
+    monkeypatch.setattr(OPOTrainer, "_batch_loss", nan_on_second)
+    with pytest.raises(ConfigError, match=r"training loss must be finite, got nan at step 2"):
+        t.train(path)
+    saved = torch.load(path, weights_only=True)  # checkpoint_every=1: step 1 was saved
+    assert json.loads(saved["state"])["step"] == 1 and torch.isfinite(saved["sp"]).all()
