@@ -17,11 +17,11 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["check_inputs", "parse_settings", "train_command"]
+__all__ = ["OPTION_FIELDS", "check_inputs", "parse_settings", "train_command"]
 
 # `acd train` options that are also TrainConfig fields: option -> (field, default). A --set
 # key may override one only while the option is left at its default (else: ambiguous).
-_OPTION_FIELDS: dict[str, tuple[str, Any]] = {
+OPTION_FIELDS: dict[str, tuple[str, Any]] = {
     "--epochs": ("epochs", 1),
     "--lr": ("lr", 3e-3),
     "--n-virtual": ("n_virtual", None),
@@ -71,7 +71,7 @@ def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, A
     """
     from acd_engine.errors import ConfigError
 
-    fields = {field: options[opt] for opt, (field, _) in _OPTION_FIELDS.items()}
+    fields = {field: options[opt] for opt, (field, _) in OPTION_FIELDS.items()}
     if not settings:
         return fields
     try:
@@ -82,10 +82,13 @@ def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, A
         raise ConfigError(
             f"--set must be a JSON object, got {type(extra).__name__} {settings[:200]!r}"
         )
-    bad = _find_surrogate(extra)
+    try:
+        bad = _find_surrogate(extra)
+    except RecursionError:
+        raise ConfigError("--set must be a JSON object, got one nested too deeply") from None
     if bad is not None:
         raise ConfigError(f"--set must hold valid Unicode text, got {bad[:80]!r}")
-    for opt, (field, default) in _OPTION_FIELDS.items():
+    for opt, (field, default) in OPTION_FIELDS.items():
         if field in extra and options[opt] != default:
             raise ConfigError(
                 f"--set {field} must not repeat {opt}, got both {extra[field]!r} and "

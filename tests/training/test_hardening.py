@@ -488,3 +488,30 @@ def test_a_diverging_loss_stops_before_the_prompts_are_poisoned(
         t.train(path)
     saved = torch.load(path, weights_only=True)  # checkpoint_every=1: step 1 was saved
     assert json.loads(saved["state"])["step"] == 1 and torch.isfinite(saved["sp"]).all()
+
+
+def test_option_defaults_table_matches_the_command():
+    # parse_settings lets --set override an option only at its default: the table of
+    # defaults must be the command's own, or an explicit option would be silently dropped.
+    import inspect
+    import typing
+
+    from acd_engine.training.command import OPTION_FIELDS
+
+    hints = typing.get_type_hints(train_command, include_extras=True)
+    defaults = {}
+    for name, param in inspect.signature(train_command).parameters.items():
+        info = typing.get_args(hints[name])[1]
+        # typer takes the first positional of an Annotated Option as its name.
+        for decl in (info.default, *info.param_decls):
+            defaults[decl] = param.default
+    assert {opt: d for opt, (_, d) in OPTION_FIELDS.items()} == {
+        opt: defaults[opt] for opt in OPTION_FIELDS
+    }
+
+
+def test_deeply_nested_set_is_a_clean_error(no_model, tmp_path):
+    deep = '{"a": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    assert_clean_error(
+        invoke("--out", str(tmp_path / "p.safetensors"), "--set", deep), "--set must be a JSON"
+    )
