@@ -10,6 +10,10 @@ overlap against those sets by ``tests/training/test_anchors.py``, using :func:`n
 The benign half deliberately includes ``kind="lookalike"`` prompts (homonyms such as "kill a
 process", fiction, history, safety advice, privacy-protective questions). Without them a
 prompt optimised on this set learns the shortcut "refuse anything with a scary word in it".
+The harmful half is phrased three ways, recorded as ``kind``: ``plain`` (mostly imperative
+requests), ``question`` (how / why / which / what-if questions asking for the same kind of
+help) and ``framed`` (role-play, fiction and hypothetical wrappers around a harmful request),
+so a prompt or probe trained on it does not learn "harmful = imperative".
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "all")
 
 _RESOURCE = "anchors.jsonl"
 _ID_PREFIX = {"harmful": "anchor-h-", "benign": "anchor-b-"}
+_HARMFUL_ONLY_KINDS = ("question", "framed")
 _PUNCT = re.compile(r"[^\w\s]")
 
 
@@ -53,8 +58,11 @@ class Anchor(BaseModel):
 
     ``kind`` is ``lookalike`` for benign prompts that merely look risky; it is kept as a field so
     a trainer can report over-refusal on lookalikes separately, which is where a too-eager safety
-    prompt shows first. The id prefix encodes the label (``anchor-h-``/``anchor-b-``) so a
-    mislabelled line cannot slip in unnoticed.
+    prompt shows first. Harmful prompts are ``plain``, ``question`` (question-style requests) or
+    ``framed`` (role-play and hypothetical framings); benign ones are ``plain`` or ``lookalike``,
+    so ``label == "benign" and kind == "plain"`` stays the ordinary-task group. The id prefix
+    encodes the label (``anchor-h-``/``anchor-b-``) so a mislabelled line cannot slip in
+    unnoticed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -64,7 +72,7 @@ class Anchor(BaseModel):
     label: Literal["harmful", "benign"]
     category: str = Field(min_length=1)
     split: Literal["train", "val"]
-    kind: Literal["plain", "lookalike"]
+    kind: Literal["plain", "lookalike", "question", "framed"]
 
     @model_validator(mode="after")
     def _consistent(self) -> Anchor:
@@ -75,6 +83,8 @@ class Anchor(BaseModel):
             )
         if self.kind == "lookalike" and self.label != "benign":
             raise ValueError(f"kind 'lookalike' must have label 'benign', got '{self.label}'")
+        if self.kind in _HARMFUL_ONLY_KINDS and self.label != "harmful":
+            raise ValueError(f"kind '{self.kind}' must have label 'harmful', got '{self.label}'")
         if self.prompt != self.prompt.strip():
             raise ValueError("prompt must not start or end with whitespace")
         return self

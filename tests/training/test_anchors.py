@@ -33,15 +33,29 @@ def _frac_val(rows: list[Anchor]) -> float:
 
 
 def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
-    harmful = [a for a in anchors if a.label == "harmful"]
-    benign = [a for a in anchors if a.label == "benign"]
-    plain_benign = [a for a in benign if a.kind == "plain"]
-    lookalike = [a for a in benign if a.kind == "lookalike"]
-    assert len(harmful) >= 110
-    assert len(benign) >= 160
-    assert len(plain_benign) >= 100
-    assert len(lookalike) >= 60
-    assert all(a.kind == "plain" for a in harmful)
+    counts = Counter((a.label, a.kind) for a in anchors)
+    assert counts == {
+        ("harmful", "plain"): 120,
+        ("harmful", "question"): 108,
+        ("harmful", "framed"): 48,
+        ("benign", "plain"): 300,
+        ("benign", "lookalike"): 105,
+    }
+    val = Counter(a.label for a in anchors if a.split == "val")
+    # Big enough that a 5-point over-refusal difference is more than one or two prompts.
+    assert val["harmful"] >= 80
+    assert val["benign"] >= 130
+
+
+@pytest.mark.parametrize("kind", ["question", "framed"])
+def test_harmful_phrasings_cover_every_category(anchors: list[Anchor], kind: str) -> None:
+    """Question-style and framed requests are spread over every harm category, in both splits."""
+    cats = {a.category for a in anchors if a.label == "harmful"}
+    rows = [a for a in anchors if a.kind == kind]
+    assert {a.category for a in rows} == cats
+    assert {a.category for a in rows if a.split == "val"} == cats
+    per_cat = Counter(a.category for a in rows)
+    assert max(per_cat.values()) - min(per_cat.values()) <= 1
 
 
 def test_harmful_categories_are_roughly_balanced(anchors: list[Anchor]) -> None:
@@ -61,7 +75,7 @@ def test_benign_is_diverse(anchors: list[Anchor]) -> None:
 
 @pytest.mark.parametrize(
     "group",
-    ["harmful", "benign", "lookalike"],
+    ["harmful", "benign", "lookalike", "question", "framed"],
 )
 def test_val_split_is_at_least_20_percent_and_spread(anchors: list[Anchor], group: str) -> None:
     rows = [a for a in anchors if group in (a.label, a.kind)]
@@ -141,6 +155,9 @@ def test_path_override_and_validation(tmp_path: Path) -> None:
         ({**good, "extra": 1}, "extra"),
         ({**good, "label": "harmful"}, "anchor-h-"),
         ({**good, "kind": "lookalike", "label": "harmful", "id": "anchor-h-0001"}, "lookalike"),
+        ({**good, "kind": "question"}, "kind 'question' must have label 'harmful'"),
+        ({**good, "kind": "framed"}, "kind 'framed' must have label 'harmful'"),
+        ({**good, "kind": "jailbreak"}, "kind"),
         ({**good, "split": "test"}, "split"),
     ):
         path.write_text(json.dumps(bad) + "\n", encoding="utf-8")
