@@ -131,6 +131,17 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed.")]
 TauOpt = Annotated[
     float, typer.Option("--plausibility", help="Plausibility constraint tau in [0, 1); 0 = off.")
 ]
+GateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gate/--no-gate",
+        help="method acd: route by the pack's safety gate (flagged: SP - alpha*AP, else plain).",
+    ),
+]
+GateThresholdOpt = Annotated[
+    float | None,
+    typer.Option("--gate-threshold", help="Gate probability in (0, 1) that flags a request."),
+]
 SystemOpt = Annotated[
     str | None, typer.Option("--system", "-s", help="Your own system message (kept).")
 ]
@@ -188,6 +199,8 @@ def generate(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
     plausibility: TauOpt = 0.0,
+    gate: GateOpt = True,
+    gate_threshold: GateThresholdOpt = None,
     system: SystemOpt = None,
     model: ModelOpt = None,
     pack: PackOpt = None,
@@ -211,6 +224,8 @@ def generate(
             top_p=top_p,
             seed=seed,
             plausibility=plausibility,
+            gate=gate,
+            gate_threshold=gate_threshold,
         )
         messages = _messages(prompt, system)
         engine = get_engine(model, pack=pack)

@@ -232,6 +232,20 @@ class DecodingConfig(_Settings):
             "alone (as SafeDecoding does). None contrasts every token."
         ),
     )
+    gate: bool = Field(
+        default=True,
+        description=(
+            "method='acd' only, with a pack that has a safety gate: route each request by the "
+            "gate's reading of the model's own hidden state at prefill. Flagged requests decode "
+            "with SP - alpha * AP; the others with the model's own template (as method "
+            "'plain'). False runs the paper's ungated ACD on every request."
+        ),
+    )
+    gate_threshold: float | None = Field(
+        default=None,
+        description="Probability in (0, 1) at or above which the gate flags a request; None "
+        "uses the threshold stored with the pack's gate.",
+    )
     positive_prompt: str | None = Field(
         default=None,
         description="method='custom' only: the system prompt of the positive branch "
@@ -271,6 +285,13 @@ class DecodingConfig(_Settings):
     def _prompt_text(cls, v: str | None) -> str | None:
         if v is not None and (problem := unicode_problem(v)) is not None:
             raise ValueError(f"{UNICODE_RULE}, {problem}")
+        return v
+
+    @field_validator("gate_threshold")
+    @classmethod
+    def _threshold_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1) or None")
         return v
 
     @field_validator("temperature")

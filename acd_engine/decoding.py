@@ -33,6 +33,7 @@ from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_cutoff, plausibility_filter
+from acd_engine.gate import RowGate, capture_last_states, features_of
 from acd_engine.head import LinearHead
 
 __all__ = [
@@ -74,11 +75,14 @@ class RowRequest:
 
     Attributes:
         rows: Its rows in the :class:`~acd_engine.batching.RowBatch`, positive branch first.
+        gate: When set, the prefill scores the safety gate on its probe row and the request
+            continues with the rows the verdict chooses (:class:`~acd_engine.gate.RowGate`).
     """
 
     rows: list[int]
     context_ids: torch.Tensor
     constraint: LogitsProcessorList | None = None
+    gate: RowGate | None = None
 
 
 def build_processors(cfg: DecodingConfig) -> LogitsProcessorList:
@@ -318,7 +322,12 @@ def decode_rows(
     finished = set() if finished is None else finished
     if overlap is None:
         overlap = batch.static and device.type == "cuda"
-    with step_context(*batch.input_ids.shape) if step_context else nullcontext():
+    gated = [i for i, r in enumerate(requests) if r.gate is not None]
+    layers = requests[gated[0]].gate.gate.layers if gated else ()  # type: ignore[union-attr]
+    with (
+        step_context(*batch.input_ids.shape) if step_context else nullcontext(),
+        capture_last_states(module, layers) if gated else nullcontext() as captured,
+    ):
         out = module(
             input_ids=batch.input_ids,  # [R, W]
             attention_mask=batch.prefill_mask,  # [R, 1, W, K] or None
@@ -327,6 +336,11 @@ def decode_rows(
             use_cache=True,
             **({} if head is not None else {"logits_to_keep": 1}),
         )
+    if gated:  # each gated request keeps the rows its verdict chooses
+        assert captured is not None
+        features = features_of(captured)  # [R, F]
+        for i in gated:
+            rows_of[i] = requests[i].gate.route(features)  # type: ignore[union-attr]
     # [R, V] logits, or [R, H] hidden states when the contrast runs before the head
     state = out.logits[:, -1, :] if head is None else out.last_hidden_state[:, -1, :]
     tokens = batch.input_ids[:, -1:].clone()  # [R, 1] what each row is fed next

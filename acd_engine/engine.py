@@ -39,6 +39,7 @@ from acd_engine.contrast import (
 )
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
+from acd_engine.gate import GateVerdict, RowGate, SafetyGate, capture_last_states, features_of
 from acd_engine.head import linear_head
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
@@ -95,7 +96,20 @@ class GenerationResult(BaseModel):
     )
     usage: Usage
     method: str
-    alpha: float = Field(description="The alpha applied (0 for single-branch methods).")
+    alpha: float = Field(
+        description="The alpha applied (0 for single-branch methods and for requests the "
+        "safety gate routed to the plain template)."
+    )
+    gate_score: float | None = Field(
+        default=None,
+        description="The safety gate's probability that the request is harmful (None when "
+        "the request was not gated: another method, gate=False, or a pack without a gate).",
+    )
+    gate_flagged: bool | None = Field(
+        default=None,
+        description="Whether the gate flagged the request (decoded with SP - alpha * AP) "
+        "rather than routing it to the model's own template.",
+    )
 
 
 @dataclass
@@ -106,6 +120,7 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None
+    gate: GateVerdict | None = None  # on the last chunk of a gated request
 
 
 @dataclass
@@ -269,13 +284,27 @@ class _Call:
             self.sink(chunk)
 
 
-def _closing_chunks(answer: _Answer, prompt_tokens: int) -> Iterator[StreamChunk]:
-    """The end of a stream: the text held back, then ``finish_reason`` and ``usage``."""
+def _closing_chunks(
+    answer: _Answer, prompt_tokens: int, verdict: GateVerdict | None = None
+) -> Iterator[StreamChunk]:
+    """The end of a stream: the text held back, then ``finish_reason``, ``usage``, gate."""
     rest = answer.rest()
     if rest:
         yield StreamChunk(rest, [])
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids))
-    yield StreamChunk("", answer.ids, finish_reason=answer.finish, usage=usage)
+    yield StreamChunk("", answer.ids, finish_reason=answer.finish, usage=usage, gate=verdict)
+
+
+def _gate_facts(request: RowRequest, prompt_tokens: int) -> tuple[int, GateVerdict | None]:
+    """A decoded request's prompt tokens and gate verdict (known once its prefill ran)."""
+    gate = request.gate
+    if gate is None or gate.verdict is None:
+        return prompt_tokens, None
+    return (prompt_tokens if gate.verdict.flagged else gate.benign_prompt_tokens), gate.verdict
+
+
+def _result_alpha(config: DecodingConfig, verdict: GateVerdict | None) -> float:
+    return 0.0 if verdict is not None and not verdict.flagged else config.effective_alpha
 
 
 class Engine:
@@ -757,7 +786,12 @@ class Engine:
         constant start the same way.
         """
         rendered = self.render(messages, **template_kwargs)
-        plan = self.plan(config)
+        return self._rows_of(rendered, self.plan(config), template_kwargs)
+
+    def _rows_of(
+        self, rendered: _Rendered, plan: BranchPlan, template_kwargs: dict[str, Any]
+    ) -> tuple[list[RowInput], list[int]]:
+        """:meth:`_request_rows` for an already rendered request and a branch plan."""
         rows: list[RowInput] = []
         for branch in (plan.positive, plan.negative)[: plan.n_branches]:
             if branch is None:  # method 'plain': the untouched template
@@ -773,6 +807,32 @@ class Engine:
         assert shared is not None
         return rows, shared
 
+    # ------------------------------------------------------------------ the safety gate
+    def active_gate(self, config: DecodingConfig) -> SafetyGate | None:
+        """The gate that routes requests decoded with ``config`` (None: no routing)."""
+        if config.method != "acd" or not config.gate:
+            return None
+        return self.pack.gate
+
+    def gate_features(self, messages: Messages, layers: Sequence[int]) -> torch.Tensor:
+        """``[1, F]``: the gate's features of one request, from a forward of its plain
+        rendering (what the fast path captures inside its prefill; used for fitting, for
+        the reference path and for scoring)."""
+        rendered = self.render(messages)
+        assert rendered.plain is not None
+        ids = torch.tensor([rendered.plain], device=self.device)
+        with self._lock, torch.inference_mode(), capture_last_states(self.model, layers) as st:
+            self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return features_of(st)
+
+    def gate_verdict(self, messages: Messages, config: DecodingConfig) -> GateVerdict | None:
+        """The gate's verdict on one request (a forward of its own; None when not gated)."""
+        gate = self.active_gate(config)
+        if gate is None:
+            return None
+        score = float(gate.probability(self.gate_features(messages, gate.layers)))
+        return GateVerdict(score, config.gate_threshold or gate.threshold)
+
     def _plan_request(
         self,
         messages: Messages,
@@ -783,16 +843,38 @@ class Engine:
     ) -> tuple[list[RowInput], RowRequest, int, int]:
         """One request's fast-path rows, placed from row ``first_row`` of a batch.
 
+        A gated request (:meth:`active_gate`) gets a third row, its plain rendering: the
+        prefill scores the gate on it, and the request then keeps either its two contrast
+        rows (flagged) or that row alone (:class:`~acd_engine.gate.RowGate`).
+
         Returns:
             Its rows, its :class:`RowRequest`, its prompt tokens (positive branch) and the
             max_new_tokens it may use (clamped to the context window).
         """
         with torch.inference_mode():
-            rows, shared = self._request_rows(messages, cfg, **template_kwargs)
+            rendered = self.render(messages, **template_kwargs)
+            rows, shared = self._rows_of(rendered, self.plan(cfg), template_kwargs)
+            gate = self.active_gate(cfg)
+            row_gate = None
+            if gate is not None:
+                plain, _ = self._rows_of(rendered, BranchPlan(None, None), template_kwargs)
+                n = len(rows)
+                row_gate = RowGate(
+                    gate,
+                    cfg.gate_threshold or gate.threshold,
+                    probe_row=first_row + n,
+                    flagged_rows=list(range(first_row, first_row + n)),
+                    benign_rows=[first_row + n],
+                    benign_prompt_tokens=plain[0].prefix_len + len(plain[0].tail),
+                )
+                rows += plain
         longest = max(r.prefix_len + len(r.tail) for r in rows)
         limit = self._fit_context(longest, cfg).max_new_tokens
         context = torch.tensor([shared], device=self.device)
-        request = RowRequest(list(range(first_row, first_row + len(rows))), context, constraint)
+        n_rows = len(rows) - (row_gate is not None)
+        request = RowRequest(
+            list(range(first_row, first_row + n_rows)), context, constraint, row_gate
+        )
         return rows, request, rows[0].prefix_len + len(rows[0].tail), limit
 
     def _decode_packed(
@@ -894,27 +976,35 @@ class Engine:
         cfg = call.config
         template_kwargs = {"tools": list(call.tools)} if call.tools else {}
         steps: Generator[int, None, None]
+        facts: Callable[[], tuple[int, GateVerdict | None]]
         if self._use_fast_path():
             rows, request, prompt_tokens, limit = self._plan_request(
                 call.messages, cfg, call.constraint, 0, template_kwargs
             )
             cfg = cfg.replace(max_new_tokens=limit)  # type: ignore[assignment]
             steps = _first_request(self._decode_packed(rows, [request], cfg))
-        else:
+            facts = lambda: _gate_facts(request, prompt_tokens)  # noqa: E731
+        else:  # the reference path scores the gate with a forward of its own
+            verdict = self.gate_verdict(call.messages, cfg)
+            if verdict is not None and not verdict.flagged:
+                cfg = cfg.replace(method="plain")  # type: ignore[assignment]
             embeds, mask, shared = self.branch_inputs(call.messages, cfg, **template_kwargs)
-            prompt_tokens = int(mask[0].sum())
+            n_prompt = int(mask[0].sum())
             cfg = self._fit_context(embeds.shape[1], cfg)
             context = torch.tensor([shared], device=embeds.device)
             steps = decode(self.model, Prefill(embeds, mask, context, call.constraint), cfg)
-        yield from self._stream_tokens(steps, cfg, prompt_tokens, call.cancel)
+            facts = lambda: (n_prompt, verdict)  # noqa: E731
+        yield from self._stream_tokens(steps, cfg, facts, call.cancel)
 
     def _stream_tokens(
         self,
         steps: Generator[int, None, None],
         cfg: DecodingConfig,
-        prompt_tokens: int,
+        facts: Callable[[], tuple[int, GateVerdict | None]],
         cancel: CancelFlag | None = None,
     ) -> Iterator[StreamChunk]:
+        """Text deltas of ``steps``; ``facts()`` gives the prompt tokens and gate verdict
+        for the last chunk (asked at the end: the prefill decides the gate's route)."""
         answer = _Answer(self.tokenizer, self.eos_token_ids, cfg.stop)
         try:
             for token in steps:
@@ -928,7 +1018,7 @@ class Engine:
                     yield StreamChunk(delta, [token])
         finally:
             steps.close()
-        yield from _closing_chunks(answer, prompt_tokens)
+        yield from _closing_chunks(answer, *facts())
 
     def stream(
         self, messages: Messages, config: DecodingConfig | None = None, **kwargs: Any
@@ -995,7 +1085,9 @@ class Engine:
             finish_reason=last.finish_reason,
             usage=last.usage,
             method=call.config.method,
-            alpha=call.config.effective_alpha,
+            alpha=_result_alpha(call.config, last.gate),
+            gate_score=None if last.gate is None else last.gate.score,
+            gate_flagged=None if last.gate is None else last.gate.flagged,
         )
 
     def _run_calls(self, group: Sequence[Pending[GenerationResult]]) -> None:
@@ -1127,7 +1219,8 @@ class Engine:
                                 sink(StreamChunk(delta, [token]))
                         if answer.done or len(answer.ids) >= limits[i]:
                             if i not in finished and (sink := outs[i]) is not None:
-                                for chunk in _closing_chunks(answer, prompt_tokens[i]):
+                                facts = _gate_facts(requests[i], prompt_tokens[i])
+                                for chunk in _closing_chunks(answer, *facts):
                                     sink(chunk)
                             finished.add(i)
                     if len(finished) == len(convs):
@@ -1136,11 +1229,14 @@ class Engine:
                 steps.close()
             for i, answer in enumerate(answers):  # decoding ran out before they finished
                 if i not in finished and (sink := outs[i]) is not None:
-                    for chunk in _closing_chunks(answer, prompt_tokens[i]):
+                    for chunk in _closing_chunks(
+                        answer, *_gate_facts(requests[i], prompt_tokens[i])
+                    ):
                         sink(chunk)
         results = []
-        for answer, n_prompt in zip(answers, prompt_tokens, strict=True):
+        for answer, request, n_prompt in zip(answers, requests, prompt_tokens, strict=True):
             text = answer.emitted + answer.rest()  # what generate() joins from the stream
+            n_prompt, verdict = _gate_facts(request, n_prompt)
             results.append(
                 GenerationResult(
                     text=text,
@@ -1148,7 +1244,9 @@ class Engine:
                     finish_reason=answer.finish,
                     usage=Usage(prompt_tokens=n_prompt, completion_tokens=len(answer.ids)),
                     method=cfg.method,
-                    alpha=cfg.effective_alpha,
+                    alpha=_result_alpha(cfg, verdict),
+                    gate_score=None if verdict is None else verdict.score,
+                    gate_flagged=None if verdict is None else verdict.flagged,
                 )
             )
         return results
@@ -1170,6 +1268,9 @@ class Engine:
         :attr:`max_batch_requests` continuations share one forward.
         """
         cfg = self._config(config, dict(overrides))
+        verdict = self.gate_verdict(messages, cfg)  # scoring follows the gate's route too
+        if verdict is not None and not verdict.flagged:
+            cfg = cfg.replace(method="plain")  # type: ignore[assignment]
         with self._lock, torch.inference_mode():
             if not self._use_fast_path():
                 return self._score_reference(messages, continuations, cfg)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from acd_engine.atomic import atomic_write
 from acd_engine.errors import PromptPackError
+from acd_engine.gate import GATE_TENSORS, SafetyGate
 
 __all__ = [
     "FINGERPRINT_KEYS",
@@ -171,12 +172,15 @@ class PromptPack:
         ap: Adversarial prompt, fp32 ``[n_ap, hidden]``; the negative branch of ``acd``.
         fingerprint: :func:`model_fingerprint` of the model the pack belongs to.
         metadata: Free-form string metadata (prompt texts, training settings, anchor hash).
+        gate: The safety gate fitted on this model's hidden states (:mod:`acd_engine.gate`),
+            or None; ``method="acd"`` routes each request by it unless ``gate=False``.
     """
 
     sp: torch.Tensor
     ap: torch.Tensor
     fingerprint: dict[str, str]
     metadata: dict[str, str] = field(default_factory=dict)
+    gate: SafetyGate | None = None
 
     def __post_init__(self) -> None:
         """Validate everything here, so a pack that would break decoding can never exist.
@@ -205,6 +209,17 @@ class PromptPack:
             raise PromptPackError(
                 f"prompt pack tensors must have the fingerprint's hidden size {declared}, got "
                 f"{self.sp.shape[1]}"
+            )
+        gate_keys = sorted(k for k in self.metadata if k.startswith("gate."))
+        if gate_keys:
+            raise PromptPackError(
+                f"prompt pack metadata must not use keys starting with 'gate.' (the gate's own), "
+                f"got {gate_keys}"
+            )
+        if self.gate is not None and self.gate.hidden_size != self.sp.shape[1]:
+            raise PromptPackError(
+                f"prompt pack gate must read the pack's hidden size {self.sp.shape[1]}, got "
+                f"{self.gate.hidden_size}"
             )
         self.sp = self.sp.detach().to("cpu", torch.float32).contiguous()
         self.ap = self.ap.detach().to("cpu", torch.float32).contiguous()
@@ -269,6 +284,9 @@ class PromptPack:
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
         }
         tensors = {"sp": self.sp.contiguous(), "ap": self.ap.contiguous()}
+        if self.gate is not None:
+            tensors.update(self.gate.tensors())
+            meta.update(self.gate.strings())
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -289,7 +307,8 @@ class PromptPack:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 names = sorted(f.keys())
-                tensors = {k: f.get_tensor(k) for k in ("sp", "ap") if k in names}
+                known = ("sp", "ap", *GATE_TENSORS)
+                tensors = {k: f.get_tensor(k) for k in known if k in names}
         except Exception as exc:
             raise PromptPackError(
                 f"prompt pack '{path}' must be a readable safetensors file: {exc}"
@@ -304,7 +323,7 @@ class PromptPack:
             raise PromptPackError(
                 f"prompt pack tensors must include 'sp' and 'ap', got {names} in '{path}'"
             )
-        extra = [n for n in names if n not in ("sp", "ap")]
+        extra = [n for n in names if n not in ("sp", "ap", *GATE_TENSORS)]
         if extra:
             logger.warning("prompt pack '%s': ignoring unknown tensors %s", path, extra)
         raw = meta.pop("fingerprint", None)
@@ -318,8 +337,18 @@ class PromptPack:
                 f"in '{path}'"
             )
         meta.pop("format_version")
+        gate_meta = {k: meta.pop(k) for k in list(meta) if k.startswith("gate.")}
         try:
-            return cls(sp=tensors["sp"], ap=tensors["ap"], fingerprint=fingerprint, metadata=meta)
+            gate = None
+            if gate_meta or any(n in tensors for n in GATE_TENSORS):
+                gate = SafetyGate.from_pack(tensors, gate_meta)
+            return cls(
+                sp=tensors["sp"],
+                ap=tensors["ap"],
+                fingerprint=fingerprint,
+                metadata=meta,
+                gate=gate,
+            )
         except PromptPackError as exc:
             raise PromptPackError(f"{exc} in '{path}'") from None
 

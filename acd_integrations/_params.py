@@ -28,6 +28,7 @@ __all__ = [
     "build_config",
     "param_default",
     "param_description",
+    "result_metadata",
     "split_kwargs",
     "to_config_kwargs",
 ]
@@ -60,6 +61,8 @@ DECODING_PARAMS: tuple[Param, ...] = (
     Param("stop", "stop"),
     Param("plausibility", "plausibility"),
     Param("contrast_tokens", "contrast_tokens"),
+    Param("gate", "gate"),
+    Param("gate_threshold", "gate_threshold"),
     Param("positive_prompt", "positive_prompt"),
     Param("negative_prompt", "negative_prompt"),
 )
@@ -152,3 +155,20 @@ def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     decoding = {k: v for k, v in kwargs.items() if k in PARAM_TO_FIELD}
     rest = {k: v for k, v in kwargs.items() if k not in PARAM_TO_FIELD}
     return decoding, rest
+
+
+def result_metadata(
+    config: DecodingConfig, gate_score: float | None, gate_flagged: bool | None
+) -> dict[str, Any]:
+    """What both adapters report about how an answer was decoded: the method, the alpha
+    actually applied (0 when the safety gate routed the request to the plain template) and
+    the gate's score and verdict when the request was gated."""
+    routed_plain = gate_flagged is False
+    meta: dict[str, Any] = {
+        "method": config.method,
+        "alpha": 0.0 if routed_plain else config.effective_alpha,
+    }
+    if gate_score is not None:
+        meta["gate_score"] = gate_score
+        meta["gate_flagged"] = gate_flagged
+    return meta

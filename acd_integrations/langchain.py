@@ -78,6 +78,7 @@ from acd_integrations._params import (
     build_config,
     param_default,
     param_description,
+    result_metadata,
     split_kwargs,
 )
 from acd_integrations._tools import (
@@ -189,6 +190,11 @@ class ChatACD(BaseChatModel):
     contrast_tokens: int | None = Field(
         default=param_default("contrast_tokens"),
         description=param_description("contrast_tokens"),
+    )
+    gate: bool = Field(default=param_default("gate"), description=param_description("gate"))
+    gate_threshold: float | None = Field(
+        default=param_default("gate_threshold"),
+        description=param_description("gate_threshold"),
     )
     positive_prompt: str | None = Field(
         default=param_default("positive_prompt"),
@@ -371,7 +377,12 @@ class ChatACD(BaseChatModel):
         return parse_tool_calls(text, req.names)
 
     def _metadata(
-        self, req: _Request, finish_reason: str, prompt: int, completion: int
+        self,
+        req: _Request,
+        finish_reason: str,
+        prompt: int,
+        completion: int,
+        gate: tuple[float | None, bool | None] = (None, None),
     ) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(
             input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
@@ -379,8 +390,7 @@ class ChatACD(BaseChatModel):
         meta = {
             "finish_reason": finish_reason,
             "model_name": req.model_name,
-            "method": req.config.method,
-            "alpha": req.config.effective_alpha,
+            **result_metadata(req.config, *gate),
         }
         return usage, meta
 
@@ -447,8 +457,13 @@ class ChatACD(BaseChatModel):
         assert last is not None and last.usage is not None and last.finish_reason is not None
         parsed = self._parse(req, held) if state != "text" else ParsedOutput(held)
         calls, invalid = self._tool_call_dicts(parsed)
+        verdict = (last.gate.score, last.gate.flagged) if last.gate else (None, None)
         usage, meta = self._metadata(
-            req, last.finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens
+            req,
+            last.finish_reason,
+            last.usage.prompt_tokens,
+            last.usage.completion_tokens,
+            verdict,
         )
         if calls:
             meta["finish_reason"] = "tool_calls"
@@ -499,7 +514,11 @@ class ChatACD(BaseChatModel):
         parsed = self._parse(req, out.text)
         calls, invalid = self._tool_call_dicts(parsed)
         usage, meta = self._metadata(
-            req, out.finish_reason, out.usage.prompt_tokens, out.usage.completion_tokens
+            req,
+            out.finish_reason,
+            out.usage.prompt_tokens,
+            out.usage.completion_tokens,
+            (out.gate_score, out.gate_flagged),
         )
         if calls:
             meta["finish_reason"] = "tool_calls"

@@ -48,6 +48,7 @@ from acd_integrations._params import (
     build_config,
     param_default,
     param_description,
+    result_metadata,
     split_kwargs,
 )
 from acd_integrations._tools import (
@@ -160,6 +161,8 @@ class ACDLLM(FunctionCallingLLM):
     stop: list[str] = _d("stop")
     plausibility: float = _d("plausibility")
     contrast_tokens: int | None = _d("contrast_tokens")
+    gate: bool = _d("gate")
+    gate_threshold: float | None = _d("gate_threshold")
     positive_prompt: str | None = _d("positive_prompt")
     negative_prompt: str | None = _d("negative_prompt")
     tool_chaining: bool = Field(
@@ -268,9 +271,17 @@ class ACDLLM(FunctionCallingLLM):
             req.messages, req.config, **self._engine_kwargs(req, cancel)
         )
 
-    def _response(self, req: _Request, text: str, last: StreamChunk) -> ChatResponse:
-        """The final message: text, parsed tool calls, usage and finish reason."""
+    def _response(
+        self,
+        req: _Request,
+        text: str,
+        last: StreamChunk,
+        gate: tuple[float | None, bool | None] | None = None,
+    ) -> ChatResponse:
+        """The final message: text, parsed tool calls, usage, finish reason, gate verdict."""
         assert last.usage is not None
+        if gate is None:
+            gate = (last.gate.score, last.gate.flagged) if last.gate else (None, None)
         blocks: list[Any] = []
         tool_calls: list[dict[str, Any]] = []
         content = text
@@ -316,8 +327,7 @@ class ACDLLM(FunctionCallingLLM):
             "usage": usage,
             "finish_reason": last.finish_reason,
             "model": self._engine.model_name,
-            "method": req.config.method,
-            "alpha": req.config.effective_alpha,
+            **result_metadata(req.config, *gate),
         }
         return ChatResponse(message=message, raw=raw, additional_kwargs=dict(usage))
 
@@ -325,7 +335,7 @@ class ACDLLM(FunctionCallingLLM):
         # Engine.generate (not a drained stream): concurrent calls then share forwards.
         out = self._engine.generate(req.messages, req.config, **self._engine_kwargs(req, cancel))
         last = StreamChunk("", out.token_ids, finish_reason=out.finish_reason, usage=out.usage)
-        return self._response(req, out.text, last)
+        return self._response(req, out.text, last, (out.gate_score, out.gate_flagged))
 
     def _stream(
         self, req: _Request, chunks: Iterator[StreamChunk]

@@ -15,7 +15,16 @@ def test_generate_json_has_the_result_fields(engine):
     res = runner.invoke(app, ["generate", "Say hi.", "--method", "oid", "-n", "4", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(out) == {"text", "token_ids", "finish_reason", "usage", "method", "alpha"}
+    assert set(out) == {
+        "text",
+        "token_ids",
+        "finish_reason",
+        "usage",
+        "method",
+        "alpha",
+        "gate_score",
+        "gate_flagged",
+    }
     assert out["method"] == "oid" and len(out["token_ids"]) <= 4
 
 

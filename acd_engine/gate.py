@@ -1,0 +1,297 @@
+"""The safety gate: a linear probe on the model's own hidden states, kept in the prompt pack.
+
+Why: a small chat model's hidden state at the last prompt token separates harmful requests
+from benign look-alikes far better than its outputs do (it rarely refuses, yet a logistic
+regression on its layer outputs reaches AUC ~0.99 on held-out harmful sets against XSTest's
+safe prompts). Contrast strength alone cannot make it refuse, and a safeguarding prompt
+strong enough to refuse also refuses benign requests. The gate confines the strong side to
+the requests the model itself flags: flagged requests decode with SP − α·AP, the rest with
+the model's own template (method ``plain``), so benign users see the model as shipped.
+
+The features are the outputs of a few decoder layers at the last prompt token of the
+*plain* rendering (the model's template, no branch prompt). The engine adds that rendering
+as a third row of the same prefill forward, so scoring costs no forward of its own; the
+rows a request does not need are dropped after the prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from acd_engine.errors import PromptPackError
+
+__all__ = [
+    "GATE_TENSORS",
+    "GateVerdict",
+    "RowGate",
+    "SafetyGate",
+    "capture_last_states",
+    "decoder_layers",
+    "features_of",
+    "fit_gate",
+    "roc_auc",
+    "threshold_for",
+]
+
+GATE_TENSORS = ("gate.weight", "gate.mean", "gate.scale", "gate.bias")
+
+
+@dataclass
+class SafetyGate:
+    """A standardised logistic regression over decoder-layer outputs.
+
+    Attributes:
+        layers: Decoder layers whose output at the last prompt token are concatenated into
+            the features, in this order.
+        weight: fp32 ``[F]`` with ``F = len(layers) * hidden``.
+        bias: fp32 ``[1]``.
+        mean: fp32 ``[F]``, subtracted before ``weight`` (fitted on the train anchors).
+        scale: fp32 ``[F]``, positive; divides after ``mean``.
+        threshold: Probability at or above which a request is flagged harmful.
+        metadata: Strings stored with the gate (how it was fitted, validation figures).
+    """
+
+    layers: tuple[int, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+    threshold: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse a gate that could score NaN or index a layer that does not exist."""
+        if not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers):
+            raise PromptPackError(
+                f"gate layers must be a non-empty list of layer indices >= 0, got {self.layers}"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise PromptPackError(f"gate threshold must be in (0, 1), got {self.threshold}")
+        tensors = {"weight": self.weight, "mean": self.mean, "scale": self.scale}
+        width = None
+        for name, t in {**tensors, "bias": self.bias}.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
+                raise PromptPackError(f"gate {name} must be a 1-D float tensor, got {t!r:.60}")
+            if not bool(torch.isfinite(t.float()).all()):
+                raise PromptPackError(f"gate {name} must be finite, got NaN or inf")
+        for name, t in tensors.items():
+            width = width or t.shape[0]
+            if t.shape[0] != width or width % len(self.layers):
+                raise PromptPackError(
+                    f"gate {name} must have {width} features (a multiple of its "
+                    f"{len(self.layers)} layers), got {t.shape[0]}"
+                )
+        if self.bias.shape[0] != 1:
+            raise PromptPackError(f"gate bias must have 1 value, got {self.bias.shape[0]}")
+        if not bool((self.scale > 0).all()):
+            raise PromptPackError("gate scale must be > 0 everywhere, got a value <= 0")
+        self.weight, self.bias, self.mean, self.scale = (
+            t.detach().to("cpu", torch.float32).contiguous()
+            for t in (self.weight, self.bias, self.mean, self.scale)
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[0] // len(self.layers)
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
+        x = (features.detach().float().cpu() - self.mean) / self.scale
+        return torch.sigmoid(x @ self.weight + self.bias)
+
+    # ---------------------------------------------------------------- pack I/O
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(GATE_TENSORS, (self.weight, self.mean, self.scale, self.bias), strict=True))
+
+    def strings(self) -> dict[str, str]:
+        return {
+            **{f"gate.{k}": v for k, v in self.metadata.items()},
+            "gate.layers": ",".join(map(str, self.layers)),
+            "gate.threshold": repr(self.threshold),
+        }
+
+    @classmethod
+    def from_pack(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> SafetyGate:
+        """Rebuild from a pack's tensors and metadata (keys ``gate.*``), checked."""
+        missing = [n for n in GATE_TENSORS if n not in tensors]
+        if missing:
+            raise PromptPackError(
+                f"prompt pack gate must have tensors {list(GATE_TENSORS)}, got none of {missing}"
+            )
+        try:
+            layers = tuple(int(x) for x in meta["gate.layers"].split(","))
+            threshold = float(meta["gate.threshold"])
+        except (KeyError, ValueError):
+            raise PromptPackError(
+                "prompt pack gate metadata must have gate.layers (comma-separated ints) and "
+                f"gate.threshold (a float), got {meta.get('gate.layers')!r} and "
+                f"{meta.get('gate.threshold')!r}"
+            ) from None
+        extra = {
+            k[len("gate.") :]: v
+            for k, v in meta.items()
+            if k.startswith("gate.") and k not in ("gate.layers", "gate.threshold")
+        }
+        return cls(
+            layers,
+            tensors["gate.weight"],
+            tensors["gate.bias"],
+            tensors["gate.mean"],
+            tensors["gate.scale"],
+            threshold,
+            extra,
+        )
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gate's reading of one request: its probability of harm and the threshold used."""
+
+    score: float
+    threshold: float
+
+    @property
+    def flagged(self) -> bool:
+        return self.score >= self.threshold
+
+
+@dataclass
+class RowGate:
+    """One request's gate in a fast batch: which row it reads, which rows each verdict keeps.
+
+    :func:`acd_engine.decoding.decode_rows` calls :meth:`route` once, after the prefill,
+    with the captured features of every row.
+    """
+
+    gate: SafetyGate
+    threshold: float
+    probe_row: int
+    flagged_rows: list[int]
+    benign_rows: list[int]
+    benign_prompt_tokens: int
+    verdict: GateVerdict | None = None
+
+    def route(self, features: torch.Tensor) -> list[int]:
+        """Score ``features[probe_row]`` (``[R, F]``); the rows the request decodes with."""
+        score = float(self.gate.probability(features[self.probe_row : self.probe_row + 1]))
+        self.verdict = GateVerdict(score, self.threshold)
+        return self.flagged_rows if self.verdict.flagged else self.benign_rows
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM or of its inner decoder (``model.layers``)."""
+    for candidate in (model, getattr(model, "model", None)):
+        layers = getattr(candidate, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+@contextmanager
+def capture_last_states(model: Any, layers: Sequence[int]) -> Iterator[list[torch.Tensor | None]]:
+    """Record each listed layer's output at the last position of the next forward.
+
+    Yields a list that holds, after the forward, one ``[R, H]`` tensor per layer (in the
+    order of ``layers``). Only the first forward inside the block is recorded (the
+    prefill), so decode steps inside it cost nothing.
+    """
+    blocks = decoder_layers(model)
+    if max(layers) >= len(blocks):
+        raise PromptPackError(
+            f"gate layers must be < the model's {len(blocks)} layers, got {max(layers)}"
+        )
+    states: list[torch.Tensor | None] = [None] * len(layers)
+
+    def hook(slot: int) -> Any:
+        def record(_module: Any, _args: Any, output: Any) -> None:
+            if states[slot] is None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                states[slot] = hidden[:, -1, :].detach().float().clone()  # [R, H]
+
+        return record
+
+    handles = [blocks[layer].register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def features_of(states: list[torch.Tensor | None]) -> torch.Tensor:
+    """Concatenate captured layer states into ``[R, F]`` features."""
+    if any(s is None for s in states):
+        raise RuntimeError("the gate's layers produced no output; was the forward run?")
+    return torch.cat([s for s in states if s is not None], dim=-1)
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (the probability a random positive outranks a random
+    negative; ties count half). NaN when one class is absent."""
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+def fit_gate(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    l2: float = 1e-2,
+    steps: int = 200,
+) -> SafetyGate:
+    """Fit a standardised, L2-regularised logistic regression (full-batch L-BFGS).
+
+    Linear is enough: the classes are nearly linearly separable in these layers, and a
+    linear probe with a few hundred examples cannot memorise the way a larger head would.
+    The threshold starts at 0.5; callers choose it on held-out data (:func:`threshold_for`).
+
+    Args:
+        features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
+    """
+    x = features.detach().float().cpu()
+    y = labels.detach().float().cpu()
+    mean = x.mean(0)
+    scale = x.std(0).clamp(min=1e-6)
+    z = (x - mean) / scale
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y)
+        loss = loss + l2 * (w * w).sum() / 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return SafetyGate(tuple(layers), w.detach(), b.detach(), mean, scale, 0.5)
+
+
+def threshold_for(probabilities: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on ``labels == 0`` is at most
+    ``max_fpr`` (most harmful requests flagged, at most that share of benign ones)."""
+    negatives = torch.sort(probabilities[labels <= 0.5], descending=True).values
+    allowed = math.floor(max_fpr * len(negatives))
+    if len(negatives) == 0:
+        return 0.5
+    # flag p >= t: t just above the (allowed+1)-th highest benign score, in float32 (the
+    # dtype probabilities are compared in), so that score itself stays below t
+    cut = negatives[allowed] if allowed < len(negatives) else torch.tensor(0.0)
+    above = torch.nextafter(cut.float(), torch.tensor(1.0))
+    return float(min(max(float(above), 1e-6), 1 - 1e-6))

@@ -1,0 +1,161 @@
+"""The safety gate: stored in the pack, scored inside the prefill, routing each request.
+
+Oracles: a request the gate flags decodes exactly as ungated ACD; one it passes decodes
+exactly as method ``plain``; ``gate=False`` is ungated ACD token for token; the score the
+prefill captures equals the one a separate forward computes; a batch routes each request
+on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from acd_engine import DecodingConfig, PromptPackError
+from acd_engine.gate import SafetyGate, capture_last_states, fit_gate, roc_auc, threshold_for
+from acd_engine.prompts import PromptPack
+
+A, B = "Tell me how to build a birdhouse.", "Explain the rules of chess to a child."
+N = 8
+
+
+def _gate(hidden: int, layers=(0, 1), seed: int = 0, threshold: float = 0.5) -> SafetyGate:
+    g = torch.Generator().manual_seed(seed)
+    width = hidden * len(layers)
+    return SafetyGate(
+        tuple(layers),
+        torch.randn(width, generator=g),
+        torch.zeros(1),
+        torch.zeros(width),
+        torch.ones(width),
+        threshold,
+        {"note": "test"},
+    )
+
+
+@pytest.fixture()
+def gated(tiny_engine):
+    """The tiny engine with a random gate in its pack (restored afterwards)."""
+    before = tiny_engine.pack
+    pack = dataclasses.replace(before, gate=_gate(tiny_engine.model.config.hidden_size))
+    tiny_engine.set_pack(pack)
+    yield tiny_engine
+    tiny_engine.set_pack(before)
+
+
+def test_pack_with_gate_round_trips(tiny_engine, tmp_path):
+    gate = _gate(tiny_engine.model.config.hidden_size, threshold=0.37)
+    pack = dataclasses.replace(tiny_engine.pack, gate=gate)
+    loaded = PromptPack.load(pack.save(tmp_path / "p.safetensors"))
+    assert loaded.gate is not None
+    assert loaded.gate.layers == gate.layers and loaded.gate.threshold == 0.37
+    assert loaded.gate.metadata == {"note": "test"}
+    for name, t in gate.tensors().items():
+        assert torch.equal(loaded.gate.tensors()[name], t)
+    assert torch.equal(loaded.sp, pack.sp) and loaded.metadata == pack.metadata
+    no_gate = PromptPack.load(tiny_engine.pack.save(tmp_path / "q.safetensors"))
+    assert no_gate.gate is None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"threshold": 1.0}, r"gate threshold must be in \(0, 1\), got 1.0"),
+        ({"layers": ()}, "gate layers must be a non-empty list"),
+        ({"weight": torch.full((128,), float("nan"))}, "gate weight must be finite"),
+        ({"scale": torch.zeros(128)}, "gate scale must be > 0"),
+        ({"mean": torch.zeros(5)}, "gate mean must have 128 features"),
+    ],
+)
+def test_bad_gates_are_refused(change, match):
+    with pytest.raises(PromptPackError, match=match):
+        dataclasses.replace(_gate(64), **change)
+
+
+def test_gate_with_the_wrong_width_or_layer_is_refused(tiny_engine):
+    with pytest.raises(PromptPackError, match="gate must read the pack's hidden size"):
+        dataclasses.replace(tiny_engine.pack, gate=_gate(32))
+    with (
+        pytest.raises(PromptPackError, match="gate layers must be < the model's 2 layers"),
+        capture_last_states(tiny_engine.model, [5]),
+    ):
+        pass
+
+
+def test_gate_off_is_ungated_acd_token_for_token(gated, tiny_engine):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N, gate=False)
+    ours = gated.generate(A, cfg)
+    assert ours.gate_score is None and ours.gate_flagged is None
+    gate = gated.pack.gate
+    gated.set_pack(dataclasses.replace(gated.pack, gate=None))
+    try:
+        assert tiny_engine.generate(A, cfg.replace(gate=True)).token_ids == ours.token_ids
+    finally:
+        gated.set_pack(dataclasses.replace(gated.pack, gate=gate))
+
+
+def test_flagged_is_ungated_acd_and_passed_is_plain(gated):
+    ungated = gated.generate(A, method="acd", gate=False, max_new_tokens=N)
+    plain = gated.generate(A, method="plain", max_new_tokens=N)
+    flagged = gated.generate(A, method="acd", gate_threshold=1e-9, max_new_tokens=N)
+    passed = gated.generate(A, method="acd", gate_threshold=1 - 1e-9, max_new_tokens=N)
+    assert flagged.gate_flagged and flagged.token_ids == ungated.token_ids
+    assert flagged.alpha == 0.5 and flagged.usage == ungated.usage
+    assert not passed.gate_flagged and passed.token_ids == plain.token_ids
+    assert passed.alpha == 0.0 and passed.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_prefill_score_equals_a_separate_forward_and_threshold_is_honoured(gated):
+    cfg = DecodingConfig(method="acd", max_new_tokens=2)
+    expected = gated.gate_verdict(A, cfg)
+    assert expected is not None
+    result = gated.generate(A, cfg)
+    assert result.gate_score == pytest.approx(expected.score, abs=1e-5)
+    s = expected.score
+    for threshold, flagged in ((max(s - 1e-3, 1e-9), True), (min(s + 1e-3, 1 - 1e-9), False)):
+        out = gated.generate(A, cfg, gate_threshold=threshold)
+        assert out.gate_flagged is flagged
+    assert gated.generate(A, cfg).gate_flagged is (s >= gated.pack.gate.threshold)
+
+
+def test_a_batch_gates_each_request_on_its_own(gated):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N)
+    sa, sb = (gated.gate_verdict(p, cfg).score for p in (A, B))
+    assert sa != sb
+    mid = (sa + sb) / 2
+    batch = gated.generate_batch([A, B, A], cfg, gate_threshold=mid)
+    for prompt, result in zip([A, B, A], batch, strict=True):
+        flagged = gated.gate_verdict(prompt, cfg.replace(gate_threshold=mid)).flagged
+        alone = gated.generate(prompt, cfg, method="acd" if flagged else "plain", gate=False)
+        assert result.gate_flagged is flagged
+        assert result.token_ids == alone.token_ids
+    assert {r.gate_flagged for r in batch} == {True, False}
+    # streams carry the verdict too, and concatenate to generate's text
+    parts = list(gated.stream_chunks(B, cfg, gate_threshold=mid))
+    assert parts[-1].gate is not None and parts[-1].gate.score == pytest.approx(sb, abs=1e-5)
+    assert "".join(p.text for p in parts) == batch[1].text
+
+
+def test_reference_path_routes_the_same(gated, monkeypatch):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N)
+    s = gated.gate_verdict(A, cfg).score
+    fast = [gated.generate(A, cfg, gate_threshold=t) for t in (s / 2, (1 + s) / 2)]
+    monkeypatch.setattr(gated, "fast_path", False)
+    ref = [gated.generate(A, cfg, gate_threshold=t) for t in (s / 2, (1 + s) / 2)]
+    for f, r in zip(fast, ref, strict=True):
+        assert f.token_ids == r.token_ids and f.gate_flagged == r.gate_flagged
+
+
+def test_fit_gate_separates_and_threshold_keeps_the_false_positive_budget():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, 8, generator=g) + 1.5, torch.randn(60, 8, generator=g)])
+    y = torch.cat([torch.ones(60), torch.zeros(60)])
+    gate = fit_gate(x, y, layers=(3,))
+    p = gate.probability(x)
+    assert roc_auc(p, y) > 0.95
+    t = threshold_for(p, y, max_fpr=0.05)
+    assert int((p[y == 0] >= t).sum()) <= 3  # 5 % of 60 benign
+    assert float((p[y == 1] >= t).float().mean()) > 0.5
+    assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
