@@ -454,8 +454,10 @@ def _register_long_jobs() -> None:
     """Commands that live next to their job; their modules import torch only when run."""
     from acd_engine.bench import bench_command
     from acd_engine.training.command import train_command
+    from acd_engine.training.gate_command import gate_command
 
     app.command("train")(train_command)
+    app.command("gate")(gate_command)
     app.command("bench")(bench_command)
 
 

@@ -159,3 +159,46 @@ def test_fit_gate_separates_and_threshold_keeps_the_false_positive_budget():
     assert int((p[y == 0] >= t).sum()) <= 3  # 5 % of 60 benign
     assert float((p[y == 1] >= t).float().mean()) > 0.5
     assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
+
+
+def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engine):
+    """Fitting reads every anchor once, chooses on the validation split only, and the
+    threshold flags at most max_fpr of the benign validation anchors."""
+    from acd_engine.training.anchors import load_anchors
+    from acd_engine.training.gate_fit import GateFitConfig, fit_pack_gate
+
+    gate, report = fit_pack_gate(tiny_engine, GateFitConfig(layers=(1,), max_fpr=0.1))
+    assert gate.layers == (1,) and gate.threshold == report["threshold"]
+    assert report["val_flag_rate_benign"] <= 0.1
+    assert report["val_anchors"] == len(load_anchors("val"))
+    assert set(report["val_flag_rate_by_kind"]) >= {"harmful/question", "benign/plain"}
+    assert gate.metadata["anchor_set_hash"] == report["anchor_set_hash"]
+    pack = dataclasses.replace(tiny_engine.pack, gate=gate)  # fits the model it was made on
+    assert pack.gate is gate
+
+
+def test_gate_command_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import acd_engine.engine as engine_module
+    from acd_engine.cli import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(engine_module, "get_engine", no_model)
+    runner = CliRunner()
+    for args, message in (
+        (["--layers", "x,1"], "layers must be comma-separated integers"),
+        (["--max-fpr", "0"], "max_fpr must be > 0.0"),
+        (["--out", str(tmp_path)], "out must be a file path in an existing folder"),
+        (["--pack", str(tmp_path / "none.safetensors")], "prompt pack must be an existing"),
+    ):
+        base = {"--pack": str(tmp_path / "p.safetensors"), "--out": str(tmp_path / "o.st")}
+        argv = ["gate"]
+        for flag, value in base.items():
+            if flag not in args:
+                argv += [flag, value]
+        res = runner.invoke(app, argv + args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.stderr, (args, res.stderr)

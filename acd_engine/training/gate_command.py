@@ -1,0 +1,64 @@
+"""`acd gate`: add a safety gate to a prompt pack (the fitting lives in ``gate_fit``).
+
+Kept apart from :mod:`acd_engine.training.gate_fit` so that registering the command imports
+neither torch nor transformers (``acd --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["gate_command"]
+
+
+def gate_command(
+    pack: Annotated[Path, typer.Option("--pack", help="The prompt pack to add a gate to.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the gated pack.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Local HF model dir or .gguf file (default: embedded)."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Comma-separated decoder layers (default: chosen on val)."),
+    ] = None,
+    max_fpr: Annotated[
+        float, typer.Option("--max-fpr", help="Most benign val prompts the gate may flag.")
+    ] = 0.05,
+    anchors: Annotated[
+        Path | None, typer.Option("--anchors", help="Anchor JSONL (default: the shipped set).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    """Fit the safety gate on the anchors' hidden states and write the pack with it."""
+    import dataclasses
+    import json
+
+    from acd_engine.atomic import atomic_write_json
+    from acd_engine.engine import get_engine
+    from acd_engine.errors import ConfigError
+    from acd_engine.prompts import PromptPack
+    from acd_engine.training.anchors import load_anchors
+    from acd_engine.training.gate_fit import GateFitConfig, fit_pack_gate
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    try:
+        parsed = tuple(int(x) for x in layers.split(",")) if layers else None
+    except ValueError:
+        raise ConfigError(f"layers must be comma-separated integers, got {layers!r}") from None
+    cfg = GateFitConfig(layers=parsed, max_fpr=max_fpr)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"out must be a file path in an existing folder, got '{out}'")
+    if anchors is not None:
+        load_anchors("all", anchors)  # a bad anchor file fails before the model loads
+    source = PromptPack.load(pack)
+    engine = get_engine(model)
+    source.check_compatible(engine.fingerprint, source=f"prompt pack '{pack}'")
+    gate, report = fit_pack_gate(engine, cfg, anchors)
+    dataclasses.replace(source, gate=gate).save(out)
+    atomic_write_json(out.with_name(out.stem + ".gate.json"), report)
+    typer.echo(json.dumps({k: report[k] for k in ("layers", "threshold", "val_auc")}))

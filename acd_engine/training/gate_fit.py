@@ -1,0 +1,146 @@
+"""Fit the safety gate (:mod:`acd_engine.gate`) on our anchors and attach it to a pack.
+
+The features are what the engine captures at prefill: each decoder layer's output at the
+last prompt token of the plain rendering. One forward per anchor records every layer at
+once, so choosing the layers costs no extra forwards.
+
+Everything that is tuned is tuned on the anchors' validation split, never on a benchmark:
+
+* **Layers.** A probe is fitted on the train split for every single layer; the two layers
+  with the best validation AUC are tried together too, and the better of "best single
+  layer" and "that pair" wins (the single layer on a tie: fewer features, less to overfit).
+* **Threshold.** The lowest probability whose false-positive rate on the benign validation
+  prompts is at most ``max_fpr``: a flagged benign request decodes with the safeguarding
+  prompt, so this bounds the over-refusal the gate can add.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from acd_engine.config import _Settings
+from acd_engine.gate import (
+    SafetyGate,
+    capture_last_states,
+    decoder_layers,
+    features_of,
+    roc_auc,
+    threshold_for,
+)
+from acd_engine.gate import fit_gate as fit_probe
+from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
+
+__all__ = ["GateFitConfig", "anchor_features", "fit_pack_gate"]
+
+logger = logging.getLogger(__name__)
+
+
+class GateFitConfig(_Settings):
+    """How the gate is fitted (stored with the gate, so a pack says how its gate was made)."""
+
+    layers: tuple[int, ...] | None = Field(
+        default=None,
+        description="Decoder layers to read; None chooses by validation AUC (see the module).",
+    )
+    max_fpr: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Most benign validation prompts the gate may flag (its threshold).",
+    )
+    l2: float = Field(default=1e-2, gt=0.0, description="L2 penalty of the logistic regression.")
+
+
+def anchor_features(engine: Any, anchors: Sequence[Anchor], layers: Sequence[int]) -> torch.Tensor:
+    """``[N, len(layers) * H]``: the gate's features of each anchor (one forward each)."""
+    rows = []
+    for anchor in anchors:
+        rendered = engine.render(anchor.prompt)
+        ids = torch.tensor([rendered.plain], device=engine.device)
+        with torch.inference_mode(), capture_last_states(engine.model, layers) as states:
+            engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        rows.append(features_of(states)[0])
+    return torch.stack(rows)
+
+
+def _labels(anchors: Sequence[Anchor]) -> torch.Tensor:
+    return torch.tensor([1.0 if a.label == "harmful" else 0.0 for a in anchors])
+
+
+def _layer_slice(x: torch.Tensor, index: Sequence[int], hidden: int) -> torch.Tensor:
+    return torch.cat([x[:, i * hidden : (i + 1) * hidden] for i in index], dim=1)
+
+
+def fit_pack_gate(
+    engine: Any, config: GateFitConfig | None = None, anchors_path: Path | None = None
+) -> tuple[SafetyGate, dict[str, Any]]:
+    """Fit the gate for ``engine``'s model on the anchors; return it and a report."""
+    cfg = config or GateFitConfig()
+    start = time.perf_counter()
+    train = load_anchors("train", anchors_path)
+    val = load_anchors("val", anchors_path)
+    n_layers = len(decoder_layers(engine.model))
+    candidates = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
+    x_train = anchor_features(engine, train, candidates)
+    x_val = anchor_features(engine, val, candidates)
+    y_train, y_val = _labels(train), _labels(val)
+    hidden = x_train.shape[1] // len(candidates)
+
+    def val_auc(index: Sequence[int]) -> tuple[float, SafetyGate]:
+        layers = tuple(candidates[i] for i in index)
+        gate = fit_probe(_layer_slice(x_train, index, hidden), y_train, layers, l2=cfg.l2)
+        return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
+
+    per_layer = {candidates[i]: val_auc([i])[0] for i in range(len(candidates))}
+    if cfg.layers is not None:
+        chosen = list(range(len(candidates)))
+    else:
+        ranked = sorted(range(len(candidates)), key=lambda i: -per_layer[candidates[i]])
+        single, pair = ranked[:1], sorted(ranked[:2])
+        chosen = pair if val_auc(pair)[0] > val_auc(single)[0] + 0.002 else single
+    auc, gate = val_auc(chosen)
+    p_val = gate.probability(_layer_slice(x_val, chosen, hidden))
+    threshold = threshold_for(p_val, y_val, cfg.max_fpr)
+    flagged = p_val >= threshold
+    by_kind = {}
+    for group in sorted({f"{a.label}/{a.kind}" for a in val}):
+        idx = torch.tensor([f"{a.label}/{a.kind}" == group for a in val])
+        by_kind[group] = round(float(flagged[idx].float().mean()), 4)
+    report: dict[str, Any] = {
+        "layers": list(gate.layers),
+        "threshold": threshold,
+        "val_auc": round(auc, 4),
+        "val_flag_rate_by_kind": by_kind,
+        "val_flag_rate_harmful": round(float(flagged[y_val > 0.5].float().mean()), 4),
+        "val_flag_rate_benign": round(float(flagged[y_val <= 0.5].float().mean()), 4),
+        "per_layer_val_auc": {str(k): round(v, 4) for k, v in per_layer.items()},
+        "train_anchors": len(train),
+        "val_anchors": len(val),
+        "anchor_set_hash": anchor_set_hash(anchors_path),
+        "settings": cfg.model_dump(mode="json"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    meta = {
+        "val_auc": str(report["val_auc"]),
+        "val_flag_rate_harmful": str(report["val_flag_rate_harmful"]),
+        "val_flag_rate_benign": str(report["val_flag_rate_benign"]),
+        "max_fpr": str(cfg.max_fpr),
+        "anchor_set_hash": report["anchor_set_hash"],
+    }
+    gate = SafetyGate(gate.layers, gate.weight, gate.bias, gate.mean, gate.scale, threshold, meta)
+    logger.info(
+        "gate: layers %s, val AUC %.3f, flags %.0f%% harmful / %.0f%% benign val at p >= %.3f",
+        list(gate.layers),
+        auc,
+        100 * report["val_flag_rate_harmful"],
+        100 * report["val_flag_rate_benign"],
+        threshold,
+    )
+    return gate, report
