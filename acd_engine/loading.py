@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 
+from acd_engine.atomic import fsync_dir
 from acd_engine.config import ModelConfig
 from acd_engine.errors import ModelNotFoundError
 
@@ -144,7 +145,8 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         try:
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # a folder: acd_engine.atomic writes files, not folders
+            fsync_dir(target.parent)
         except OSError:  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
