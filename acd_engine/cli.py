@@ -292,6 +292,9 @@ def compare(
                     {"prompt": prompt, **out.model_dump(), "seconds": secs, "tokens_per_s": tps}
                 )
                 label = cfg.method if not cfg.is_contrastive else f"{cfg.method} α={cfg.alpha}"
+                if out.gate_score is not None:  # show how the safety gate routed it
+                    route = "flagged: SP-αAP" if out.gate_flagged else "passed: plain"
+                    label += f"\ngate {out.gate_score:.2f} ({route})"
                 table.add_row(label, f"{tps:.1f}", out.text.strip() or "[dim](empty)[/dim]")
             if not as_json:
                 console.print(table)
