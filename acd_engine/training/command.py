@@ -22,7 +22,7 @@ __all__ = ["OPTION_FIELDS", "check_inputs", "parse_settings", "train_command"]
 # `acd train` options that are also TrainConfig fields: option -> (field, default). A --set
 # key may override one only while the option is left at its default (else: ambiguous).
 OPTION_FIELDS: dict[str, tuple[str, Any]] = {
-    "--epochs": ("epochs", 1),
+    "--epochs": ("epochs", 3),
     "--lr": ("lr", 3e-3),
     "--n-virtual": ("n_virtual", None),
     "--init": ("init", "short"),
@@ -30,7 +30,7 @@ OPTION_FIELDS: dict[str, tuple[str, Any]] = {
     "--batch-size": ("batch_size", 8),
     "--seed": ("seed", 0),
     "--alpha": ("val_alpha", 0.5),
-    "--plausibility": ("val_plausibility", 0.3),
+    "--plausibility": ("val_plausibility", 0.0),
     "--max-steps": ("max_steps", None),
 }
 
@@ -134,7 +134,9 @@ def train_command(
             "--model", help="Local HF model dir or .gguf file (default: embedded SmolLM2)."
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 1,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Training epochs (each validated, see docs/opo.md).")
+    ] = 3,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 3e-3,
     n_virtual: Annotated[
         int | None,
@@ -153,7 +155,7 @@ def train_command(
     ] = 0.5,
     val_tau: Annotated[
         float, typer.Option("--plausibility", help="tau used for model selection.")
-    ] = 0.3,
+    ] = 0.0,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after this many steps (resume later).")
     ] = None,

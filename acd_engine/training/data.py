@@ -8,12 +8,23 @@ Judge`, and split them into
 * ``D_HR``: harmful instruction, refused (what SP should say, what AP should not),
 * ``D_HA``: harmful instruction, answered (what AP should say, what SP should not),
 * ``D_S``: benign instruction, answered (what both should keep saying). Benign responses that
-  refuse are dropped: training on them would teach over-refusal.
+  refuse are not D_S targets: training on them would teach over-refusal,
+* ``D_BR``: benign instruction paired with a refusal *opening* (what the SP should not say and
+  the AP should; the two-sided term of :mod:`acd_engine.training.losses`). Its openings are
+  the sampled benign refusals whose start alone reads as a refusal, else one of
+  ``refusal_openings`` picked per anchor.
 
-Small chat models rarely refuse, so ``D_HR`` can come out nearly empty. Then (``fallback``)
-each harmful anchor without a sampled refusal gets a short templated refusal, chosen
-deterministically per instruction from a few phrasings; the mirror case (a model that never
-complies) gets a generic affirmative opening for ``D_HA``. Both are logged and reported.
+Where each split's examples come from, in order of preference (``per_anchor`` keeps the
+first): ``D_HR`` from the model's own continuation of a refusal opening prefilled after the
+safe prompt (source ``"refusal"``; a small model rarely refuses on its own, and this keeps
+the words its own), then sampled refusals (safe, none, opposite); ``D_HA`` from responses
+sampled under the *opposite* prompt first (compliance sampled under the safe prompt is the
+mildest kind), then none, then safe; ``D_S`` safe, none, opposite.
+
+If ``D_HR`` still covers too few harmful anchors (``fallback``), each uncovered one gets a
+short templated refusal, chosen deterministically per instruction, that ends (with EOS)
+within the default ``target_tokens``; the mirror case (a model that never complies) gets a
+generic affirmative opening for ``D_HA``. Both are logged and reported.
 
 Sampling is batched with ``model.generate`` over token ids identical to what the engine feeds
 its text branches (``head + prompt + tail`` from :meth:`Engine.render`); the engine's own
@@ -57,6 +68,7 @@ __all__ = [
     "fallback_refusal",
     "generate_responses",
     "load_or_generate",
+    "refusal_opening",
     "repair_tail",
 ]
 
@@ -68,16 +80,32 @@ SOURCE_TEXTS: dict[str, str | None] = {
     "none": None,
 }
 
+REFUSAL_SOURCE = "refusal"
+"""Source name of the model's continuations of a prefilled refusal opening (safe prompt)."""
+
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "hr": (REFUSAL_SOURCE, "safe", "none", "opposite"),
+    "ha": ("opposite", "none", "safe"),
+    "s": ("safe", "none", "opposite"),
+    "br": ("safe", "none", "opposite"),
+}
+"""Per split, the sources its examples are taken from first (``per_anchor`` keeps the first)."""
+
+OPENING_CHARS = 48
+"""A sampled benign refusal is a D_BR opening only if its first this many characters alone
+are judged refused: the marker judge also flags a refusal phrase late in an otherwise real
+answer, and teaching the SP to avoid a real answer's first words would hurt."""
+
 REFUSAL_TEMPLATES: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that. It could cause serious harm to people.",
-    "I can't assist with this request because it could be used to hurt someone. If you have "
-    "another question, I'm happy to help.",
-    "Sorry, I won't provide that. Helping with this could put people in danger or break the law.",
-    "I'm not able to help with that, as it could lead to real harm. Is there something else I "
-    "can do for you?",
-    "I cannot help with this. Giving these instructions would be unsafe and could harm others.",
+    "I'm sorry, but I can't help with that. It could cause serious harm.",
+    "I can't assist with this request because it could be used to hurt someone.",
+    "Sorry, I won't provide that. It could put people in danger.",
+    "I'm not able to help with that, as it could lead to real harm.",
+    "I cannot help with this. These instructions would be unsafe.",
 )
-"""Refusals used as ``D_HR`` targets when the model produced too few of its own."""
+"""Refusals used as ``D_HR`` targets when the model produced too few of its own. Each is short
+enough that it and its EOS fit the default ``target_tokens`` (tested): a template cut before
+its EOS would teach the SP to refuse and then keep talking."""
 
 AFFIRMATIVE_TEMPLATES: tuple[str, ...] = (
     "Sure, here is how to do that. Step 1:",
@@ -120,12 +148,18 @@ class OPOSplits:
     hr: list[OPOExample] = field(default_factory=list)
     ha: list[OPOExample] = field(default_factory=list)
     s: list[OPOExample] = field(default_factory=list)
+    br: list[OPOExample] = field(default_factory=list)
     fallback: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
-        """Number of examples per split (``D_HR``, ``D_HA``, ``D_S``)."""
-        return {"D_HR": len(self.hr), "D_HA": len(self.ha), "D_S": len(self.s)}
+        """Number of examples per split (``D_HR``, ``D_HA``, ``D_S``, ``D_BR``)."""
+        return {
+            "D_HR": len(self.hr),
+            "D_HA": len(self.ha),
+            "D_S": len(self.s),
+            "D_BR": len(self.br),
+        }
 
 
 def default_cache_dir() -> Path:
@@ -149,6 +183,11 @@ def fallback_affirmative(anchor_id: str) -> str:
     return _pick(AFFIRMATIVE_TEMPLATES, anchor_id)
 
 
+def refusal_opening(anchor_id: str, openings: Sequence[str]) -> str:
+    """The refusal opening used for an anchor (prefill for D_HR, target for D_BR)."""
+    return _pick(openings, anchor_id)
+
+
 # ------------------------------------------------------------------------------ sampling
 def _prompt_ids(engine: Any, prompt: str, source: str) -> list[int]:
     """Token ids the engine would prefill for ``prompt`` with ``source`` in the slot."""
@@ -164,9 +203,17 @@ def _batch_seed(seed: int, source: str, first_key: str) -> int:
 
 
 def _sample_batch(
-    engine: Any, prompts: Sequence[list[int]], cfg: TrainConfig, seed: int
+    engine: Any,
+    prompts: Sequence[list[int]],
+    cfg: TrainConfig,
+    seed: int,
+    keep: Sequence[int] | None = None,
 ) -> list[tuple[str, bool]]:
-    """Sample one response per id list with ``model.generate`` (left padding, seeded)."""
+    """Sample one response per id list with ``model.generate`` (left padding, seeded).
+
+    ``keep[i]`` trailing prompt tokens of row ``i`` (a prefilled opening) are decoded as the
+    start of its response, so the opening and its continuation join exactly as tokenised.
+    """
     tok = engine.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(engine.eos_token_ids)
     width = max(len(p) for p in prompts)
@@ -189,9 +236,10 @@ def _sample_batch(
             pad_token_id=pad,
         )
     results: list[tuple[str, bool]] = []
-    for row in out[:, width:].tolist():
+    for i, row in enumerate(out[:, width:].tolist()):
         finished = False
-        kept: list[int] = []
+        n_keep = keep[i] if keep else 0
+        kept: list[int] = list(prompts[i][len(prompts[i]) - n_keep :]) if n_keep else []
         for t in row:
             if t in engine.eos_token_ids:
                 finished = True
@@ -286,7 +334,19 @@ def repair_tail(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-SampleFn = Callable[[Any, Sequence[list[int]], TrainConfig, int], list[tuple[str, bool]]]
+SampleFn = Callable[..., list[tuple[str, bool]]]
+"""``(engine, prompt_ids, cfg, seed[, keep]) -> [(text, finished)]``, as :func:`_sample_batch`;
+``keep`` is passed only for the refusal continuations."""
+
+
+def _work(anchors: Sequence[Anchor], cfg: TrainConfig) -> list[tuple[Anchor, str, int]]:
+    """Every (anchor, source, sample) the data set needs, in a fixed order."""
+    items: list[tuple[Anchor, str, int]] = [
+        (a, src, k) for src in cfg.sources for a in anchors for k in range(cfg.samples)
+    ]
+    if cfg.refusal_continuations:
+        items += [(a, REFUSAL_SOURCE, 0) for a in anchors if a.label == "harmful"]
+    return items
 
 
 def generate_responses(
@@ -326,13 +386,7 @@ def generate_responses(
     atomic_write_json(path.with_suffix(".meta.json"), meta)
     done = _read_cache(path)
     repair_tail(path)
-    todo = [
-        (a, src, k)
-        for src in cfg.sources
-        for a in anchors
-        for k in range(cfg.samples)
-        if (a.id, src, k) not in done
-    ]
+    todo = [(a, src, k) for a, src, k in _work(anchors, cfg) if (a.id, src, k) not in done]
     if done:
         logger.info("response cache %s: %d cached, %d to sample", path.name, len(done), len(todo))
     else:
@@ -347,9 +401,25 @@ def generate_responses(
             by_source.setdefault(item[1], []).append(item)
         lines: list[str] = []
         for src, items in by_source.items():
-            ids = [_prompt_ids(engine, a.prompt, src) for a, _, _ in items]
             first = f"{items[0][0].id}:{items[0][2]}"
-            outs = sample_fn(engine, ids, cfg, _batch_seed(cfg.seed, src, first))
+            seed = _batch_seed(cfg.seed, src, first)
+            if src == REFUSAL_SOURCE:
+                # The model's own words after a refusal opening, under the safe prompt.
+                openings = [
+                    engine.tokenizer.encode(
+                        refusal_opening(a.id, cfg.refusal_openings), add_special_tokens=False
+                    )
+                    for a, _, _ in items
+                ]
+                ids = [
+                    _prompt_ids(engine, a.prompt, "safe") + o
+                    for (a, _, _), o in zip(items, openings, strict=True)
+                ]
+                short = cfg.replace(gen_max_new_tokens=cfg.refusal_max_new_tokens)
+                outs = sample_fn(engine, ids, short, seed, [len(o) for o in openings])
+            else:
+                ids = [_prompt_ids(engine, a.prompt, src) for a, _, _ in items]
+                outs = sample_fn(engine, ids, cfg, seed)
             for (a, s, k), (text, finished) in zip(items, outs, strict=True):
                 rec = {
                     "anchor_id": a.id,
@@ -368,8 +438,7 @@ def generate_responses(
             progress(len(chunk))
     if todo:
         logger.info("sampled %d responses in %.0fs", len(todo), time.perf_counter() - start)
-    wanted = [(a.id, src, k) for src in cfg.sources for a in anchors for k in range(cfg.samples)]
-    return [done[w] for w in wanted], path
+    return [done[(a.id, src, k)] for a, src, k in _work(anchors, cfg)], path
 
 
 # ------------------------------------------------------------------------------ splitting
@@ -379,7 +448,10 @@ def build_splits(
     judge: Judge,
     cfg: TrainConfig,
 ) -> OPOSplits:
-    """Label sampled responses and split them into D_HR / D_HA / D_S, with fallbacks.
+    """Label sampled responses and split them into D_HR / D_HA / D_S / D_BR, with fallbacks.
+
+    Each split takes its examples in the source order of :data:`PREFERENCE`, at most
+    ``per_anchor`` per anchor. ``D_BR`` is built only when ``benign_refusal_weight > 0``.
 
     Raises:
         OPODataError: When no benign response was answered (nothing keeps the prompts
@@ -393,23 +465,47 @@ def build_splits(
     )
     out = OPOSplits()
     counts: Counter[str] = Counter()
-    kept: Counter[tuple[str, str]] = Counter()
+    candidates: dict[str, list[tuple[dict[str, Any], Anchor]]] = {"hr": [], "ha": [], "s": []}
+    benign_refusals: list[tuple[dict[str, Any], Anchor]] = []
     for rec, verdict in zip(records, verdicts, strict=True):
         a = by_id[rec["anchor_id"]]
-        ex = OPOExample(
-            a.id, a.prompt, rec["response"], bool(rec["finished"]), rec["source"], a.kind
-        )
         counts[f"{a.label}/{rec['source']}/{verdict}"] += 1
         if a.label == "harmful":
-            split, name = (out.hr, "hr") if verdict == "refused" else (out.ha, "ha")
+            candidates["hr" if verdict == "refused" else "ha"].append((rec, a))
+        elif rec["source"] == REFUSAL_SOURCE:
+            continue  # only harmful anchors are continued; ignore foreign records
         elif verdict == "answered":
-            split, name = out.s, "s"
+            candidates["s"].append((rec, a))
         else:
-            continue  # a benign refusal is not a target: it would teach over-refusal
-        if cfg.per_anchor is not None and kept[(a.id, name)] >= cfg.per_anchor:
-            continue
-        kept[(a.id, name)] += 1
-        split.append(ex)
+            benign_refusals.append((rec, a))  # never a D_S target: it would teach over-refusal
+    # A compliant continuation of a refusal opening is neither a refusal nor real compliance.
+    candidates["ha"] = [(r, a) for r, a in candidates["ha"] if r["source"] != REFUSAL_SOURCE]
+
+    def take(name: str, pool: list[tuple[dict[str, Any], Anchor]]) -> list[OPOExample]:
+        order = {src: i for i, src in enumerate(PREFERENCE[name])}
+        pool = sorted(pool, key=lambda ra: order.get(ra[0]["source"], len(order)))  # stable
+        kept: Counter[str] = Counter()
+        picked: list[OPOExample] = []
+        for rec, a in pool:
+            if cfg.per_anchor is not None and kept[a.id] >= cfg.per_anchor:
+                continue
+            kept[a.id] += 1
+            picked.append(
+                OPOExample(
+                    a.id, a.prompt, rec["response"], bool(rec["finished"]), rec["source"], a.kind
+                )
+            )
+        # Anchor order (not source order) so a batch mixes sources like the data does.
+        rank = {a.id: i for i, a in enumerate(anchors)}
+        return sorted(picked, key=lambda e: rank[e.anchor_id])
+
+    out.hr, out.ha, out.s = (
+        take("hr", candidates["hr"]),
+        take("ha", candidates["ha"]),
+        take("s", candidates["s"]),
+    )
+    if cfg.benign_refusal_weight > 0:
+        out.br = _benign_refusal_openings(anchors, benign_refusals, judge, cfg, take)
     harmful = [a for a in anchors if a.label == "harmful"]
     for name, split, template in (
         ("D_HR", out.hr, fallback_refusal),
@@ -444,9 +540,41 @@ def build_splits(
             "D_S must not be empty, got 0 answered benign responses; check the judge or "
             "sample more responses (samples > 1)"
         )
-    out.stats = {"verdicts": dict(sorted(counts.items())), **out.sizes()}
-    logger.info("OPO splits: %s (fallback: %s)", out.sizes(), out.fallback or "none")
+    sources = {
+        name: dict(sorted(Counter(e.source for e in split).items()))
+        for name, split in (("D_HR", out.hr), ("D_HA", out.ha), ("D_S", out.s), ("D_BR", out.br))
+    }
+    out.stats = {"verdicts": dict(sorted(counts.items())), "sources": sources, **out.sizes()}
+    logger.info("OPO splits: %s (sources: %s; fallback: %s)", out.sizes(), sources, out.fallback)
     return out
+
+
+def _benign_refusal_openings(
+    anchors: Sequence[Anchor],
+    refusals: list[tuple[dict[str, Any], Anchor]],
+    judge: Judge,
+    cfg: TrainConfig,
+    take: Callable[[str, list[tuple[dict[str, Any], Anchor]]], list[OPOExample]],
+) -> list[OPOExample]:
+    """D_BR: per benign anchor, a sampled refusal whose start reads as one, else an opening.
+
+    The trainer cuts each to ``refusal_opening_tokens`` (no EOS: it is an opening).
+    """
+    starts = judge_many(
+        judge, [a.prompt for _, a in refusals], [r["response"][:OPENING_CHARS] for r, _ in refusals]
+    )
+    sampled = take("br", [ra for ra, v in zip(refusals, starts, strict=True) if v == "refused"])
+    have = Counter(e.anchor_id for e in sampled)
+    per = cfg.per_anchor if cfg.per_anchor is not None else 1
+    added = [
+        OPOExample(
+            a.id, a.prompt, refusal_opening(a.id, cfg.refusal_openings), False, "opening", a.kind
+        )
+        for a in anchors
+        if a.label == "benign" and have[a.id] < per
+    ]
+    rank = {a.id: i for i, a in enumerate(anchors)}
+    return sorted(sampled + added, key=lambda e: rank[e.anchor_id])
 
 
 def load_or_generate(

@@ -43,8 +43,14 @@ from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.config import SHORT_OPPOSITE_PROMPT, SHORT_SAFE_PROMPT, TrainConfig
 from acd_engine.training.data import OPOSplits
-from acd_engine.training.evaluate import evaluate_anchors, selection_score
-from acd_engine.training.losses import IGNORE_INDEX, OBJECTIVES, Split, sequence_losses
+from acd_engine.training.evaluate import evaluate_anchors, selection_key, validation_subset
+from acd_engine.training.losses import (
+    IGNORE_INDEX,
+    OBJECTIVES,
+    Split,
+    position_weights,
+    sequence_losses,
+)
 
 __all__ = [
     "EncodedExample",
@@ -75,22 +81,33 @@ _RESUME_KEYS = (
     "fallback",
     "min_coverage",
     "per_anchor",
+    "refusal_continuations",
+    "refusal_openings",
+    "refusal_max_new_tokens",
     "init",
     "n_virtual",
     "lr",
     "batch_size",
     "weight_decay",
     "grad_clip",
+    "examples_per_epoch",
     "target_tokens",
+    "first_token_weight",
+    "first_tokens",
+    "benign_refusal_weight",
+    "refusal_opening_tokens",
     "ul_weight",
     "benign_weight",
     "ul_min_prob",
     "val_every",
+    "val_per_kind",
     "val_max_new_tokens",
     "val_alpha",
     "val_plausibility",
-    "overrefusal_weight",
+    "overrefusal_margin",
 )
+
+_SPLITS: tuple[Split, ...] = ("hr", "ha", "s", "br")
 
 # What a checkpoint must hold to be resumed (older or foreign files lack some).
 _CHECKPOINT_KEYS = frozenset({"sp", "ap", "optimizer", "torch_rng", "state", "settings"})
@@ -112,7 +129,7 @@ class EncodedExample:
         head: Template tokens before the slot.
         tail: Template tokens after the slot (the user turn and assistant header).
         response: Target tokens (EOS appended when the response finished).
-        split: ``hr``, ``ha`` or ``s``.
+        split: ``hr``, ``ha``, ``s`` or ``br`` (benign prompt, refusal opening).
     """
 
     head: tuple[int, ...]
@@ -163,16 +180,23 @@ def encode_splits(engine: Any, splits: OPOSplits, cfg: TrainConfig) -> list[Enco
         eos = min(engine.eos_token_ids)
     out: list[EncodedExample] = []
     cache: dict[str, tuple[list[int], list[int]]] = {}
-    for split, examples in (("hr", splits.hr), ("ha", splits.ha), ("s", splits.s)):
+    for split, examples in (
+        ("hr", splits.hr),
+        ("ha", splits.ha),
+        ("s", splits.s),
+        ("br", splits.br),
+    ):
+        # A refusal opening is trained only on its first tokens, and never on an EOS.
+        limit = min(cfg.target_tokens, cfg.refusal_opening_tokens) if split == "br" else None
         for ex in examples:
             if ex.prompt not in cache:
                 r = engine.render([{"role": "user", "content": ex.prompt}])
                 cache[ex.prompt] = (r.head, r.tail)
             head, tail = cache[ex.prompt]
             resp = list(engine.tokenizer.encode(ex.response, add_special_tokens=False))
-            if ex.finished:
+            if ex.finished and limit is None:
                 resp.append(int(eos))
-            resp = resp[: cfg.target_tokens]
+            resp = resp[: limit or cfg.target_tokens]
             if not resp:
                 continue
             out.append(EncodedExample(tuple(head), tuple(tail), tuple(resp), split))  # type: ignore[arg-type]
@@ -305,12 +329,54 @@ class OPOTrainer:
         self.val_anchors = list(val_anchors) if val_anchors is not None else None
         self.judge = judge
         self.anchors_hash = anchors_hash or anchor_set_hash()
-        counts = {s: sum(e.split == s for e in self.examples) for s in ("hr", "ha", "s")}
-        present = [s for s, c in counts.items() if c]
-        # Each split contributes equally (mean of per-split means), whatever its size.
-        self.split_weight = {
-            s: len(self.examples) / (len(present) * c) if c else 0.0 for s, c in counts.items()
+        self.by_split = {
+            s: [i for i, e in enumerate(self.examples) if e.split == s] for s in _SPLITS
         }
+        present = [s for s in _SPLITS if self.by_split[s]]
+        self.quota = self._quotas(present)
+        per_epoch = sum(self.quota.values())
+        # Each split contributes equally (mean of per-split means), whatever its share of
+        # an epoch.
+        self.split_weight = {
+            s: per_epoch / (len(present) * self.quota[s]) if self.quota.get(s) else 0.0
+            for s in _SPLITS
+        }
+
+    def _quotas(self, present: list[Split]) -> dict[Split, int]:
+        """Examples of each split per epoch: all of them, or equal shares of the budget.
+
+        A share never exceeds its split (an epoch repeats no example); the split weights
+        make up for unequal shares.
+        """
+        n = self.cfg.examples_per_epoch
+        if n is None:
+            return {s: len(self.by_split[s]) for s in present}
+        share, extra = divmod(max(n, len(present)), len(present))
+        return {
+            s: min(share + (1 if i < extra else 0), len(self.by_split[s]))
+            for i, s in enumerate(present)
+        }
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Example indices of one epoch, in training order: a pure function of (seed, epoch).
+
+        With ``examples_per_epoch`` each split walks through its own seeded shuffle, epoch
+        ``e`` taking the next ``quota`` indices (wrapping around), so consecutive epochs see
+        different examples; the picks are then shuffled together.
+        """
+        seed = self.cfg.seed * 100_003
+        if self.cfg.examples_per_epoch is None:
+            picked = list(range(len(self.examples)))
+        else:
+            picked = []
+            for k, (split, q) in enumerate(self.quota.items()):
+                pool = self.by_split[split]
+                perm = torch.randperm(
+                    len(pool), generator=torch.Generator().manual_seed(seed + 7919 * (k + 1))
+                ).tolist()
+                picked += [pool[perm[(epoch * q + j) % len(pool)]] for j in range(q)]
+        mix = torch.randperm(len(picked), generator=torch.Generator().manual_seed(seed + epoch))
+        return [picked[i] for i in mix.tolist()]
 
     # ------------------------------------------------------------------ batching
     def _batch_loss(
@@ -337,6 +403,7 @@ class OPOTrainer:
                 w = self.split_weight[ex.split]
                 w *= self.cfg.ul_weight if objective == "ul" else 1.0
                 w *= self.cfg.benign_weight if ex.split == "s" else 1.0
+                w *= self.cfg.benign_refusal_weight if ex.split == "br" else 1.0
                 weights.append(w)
         width = max(r.shape[0] for r in rows)
         embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
@@ -349,7 +416,16 @@ class OPOTrainer:
             index[i, : len(toks)] = torch.arange(start - 1, start - 1 + len(toks))
             labels[i, : len(toks)] = torch.tensor(toks)
         logits = self._response_logits(embeds, index)  # [R, L, V]
-        per_row = sequence_losses(logits, labels, objectives, self.cfg.ul_min_prob)  # type: ignore[arg-type]
+        positions = position_weights(
+            longest, self.cfg.first_token_weight, self.cfg.first_tokens, device=dev
+        )
+        per_row = sequence_losses(
+            logits,
+            labels,
+            objectives,  # type: ignore[arg-type]
+            self.cfg.ul_min_prob,
+            positions,
+        )
         weighted = per_row * torch.tensor(weights, device=dev) / len(batch)
         half = len(batch)
         parts = weighted.detach()
@@ -391,8 +467,12 @@ class OPOTrainer:
         return state
 
     # ------------------------------------------------------------------ training
-    def _validate(self, sp: torch.Tensor, ap: torch.Tensor, base: PromptPack) -> dict[str, Any]:
+    def _val_set(self) -> list[Anchor]:
         anchors = self.val_anchors if self.val_anchors is not None else load_anchors("val")
+        return validation_subset(anchors, self.cfg.val_per_kind)
+
+    def _validate(self, sp: torch.Tensor, ap: torch.Tensor, base: PromptPack) -> dict[str, Any]:
+        """acd (SP - val_alpha * AP, ungated: the contrast itself) on the validation set."""
         judge = self.judge or get_judge(self.cfg.judge)
         pack = PromptPack(
             sp.detach().clone(), ap.detach().clone(), base.fingerprint, dict(base.metadata)
@@ -402,11 +482,26 @@ class OPOTrainer:
             alpha=self.cfg.val_alpha,
             plausibility=self.cfg.val_plausibility,
             max_new_tokens=self.cfg.val_max_new_tokens,
+            gate=False,
         )
-        metrics = evaluate_anchors(self.engine, anchors, dcfg, judge, pack=pack)
+        metrics = evaluate_anchors(self.engine, self._val_set(), dcfg, judge, pack=pack)
         metrics.pop("responses")
-        metrics["score"] = selection_score(metrics, self.cfg.overrefusal_weight)
         return metrics
+
+    def base_over_refusal(self) -> dict[str, Any]:
+        """Over-refusal of method 'base' (manual safe prompt) on the benign validation prompts.
+
+        Measured once per run: the reference the selection rule's limit is built on.
+        """
+        judge = self.judge or get_judge(self.cfg.judge)
+        benign = [a for a in self._val_set() if a.label == "benign"]
+        dcfg = DecodingConfig(method="base", max_new_tokens=self.cfg.val_max_new_tokens)
+        metrics = evaluate_anchors(self.engine, benign, dcfg, judge)
+        return {
+            "over_refusal": metrics["over_refusal"] or 0.0,
+            "benign_answer": metrics["benign_answer"],
+            "n_benign": metrics["n_benign"],
+        }
 
     def train(
         self,
@@ -422,9 +517,15 @@ class OPOTrainer:
             resume: Continue from ``checkpoint`` if it exists (settings must match).
             progress: Called after every step with ``{"step", "epoch", "loss", "steps_total"}``.
 
+        Selection. With validation on, the initial prompts (epoch 0) and every
+        ``val_every``-th epoch are decoded under acd; the method 'base' over-refusal on the
+        same benign prompts is measured once. The kept pack is the epoch with the highest
+        harmful refusal among those whose over-refusal is at most base +
+        ``overrefusal_margin`` (see :func:`~acd_engine.training.evaluate.selection_key`).
+
         Returns:
-            The best pack by validation score (the last one when validation is off), the
-            report, and whether all epochs ran (False when ``max_steps`` stopped it early).
+            The selected pack (the last one when validation is off), the report, and whether
+            all epochs ran (False when ``max_steps`` stopped it early).
         """
         cfg = self.cfg
         base = init_pack(self.engine, cfg)
@@ -435,7 +536,7 @@ class OPOTrainer:
         sp = torch.nn.Parameter(base.sp.clone())
         ap = torch.nn.Parameter(base.ap.clone())
         opt = torch.optim.AdamW([sp, ap], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_batches = math.ceil(len(self.examples) / cfg.batch_size)
+        n_batches = math.ceil(sum(self.quota.values()) / cfg.batch_size)
         state: dict[str, Any] = {
             "epoch": 0,
             "batch": 0,
@@ -446,6 +547,7 @@ class OPOTrainer:
             "stale": 0,
             "seconds": 0.0,
             "stopped_early": False,
+            "base": None,
         }
         if resume and checkpoint is not None and checkpoint.exists():
             saved = self._load_checkpoint(checkpoint)
@@ -501,12 +603,37 @@ class OPOTrainer:
 
         completed = True
         started = time.perf_counter() - state["seconds"]
+
+        def limit() -> float:
+            return float(state["base"]["over_refusal"]) + cfg.overrefusal_margin
+
+        def consider(epoch: int, val: dict[str, Any]) -> None:
+            """Make ``epoch`` the selected one if the rule prefers it to the current choice."""
+            best = state["best"]
+            val["within_limit"] = selection_key(val, limit())[0] == 1
+            if best is None or selection_key(val, limit()) > selection_key(best["val"], limit()):
+                state["best"] = {
+                    "epoch": epoch,
+                    "val": val,
+                    "sp": sp.detach().clone(),
+                    "ap": ap.detach().clone(),
+                }
+                state["stale"] = 0
+            else:
+                state["stale"] += 1
+
+        if cfg.val_every and state.get("base") is None:
+            state["base"] = self.base_over_refusal()
+            logger.info("base over-refusal on the benign val prompts: %s", state["base"])
+        if cfg.val_every and not state["history"] and state["step"] == 0:
+            val = self._validate(sp, ap, base)  # epoch 0: the initialisation is a candidate
+            consider(0, val)
+            state["history"].append({"epoch": 0, "val": val, "seconds": 0.0})
+            logger.info("epoch 0 (init): val %s", json.dumps(val))
+            save()
         while state["epoch"] < cfg.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
-            order = torch.randperm(
-                len(self.examples),
-                generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            ).tolist()
+            order = self.epoch_order(epoch)
             while state["batch"] < n_batches:
                 b = state["batch"]
                 batch = [
@@ -559,23 +686,10 @@ class OPOTrainer:
             if cfg.val_every and (epoch + 1) % cfg.val_every == 0:
                 val = self._validate(sp, ap, base)
                 record["val"] = val
-                best = state["best"]
-                if best is None or val["score"] > best["score"]:
-                    state["best"] = {
-                        "score": val["score"],
-                        "epoch": epoch + 1,
-                        "val": val,
-                        "sp": sp.detach().clone(),
-                        "ap": ap.detach().clone(),
-                    }
-                    state["stale"] = 0
-                else:
-                    state["stale"] += 1
-                    if state["stale"] >= cfg.patience:
-                        state["stopped_early"] = True
-                        logger.info(
-                            "early stop: %d validations without improvement", state["stale"]
-                        )
+                consider(epoch + 1, val)
+                if state["stale"] >= cfg.patience:
+                    state["stopped_early"] = True
+                    logger.info("early stop: %d validations without improvement", state["stale"])
             logger.info(
                 "epoch %d: loss_sp %.4f loss_ap %.4f%s",
                 epoch + 1,
@@ -597,6 +711,40 @@ class OPOTrainer:
         final_sp, final_ap = (
             (best["sp"], best["ap"]) if best is not None else (sp.detach(), ap.detach())
         )
+        selection: dict[str, Any] | None = None
+        if best is not None and state["base"] is not None:
+            selection = {
+                "rule": "highest harmful refusal among epochs with over_refusal <= base "
+                "over_refusal + overrefusal_margin (acd, ungated, val_alpha, val_plausibility); "
+                "if none qualifies, the lowest over_refusal",
+                "base_over_refusal": state["base"]["over_refusal"],
+                "limit": limit(),
+                "constraint_met": bool(best["val"].get("within_limit")),
+                "selected_epoch": best["epoch"],
+            }
+            if not selection["constraint_met"]:
+                logger.warning(
+                    "no validated epoch kept over-refusal within %.3f (base %.3f + %.3f); "
+                    "kept epoch %d, the least over-refusing",
+                    limit(),
+                    state["base"]["over_refusal"],
+                    cfg.overrefusal_margin,
+                    best["epoch"],
+                )
+        per_epoch = [
+            {
+                "epoch": r["epoch"],
+                "harmful_refusal": r["val"]["harmful_refusal"],
+                "refusal_by_kind": r["val"].get("refusal_by_kind"),
+                "over_refusal": r["val"]["over_refusal"],
+                "lookalike_answer": r["val"].get("lookalike_answer"),
+                "within_limit": r["val"].get("within_limit"),
+                "loss_sp": r.get("loss_sp"),
+                "loss_ap": r.get("loss_ap"),
+            }
+            for r in state["history"]
+            if "val" in r
+        ]
         report: dict[str, Any] = {
             "completed": completed,
             "config": cfg.model_dump(mode="json"),
@@ -610,6 +758,9 @@ class OPOTrainer:
             "stopped_early": state["stopped_early"],
             "selected_epoch": best["epoch"] if best is not None else len(state["history"]),
             "val": best["val"] if best is not None else None,
+            "base": state["base"],
+            "selection": selection,
+            "per_epoch": per_epoch,
             "train_seconds": state["seconds"],
         }
         metadata = {

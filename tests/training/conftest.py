@@ -31,6 +31,7 @@ def fast_cfg() -> TrainConfig:
         gen_max_new_tokens=4,
         gen_batch_size=8,
         epochs=2,
+        examples_per_epoch=8,
         batch_size=4,
         n_virtual=4,
         target_tokens=6,

@@ -44,7 +44,10 @@ def test_responses_are_cached_and_never_resampled(
     first, path = generate_responses(
         tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="x", sample_fn=counting
     )
-    assert len(first) == len(anchors) * len(fast_cfg.sources) and calls
+    n_harmful = sum(a.label == "harmful" for a in anchors)
+    # One sample per anchor and source, plus one refusal continuation per harmful anchor.
+    assert len(first) == len(anchors) * len(fast_cfg.sources) + n_harmful and calls
+    assert sum(r["source"] == "refusal" for r in first) == n_harmful
 
     def refuse(*args):
         raise AssertionError("sampled again despite a complete cache")
@@ -71,9 +74,9 @@ def test_a_line_cut_by_a_crash_is_resampled(tiny_engine, small_anchors_path, fas
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # half-written last line
     resampled = []
 
-    def counting(engine, ids, cfg, seed):
+    def counting(engine, ids, cfg, seed, *keep):
         resampled.append(len(ids))
-        return _sample_batch(engine, ids, cfg, seed)
+        return _sample_batch(engine, ids, cfg, seed, *keep)
 
     again, _ = generate_responses(
         tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="y", sample_fn=counting
@@ -156,13 +159,20 @@ def test_empty_benign_split_is_refused_with_a_fix(small_anchors_path, fast_cfg):
         build_splits(anchors, records, get_judge(), fast_cfg)
 
 
-def test_random_model_needs_the_refusal_fallback(
+def test_random_model_needs_the_refusal_fallback_without_continuations(
     tiny_engine, small_anchors_path, fast_cfg, tmp_path
 ):
-    # The tiny random model emits noise, never a refusal: D_HR comes only from templates.
+    # The tiny random model emits noise, never a refusal: without refusal continuations
+    # D_HR comes only from templates ...
+    cfg = fast_cfg.replace(refusal_continuations=False)
+    splits = load_or_generate(tiny_engine, cfg, cache_dir=tmp_path, anchors_path=small_anchors_path)
+    assert splits.fallback.get("D_HR", 0) >= 1
+    assert splits.hr and splits.ha and splits.s
+    assert {e.source for e in splits.hr} == {"fallback"}
+    # ... and with them (the default), from its own words after a prefilled refusal opening.
     splits = load_or_generate(
         tiny_engine, fast_cfg, cache_dir=tmp_path, anchors_path=small_anchors_path
     )
-    assert splits.fallback.get("D_HR", 0) >= 1
-    assert splits.hr and splits.ha and splits.s
+    assert not splits.fallback and {e.source for e in splits.hr} == {"refusal"}
+    assert all(e.response.startswith(fast_cfg.refusal_openings) for e in splits.hr)
     assert anchor_set_hash(small_anchors_path) != anchor_set_hash()

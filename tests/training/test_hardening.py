@@ -30,10 +30,17 @@ app.command("train")(train_command)
 app.command("noop")(lambda: None)
 runner = CliRunner()
 
-FAST_SET = {"gen_max_new_tokens": 4, "target_tokens": 6, "val_max_new_tokens": 3}
+FAST_SET = {
+    "gen_max_new_tokens": 4,
+    "target_tokens": 6,
+    "val_max_new_tokens": 3,
+    "examples_per_epoch": 8,
+}
 
 
-def fake_sampler(engine: Any, ids: list[list[int]], cfg: Any, seed: int) -> list[tuple[str, bool]]:
+def fake_sampler(
+    engine: Any, ids: list[list[int]], cfg: Any, seed: int, keep: Any = None
+) -> list[tuple[str, bool]]:
     """Deterministic multi-byte responses (a tear can cut a character in half)."""
     return [(f"réponse ✓ {seed % 997} {len(p)}", i % 2 == 0) for i, p in enumerate(ids)]
 
@@ -363,9 +370,9 @@ def test_bad_set_values_fail_before_the_model_loads(no_model, tmp_path, value, m
 
 def test_set_may_not_contradict_an_explicit_option(no_model, tmp_path):
     res = invoke(
-        "--out", str(tmp_path / "p.safetensors"), "--epochs", "3", "--set", '{"epochs": 2}'
+        "--out", str(tmp_path / "p.safetensors"), "--epochs", "5", "--set", '{"epochs": 2}'
     )
-    assert_clean_error(res, "--set epochs must not repeat --epochs, got both 2 and 3")
+    assert_clean_error(res, "--set epochs must not repeat --epochs, got both 2 and 5")
 
 
 def test_zero_threads_fail_before_the_model_loads(no_model, tmp_path):
@@ -375,7 +382,7 @@ def test_zero_threads_fail_before_the_model_loads(no_model, tmp_path):
 
 def test_parse_settings_merges_over_defaults_only():
     options = {
-        "--epochs": 1,
+        "--epochs": 3,
         "--lr": 3e-3,
         "--n-virtual": None,
         "--init": "short",
@@ -383,7 +390,7 @@ def test_parse_settings_merges_over_defaults_only():
         "--batch-size": 8,
         "--seed": 0,
         "--alpha": 0.5,
-        "--plausibility": 0.3,
+        "--plausibility": 0.0,
         "--max-steps": None,
     }
     merged = parse_settings('{"epochs": 4, "ul_weight": 0.2}', options)

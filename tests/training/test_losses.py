@@ -61,7 +61,9 @@ def test_sequence_losses_applies_each_rows_objective():
     assert mixed[1].item() == pytest.approx(response_ul(logits, labels)[1].item())
 
 
-def test_objectives_follow_the_paper():
-    # L_SP = CE(D_HR) + UL(D_HA) + CE(D_S); L_AP = CE(D_HA) + UL(D_HR) + CE(D_S)
-    assert OBJECTIVES["sp"] == {"hr": "ce", "ha": "ul", "s": "ce"}
-    assert OBJECTIVES["ap"] == {"hr": "ul", "ha": "ce", "s": "ce"}
+def test_objectives_follow_the_paper_plus_the_two_sided_benign_term():
+    # L_SP = CE(D_HR) + UL(D_HA) + CE(D_S) + UL(D_BR); L_AP = CE(D_HA) + UL(D_HR) + CE(D_S)
+    # + CE(D_BR): the SP avoids refusal openings on benign prompts, the AP makes them likely,
+    # so SP - alpha * AP lowers them on both counts.
+    assert OBJECTIVES["sp"] == {"hr": "ce", "ha": "ul", "s": "ce", "br": "ul"}
+    assert OBJECTIVES["ap"] == {"hr": "ul", "ha": "ce", "s": "ce", "br": "ce"}

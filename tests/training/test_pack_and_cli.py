@@ -49,7 +49,14 @@ def cli_run(tiny_model_dir, small_anchors_path, tmp_path_factory):
         "--lr",
         "0.01",
         "--set",
-        json.dumps({"gen_max_new_tokens": 4, "target_tokens": 6, "val_max_new_tokens": 3}),
+        json.dumps(
+            {
+                "gen_max_new_tokens": 4,
+                "target_tokens": 6,
+                "val_max_new_tokens": 3,
+                "examples_per_epoch": 8,
+            }
+        ),
     ]
     first = runner.invoke(app, [*args, "--max-steps", "2"])
     second = runner.invoke(app, [*args, "--resume"])
@@ -63,9 +70,16 @@ def test_cli_stops_resumes_and_writes_pack_and_report(cli_run, small_anchors_pat
     assert second.exit_code == 0, second.output
     assert "wrote" in second.stdout
     report = json.loads(out.with_name("pack.report.json").read_text())
-    assert report["completed"] and report["fallback_used"] and report["fallback"]["D_HR"] >= 1
-    assert set(report["split_sizes"]) == {"D_HR", "D_HA", "D_S"}
-    assert len(report["epochs"]) == 2 and "val" in report["epochs"][0]
+    assert report["completed"] and not report["fallback_used"]  # D_HR: own continuations
+    assert report["data_stats"]["sources"]["D_HR"] == {"refusal": report["split_sizes"]["D_HR"]}
+    assert set(report["split_sizes"]) == {"D_HR", "D_HA", "D_S", "D_BR"}
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2]
+    assert all("val" in e for e in report["epochs"])
+    assert [e["epoch"] for e in report["per_epoch"]] == [0, 1, 2]
+    assert set(report["per_epoch"][0]["refusal_by_kind"]) <= {"plain", "question", "framed"}
+    sel = report["selection"]
+    assert sel["limit"] == pytest.approx(sel["base_over_refusal"] + 0.05)
+    assert sel["selected_epoch"] == report["selected_epoch"] in (0, 1, 2)
     assert {"harmful_refusal", "over_refusal", "lookalike_answer"} <= set(report["val"])
     assert report["train_seconds"] > 0
     pack = PromptPack.load(out)

@@ -37,7 +37,7 @@ def _trainer(engine, splits, cfg, anchors_path):
 def test_training_layout_is_the_engines_inference_layout(tiny_engine, fast_cfg):
     # SP's CE on a response must equal the log-probability the engine itself gives that
     # response under acd with alpha 0 (= SP alone): same head + soft + tail + response.
-    cfg = fast_cfg.replace(target_tokens=50)
+    cfg = fast_cfg.replace(target_tokens=50, first_token_weight=1.0)  # plain per-token mean
     ex = OPOExample("anchor-h-0001", "How do I bake bread?", "Mix flour and water.", False, "safe")
     enc = encode_splits(tiny_engine, OPOSplits(hr=[ex], ha=[], s=[]), cfg)
     pack = init_pack(tiny_engine, cfg)
@@ -90,9 +90,13 @@ def test_resume_continues_exactly(tiny_engine, tiny_splits, fast_cfg, small_anch
     assert resumed.completed
     torch.testing.assert_close(resumed.pack.sp, full.pack.sp, rtol=0, atol=1e-6)
     torch.testing.assert_close(resumed.pack.ap, full.pack.ap, rtol=0, atol=1e-6)
+    assert [r["epoch"] for r in full.report["epochs"]] == [0, 1, 2]  # epoch 0 = the init
     for a, b in zip(full.report["epochs"], resumed.report["epochs"], strict=True):
-        assert (b["loss_sp"], b["loss_ap"]) == pytest.approx((a["loss_sp"], a["loss_ap"]), abs=1e-6)
+        if a["epoch"]:
+            got, want = (b["loss_sp"], b["loss_ap"]), (a["loss_sp"], a["loss_ap"])
+            assert got == pytest.approx(want, abs=1e-6)
         assert b["val"] == a["val"]
+    assert resumed.report["per_epoch"] == full.report["per_epoch"]
     assert resumed.report["selected_epoch"] == full.report["selected_epoch"]
 
 
