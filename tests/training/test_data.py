@@ -16,6 +16,7 @@ from acd_engine.training.data import (
     fallback_refusal,
     generate_responses,
     load_or_generate,
+    refusal_opening,
 )
 
 
@@ -176,3 +177,85 @@ def test_random_model_needs_the_refusal_fallback_without_continuations(
     assert not splits.fallback and {e.source for e in splits.hr} == {"refusal"}
     assert all(e.response.startswith(fast_cfg.refusal_openings) for e in splits.hr)
     assert anchor_set_hash(small_anchors_path) != anchor_set_hash()
+
+
+def _rec(a, source, response, finished=True):
+    return {
+        "anchor_id": a.id,
+        "source": source,
+        "sample": 0,
+        "response": response,
+        "finished": finished,
+    }
+
+
+def test_each_split_prefers_its_own_sources(small_anchors_path, fast_cfg):
+    anchors = load_anchors("train", small_anchors_path)
+    harmful = [a for a in anchors if a.label == "harmful"]
+    benign = [a for a in anchors if a.label == "benign"]
+    records = []
+    for a in harmful:  # sampled refusal and compliance under every prompt, plus a continuation
+        records += [
+            _rec(a, "safe", "Sure, a mild overview."),
+            _rec(a, "opposite", "Sure, step 1: do it."),
+            _rec(a, "none", "I'm sorry, I can't help with that."),
+            _rec(a, "refusal", "I'm sorry, but I can't share that."),
+        ]
+    for a in benign:
+        records += [_rec(a, "opposite", "Here you go."), _rec(a, "safe", "Here is a recipe.")]
+    splits = build_splits(anchors, records, get_judge(), fast_cfg)
+    assert {e.source for e in splits.ha} == {"opposite"}  # not the mild safe-prompt compliance
+    assert {e.source for e in splits.hr} == {"refusal"}  # the model's continuation first
+    assert {e.source for e in splits.s} == {"safe"}
+    assert [e.anchor_id for e in splits.ha] == [a.id for a in harmful]  # one per anchor
+    assert splits.stats["sources"]["D_HA"] == {"opposite": len(harmful)}
+    # Without its first choice a split falls back to the next source, not to templates.
+    fewer = [r for r in records if r["source"] != "refusal"]
+    splits = build_splits(anchors, fewer, get_judge(), fast_cfg)
+    assert {e.source for e in splits.hr} == {"none"} and not splits.fallback
+
+
+def test_benign_refusal_openings_are_refusal_starts_only(small_anchors_path, fast_cfg):
+    anchors = load_anchors("train", small_anchors_path)
+    benign = [a for a in anchors if a.label == "benign"]
+    records = [_rec(a, "safe", "Sure, here it is.") for a in anchors]
+    records += [
+        _rec(benign[0], "none", "I'm sorry, but I can't help with that request."),
+        # A real answer that only mentions a refusal phrase late: not an opening to avoid.
+        _rec(benign[1], "none", "Here is a long and useful answer. " * 3 + "I cannot say more."),
+    ]
+    splits = build_splits(anchors, records, get_judge(), fast_cfg)
+    by_anchor = {e.anchor_id: e for e in splits.br}
+    assert set(by_anchor) == {a.id for a in benign}
+    assert by_anchor[benign[0].id].source == "none"
+    assert by_anchor[benign[1].id].source == "opening"
+    assert by_anchor[benign[1].id].response in fast_cfg.refusal_openings
+    assert not any(e.finished for e in splits.br if e.source == "opening")
+    assert not build_splits(
+        anchors, records, get_judge(), fast_cfg.replace(benign_refusal_weight=0.0)
+    ).br  # the term off: no examples to pay for
+
+
+def test_refusal_templates_end_within_the_default_target(tiny_engine):
+    from acd_engine.training.config import TrainConfig
+
+    budget = TrainConfig().target_tokens
+    for text in REFUSAL_TEMPLATES:
+        n = len(tiny_engine.tokenizer.encode(text, add_special_tokens=False))
+        assert n + 1 <= budget, (text, n)  # + EOS: a template must be trained to stop
+
+
+def test_refusal_continuations_start_with_the_opening_and_change_the_cache_key(
+    tiny_engine, small_anchors_path, fast_cfg, tmp_path
+):
+    anchors = load_anchors("train", small_anchors_path)
+    records, path = generate_responses(tiny_engine, anchors, fast_cfg, tmp_path, anchors_hash="z")
+    cont = [r for r in records if r["source"] == "refusal"]
+    assert len(cont) == sum(a.label == "harmful" for a in anchors)
+    for r in cont:
+        opening = refusal_opening(r["anchor_id"], fast_cfg.refusal_openings)
+        assert r["response"].startswith(opening) and len(r["response"]) > len(opening)
+    other = fast_cfg.replace(refusal_openings=["I will not"])
+    records2, path2 = generate_responses(tiny_engine, anchors, other, tmp_path, anchors_hash="z")
+    assert path2 != path
+    assert all(r["response"].startswith("I will not") for r in records2 if r["source"] == "refusal")

@@ -10,6 +10,7 @@ import torch
 from acd_engine.training.losses import (
     IGNORE_INDEX,
     OBJECTIVES,
+    position_weights,
     response_ce,
     response_ul,
     sequence_losses,
@@ -67,3 +68,22 @@ def test_objectives_follow_the_paper_plus_the_two_sided_benign_term():
     # so SP - alpha * AP lowers them on both counts.
     assert OBJECTIVES["sp"] == {"hr": "ce", "ha": "ul", "s": "ce", "br": "ul"}
     assert OBJECTIVES["ap"] == {"hr": "ul", "ha": "ce", "s": "ce", "br": "ce"}
+
+
+def test_position_weights_favour_the_first_tokens_and_decay_to_one():
+    w = position_weights(6, first_token_weight=4.0, first_tokens=3)
+    assert w.tolist() == pytest.approx([4.0, 3.0, 2.0, 1.0, 1.0, 1.0])
+    assert position_weights(4, 1.0, 3).tolist() == [1.0] * 4  # weight 1: the plain mean
+
+
+def test_weighted_ce_and_ul_weight_each_position():
+    logits, labels = _toy()
+    w = torch.tensor([3.0, 1.0, 1.0])
+    ce = response_ce(logits, labels, w)
+    # Row 0 scores positions 0 and 1 (weights 3, 1); row 1 positions 1 and 2 (weights 1, 1).
+    expected = [-(3 * math.log(0.5) + math.log(0.7)) / 4, -(math.log(0.2) + math.log(0.9)) / 2]
+    assert ce.tolist() == pytest.approx(expected, abs=1e-6)
+    ul = response_ul(logits, labels, weights=w)
+    assert ul[0].item() == pytest.approx(-(3 * math.log(0.5) + math.log(0.3)) / 4, abs=1e-6)
+    mixed = sequence_losses(logits, labels, ["ul", "ce"], weights=w)
+    assert mixed.tolist() == pytest.approx([ul[0].item(), ce[1].item()], abs=1e-6)
