@@ -133,7 +133,7 @@ class TrainConfig(_Settings):
         "epochs give model selection more candidates.",
     )
     examples_per_epoch: int | None = Field(
-        default=64,
+        default=128,
         ge=1,
         description="Examples one epoch trains on, drawn in equal shares from each split "
         "(D_HR, D_HA, D_S and the benign refusal openings) from a seeded per-split shuffle, "
