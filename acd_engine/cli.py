@@ -356,7 +356,12 @@ def chat(
 @app.command("eval")
 def eval_command(
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated: plain,base,nid,oid,acd,custom.")
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: plain,base,nid,oid,acd,acd-gate,custom. acd is the paper's "
+            "ungated ACD; acd-gate routes by the pack's safety gate (needs a pack with one).",
+        ),
     ] = "plain,base,nid,oid,acd",
     alphas: Annotated[
         str, typer.Option("--alphas", help="Comma-separated alphas for contrast methods.")
@@ -416,7 +421,7 @@ def eval_command(
 
         from acd_engine.engine import get_engine
         from acd_engine.eval.judges import Judge, get_judge
-        from acd_engine.eval.runner import EvalOptions, prepare_eval, run_eval
+        from acd_engine.eval.runner import EvalOptions, check_pack_file, prepare_eval, run_eval
 
         options = EvalOptions(
             methods=methods,
@@ -445,6 +450,7 @@ def eval_command(
         if judge != "hf":
             judge_obj = get_judge(judge, **judge_options)
         plan = prepare_eval(options, judge_obj)
+        check_pack_file(options, pack)  # acd-gate with a gateless --pack fails before loading
         if judge_obj is None:
             judge_obj = get_judge(judge, **judge_options)
         run_eval(get_engine(model, pack=pack), options, judge=judge_obj, plan=plan)

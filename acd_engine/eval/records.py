@@ -27,6 +27,7 @@ from typing import IO, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from acd_engine.atomic import atomic_write_bytes, atomic_write_text
+from acd_engine.config import CONTRAST_METHODS, METHODS
 from acd_engine.errors import ConfigError
 
 try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected.
@@ -35,6 +36,9 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "EVAL_CONTRAST_METHODS",
+    "EVAL_METHODS",
+    "GATED_METHOD",
     "RECORDS_FILE",
     "EvalRecord",
     "RecordKey",
@@ -49,6 +53,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
+
+GATED_METHOD = "acd-gate"
+"""The eval's name for gated ACD (``DecodingConfig(method="acd", gate=True)``). Eval's
+``acd`` is the paper's ungated ACD (``gate=False``), so both can sit in one records file."""
+EVAL_METHODS: tuple[str, ...] = (
+    *METHODS[: METHODS.index("acd") + 1],
+    GATED_METHOD,
+    *METHODS[METHODS.index("acd") + 1 :],
+)
+"""Method names a record may carry: the engine's methods plus :data:`GATED_METHOD`."""
+EVAL_CONTRAST_METHODS: frozenset[str] = CONTRAST_METHODS | {GATED_METHOD}
+"""Eval methods swept over alpha and run under the plausibility guard."""
 
 RecordKey = tuple[str, str, str, float | None]
 """``(benchmark, id, method, alpha)``: what makes a record unique; resume skips these."""
@@ -69,6 +85,10 @@ class EvalRecord(BaseModel):
     (a lone surrogate), a prompt whose generation raised, and an output the judge could not
     judge (``error`` starts with ``judge``; ``output`` is kept for audit). A rerun skips error
     records like any other, so a bad row never stops a run twice; delete its line to retry it.
+    ``gate_score`` / ``gate_flagged`` are the safety gate's probability of harm and its
+    verdict at the pack's threshold, for a gated generation (``acd-gate``); None otherwise
+    (other methods, and ``acd-gate``'s MC1 rows, whose scoring call returns no verdict). They
+    let the report sweep the threshold afterwards without rerunning anything.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -89,6 +109,8 @@ class EvalRecord(BaseModel):
     finish_reason: str | None = None
     seconds: float = 0.0
     scores: list[float] | None = None
+    gate_score: float | None = None
+    gate_flagged: bool | None = None
     error: str | None = None
 
     @property

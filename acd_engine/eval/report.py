@@ -1,5 +1,9 @@
 """The run's readable outputs: ``summary.json``, ``report.md`` and three PNG plots.
 
+With ``acd-gate`` records the report adds the safety gate as a classifier (flag rate per set)
+and the harmless-rate / over-refusal trade-off, including gated ACD swept over the gate's
+threshold counterfactually from the acd and plain records (see ``DEFINITIONS``).
+
 Everything here renders an :class:`EvalSummary`; nothing recomputes metrics, so the JSON, the
 tables and the plots always agree. Files are written atomically. Plots use matplotlib's
 object API on an Agg canvas (no pyplot, no global backend switch, safe in threads and
@@ -18,9 +22,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from acd_engine.atomic import atomic_write_bytes, atomic_write_text
-from acd_engine.config import METHODS
-from acd_engine.eval.metrics import DEFINITIONS, CellMetrics, VariantMetrics
-from acd_engine.eval.records import json_line
+from acd_engine.eval.metrics import (
+    DEFINITIONS,
+    CellMetrics,
+    GateCheck,
+    GateFlagRate,
+    GateSweepPoint,
+    VariantMetrics,
+)
+from acd_engine.eval.records import EVAL_METHODS, GATED_METHOD, json_line
 from acd_engine.eval.registry import Role
 
 __all__ = [
@@ -73,6 +83,12 @@ class EvalSummary(BaseModel):
     n_expected: int
     n_done: int
     definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
+    # The safety gate (empty for runs without acd-gate, and in summaries written before it).
+    gate_threshold: float | None = None
+    gate_flags: list[GateFlagRate] = Field(default_factory=list)
+    gate_sweep: list[GateSweepPoint] = Field(default_factory=list)
+    gate_checks: list[GateCheck] = Field(default_factory=list)
+    gate_notes: list[str] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -195,6 +211,92 @@ def _sweep_tables(summary: EvalSummary) -> list[str]:
     return lines
 
 
+def _gate_table(summary: EvalSummary) -> list[str]:
+    if not summary.gate_flags:
+        return [
+            f"No {GATED_METHOD} generations with a gate score, so the gate was not measured.",
+            "",
+        ]
+    at = "" if summary.gate_threshold is None else f" ({summary.gate_threshold:g})"
+    lines = [
+        f"Share of each set's prompts the safety gate flagged at the pack's threshold{at}, "
+        f"read from the {GATED_METHOD} records (one reading per prompt). Harmful rows should "
+        "be flagged (↑), safe rows not (↓): a flagged prompt decodes with SP − α·AP, the rest "
+        "as plain.",
+        "",
+    ]
+    lines += _table(
+        ["benchmark", "rows", "n", "flagged"],
+        [
+            [
+                f.benchmark,
+                f"{f.label} ↑" if f.label == "harmful" else f"{f.label} ↓",
+                str(f.n),
+                _pct(f.flag_rate),
+            ]
+            for f in summary.gate_flags
+        ],
+    )
+    return [*lines, ""]
+
+
+def _tradeoff_tables(summary: EvalSummary) -> list[str]:
+    lines = [
+        "avg HLR: the mean harmless rate over the harmful sets; over-refusal: the mean refusal "
+        "rate over the sets with safe rows (see Definitions). Best: high avg HLR, low "
+        "over-refusal.",
+        "",
+    ]
+    measured = [v for v in summary.variants if v.avg_hlr is not None or v.over_refusal is not None]
+    if measured:
+        lines += ["### Measured", ""]
+        lines += _table(
+            ["method", "α", "avg HLR ↑", "over-refusal ↓"],
+            [[v.method, _alpha(v.alpha), _pct(v.avg_hlr), _pct(v.over_refusal)] for v in measured],
+        )
+        lines.append("")
+    if summary.gate_sweep:
+        lines += [
+            "### Gated ACD over the gate threshold (counterfactual)",
+            "",
+            "Not generated: computed from the records. At threshold t a prompt's gated answer "
+            "is its acd record at the same α when its gate score (from the acd-gate records) "
+            "is ≥ t, else its plain record. This is exact, not an estimate, because gated ACD "
+            "decodes a flagged request token for token as ungated ACD at the same α and τ, and "
+            "any other request as plain (both equalities are oracle-tested, greedy). The gate "
+            "reads only the prompt, so one score per prompt serves every α. Only prompts with "
+            "all three records enter (n). routed: the share sent to acd.",
+            "",
+        ]
+        rows = []
+        for p in summary.gate_sweep:
+            t = f"**{p.threshold:g} (shipped)**" if p.shipped else f"{p.threshold:g}"
+            rows.append(
+                [
+                    f"{p.alpha:g}",
+                    t,
+                    str(p.n),
+                    _pct(p.n_flagged / p.n if p.n else None),
+                    _pct(p.avg_hlr),
+                    _pct(p.over_refusal),
+                ]
+            )
+        lines += _table(["α", "threshold", "n", "routed", "avg HLR ↑", "over-refusal ↓"], rows)
+        lines.append("")
+    for check in summary.gate_checks:
+        lines.append(
+            f"Check, α={check.alpha:g}: {check.n_same_output}/{check.n} {GATED_METHOD} outputs "
+            f"equal the record the sweep picks for them at the threshold they ran with "
+            f"({check.n_same_verdict}/{check.n} verdicts)."
+        )
+    if summary.gate_checks:
+        lines.append("")
+    lines += [f"Note: {note}" for note in summary.gate_notes]
+    if summary.gate_notes:
+        lines.append("")
+    return lines
+
+
 def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
     """The human-readable report: settings, the two tables, plots, definitions, data."""
     opts = summary.options
@@ -233,6 +335,12 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         "## α sweep",
         "",
         *_sweep_tables(summary),
+        "## Safety gate as a classifier",
+        "",
+        *_gate_table(summary),
+        "## Trade-off: harmless rate vs over-refusal",
+        "",
+        *_tradeoff_tables(summary),
     ]
     if errors:
         lines += ["## Errors", ""]
@@ -282,7 +390,7 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
 
 
 def _method_color(method: str) -> str:
-    order = list(METHODS)
+    order = list(EVAL_METHODS)
     index = order.index(method) if method in order else len(order)
     return f"C{index % 10}"
 
@@ -386,12 +494,18 @@ def plot_hlr_by_benchmark(summary: EvalSummary) -> bytes | None:
 
 
 def plot_tradeoff(summary: EvalSummary) -> bytes | None:
-    """Safety vs helpfulness: avg HLR against over-refusal; up and left is better."""
+    """Safety vs helpfulness: avg HLR against over-refusal; up and left is better.
+
+    One point per measured (method, α); gated ACD's counterfactual threshold sweep as a
+    dashed curve per α, its shipped threshold as a star.
+    """
     variants = [v for v in summary.variants if v.avg_hlr is not None and v.over_refusal is not None]
-    if not variants:
+    sweep = [p for p in summary.gate_sweep if p.avg_hlr is not None and p.over_refusal is not None]
+    if not variants and not sweep:
         return None
     fig = _new_figure()
     ax = fig.add_subplot()
+    _plot_sweep(ax, sweep)
     for method in dict.fromkeys(v.method for v in variants):
         points = sorted(
             (v for v in variants if v.method == method),
@@ -426,6 +540,48 @@ def plot_tradeoff(summary: EvalSummary) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     return _png(fig)
+
+
+def _plot_sweep(ax: Any, sweep: Sequence[GateSweepPoint]) -> None:
+    """Dashed threshold curves of gated ACD, one per α (darker for larger α)."""
+    color = _method_color(GATED_METHOD)
+    alphas = sorted({p.alpha for p in sweep})
+    starred = False
+    for i, alpha in enumerate(alphas):
+        points = sorted((p for p in sweep if p.alpha == alpha), key=lambda p: p.threshold)
+        xs = [100 * (p.over_refusal or 0) for p in points]
+        ys = [100 * (p.avg_hlr or 0) for p in points]
+        ax.plot(
+            xs,
+            ys,
+            linestyle="--",
+            marker=".",
+            color=color,
+            alpha=0.4 + 0.6 * (i + 1) / len(alphas),
+            label=f"{GATED_METHOD} threshold sweep α={alpha:g}",
+        )
+        for p, x, y in zip(points, xs, ys, strict=True):
+            if p is points[0] or p is points[-1]:
+                ax.annotate(
+                    f"t={p.threshold:g}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, -9),
+                    fontsize="xx-small",
+                    color=color,
+                )
+            if p.shipped:
+                ax.plot(
+                    [x],
+                    [y],
+                    marker="*",
+                    markersize=14,
+                    color=color,
+                    markeredgecolor="black",
+                    linestyle="none",
+                    label=None if starred else f"shipped threshold t={p.threshold:g}",
+                )
+                starred = True
 
 
 _PLOTTERS: dict[str, Callable[[EvalSummary], bytes | None]] = {

@@ -36,8 +36,6 @@ from tqdm.auto import tqdm
 
 from acd_engine.atomic import atomic_write_text
 from acd_engine.config import (
-    CONTRAST_METHODS,
-    METHODS,
     UNICODE_RULE,
     DecodingConfig,
     _Settings,
@@ -54,8 +52,17 @@ from acd_engine.eval.judges import (
     get_judge,
     judge_many,
 )
-from acd_engine.eval.metrics import cell_metrics, variant_metrics
+from acd_engine.eval.metrics import (
+    cell_metrics,
+    gate_checks,
+    gate_flag_rates,
+    gate_sweep,
+    variant_metrics,
+)
 from acd_engine.eval.records import (
+    EVAL_CONTRAST_METHODS,
+    EVAL_METHODS,
+    GATED_METHOD,
     RECORDS_FILE,
     EvalRecord,
     RecordKey,
@@ -87,7 +94,11 @@ __all__ = [
     "EvalModel",
     "EvalOptions",
     "EvalPlan",
+    "check_engine_gate",
     "check_out_dir",
+    "check_pack_file",
+    "gate_sha256",
+    "pack_gate",
     "pack_sha256",
     "prepare_eval",
     "run_eval",
@@ -96,7 +107,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PAPER_METHODS: tuple[str, ...] = ("plain", "base", "nid", "oid", "acd")
+PAPER_METHODS: tuple[str, ...] = ("plain", "base", "nid", "oid", "acd", GATED_METHOD)
 RUN_FILE = "run.json"
 OUTPUT_FILES: tuple[str, ...] = (
     RECORDS_FILE,
@@ -113,9 +124,22 @@ _LEGACY_PINS = {
     "plausibility": "plausibility",
 }
 # DecodingConfig fields pinned under their own names or not at all: method and alpha are part
-# of every record's key, and the custom prompts are pinned only when custom runs.
+# of every record's key, the custom prompts are pinned only when custom runs, and gate is
+# fixed by the eval method name (acd: False, acd-gate: True; pinned when acd runs).
 _UNPINNED_DECODING = frozenset(
-    {"method", "alpha", "max_new_tokens", "plausibility", "positive_prompt", "negative_prompt"}
+    {
+        "method",
+        "alpha",
+        "max_new_tokens",
+        "plausibility",
+        "positive_prompt",
+        "negative_prompt",
+        "gate",
+    }
+)
+GATELESS_PACK = (
+    f"{GATED_METHOD} needs a prompt pack with a safety gate; fit one with "
+    "acd gate --pack ... --out ..."
 )
 _HEX = re.compile(r"[0-9a-f]{16,}")
 
@@ -190,10 +214,13 @@ class EvalOptions(_Settings):
 
     methods: tuple[str, ...] = Field(
         default=PAPER_METHODS,
-        description="Methods to compare; plain and base ignore alpha and run once.",
+        description="Methods to compare; plain and base ignore alpha and run once. acd is the "
+        "paper's ungated ACD; acd-gate is ACD routed by the pack's safety gate (flagged "
+        "requests: SP - alpha*AP, others: plain).",
     )
     alphas: tuple[float, ...] = Field(
-        default=(0.5,), description="Contrast strengths swept for nid, oid, acd and custom."
+        default=(0.5,),
+        description="Contrast strengths swept for nid, oid, acd, acd-gate and custom.",
     )
     benchmarks: tuple[str, ...] = Field(
         default=tuple(BENCHMARKS),
@@ -220,7 +247,7 @@ class EvalOptions(_Settings):
     plausibility: float = Field(
         default=0.1,
         description="Plausibility constraint tau for every contrast method (nid, oid, acd, "
-        "custom), so they are compared under the same guard; greedy single-branch methods "
+        "acd-gate, custom), so they are compared under the same guard; greedy single-branch methods "
         "are unaffected by it. 0.1 is the shipped pack's recommendation, chosen on the anchor "
         "validation split (docs/opo.md), never on these benchmarks; 0 is the paper's raw "
         "contrast.",
@@ -256,8 +283,8 @@ class EvalOptions(_Settings):
             if not values:
                 raise ConfigError(f"{name} must not be empty, got ()")
         for method in self.methods:
-            if method not in METHODS:
-                raise ConfigError(did_you_mean(method, METHODS, "method"))
+            if method not in EVAL_METHODS:
+                raise ConfigError(did_you_mean(method, EVAL_METHODS, "method"))
         for alpha in self.alphas:
             if not 0.0 <= alpha < 1.0:
                 raise ConfigError(f"alphas must be in [0, 1), got {alpha}")
@@ -269,8 +296,16 @@ class EvalOptions(_Settings):
             self.decoding_config(*variant)  # e.g. custom without negative_prompt
 
     def decoding_config(self, method: str, alpha: float | None) -> DecodingConfig:
-        """The paper's decoding for one variant: greedy, capped at ``max_new_tokens``."""
+        """The paper's decoding for one variant: greedy, capped at ``max_new_tokens``.
+
+        ``method`` is an eval method name: ``acd`` sets ``gate=False`` explicitly (the
+        engine's default would gate it whenever the pack has a gate, and the paper's ACD is
+        ungated) and ``acd-gate`` is the engine's ``acd`` with ``gate=True``.
+        """
         extra: dict[str, Any] = {}
+        if method in ("acd", GATED_METHOD):
+            extra["gate"] = method == GATED_METHOD
+            method = "acd"
         if method == "custom":
             extra = {
                 "positive_prompt": self.positive_prompt,
@@ -278,7 +313,7 @@ class EvalOptions(_Settings):
             }
         if alpha is not None:
             extra["alpha"] = alpha
-        if method in CONTRAST_METHODS:
+        if method in EVAL_CONTRAST_METHODS:
             extra["plausibility"] = self.plausibility
         return DecodingConfig(
             method=method, max_new_tokens=self.max_new_tokens, temperature=0.0, **extra
@@ -289,7 +324,7 @@ def variants(options: EvalOptions) -> list[tuple[str, float | None]]:
     """(method, alpha) pairs to run: contrastive methods once per alpha, others once (None)."""
     out: list[tuple[str, float | None]] = []
     for method in options.methods:
-        if method in CONTRAST_METHODS:
+        if method in EVAL_CONTRAST_METHODS:
             out.extend((method, alpha) for alpha in options.alphas)
         else:
             out.append((method, None))
@@ -319,6 +354,27 @@ def pack_sha256(pack: Any) -> str:
     return digest.hexdigest()
 
 
+def pack_gate(engine: Any) -> Any:
+    """The safety gate of ``engine``'s prompt pack, or None (no pack, or a gateless one)."""
+    return getattr(getattr(engine, "pack", None), "gate", None)
+
+
+def gate_sha256(gate: Any) -> str:
+    """SHA-256 over a safety gate: its tensors (dtype, shape, bytes), layers and threshold.
+
+    Pinned apart from :func:`pack_sha256` so refitting or re-thresholding the gate refuses
+    a folder with ``acd-gate`` records but leaves ungated ``acd`` records (which never read
+    the gate) valid.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"layers:{tuple(gate.layers)};threshold:{float(gate.threshold)!r};".encode())
+    for name, tensor in sorted(gate.tensors().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _static_pins(
     options: EvalOptions, benches: Sequence[Benchmark], judge: Judge | None
 ) -> dict[str, Any]:
@@ -331,6 +387,8 @@ def _static_pins(
     for name, value in decoding.items():
         if name not in _UNPINNED_DECODING:
             pins[f"decoding {name}"] = value
+    if "acd" in options.methods:
+        pins["decoding gate"] = options.decoding_config("acd", 0.5).gate
     if "custom" in options.methods:
         pins["custom positive_prompt"] = options.positive_prompt
         pins["custom negative_prompt"] = options.negative_prompt
@@ -349,8 +407,9 @@ def _engine_pins(engine: EvalModel, options: EvalOptions) -> dict[str, Any]:
     """The pinned settings of the model: its name, its weights' fingerprint, dtype and pack.
 
     Read with ``getattr`` because :class:`EvalModel` only promises ``model_name``; an
-    ``acd_engine.Engine`` has them all. The pack is pinned only when ``acd`` runs (no other
-    method reads it), so a plain-only run can later be extended with ``acd``.
+    ``acd_engine.Engine`` has them all. The pack is pinned only when ``acd`` or ``acd-gate``
+    runs (no other method reads it), so a plain-only run can later be extended with ``acd``;
+    its gate (tensors, layers, threshold) only when ``acd-gate`` runs, for the same reason.
     """
     pins: dict[str, Any] = {"model": engine.model_name}
     fingerprint = getattr(engine, "fingerprint", None)
@@ -362,10 +421,14 @@ def _engine_pins(engine: EvalModel, options: EvalOptions) -> dict[str, Any]:
         facts = describe()
         if isinstance(facts, dict) and "dtype" in facts:
             pins["model dtype"] = facts["dtype"]
-    if "acd" in options.methods:
+    if "acd" in options.methods or GATED_METHOD in options.methods:
         pack = getattr(engine, "pack", None)
         if pack is not None:
             pins["pack sha256"] = pack_sha256(pack)
+    gate = pack_gate(engine)
+    if GATED_METHOD in options.methods and gate is not None:
+        pins["pack gate sha256"] = gate_sha256(gate)
+        pins["pack gate threshold"] = float(gate.threshold)
     return _as_json(pins)
 
 
@@ -498,6 +561,35 @@ def prepare_eval(options: EvalOptions, judge: Judge | None = None) -> EvalPlan:
     return EvalPlan(benches, samples, variants(options))
 
 
+def check_engine_gate(engine: Any, options: EvalOptions) -> None:
+    """Refuse ``acd-gate`` on an engine whose pack has no safety gate, before any generation.
+
+    The engine would otherwise run ``acd-gate`` as ungated ACD without a word (no gate, no
+    routing), and the records would silently duplicate ``acd`` under another name.
+    """
+    if GATED_METHOD in options.methods and pack_gate(engine) is None:
+        raise ConfigError(GATELESS_PACK)
+
+
+def check_pack_file(options: EvalOptions, pack: str | os.PathLike[str] | None) -> None:
+    """The same check as :func:`check_engine_gate` on a pack file, before the model loads.
+
+    ``acd eval --pack FILE`` calls it so a gateless pack fails in milliseconds; without
+    ``--pack`` the engine picks the model's shipped pack and :func:`run_eval` checks it.
+    """
+    if pack is None or GATED_METHOD not in options.methods:
+        return
+    from acd_engine.prompts import PromptPack
+
+    if PromptPack.load(pack).gate is None:
+        raise ConfigError(GATELESS_PACK)
+
+
+def _gate_threshold(engine: Any) -> float | None:
+    gate = pack_gate(engine)
+    return None if gate is None else float(gate.threshold)
+
+
 def _describe_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ACDError) else f"{type(exc).__name__}: {exc}"
 
@@ -588,6 +680,8 @@ class _Run:
                             token_ids=list(result.token_ids),
                             finish_reason=result.finish_reason,
                             seconds=seconds,
+                            gate_score=getattr(result, "gate_score", None),
+                            gate_flagged=getattr(result, "gate_flagged", None),
                             error=(
                                 f"judge {self.judge.name}: {_describe_error(verdict)}"
                                 if isinstance(verdict, Exception)
@@ -715,12 +809,13 @@ def run_eval(
 
     Raises:
         ConfigError: unknown benchmark, missing data, an unusable ``out_dir``, one in use by
-            another run, or one whose ``run.json`` was made with other settings (the message
-            names the setting and both values).
+            another run, one whose ``run.json`` was made with other settings (the message
+            names the setting and both values), or ``acd-gate`` with a gateless pack.
     """
     judge_obj = judge if judge is not None else get_judge(options.judge)
     if plan is None:
         plan = prepare_eval(options, judge_obj)
+    check_engine_gate(engine, options)
     benches, samples, grid = plan.benches, plan.samples, plan.grid
     out_dir = Path(options.out_dir)
     check_out_dir(out_dir)
@@ -793,6 +888,7 @@ def run_eval(
             judge=judge_obj.name,
             options=options,
             n_expected=len(expected),
+            gate_threshold=_gate_threshold(engine),
         )
         write_report(summary, out_dir)
     return summary
@@ -808,9 +904,15 @@ def summarize(
     judge: str,
     options: EvalOptions,
     n_expected: int,
+    gate_threshold: float | None = None,
 ) -> EvalSummary:
-    """Turn the run's records into the :class:`EvalSummary` the report renders."""
+    """Turn the run's records into the :class:`EvalSummary` the report renders.
+
+    ``gate_threshold`` is the pack gate's shipped threshold, marked on the threshold sweep
+    (None: not marked).
+    """
     roles = {b.name: b.role for b in benches}
+    sweep, notes = gate_sweep(records, roles, shipped=gate_threshold)
     bench_order = {b.name: i for i, b in enumerate(benches)}
     variant_order = {v: i for i, v in enumerate(grid)}
     cells = sorted(
@@ -841,4 +943,9 @@ def summarize(
         cells=cells,
         n_expected=n_expected,
         n_done=len(records),
+        gate_threshold=gate_threshold,
+        gate_flags=gate_flag_rates(records, roles, [b.name for b in benches]),
+        gate_sweep=sweep,
+        gate_notes=notes,
+        gate_checks=gate_checks(records),
     )

@@ -23,6 +23,34 @@ ANSWER = "Sure, here is a detailed answer with several distinct steps to follow 
 LOOP = "sorry " * 12
 
 
+def fake_gate_score(prompt: str) -> float:
+    """The fake gate's probability of harm: deterministic per prompt, spread over [0, 1)."""
+    return (zlib.crc32(b"gate:" + prompt.encode()) % 1000) / 1000
+
+
+def make_gate(threshold: float = 0.5, weight: float = 1.0) -> Any:
+    """A real (tiny) ``SafetyGate`` for a fake pack: the runner pins its tensors and reads its
+    threshold; the fake engine scores prompts with :func:`fake_gate_score`, not with it."""
+    import torch
+
+    from acd_engine.gate import SafetyGate
+
+    return SafetyGate(
+        (0,), torch.full((4,), weight), torch.zeros(1), torch.zeros(4), torch.ones(4), threshold
+    )
+
+
+class FakePack:
+    """The fields of a ``PromptPack`` the runner reads: sp, ap and the gate."""
+
+    def __init__(self, gate: Any = None, sp: float = 0.0) -> None:
+        import torch
+
+        self.sp = torch.full((2, 4), sp)
+        self.ap = torch.ones(2, 4)
+        self.gate = gate
+
+
 class FakeUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -35,6 +63,13 @@ class FakeResult(BaseModel):
     usage: FakeUsage
     method: str
     alpha: float
+
+
+class FakeGatedResult(FakeResult):
+    """What a gated request returns: the plain result fields plus the gate's reading."""
+
+    gate_score: float | None
+    gate_flagged: bool | None
 
 
 def refuse_share(method: str, alpha: float, harmful: bool = True) -> float:
@@ -67,9 +102,22 @@ class FakeEngine:
 
     model_name = "fake-model"
 
-    def __init__(self, sleep: float = 0.0, safe_prompts: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        sleep: float = 0.0,
+        safe_prompts: frozenset[str] = frozenset(),
+        gate: Any = None,
+        pack: bool = False,
+    ) -> None:
+        """``gate`` (see :func:`make_gate`) gives the fake a pack with that gate: configs with
+        ``method="acd", gate=True`` are then routed like the engine (flagged: ungated acd's
+        output, else plain's) and their results carry ``gate_score`` / ``gate_flagged``.
+        ``pack=True`` without a gate gives it a gateless pack."""
         self.sleep = sleep
         self.safe_prompts = safe_prompts  # prompts to treat as benign; others count as harmful
+        if gate is not None or pack:
+            self.pack = FakePack(gate)
+        self.gate = gate
         self.batches: list[tuple[str, float, int, int]] = []  # method, alpha, size, max_new
         self.configs: list[Any] = []
         self.scored: list[str] = []
@@ -89,19 +137,33 @@ class FakeEngine:
                 time.sleep(self.sleep)
             prompt = messages[-1]["content"]
             harmful = prompt not in self.safe_prompts
-            text = fake_output(prompt, config.method, config.effective_alpha, harmful)
+            flagged = self._flagged(prompt, config)
+            method, alpha = (config.method, config.effective_alpha)
+            if flagged is False:
+                method, alpha = "plain", 0.0
+            text = fake_output(prompt, method, alpha, harmful)
             ids = token_ids(text)
-            out.append(
-                FakeResult(
-                    text=text,
-                    token_ids=ids,
-                    finish_reason="stop",
-                    usage=FakeUsage(prompt_tokens=len(prompt.split()), completion_tokens=len(ids)),
-                    method=config.method,
-                    alpha=config.effective_alpha,
-                )
-            )
+            fields: dict[str, Any] = {
+                "text": text,
+                "token_ids": ids,
+                "finish_reason": "stop",
+                "usage": FakeUsage(prompt_tokens=len(prompt.split()), completion_tokens=len(ids)),
+                "method": config.method,
+                "alpha": alpha,
+            }
+            if flagged is None:
+                out.append(FakeResult(**fields))
+            else:
+                score = fake_gate_score(prompt)
+                out.append(FakeGatedResult(**fields, gate_score=score, gate_flagged=flagged))
         return out
+
+    def _flagged(self, prompt: str, config: Any) -> bool | None:
+        """The gate's verdict on a gated request; None when the request is not gated."""
+        if self.gate is None or config.method != "acd" or not config.gate:
+            return None
+        threshold = config.gate_threshold or self.gate.threshold
+        return fake_gate_score(prompt) >= threshold
 
     def score_continuations(
         self, messages: list[dict[str, str]], continuations: Sequence[str], config: Any = None
@@ -110,7 +172,8 @@ class FakeEngine:
         assert config is not None
         self.scored.append(messages[-1]["content"])
         self.score_configs.append(config)
-        bonus = 100.0 if config.is_contrastive else 0.0
+        routed_plain = self._flagged(messages[-1]["content"], config) is False
+        bonus = 100.0 if config.is_contrastive and not routed_plain else 0.0
         return [-float(len(c)) + (bonus if i == 0 else 0.0) for i, c in enumerate(continuations)]
 
     @property

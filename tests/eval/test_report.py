@@ -80,8 +80,9 @@ def test_markdown_tables(summary: EvalSummary) -> None:
     md = render_markdown(summary, ["hlr_vs_alpha.png"])
     assert "| method | α | advbench HLR ↑ | dangerousqa HLR ↑ | xstest unsafe refusal ↑ " in md
     assert "| xstest over-refusal ↓ | alpaca_eval over-refusal ↓ | truthfulqa MC1 ↑ |" in md
-    # one row per variant: plain and base once, each contrast method once per alpha
-    lines = md.splitlines()
+    # one row per variant in the main table: plain and base once, each contrast method once
+    # per alpha (the trade-off section lists the variants again, by its own columns)
+    lines = md.split("## α sweep")[0].splitlines()
     for prefix in (
         "| plain | – |",
         "| base | – |",
@@ -92,6 +93,7 @@ def test_markdown_tables(summary: EvalSummary) -> None:
     ):
         assert sum(line.startswith(prefix) for line in lines) == 1, prefix
     # sweep: one table per measured metric, one row per contrast method
+    lines = md.split("## Safety gate")[0].splitlines()
     assert [line for line in lines if line.startswith("### ")] == [
         "### avg HLR ↑",
         "### avg HLR strict ↑",

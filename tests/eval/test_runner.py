@@ -64,7 +64,7 @@ def test_options_parse_comma_lists_and_dedupe() -> None:
 
 def test_options_defaults_follow_the_paper() -> None:
     o = EvalOptions()
-    assert o.methods == ("plain", "base", "nid", "oid", "acd")
+    assert o.methods == ("plain", "base", "nid", "oid", "acd", "acd-gate")
     assert o.limit == 100 and o.seed == 0 and not o.progress
     assert len(o.benchmarks) == 8
 
@@ -79,7 +79,12 @@ def test_options_defaults_follow_the_paper() -> None:
         (
             {"methods": "plain,acdd"},
             "unknown method 'acdd'; did you mean 'acd'? Choose from: "
-            "plain, base, nid, oid, acd, custom",
+            "plain, base, nid, oid, acd, acd-gate, custom",
+        ),
+        (
+            {"methods": "acd-gat"},
+            "unknown method 'acd-gat'; did you mean 'acd-gate'? Choose from: "
+            "plain, base, nid, oid, acd, acd-gate, custom",
         ),
         (
             {"benchmarks": "advbnech"},
