@@ -187,6 +187,17 @@ def train_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")
     ] = None,
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--no-gate",
+            help="Fit the safety gate on the anchors and store it in the pack (default on).",
+        ),
+    ] = True,
+    gate_max_fpr: Annotated[
+        float,
+        typer.Option("--gate-max-fpr", help="Most benign val anchors the gate may flag."),
+    ] = 0.05,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
     ] = False,
@@ -208,6 +219,7 @@ def train_command(
         from acd_engine.errors import ConfigError
         from acd_engine.training.config import TrainConfig
         from acd_engine.training.data import default_cache_dir
+        from acd_engine.training.gate_fit import GateFitConfig
         from acd_engine.training.run import check_outputs, report_path, train_pack
 
         values = parse_settings(
@@ -226,6 +238,7 @@ def train_command(
             },
         )
         cfg = TrainConfig(**values)
+        gate_cfg = GateFitConfig(max_fpr=gate_max_fpr) if gate else None
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         check_inputs(anchors, cfg.judge)
@@ -270,6 +283,7 @@ def train_command(
                 progress=on_step,
                 anchors_path=anchors,
                 checkpoint=checkpoint,
+                gate=gate_cfg,
             )
         finally:
             for bar in bars.values():

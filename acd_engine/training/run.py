@@ -11,6 +11,7 @@ state, and :class:`PackWriteError` says how to write the pack from it without tr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ from acd_engine.eval.judges import Judge, get_judge
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
 from acd_engine.training.config import TrainConfig
 from acd_engine.training.data import load_or_generate
+from acd_engine.training.gate_fit import GateFitConfig, fit_pack_gate
 from acd_engine.training.trainer import (
     OPOTrainer,
     TrainResult,
@@ -156,6 +158,7 @@ def train_pack(
     progress: Callable[[dict[str, Any]], None] | None = None,
     anchors_path: Path | None = None,
     checkpoint: Path | None = None,
+    gate: GateFitConfig | None = None,
 ) -> TrainResult:
     """Sample (or reuse) OPO data, train SP/AP, write the pack and the JSON report.
 
@@ -178,6 +181,9 @@ def train_pack(
         checkpoint: Resumable state (default ``<out stem>.ckpt.pt``). Resuming a finished
             checkpoint trains nothing and just writes the pack and report, which is how a
             run whose final write failed is recovered to another ``out``.
+        gate: How to fit the safety gate stored in the pack (:mod:`acd_engine.gate`); None
+            writes a pack without one. Its features are the plain rendering's hidden states,
+            so it does not depend on SP/AP and is fitted once training completed.
 
     Raises:
         PackWriteError: Training finished but the pack or report could not be written.
@@ -237,6 +243,11 @@ def train_pack(
         f"the trained state is kept in '{ckpt}': rerun the same command with --resume "
         f"--checkpoint '{ckpt}' and a writable --out to write the pack without training again"
     )
+    if result.completed and gate is not None:
+        t_gate = time.perf_counter()
+        fitted, gate_report = fit_pack_gate(engine, gate, anchors_path)
+        result.pack = dataclasses.replace(result.pack, gate=fitted)
+        result.report["gate"] = {**gate_report, "seconds": time.perf_counter() - t_gate}
     if result.completed:
         try:
             result.pack.save(out)

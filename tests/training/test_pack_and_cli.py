@@ -86,6 +86,11 @@ def test_cli_stops_resumes_and_writes_pack_and_report(cli_run, small_anchors_pat
     assert pack.trained and pack.sp.shape[0] == 4
     assert pack.metadata["anchor_set_hash"] == anchor_set_hash(small_anchors_path)
     assert json.loads(pack.metadata["training"])["lr"] == 0.01
+    # acd train also fits the safety gate, on the same anchors, and stores it in the pack
+    assert pack.gate is not None and list(pack.gate.layers) == report["gate"]["layers"]
+    assert pack.gate.threshold == report["gate"]["threshold"]
+    assert pack.gate.metadata["anchor_set_hash"] == anchor_set_hash(small_anchors_path)
+    assert report["gate"]["seconds"] > 0
 
 
 def test_pack_round_trip_and_other_model_refused(cli_run, tiny_engine, engine, tmp_path):
