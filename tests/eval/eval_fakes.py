@@ -10,13 +10,19 @@ pytest fixtures.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from acd_engine.eval.runner import EvalOptions
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 ANSWER = "Sure, here is a detailed answer with several distinct steps to follow carefully."
@@ -179,6 +185,66 @@ class FakeEngine:
     @property
     def n_generated(self) -> int:
         return sum(size for _, _, size, _ in self.batches)
+
+
+def eval_options(
+    data_dir: Path,
+    out: Path,
+    *,
+    methods: str,
+    alphas: str,
+    benchmarks: str,
+    max_new_tokens: int,
+    limit: int = 10,
+    batch_size: int = 4,
+    **kw: Any,
+) -> EvalOptions:
+    """``EvalOptions`` for a test run: the given defaults, overridden by ``kw``.
+
+    Each test file fixes its own defaults once, e.g.
+    ``opts = functools.partial(eval_options, methods=..., alphas=..., ...)``; a call may
+    still override any of them (keywords given to the partial's call win)."""
+    from acd_engine.eval.runner import EvalOptions
+
+    base: dict[str, Any] = {
+        "methods": methods,
+        "alphas": alphas,
+        "benchmarks": benchmarks,
+        "limit": limit,
+        "data_dir": data_dir,
+        "out_dir": out,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
+    return EvalOptions(**{**base, **kw})
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A stub-server handler that logs nothing and has a one-call reply."""
+
+    def reply(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def local_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on 127.0.0.1 (only) at a free port in a daemon thread; yields the
+    base URL ``http://127.0.0.1:<port>`` and shuts the server down on exit."""
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -4,11 +4,12 @@ counterfactual threshold sweep (checked by hand on made-up records)."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fakes import FakeEngine, fake_gate_score, make_gate
+from eval_fakes import FakeEngine, eval_options, fake_gate_score, make_gate
 from typer.testing import CliRunner
 
 from acd_engine.errors import ConfigError
@@ -24,24 +25,13 @@ from acd_engine.eval.runner import (
     variants,
 )
 
-
-def opts(data_dir: Path, out: Path, **kw: Any) -> EvalOptions:
-    base: dict[str, Any] = {
-        "methods": "plain,acd,acd-gate",
-        "alphas": "0.5",
-        "benchmarks": "advbench,xstest,alpaca_eval",
-        "limit": 10,
-        "data_dir": data_dir,
-        "out_dir": out,
-        "max_new_tokens": 16,
-        "batch_size": 4,
-    }
-    return EvalOptions(**{**base, **kw})
-
-
-@pytest.fixture
-def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("acd_engine.eval.report._PLOTTERS", {})
+opts = partial(
+    eval_options,
+    methods="plain,acd,acd-gate",
+    alphas="0.5",
+    benchmarks="advbench,xstest,alpaca_eval",
+    max_new_tokens=16,
+)
 
 
 # ------------------------------------------------------------------ method mapping

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from eval_fakes import FakeEngine, write_jsonl
+from eval_fakes import FakeEngine, eval_options, write_jsonl
 
 from acd_engine import atomic
 from acd_engine.errors import ConfigError
@@ -22,30 +23,20 @@ from acd_engine.eval.records import RECORDS_FILE, read_records
 from acd_engine.eval.runner import (
     MAX_UNEXPECTED_IN_A_ROW,
     RUN_FILE,
-    EvalOptions,
     pack_sha256,
     prepare_eval,
     run_eval,
 )
 
+pytestmark = pytest.mark.usefixtures("no_plots")
 
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("acd_engine.eval.report._PLOTTERS", {})
-
-
-def opts(data_dir: Path, out: Path, **kw: Any) -> EvalOptions:
-    base: dict[str, Any] = {
-        "methods": "plain,acd",
-        "alphas": "0.5",
-        "benchmarks": "advbench",
-        "limit": 10,
-        "data_dir": data_dir,
-        "out_dir": out,
-        "max_new_tokens": 16,
-        "batch_size": 4,
-    }
-    return EvalOptions(**{**base, **kw})
+opts = partial(
+    eval_options,
+    methods="plain,acd",
+    alphas="0.5",
+    benchmarks="advbench",
+    max_new_tokens=16,
+)
 
 
 def hostile_set(tmp_path: Path) -> Path:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
+from eval_fakes import QuietHandler, local_server
 
 from acd_engine.errors import ConfigError
 from acd_engine.eval.judges import JudgeError, available_judges, get_judge
@@ -37,29 +36,16 @@ def test_parse_verdict_refuses_to_guess() -> None:
 def stub_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     seen: list[dict[str, Any]] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
             prompt = body["messages"][0]["content"]
             word = "refused" if "I can't help" in prompt else "answered"
-            data = json.dumps({"choices": [{"message": {"content": word}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(200, json.dumps({"choices": [{"message": {"content": word}}]}).encode())
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", seen
-    finally:
-        server.shutdown()
+    with local_server(Handler) as base:
+        yield f"{base}/v1", seen
 
 
 def test_endpoint_judge_asks_the_fixed_question_and_reads_the_verdict(stub_server) -> None:
@@ -134,7 +120,7 @@ def hostile_server() -> Iterator[tuple[str, dict[str, Any]]]:
 
     state: dict[str, Any] = {"mode": "ok", "auth": [], "hits": 0}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             state["auth"].append(self.headers.get("Authorization"))
@@ -160,22 +146,10 @@ def hostile_server() -> Iterator[tuple[str, dict[str, Any]]]:
                 "500": b'{"error": "overloaded"}',
                 "slow": json.dumps({"choices": [{"message": {"content": "answered"}}]}).encode(),
             }[mode]
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(status, data)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", state
-    finally:
-        server.shutdown()
+    with local_server(Handler) as base:
+        yield f"{base}/v1", state
 
 
 def test_the_key_is_sent_only_when_given_for_the_judge(

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fakes import ANSWER, REFUSAL, FakeEngine
+from eval_fakes import ANSWER, REFUSAL, FakeEngine, eval_options
 
 from acd_engine.errors import ConfigError, PromptTooLongError
 from acd_engine.eval.records import RECORDS_FILE, EvalRecord, RecordLog, read_records
@@ -23,24 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plots cost ~0.5 s a run; test_report.py covers them, the runner tests need records."""
-    monkeypatch.setattr("acd_engine.eval.report._PLOTTERS", {})
+pytestmark = pytest.mark.usefixtures("no_plots")
 
-
-def opts(data_dir: Path, out: Path, **kw: Any) -> EvalOptions:
-    base: dict[str, Any] = {
-        "methods": "plain,base,acd",
-        "alphas": "0.25,0.5",
-        "benchmarks": "advbench,xstest,alpaca_eval,truthfulqa",
-        "limit": 10,
-        "data_dir": data_dir,
-        "out_dir": out,
-        "max_new_tokens": 32,
-        "batch_size": 4,
-    }
-    return EvalOptions(**{**base, **kw})
+opts = partial(
+    eval_options,
+    methods="plain,base,acd",
+    alphas="0.25,0.5",
+    benchmarks="advbench,xstest,alpaca_eval,truthfulqa",
+    max_new_tokens=32,
+)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
