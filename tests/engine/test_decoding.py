@@ -51,8 +51,9 @@ def test_alpha_zero_reproduces_the_positive_branch(engine, base_tokens, method):
 
 
 def test_acd_alpha_zero_reproduces_hf_generate_behind_the_soft_prompt(engine):
-    """acd's positive branch is the (trained) SP: HF generate on the same embeddings agrees."""
-    cfg = DecodingConfig(method="acd", alpha=0.0, max_new_tokens=N)
+    """acd's positive branch is the (trained) SP: HF generate on the same embeddings agrees
+    (ungated: the gate would route a benign prompt to the plain template)."""
+    cfg = DecodingConfig(method="acd", alpha=0.0, max_new_tokens=N, gate=False)
     embeds, mask, _ = engine.branch_inputs(PROMPT, cfg)
     n = int(mask[0].sum())
     solo = embeds[:1, -n:]  # positive row without its left padding

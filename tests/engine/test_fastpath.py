@@ -180,7 +180,7 @@ def test_cuda_step_layout_reads_the_host_once_per_step(engine, method):
 def test_prefix_is_computed_once_and_never_written(engine):
     engine.prefix_cache.clear()
     hits, misses = engine.prefix_cache.hits, engine.prefix_cache.misses
-    cfg = DecodingConfig(method="acd", max_new_tokens=4)
+    cfg = DecodingConfig(method="acd", max_new_tokens=4, gate=False)
     engine.generate(PROMPT, cfg)
     assert engine.prefix_cache.misses - misses == 2  # SP and AP
     snapshot = [

@@ -135,3 +135,6 @@ def test_shipped_pack_is_trained_and_picked_by_default(engine):
     assert pack.metadata["anchor_set_hash"] == anchor_set_hash()
     assert pack.fingerprint == engine.fingerprint
     assert float(pack.metadata["recommended_alpha"]) < 1.0
+    # the shipped pack carries a safety gate fitted on the same anchors; acd routes by it
+    assert pack.gate is not None and pack.gate.metadata["anchor_set_hash"] == anchor_set_hash()
+    assert 0.0 < pack.gate.threshold < 1.0
