@@ -78,7 +78,12 @@ def test_generate_batch_equals_reference_single_calls(engine):
     batch = engine.generate_batch(convs, cfg)
     with reference_path(engine):
         singles = [engine.generate(c, cfg) for c in convs]
-    assert [b.model_dump() for b in batch] == [s.model_dump() for s in singles]
+    noisy = {"gate_score"}  # read off a batched vs a separate forward: float noise only
+    assert [b.model_dump(exclude=noisy) for b in batch] == [
+        s.model_dump(exclude=noisy) for s in singles
+    ]
+    for b, s in zip(batch, singles, strict=True):
+        assert b.gate_score == pytest.approx(s.gate_score, abs=1e-5)
 
 
 def _raw_reference(engine, messages, cfg):

@@ -63,7 +63,7 @@ def test_contrast_requests_send_fewer_head_rows_with_the_same_tokens(
 ):
     """tau = 0: one contrasted row. tau > 0: the positive row, the negative branch scored on
     the filter's candidates only, unless a constraint could move the filter's cutoff."""
-    cfg = DecodingConfig(method="acd", plausibility=tau, max_new_tokens=8)
+    cfg = DecodingConfig(method="acd", plausibility=tau, max_new_tokens=8, gate=False)
     kwargs = {"constraint": _no_eos(engine)} if constrained else {}
     got = engine.generate_batch(CONVS, cfg, **kwargs)
     assert head_rows and set(head_rows) == {rows_per_request * len(CONVS)}

@@ -178,13 +178,17 @@ def test_invoke_reports_usage_and_metadata_from_the_engine(engine, monkeypatch):
         result.finish_reason,
         "SmolLM2-135M-Instruct",
         "acd",
-        0.5,
+        result.alpha,  # 0.5 when the safety gate flagged "Hi", else 0 (routed to plain)
     )
+    assert (meta["gate_score"], meta["gate_flagged"]) == (result.gate_score, result.gate_flagged)
+    assert meta["alpha"] == (0.5 if result.gate_flagged else 0.0)
+    ungated = ChatACD(max_tokens=2, gate=False).invoke("Hi").response_metadata
+    assert ungated["alpha"] == 0.5 and "gate_score" not in ungated
 
 
 def test_per_call_and_bound_overrides_reach_the_engine(engine, monkeypatch):
     spy = _Spy(monkeypatch, engine, "generate")
-    llm = ChatACD(max_tokens=3)
+    llm = ChatACD(max_tokens=3, gate=False)  # alpha is reported 0 for a gate-passed request
     reply = llm.invoke("Hi", alpha=0.3)
     assert reply.response_metadata["alpha"] == 0.3 and spy.calls[-1]["config"].alpha == 0.3
     based = llm.bind(method="base", max_tokens=2).invoke("Hi")
@@ -369,7 +373,8 @@ def test_structured_output_always_validates(method, question):
     "schema", [VerdictDict, Verdict.model_json_schema()], ids=["typeddict", "json"]
 )
 def test_structured_output_dict_schemas_validate(schema):
-    out = ChatACD(max_tokens=24).with_structured_output(schema).invoke("Is ice cold?")
+    # the grammar enforces the JSON shape, not the number's bound: oid's answer stays in it
+    out = ChatACD(max_tokens=24, method="oid").with_structured_output(schema).invoke("Is ice cold?")
     Verdict.model_validate(out)
     assert set(out) == {"answer", "confidence"}
 

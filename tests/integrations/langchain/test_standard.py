@@ -79,7 +79,10 @@ class TestChatACDIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"max_tokens": PROSE_TOKENS}
+        # oid: the suite checks LangChain plumbing; the default (gated acd) sends benign prompts
+        # to the plain model, whose JSON and tool arguments on this 135M model run past the
+        # token budget more often (the gated default is covered in test_chat_acd.py)
+        return {"max_tokens": PROSE_TOKENS, "method": "oid"}
 
     @property
     def supports_json_mode(self) -> bool:
