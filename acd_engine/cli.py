@@ -362,7 +362,7 @@ def eval_command(
             help="Comma-separated: plain,base,nid,oid,acd,acd-gate,custom. acd is the paper's "
             "ungated ACD; acd-gate routes by the pack's safety gate (needs a pack with one).",
         ),
-    ] = "plain,base,nid,oid,acd",
+    ] = "plain,base,nid,oid,acd,acd-gate",
     alphas: Annotated[
         str, typer.Option("--alphas", help="Comma-separated alphas for contrast methods.")
     ] = "0.5",
