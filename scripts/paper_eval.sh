@@ -13,4 +13,4 @@ mkdir -p runs/paper-sweep
 if [ ! -s runs/paper-sweep/records.jsonl ]; then
   cp runs/paper/records.jsonl runs/paper-sweep/records.jsonl
 fi
-"$ACD" eval --methods acd --alphas 0.25,0.5,0.75 --out runs/paper-sweep "${COMMON[@]}"
+"$ACD" eval --methods plain,acd,acd-gate --alphas 0.25,0.5,0.75 --out runs/paper-sweep "${COMMON[@]}"
