@@ -21,6 +21,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "probe_writable",
 ]
 
 
@@ -36,6 +37,18 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def probe_writable(folder: str | os.PathLike[str]) -> None:
+    """Create and delete a temp file in ``folder``: the only honest test that a long job's
+    results can be written there (permissions, read-only mounts, full disks all show).
+
+    Raises:
+        OSError: the folder cannot take a new file (the caller words the message).
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".acd-probe-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_write(

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from acd_engine.atomic import atomic_write_text
+from acd_engine.atomic import atomic_write_text, probe_writable
 from acd_engine.config import (
     UNICODE_RULE,
     DecodingConfig,
@@ -508,9 +507,7 @@ def check_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"out_dir must be a folder, got the file '{out_dir}'")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".acd-eval-probe.")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out_dir)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(

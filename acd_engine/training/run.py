@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from acd_engine.atomic import atomic_write_json
+from acd_engine.atomic import atomic_write_json, probe_writable
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import Judge, get_judge
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
@@ -82,13 +80,11 @@ def _check_file_target(option: str, path: Path) -> None:
 def _probe_writable(option: str, path: Path, folder: Path) -> None:
     """Create and delete a temp file in ``folder``: the only honest test of writability."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".acd-probe-", suffix=".tmp")
+        probe_writable(folder)
     except OSError as exc:
         raise ConfigError(
             f"{option} must be writable, got '{path}' ({exc.strerror or exc})"
         ) from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def check_outputs(

@@ -371,7 +371,7 @@ def test_an_unwritable_folder_is_a_clean_error(
     def denied(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("acd_engine.eval.runner.tempfile.mkstemp", denied)
+    monkeypatch.setattr("acd_engine.atomic.tempfile.mkstemp", denied)
     with pytest.raises(ConfigError, match=r"out_dir must be a writable folder.*Permission denied"):
         prepare_eval(opts(data_dir, tmp_path / "out"))
 
