@@ -28,9 +28,7 @@ from pydantic import Field
 from acd_engine.config import _Settings
 from acd_engine.gate import (
     SafetyGate,
-    capture_last_states,
     decoder_layers,
-    features_of,
     roc_auc,
     threshold_for,
 )
@@ -59,15 +57,9 @@ class GateFitConfig(_Settings):
 
 
 def anchor_features(engine: Any, anchors: Sequence[Anchor], layers: Sequence[int]) -> torch.Tensor:
-    """``[N, len(layers) * H]``: the gate's features of each anchor (one forward each)."""
-    rows = []
-    for anchor in anchors:
-        rendered = engine.render(anchor.prompt)
-        ids = torch.tensor([rendered.plain], device=engine.device)
-        with torch.inference_mode(), capture_last_states(engine.model, layers) as states:
-            engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        rows.append(features_of(states)[0])
-    return torch.stack(rows)
+    """``[N, len(layers) * H]``: the gate's features of each anchor, exactly as the engine
+    reads them for a request (:meth:`~acd_engine.engine.Engine.gate_features`)."""
+    return torch.cat([engine.gate_features(anchor.prompt, layers) for anchor in anchors])
 
 
 def _labels(anchors: Sequence[Anchor]) -> torch.Tensor:
