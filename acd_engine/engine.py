@@ -39,7 +39,15 @@ from acd_engine.contrast import (
 )
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
-from acd_engine.gate import GateVerdict, RowGate, SafetyGate, capture_last_states, features_of
+from acd_engine.gate import (
+    GateVerdict,
+    RowGate,
+    SafetyGate,
+    applied_alpha,
+    capture_last_states,
+    features_of,
+    gate_threshold,
+)
 from acd_engine.head import linear_head
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
@@ -303,8 +311,26 @@ def _gate_facts(request: RowRequest, prompt_tokens: int) -> tuple[int, GateVerdi
     return (prompt_tokens if gate.verdict.flagged else gate.benign_prompt_tokens), gate.verdict
 
 
-def _result_alpha(config: DecodingConfig, verdict: GateVerdict | None) -> float:
-    return 0.0 if verdict is not None and not verdict.flagged else config.effective_alpha
+def _result(
+    text: str,
+    last: StreamChunk,
+    config: DecodingConfig,
+) -> GenerationResult:
+    """A request's result from its text and its stream's last chunk (finish reason, usage,
+    gate verdict): one place decides what a result reports, for lone and batched calls."""
+    assert last.finish_reason is not None and last.usage is not None
+    verdict = last.gate
+    flagged = None if verdict is None else verdict.flagged
+    return GenerationResult(
+        text=text,
+        token_ids=last.token_ids,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        method=config.method,
+        alpha=applied_alpha(config, flagged),
+        gate_score=None if verdict is None else verdict.score,
+        gate_flagged=flagged,
+    )
 
 
 class Engine:
@@ -831,7 +857,7 @@ class Engine:
         if gate is None:
             return None
         score = float(gate.probability(self.gate_features(messages, gate.layers)))
-        return GateVerdict(score, config.gate_threshold or gate.threshold)
+        return GateVerdict(score, gate_threshold(config, gate))
 
     def _plan_request(
         self,
@@ -861,7 +887,7 @@ class Engine:
                 n = len(rows)
                 row_gate = RowGate(
                     gate,
-                    cfg.gate_threshold or gate.threshold,
+                    gate_threshold(cfg, gate),
                     probe_row=first_row + n,
                     flagged_rows=list(range(first_row, first_row + n)),
                     benign_rows=[first_row + n],
@@ -1078,17 +1104,8 @@ class Engine:
             call.emit(chunk)
             parts.append(chunk.text)
             last = chunk
-        assert last is not None and last.finish_reason is not None and last.usage is not None
-        return GenerationResult(
-            text="".join(parts),
-            token_ids=last.token_ids,
-            finish_reason=last.finish_reason,
-            usage=last.usage,
-            method=call.config.method,
-            alpha=_result_alpha(call.config, last.gate),
-            gate_score=None if last.gate is None else last.gate.score,
-            gate_flagged=None if last.gate is None else last.gate.flagged,
-        )
+        assert last is not None
+        return _result("".join(parts), last, call.config)
 
     def _run_calls(self, group: Sequence[Pending[GenerationResult]]) -> None:
         """Run coalesced calls (with the lock held): one batched decode, or one call alone.
@@ -1204,6 +1221,18 @@ class Engine:
             run = cfg.replace(max_new_tokens=max(limits))
             assert isinstance(run, DecodingConfig)
             answers = [_Answer(self.tokenizer, self.eos_token_ids, cfg.stop) for _ in convs]
+            lasts: dict[int, StreamChunk] = {}  # answer -> its closing chunk (usage, gate)
+
+            def close(i: int) -> None:
+                """Answer ``i`` is over: its closing chunks (to its stream, if any)."""
+                *_, last = chunks = list(
+                    _closing_chunks(answers[i], *_gate_facts(requests[i], prompt_tokens[i]))
+                )
+                lasts[i] = last
+                if (sink := outs[i]) is not None:
+                    for chunk in chunks:
+                        sink(chunk)
+
             finished: set[int] = set()
             steps = self._decode_packed(rows, requests, run, finished)
             try:
@@ -1218,38 +1247,18 @@ class Engine:
                             if delta and (sink := outs[i]) is not None and not answer.done:
                                 sink(StreamChunk(delta, [token]))
                         if answer.done or len(answer.ids) >= limits[i]:
-                            if i not in finished and (sink := outs[i]) is not None:
-                                facts = _gate_facts(requests[i], prompt_tokens[i])
-                                for chunk in _closing_chunks(answer, *facts):
-                                    sink(chunk)
+                            if i not in finished:
+                                close(i)
                             finished.add(i)
                     if len(finished) == len(convs):
                         break
             finally:
                 steps.close()
-            for i, answer in enumerate(answers):  # decoding ran out before they finished
-                if i not in finished and (sink := outs[i]) is not None:
-                    for chunk in _closing_chunks(
-                        answer, *_gate_facts(requests[i], prompt_tokens[i])
-                    ):
-                        sink(chunk)
-        results = []
-        for answer, request, n_prompt in zip(answers, requests, prompt_tokens, strict=True):
-            text = answer.emitted + answer.rest()  # what generate() joins from the stream
-            n_prompt, verdict = _gate_facts(request, n_prompt)
-            results.append(
-                GenerationResult(
-                    text=text,
-                    token_ids=answer.ids,
-                    finish_reason=answer.finish,
-                    usage=Usage(prompt_tokens=n_prompt, completion_tokens=len(answer.ids)),
-                    method=cfg.method,
-                    alpha=_result_alpha(cfg, verdict),
-                    gate_score=None if verdict is None else verdict.score,
-                    gate_flagged=None if verdict is None else verdict.flagged,
-                )
-            )
-        return results
+            for i in range(len(convs)):  # decoding ran out before they finished
+                if i not in finished:
+                    close(i)
+        # the text generate() joins from the stream: what was handed out, then the rest
+        return [_result(a.emitted + a.rest(), lasts[i], cfg) for i, a in enumerate(answers)]
 
     # ------------------------------------------------------------------ scoring
     def score_continuations(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptPackError
 
 __all__ = [
@@ -31,10 +32,12 @@ __all__ = [
     "GateVerdict",
     "RowGate",
     "SafetyGate",
+    "applied_alpha",
     "capture_last_states",
     "decoder_layers",
     "features_of",
     "fit_gate",
+    "gate_threshold",
     "roc_auc",
     "threshold_for",
 ]
@@ -159,6 +162,18 @@ class GateVerdict:
     @property
     def flagged(self) -> bool:
         return self.score >= self.threshold
+
+
+def applied_alpha(config: DecodingConfig, flagged: bool | None) -> float:
+    """The alpha a request was decoded with: 0 when the gate passed it to the plain
+    template (``flagged is False``), else the config's own (0 for single-branch methods).
+    One rule for results, streams and adapter metadata."""
+    return 0.0 if flagged is False else config.effective_alpha
+
+
+def gate_threshold(config: DecodingConfig, gate: SafetyGate) -> float:
+    """The threshold a request is gated at: its own ``gate_threshold``, else the gate's."""
+    return gate.threshold if config.gate_threshold is None else config.gate_threshold
 
 
 @dataclass

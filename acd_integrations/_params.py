@@ -19,6 +19,7 @@ from typing import Any
 
 from acd_engine.config import DecodingConfig, did_you_mean
 from acd_engine.errors import ConfigError
+from acd_engine.gate import applied_alpha
 
 __all__ = [
     "DECODING_PARAMS",
@@ -163,10 +164,9 @@ def result_metadata(
     """What both adapters report about how an answer was decoded: the method, the alpha
     actually applied (0 when the safety gate routed the request to the plain template) and
     the gate's score and verdict when the request was gated."""
-    routed_plain = gate_flagged is False
     meta: dict[str, Any] = {
         "method": config.method,
-        "alpha": 0.0 if routed_plain else config.effective_alpha,
+        "alpha": applied_alpha(config, gate_flagged),
     }
     if gate_score is not None:
         meta["gate_score"] = gate_score
