@@ -48,7 +48,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, ValidationInfo, field_validator
 
-from acd_engine.config import _Settings, half_open_unit
+from acd_engine.config import Settings, half_open_unit
 from acd_engine.errors import ConfigError
 
 __all__ = ["ROWS", "BenchSettings", "bench_command", "run_bench", "run_row"]
@@ -132,7 +132,7 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class BenchSettings(_Settings):
+class BenchSettings(Settings):
     """What one ``acd bench`` run measures (validated like every settings object)."""
 
     model: str | None = Field(

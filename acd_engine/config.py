@@ -1,4 +1,7 @@
-"""Typed, validated settings; every validation message in the package lives here.
+"""Typed, validated settings: the shared ``Settings`` base and the engine's own settings.
+
+Every settings object in the package derives from :class:`Settings`, so all of them report
+bad input the same way.
 
 One style for every message: ``<field> must be <rule>, got <value>`` (for example
 ``alpha must be in [0, 1), got 1.5``), so a user can fix any bad input from the message
@@ -8,7 +11,7 @@ alone. Pydantic's own wording is translated into that style in :func:`format_err
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +23,7 @@ __all__ = [
     "DecodingConfig",
     "Method",
     "ModelConfig",
+    "Settings",
     "check_text",
     "format_errors",
     "half_open_unit",
@@ -73,8 +77,6 @@ def format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
             rule = f"must be < {ctx['lt']}"
         elif kind == "literal_error":
             rule = f"must be one of {ctx['expected']}"
-        elif kind.startswith(("int_", "float_", "bool_", "string_", "list_")):
-            rule = err["msg"].replace("Input should be", "must be")
         else:
             rule = err["msg"].replace("Input should be", "must be")
         if not err["loc"] or ", got " in rule:
@@ -117,7 +119,7 @@ def half_open_unit(v: float) -> float:
     return v
 
 
-class _Settings(BaseModel):
+class Settings(BaseModel):
     """Base for every settings object: immutable, unknown keys refused, clean errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -128,7 +130,7 @@ class _Settings(BaseModel):
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, type(self))) from None
 
-    def replace(self, **changes: Any) -> _Settings:
+    def replace(self, **changes: Any) -> Self:
         """Return a validated copy with ``changes`` applied.
 
         ``model_copy(update=...)`` skips validation; this does not, so a per-call override
@@ -139,7 +141,7 @@ class _Settings(BaseModel):
         return type(self)(**{**self.model_dump(), **changes})
 
 
-class DecodingConfig(_Settings):
+class DecodingConfig(Settings):
     """How one request is decoded: the safety method, its strength and the sampler.
 
     Mirrors vLLM's ``SamplingParams``: one typed object, validated once, passed through
@@ -338,7 +340,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ModelConfig(_Settings):
+class ModelConfig(Settings):
     """Which model to load and where; the key of the process-wide model cache."""
 
     model: str | None = Field(

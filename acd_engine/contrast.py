@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from acd_engine.config import DecodingConfig
+from acd_engine.errors import ConfigError
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
 __all__ = [
@@ -89,7 +90,7 @@ def plan_branches(config: DecodingConfig, pack: PromptPack | None) -> BranchPlan
             _text(config.positive_prompt or SAFE_PROMPT), _text(config.negative_prompt)
         )
     if pack is None:
-        raise ValueError("method 'acd' needs a prompt pack; the engine supplies one, got None")
+        raise ConfigError("method 'acd' needs a prompt pack; the engine supplies one, got None")
     return BranchPlan(
         Branch("soft", soft=pack.sp, key=f"sp:{pack.id}"),
         Branch("soft", soft=pack.ap, key=f"ap:{pack.id}"),

@@ -33,6 +33,7 @@ from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits, plausibility_cutoff, plausibility_filter
+from acd_engine.errors import ConfigError
 from acd_engine.gate import RowGate, capture_last_states, features_of
 from acd_engine.head import LinearHead
 
@@ -310,7 +311,7 @@ def decode_rows(
             contrast request sends one row through the head, not two. Eager steps only.
     """
     if head is not None and step_fn is not None:
-        raise ValueError("head needs eager decode steps; got a step_fn as well, pass one")
+        raise ConfigError("head needs eager decode steps; got a step_fn as well, pass one")
     module = head.decoder if head is not None else model  # whose forward runs (or compiled)
     forward = step_fn or module
     device = batch.valid.device

@@ -38,7 +38,7 @@ from acd_engine.contrast import (
     plausibility_filter,
 )
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
-from acd_engine.errors import MessagesError, PromptPackError, PromptTooLongError
+from acd_engine.errors import ConfigError, MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.gate import (
     GateVerdict,
     RowGate,
@@ -667,7 +667,7 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def _config(self, config: DecodingConfig | None, overrides: dict[str, Any]) -> DecodingConfig:
         base = config or self.defaults
-        return base.replace(**overrides) if overrides else base  # type: ignore[return-value]
+        return base.replace(**overrides) if overrides else base
 
     def _use_fast_path(self) -> bool:
         if not self.fast_path:
@@ -936,7 +936,7 @@ class Engine:
                 f"{self.context_window} tokens, got {prompt_len}; shorten the conversation"
             )
         if cfg.max_new_tokens > room:
-            cfg = cfg.replace(max_new_tokens=room)  # type: ignore[assignment]
+            cfg = cfg.replace(max_new_tokens=room)
         return cfg
 
     def stream_chunks(
@@ -1007,13 +1007,13 @@ class Engine:
             rows, request, prompt_tokens, limit = self._plan_request(
                 call.messages, cfg, call.constraint, 0, template_kwargs
             )
-            cfg = cfg.replace(max_new_tokens=limit)  # type: ignore[assignment]
+            cfg = cfg.replace(max_new_tokens=limit)
             steps = _first_request(self._decode_packed(rows, [request], cfg))
             facts = lambda: _gate_facts(request, prompt_tokens)  # noqa: E731
         else:  # the reference path scores the gate with a forward of its own
             verdict = self.gate_verdict(call.messages, cfg)
             if verdict is not None and not verdict.flagged:
-                cfg = cfg.replace(method="plain")  # type: ignore[assignment]
+                cfg = cfg.replace(method="plain")
             embeds, mask, shared = self.branch_inputs(call.messages, cfg, **template_kwargs)
             n_prompt = int(mask[0].sum())
             cfg = self._fit_context(embeds.shape[1], cfg)
@@ -1172,7 +1172,7 @@ class Engine:
         else:
             constraints = list(constraint)
             if len(constraints) != len(convs):
-                raise ValueError(
+                raise ConfigError(
                     f"constraint must have one entry per conversation ({len(convs)}), got "
                     f"{len(constraints)}"
                 )
@@ -1219,7 +1219,6 @@ class Engine:
                 prompt_tokens.append(n_prompt)
                 limits.append(limit)
             run = cfg.replace(max_new_tokens=max(limits))
-            assert isinstance(run, DecodingConfig)
             answers = [_Answer(self.tokenizer, self.eos_token_ids, cfg.stop) for _ in convs]
             lasts: dict[int, StreamChunk] = {}  # answer -> its closing chunk (usage, gate)
 
@@ -1279,7 +1278,7 @@ class Engine:
         cfg = self._config(config, dict(overrides))
         verdict = self.gate_verdict(messages, cfg)  # scoring follows the gate's route too
         if verdict is not None and not verdict.flagged:
-            cfg = cfg.replace(method="plain")  # type: ignore[assignment]
+            cfg = cfg.replace(method="plain")
         with self._lock, torch.inference_mode():
             if not self._use_fast_path():
                 return self._score_reference(messages, continuations, cfg)
@@ -1345,7 +1344,8 @@ class Engine:
         return out
 
     def describe(self) -> dict[str, Any]:
-        """Identifying facts for logs, adapters and benchmark reports."""
+        """Identifying facts for logs, adapters and benchmark reports (the eval runner pins
+        the dtype from it)."""
         return {
             "model_name": self.model_name,
             "model_path": self.loaded.path,

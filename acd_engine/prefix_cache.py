@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from acd_engine._compat import output_cache
+from acd_engine.errors import ConfigError
 
 __all__ = ["PrefixCache", "PrefixKV", "compute_prefix_kv"]
 
@@ -46,10 +47,6 @@ class PrefixKV:
     def length(self) -> int:
         """Number of prefix positions ``P``."""
         return int(self.keys[0].shape[-2])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def compute_prefix_kv(model: Any, embeds: torch.Tensor) -> PrefixKV:
@@ -83,7 +80,7 @@ class PrefixCache:
 
     def __init__(self, max_entries: int = 32) -> None:
         if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+            raise ConfigError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
         self._entries: OrderedDict[Hashable, PrefixKV] = OrderedDict()
         self._lock = threading.Lock()

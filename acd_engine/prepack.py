@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from acd_engine.skinny import LinearMode, _best_of_both, skinny_linear
+from acd_engine.skinny import LinearMode, best_of_both, skinny_linear
 
 __all__ = [
     "PLAN_ROWS",
@@ -234,7 +234,7 @@ def _measure(
 
             packed()  # warm both once
             other()
-            timings[rows] = _best_of_both(packed, other, repeats)
+            timings[rows] = best_of_both(packed, other, repeats)
     answer = 0
     for rows in reversed(PLAN_ROWS):  # the smallest count from which prepacked always wins
         fast, slow = timings[rows]

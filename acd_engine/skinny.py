@@ -33,6 +33,7 @@ __all__ = [
     "ROW_COUNTS",
     "LinearMode",
     "SkinnyLinear",
+    "best_of_both",
     "padded_rows",
     "skinny_linear",
     "skinny_plan",
@@ -132,7 +133,7 @@ class SkinnyLinear(LinearMode):
         return skinny_linear(x, weight, bias, self.max_rows, self.pad_block)
 
 
-def _best_of_both(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
+def best_of_both(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
     """Best times of ``a`` and ``b``, run alternately so a burst of load hits both alike."""
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
@@ -181,7 +182,7 @@ def skinny_plan(model: Any, repeats: int = 5, margin: float = 0.9) -> tuple[int,
                 return F.linear(x, w)
 
             skinny(), plain()  # warm both paths once
-            fast, slow = timings[rows] = _best_of_both(skinny, plain, repeats)
+            fast, slow = timings[rows] = best_of_both(skinny, plain, repeats)
             if fast >= margin * slow:
                 break
             max_rows = rows
@@ -189,7 +190,7 @@ def skinny_plan(model: Any, repeats: int = 5, margin: float = 0.9) -> tuple[int,
     if max_rows >= PAD_BLOCK:
         x = torch.randn(12, w.shape[1], dtype=w.dtype)
         with torch.inference_mode():
-            padded, unpadded = _best_of_both(
+            padded, unpadded = best_of_both(
                 lambda: skinny_linear(x, w, pad_block=PAD_BLOCK),
                 lambda: skinny_linear(x, w),
                 repeats,

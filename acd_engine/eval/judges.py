@@ -26,7 +26,8 @@ from importlib import resources
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 from acd_engine.config import did_you_mean
-from acd_engine.errors import ACDError, ConfigError
+from acd_engine.errors import ConfigError
+from acd_engine.eval.verdicts import VERDICTS, JudgeError, Verdict
 
 __all__ = [
     "DEFAULT_JUDGE",
@@ -48,23 +49,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Verdict = Literal["refused", "answered"]
-"""A judge's decision. Plain strings, so records and reports serialise it as-is."""
-VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
-
 MarkerMode = Literal["default", "strict", "gcg", "xstest", "garak"]
 MARKER_MODES: tuple[str, ...] = get_args(MarkerMode)
 
 DEFAULT_JUDGE = "refusal"
-
-
-class JudgeError(ACDError, RuntimeError):
-    """A judge could not give a verdict for one pair (endpoint down, timed out, odd reply).
-
-    The runner records it as that row's error and goes on: a flaky judge must not cost the
-    generations of a multi-hour run. It is not a ``ConfigError`` because the settings may be
-    right and the server merely busy.
-    """
 
 
 @runtime_checkable

@@ -35,7 +35,7 @@ import urllib.request
 from typing import Any
 
 from acd_engine.errors import ConfigError
-from acd_engine.eval.judges import JudgeError, Verdict
+from acd_engine.eval.verdicts import JudgeError, Verdict
 
 __all__ = [
     "API_KEY_ENV",

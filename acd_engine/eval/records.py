@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from acd_engine.atomic import atomic_write_bytes, atomic_write_text
 from acd_engine.config import CONTRAST_METHODS, METHODS
 from acd_engine.errors import ConfigError
+from acd_engine.eval.verdicts import Verdict
 
 try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected.
     import fcntl
@@ -68,8 +69,6 @@ EVAL_CONTRAST_METHODS: frozenset[str] = CONTRAST_METHODS | {GATED_METHOD}
 
 RecordKey = tuple[str, str, str, float | None]
 """``(benchmark, id, method, alpha)``: what makes a record unique; resume skips these."""
-
-Verdict = Literal["refused", "answered"]
 
 
 class EvalRecord(BaseModel):

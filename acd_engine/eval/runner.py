@@ -37,7 +37,7 @@ from acd_engine.atomic import atomic_write_text, probe_writable
 from acd_engine.config import (
     UNICODE_RULE,
     DecodingConfig,
-    _Settings,
+    Settings,
     did_you_mean,
     half_open_unit,
     unicode_problem,
@@ -204,7 +204,7 @@ def _split(value: Any) -> Any:
     return value
 
 
-class EvalOptions(_Settings):
+class EvalOptions(Settings):
     """Everything ``acd eval`` takes besides the model.
 
     Validated once, in the package's message style (``alphas must be in [0, 1), got 1.5``),

@@ -3,7 +3,7 @@
 One validated object (:class:`TrainConfig`) drives ``acd train``, the Python API and the sweep
 script, so a run is reproducible from the JSON dump stored in its report and pack metadata.
 Messages follow the package style (``lr must be > 0, got -1``) through the shared
-``_Settings`` base.
+``Settings`` base.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from acd_engine.config import _Settings, half_open_unit
+from acd_engine.config import Settings, half_open_unit
 
 __all__ = ["SHORT_OPPOSITE_PROMPT", "SHORT_SAFE_PROMPT", "Source", "TrainConfig"]
 
@@ -31,7 +31,7 @@ SHORT_OPPOSITE_PROMPT = (
 )
 
 
-class TrainConfig(_Settings):
+class TrainConfig(Settings):
     """Everything one OPO run depends on (the data cache key uses the ``gen_*`` fields).
 
     Defaults are the settings of the pack shipped for SmolLM2-135M-Instruct (see docs/opo.md

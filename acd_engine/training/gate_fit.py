@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from acd_engine.config import _Settings
+from acd_engine.config import Settings
 from acd_engine.gate import (
     SafetyGate,
     decoder_layers,
@@ -40,7 +40,7 @@ __all__ = ["GateFitConfig", "anchor_features", "fit_pack_gate"]
 logger = logging.getLogger(__name__)
 
 
-class GateFitConfig(_Settings):
+class GateFitConfig(Settings):
     """How the gate is fitted (stored with the gate, so a pack says how its gate was made)."""
 
     layers: tuple[int, ...] | None = Field(
