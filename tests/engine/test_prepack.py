@@ -103,7 +103,7 @@ def test_plan_takes_the_smallest_count_from_which_prepacked_always_wins(
     assert PLAN_ROWS == (4, 8, 16, 32)  # the ratios above are given in this order
     monkeypatch.setattr(prepack, "_DECISIONS", prepack.weakref.WeakKeyDictionary())
     timings = iter((r, 1.0) for r in ratios)
-    monkeypatch.setattr(prepack, "_best_of_both", lambda *args: next(timings))
+    monkeypatch.setattr(prepack, "best_of_both", lambda *args: next(timings))
     assert prepack_plan(tiny_engine.model, repeats=1) == answer
     assert next(timings, None) is None  # every row count of PLAN_ROWS was timed
 

@@ -85,6 +85,6 @@ def test_skinny_plan_rule_on_faked_timings(tiny_engine, monkeypatch, ratios, pla
     assert ROW_COUNTS == (1, 2, 8, 16, 32)  # the ratios above are given in this order
     monkeypatch.setattr(skinny, "_DECISIONS", skinny.weakref.WeakKeyDictionary())
     timings = iter((r, 1.0) for r in ratios)
-    monkeypatch.setattr(skinny, "_best_of_both", lambda *args: next(timings))
+    monkeypatch.setattr(skinny, "best_of_both", lambda *args: next(timings))
     assert skinny_plan(tiny_engine.model, repeats=1) == plan
     assert next(timings, None) is None  # every faked timing was asked for
