@@ -4,6 +4,11 @@ Every method is "a positive branch, optionally minus alpha times a negative bran
 branch is whatever sits in the system-prompt slot in front of the identical user
 conversation: nothing, a manual prompt text, or a soft prompt (embeddings).
 
+The formula ``pos - alpha * neg`` takes three forms here, one function each, and nowhere
+else: on logits (:func:`contrast_logits`), on last hidden states before a linear LM head
+(:func:`contrast_hidden`), and on the plausibility filter's candidate tokens only
+(:func:`contrast_candidates`). :func:`contrast_active` is the ``contrast_tokens`` schedule.
+
 =======  ====================  ==========================
 method   positive branch       negative branch
 =======  ====================  ==========================
@@ -32,7 +37,11 @@ from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 __all__ = [
     "Branch",
     "BranchPlan",
+    "contrast_active",
+    "contrast_candidates",
+    "contrast_hidden",
     "contrast_logits",
+    "contrast_rows",
     "plan_branches",
     "plausibility_cutoff",
     "plausibility_filter",
@@ -112,6 +121,54 @@ def contrast_logits(pos: torch.Tensor, neg: torch.Tensor | None, alpha: float) -
     if neg is None:
         return pos.float()
     return pos.float() - alpha * neg.float()
+
+
+def contrast_rows(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's ``[1 or 2, V]`` rows (positive first) -> contrasted fp32 scores
+    ``[1, V]`` and the positive logits ``[1, V]`` (which the plausibility filter reads)."""
+    pos = logits[:1]  # [1, V]
+    return contrast_logits(pos, logits[1:] if len(logits) == 2 else None, alpha), pos
+
+
+def contrast_hidden(h_pos: torch.Tensor, h_neg: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``h_pos - alpha * h_neg``: the contrast taken before a linear LM head.
+
+    ``W h_pos - alpha W h_neg = W (h_pos - alpha h_neg)``, so one head row gives the
+    contrasted logits (see :mod:`acd_engine.head`). Only valid without the plausibility
+    filter, which needs the positive logits on their own.
+    """
+    return h_pos - alpha * h_neg
+
+
+def contrast_candidates(
+    pos: torch.Tensor, h_neg: torch.Tensor, weight: torch.Tensor, alpha: float, tau: float
+) -> torch.Tensor:
+    """``pos - alpha * neg`` on the plausibility filter's candidates, ``-inf`` elsewhere.
+
+    The filter keeps tokens whose positive logit is within ``log(tau)`` of the best one
+    (:func:`plausibility_filter`), usually a handful; every other token ends at ``-inf``
+    whatever its negative logit. So the negative branch is scored on the candidates alone:
+    ``k`` rows of the head instead of all ``V``.
+
+    Args:
+        pos: Positive logits ``[1, V]``.
+        h_neg: The negative branch's last hidden state ``[1, H]``.
+        weight: The LM head ``[V, H]``.
+        alpha: Contrast strength.
+        tau: The plausibility threshold, in (0, 1).
+    """
+    cutoff = plausibility_cutoff(pos.float(), tau)  # [1, 1]
+    candidates = (pos[0] >= cutoff[0]).nonzero()[:, 0]  # [k]
+    neg = weight[candidates] @ h_neg[0]  # [k]
+    scores = torch.full_like(pos, float("-inf"), dtype=torch.float32)  # [1, V]
+    scores[0, candidates] = pos[0, candidates].float() - alpha * neg.float()
+    return scores
+
+
+def contrast_active(config: DecodingConfig, step: int) -> bool:
+    """Whether generated token ``step`` (0-based) is still contrasted: ``contrast_tokens``
+    (SafeDecoding's schedule) ends the contrast after that many tokens; None never does."""
+    return config.contrast_tokens is None or step < config.contrast_tokens
 
 
 def plausibility_filter(scores: torch.Tensor, pos: torch.Tensor, tau: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The decode loops: prefill every row, then one batched forward per generated token.
 
-Two loops share one token-choosing step (:func:`choose_token`):
+Two loops share one token step (:class:`acd_engine.step.TokenStep`: contrast, constraint,
+plausibility filter, processors, pick):
 
 * :func:`decode_rows`, the fast path. Rows come from :func:`acd_engine.batching.pack_rows`:
   cached SP/AP prefixes, so prefill covers only the conversation; several requests in one
@@ -21,30 +22,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessorList
 
 from acd_engine._compat import cache_arg, output_cache
 from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
-from acd_engine.contrast import contrast_logits, plausibility_cutoff, plausibility_filter
+from acd_engine.contrast import contrast_active, contrast_candidates, contrast_hidden, contrast_rows
 from acd_engine.errors import ConfigError
 from acd_engine.gate import RowGate, capture_last_states, features_of
 from acd_engine.head import LinearHead
+from acd_engine.step import TokenStep, build_processors, pick_token
 
 __all__ = [
     "Prefill",
     "RowRequest",
     "build_processors",
-    "choose_token",
     "decode",
     "decode_rows",
-    "finish_token",
     "pick_token",
 ]
 
@@ -86,83 +80,6 @@ class RowRequest:
     gate: RowGate | None = None
 
 
-def build_processors(cfg: DecodingConfig) -> LogitsProcessorList:
-    """transformers' processors, in generate's order, applied after the contrast."""
-    procs = LogitsProcessorList()
-    if cfg.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
-    if cfg.temperature > 0:
-        if cfg.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(cfg.temperature))
-        if cfg.top_k > 0:
-            procs.append(TopKLogitsWarper(cfg.top_k))
-        if cfg.top_p < 1.0:
-            procs.append(TopPLogitsWarper(cfg.top_p))
-    return procs
-
-
-def pick_token(
-    scores: torch.Tensor, temperature: float, gen: torch.Generator | None
-) -> torch.Tensor:
-    """Greedy argmax when temperature is 0, else one seeded draw; ``[1, V] -> [1, 1]``."""
-    if temperature == 0:
-        return scores.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=gen)
-
-
-def choose_token(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    cfg: DecodingConfig,
-    procs: LogitsProcessorList,
-    constraint: LogitsProcessorList | None,
-    gen: torch.Generator | None,
-) -> torch.Tensor:
-    """One request's next token from its rows' logits; every op stays on the device.
-
-    Args:
-        logits: ``[1, V]`` (positive row) or ``[2, V]`` (positive, negative).
-        ids: ``[1, L]`` conversation plus generated tokens, for processors.
-
-    Returns:
-        ``[1, 1]`` token id.
-    """
-    return finish_token(*_contrast_rows(logits, cfg.alpha), ids, cfg, procs, constraint, gen)
-
-
-def _contrast_rows(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[1 or 2, V]`` rows (positive first) -> contrasted fp32 scores and positive logits."""
-    pos = logits[:1]  # [1, V]
-    return contrast_logits(pos, logits[1:] if len(logits) == 2 else None, alpha), pos
-
-
-def finish_token(
-    scores: torch.Tensor,
-    pos: torch.Tensor,
-    ids: torch.Tensor,
-    cfg: DecodingConfig,
-    procs: LogitsProcessorList,
-    constraint: LogitsProcessorList | None,
-    gen: torch.Generator | None,
-) -> torch.Tensor:
-    """The step after the contrast: constraint, plausibility filter, processors, sampler.
-
-    Args:
-        scores: Contrasted fp32 scores ``[1, V]`` (not modified).
-        pos: The positive branch's logits ``[1, V]``, for the plausibility filter.
-        ids: ``[1, L]`` conversation plus generated tokens, for processors.
-
-    Returns:
-        ``[1, 1]`` token id.
-    """
-    if constraint:
-        scores = constraint(ids, scores)  # type: ignore[arg-type]
-    scores = plausibility_filter(scores, pos, cfg.plausibility)  # [1, V] fp32
-    scores = procs(ids, scores)  # type: ignore[arg-type]
-    return pick_token(scores, cfg.temperature, gen)
-
-
 def _request_scores(
     out: torch.Tensor,
     rows_of: list[list[int]],
@@ -195,7 +112,7 @@ def _request_scores(
         for i, r in rows.items():
             h = out[_span(r)]  # [1 or 2, H]
             if len(h) == 2 and cfg.plausibility == 0:
-                h = h[:1] - cfg.alpha * h[1:]  # W h_pos - a W h_neg = W (h_pos - a h_neg)
+                h = contrast_hidden(h[:1], h[1:], cfg.alpha)
             elif len(h) == 2 and i not in constrained and h.device.type == "cpu":
                 negatives[i], h = h[1:], h[:1]
             parts[i] = h
@@ -208,9 +125,13 @@ def _request_scores(
         if i in negatives:
             assert head is not None
             pos = logits_i[:1]  # [1, V]
-            result[i] = (_candidate_contrast(pos, negatives[i], head.weight, cfg), pos)
+            neg = negatives[i]
+            result[i] = (
+                contrast_candidates(pos, neg, head.weight, cfg.alpha, cfg.plausibility),
+                pos,
+            )
         else:
-            result[i] = _contrast_rows(logits_i, cfg.alpha)
+            result[i] = contrast_rows(logits_i, cfg.alpha)
     return result
 
 
@@ -223,37 +144,6 @@ def _span(rows: list[int]) -> slice:
     """
     assert rows == list(range(rows[0], rows[0] + len(rows))), rows
     return slice(rows[0], rows[0] + len(rows))
-
-
-def _candidate_contrast(
-    pos: torch.Tensor, h_neg: torch.Tensor, weight: torch.Tensor, cfg: DecodingConfig
-) -> torch.Tensor:
-    """``pos - alpha * neg`` on the plausibility filter's candidates, ``-inf`` elsewhere.
-
-    The filter keeps tokens whose positive logit is within ``log(tau)`` of the best one
-    (:func:`~acd_engine.contrast.plausibility_filter`), usually a handful; every other
-    token ends at ``-inf`` whatever its negative logit. So the negative branch is scored
-    on the candidates alone: ``k`` rows of the head instead of all ``V``.
-
-    Args:
-        pos: Positive logits ``[1, V]``.
-        h_neg: The negative branch's last hidden state ``[1, H]``.
-        weight: The LM head ``[V, H]``.
-    """
-    cutoff = plausibility_cutoff(pos.float(), cfg.plausibility)  # [1, 1]
-    candidates = (pos[0] >= cutoff[0]).nonzero()[:, 0]  # [k]
-    neg = weight[candidates] @ h_neg[0]  # [k]
-    scores = torch.full_like(pos, float("-inf"), dtype=torch.float32)  # [1, V]
-    scores[0, candidates] = pos[0, candidates].float() - cfg.alpha * neg.float()
-    return scores
-
-
-def _sampler(cfg: DecodingConfig, device: torch.device) -> torch.Generator | None:
-    if cfg.temperature == 0:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    return gen
 
 
 def _copy_to_host(values: torch.Tensor) -> Callable[[], list[int]]:
@@ -315,8 +205,7 @@ def decode_rows(
     module = head.decoder if head is not None else model  # whose forward runs (or compiled)
     forward = step_fn or module
     device = batch.valid.device
-    procs = build_processors(cfg)
-    gens = [_sampler(cfg, device) for _ in requests]
+    steps = [TokenStep(cfg, r.constraint, device) for r in requests]
     ids = [r.context_ids for r in requests]  # each [1, L]
     rows_of = [list(r.rows) for r in requests]  # positive row first
     live = list(range(len(requests)))
@@ -377,16 +266,14 @@ def decode_rows(
         return out.logits[:, -1, :].clone() if batch.static else out.logits[:, -1, :]
 
     for step in range(cfg.max_new_tokens):
-        contrast = cfg.contrast_tokens is None or step < cfg.contrast_tokens
+        contrast = contrast_active(cfg, step)
         picked: dict[int, torch.Tensor] = {}
         constrained = {i for i in live if requests[i].constraint}
         scores = _request_scores(
             state, rows_of, live, contrast, cfg, head, step_context, constrained
         )
         for i in live:
-            picked[i] = finish_token(
-                *scores[i], ids[i], cfg, procs, requests[i].constraint, gens[i]
-            )
+            picked[i] = steps[i].choose(*scores[i], ids[i])
             ids[i] = torch.cat([ids[i], picked[i]], dim=-1)
             tokens[_span(rows_of[i])] = picked[i]
         last = step == cfg.max_new_tokens - 1
@@ -398,7 +285,7 @@ def decode_rows(
         if last or not live:
             return
         if not batch.static and not overlap:  # drop rows nobody reads any more
-            contrast_next = cfg.contrast_tokens is None or step + 1 < cfg.contrast_tokens
+            contrast_next = contrast_active(cfg, step + 1)
             keep = [r for i in live for r in (rows_of[i] if contrast_next else rows_of[i][:1])]
             if len(keep) < len(tokens):
                 batch.select(keep)
@@ -418,8 +305,7 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
     """
     embeds, mask = prefill.embeds, prefill.mask  # [R, T, H], [R, T]
     rows = embeds.shape[0]
-    procs = build_processors(cfg)
-    gen = _sampler(cfg, embeds.device)
+    chooser = TokenStep(cfg, prefill.constraint, embeds.device)
     ids = prefill.context_ids  # [1, L]
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [R, T]
     # Without padding the mask is all ones: passing None lets SDPA take its causal fast path.
@@ -434,12 +320,12 @@ def decode(model: Any, prefill: Prefill, cfg: DecodingConfig) -> Generator[int, 
     cache, logits = output_cache(out), out.logits[:, -1, :]  # logits [R, V]
     pos = pos[:, -1:]  # [R, 1]
     for step in range(cfg.max_new_tokens):
-        if rows == 2 and cfg.contrast_tokens is not None and step >= cfg.contrast_tokens:
+        if rows == 2 and not contrast_active(cfg, step):
             # Contrast is over: keep only the positive row (SafeDecoding's schedule).
             cache.batch_select_indices(torch.tensor([0], device=embeds.device))
             rows, mask, pos, logits = 1, mask[:1], pos[:1], logits[:1]
             padded = bool((mask == 0).any())
-        token = choose_token(logits, ids, cfg, procs, prefill.constraint, gen)  # [1, 1]
+        token = chooser.choose_rows(logits, ids)  # [1, 1]
         yield int(token)
         if step == cfg.max_new_tokens - 1:
             return

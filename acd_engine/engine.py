@@ -30,13 +30,7 @@ from acd_engine._compat import cache_arg
 from acd_engine.batching import RowInput, fast_path_supported, pack_rows
 from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig, ModelConfig, check_text
-from acd_engine.contrast import (
-    Branch,
-    BranchPlan,
-    contrast_logits,
-    plan_branches,
-    plausibility_filter,
-)
+from acd_engine.contrast import Branch, BranchPlan, plan_branches
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.errors import ConfigError, MessagesError, PromptPackError, PromptTooLongError
 from acd_engine.gate import (
@@ -61,6 +55,7 @@ from acd_engine.prepack import (
 )
 from acd_engine.prompts import PromptPack, model_fingerprint
 from acd_engine.skinny import SkinnyLinear, skinny_plan
+from acd_engine.step import continuation_logprob
 
 __all__ = [
     "Engine",
@@ -1306,19 +1301,8 @@ class Engine:
                     n = len(conts[i])
                     rows_logits = logits[j * nb : (j + 1) * nb, keep - n - 1 : keep - 1]
                     cont_ids = torch.tensor(conts[i], device=logits.device)
-                    out[i] = self._continuation_logprob(rows_logits, cont_ids, cfg)
+                    out[i] = continuation_logprob(rows_logits, cont_ids, cfg)
         return out
-
-    @staticmethod
-    def _continuation_logprob(
-        logits: torch.Tensor, cont_ids: torch.Tensor, cfg: DecodingConfig
-    ) -> float:
-        """Sum of log p(token) from branch logits ``[R, n, V]`` predicting ``cont_ids``."""
-        neg = logits[1] if logits.shape[0] == 2 else None
-        scores = contrast_logits(logits[0], neg, cfg.alpha)
-        scores = plausibility_filter(scores, logits[0], cfg.plausibility)
-        logp = torch.log_softmax(scores, dim=-1).gather(-1, cont_ids[:, None])
-        return float(logp.sum())
 
     def _score_reference(
         self, messages: Messages, continuations: Sequence[str], cfg: DecodingConfig
@@ -1340,7 +1324,7 @@ class Engine:
             logits = self.model(
                 inputs_embeds=full, attention_mask=full_mask, position_ids=pos
             ).logits[:, embeds.shape[1] - 1 : -1, :]  # [R, n, V] predicting cont tokens
-            out.append(self._continuation_logprob(logits, cont_ids, cfg))
+            out.append(continuation_logprob(logits, cont_ids, cfg))
         return out
 
     def describe(self) -> dict[str, Any]:

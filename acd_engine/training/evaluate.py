@@ -1,13 +1,9 @@
 """Refusal and over-refusal on the anchor validation split, decoded in batches.
 
 Model selection during OPO needs greedy answers to ~75 validation prompts under ``acd`` after
-every epoch. ``Engine.generate_batch`` decodes one conversation at a time; this module runs the
-same computation batched: the rows come from :meth:`Engine.branch_inputs` (the exact
-embeddings the engine would prefill), are left-padded together, and every step applies the
-engine's own :func:`~acd_engine.contrast.contrast_logits` and
-:func:`~acd_engine.contrast.plausibility_filter` before the argmax. Only greedy decoding
-without repetition penalty is supported (that is what validation uses); the tests check the
-tokens equal ``Engine.generate``'s.
+every epoch, under the pack being trained. They are decoded by :meth:`Engine.generate_batch`
+(several conversations per forward, each answer the one :meth:`Engine.generate` gives), with
+the candidate pack swapped in for the call: there is no decode loop of its own here.
 """
 
 from __future__ import annotations
@@ -16,11 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from acd_engine._compat import cache_arg, output_cache
 from acd_engine.config import DecodingConfig
-from acd_engine.contrast import contrast_logits, plausibility_filter
 from acd_engine.errors import ConfigError
 from acd_engine.eval.judges import Judge, judge_many
 from acd_engine.prompts import PromptPack
@@ -50,71 +42,6 @@ def _check(cfg: DecodingConfig) -> None:
         )
 
 
-@torch.inference_mode()
-def _decode_chunk(engine: Any, prompts: Sequence[str], cfg: DecodingConfig) -> list[list[int]]:
-    rows: list[torch.Tensor] = []
-    n_rows = 1
-    for p in prompts:
-        embeds, mask, _ = engine.branch_inputs([{"role": "user", "content": p}], cfg)
-        # branch_inputs left-pads its own rows; strip that padding, re-pad across prompts below.
-        n_rows = embeds.shape[0]
-        for row in range(n_rows):
-            rows.append(embeds[row, mask[row].bool()])
-    if cfg.is_contrastive and cfg.alpha == 0.0 and cfg.contrast_tokens is None:
-        rows = rows[::n_rows]  # alpha 0 is the positive branch alone: skip the other half
-        n_rows = 1
-    width = max(r.shape[0] for r in rows)
-    embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
-    for i, r in enumerate(rows):
-        embeds[i, width - r.shape[0] :] = r
-        mask[i, width - r.shape[0] :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    model = engine.model
-    out = model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache, logits = output_cache(out), out.logits[:, -1, :]
-    pos = pos[:, -1:]
-    n = len(prompts)
-    done = torch.zeros(n, dtype=torch.bool)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    eos = torch.tensor(sorted(engine.eos_token_ids))
-    for step in range(cfg.max_new_tokens):
-        grouped = logits.view(n, n_rows, -1)
-        pos_logits = grouped[:, 0]
-        contrasting = n_rows == 2 and (cfg.contrast_tokens is None or step < cfg.contrast_tokens)
-        scores = contrast_logits(pos_logits, grouped[:, 1] if contrasting else None, cfg.alpha)
-        scores = plausibility_filter(scores, pos_logits, cfg.plausibility)
-        picked = scores.argmax(dim=-1)  # [n]
-        for i in range(n):
-            if not done[i]:
-                tok = int(picked[i])
-                if tok in engine.eos_token_ids:
-                    done[i] = True
-                else:
-                    tokens[i].append(tok)
-        done |= torch.isin(picked.cpu(), eos)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
-            break
-        nxt = picked.repeat_interleave(n_rows)[:, None]  # [n * R, 1]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        pos = pos + 1
-        out = model(
-            input_ids=nxt,
-            attention_mask=mask,
-            position_ids=pos,
-            **cache_arg(model, cache),
-            use_cache=True,
-        )
-        cache, logits = output_cache(out), out.logits[:, -1, :]
-    return tokens
-
-
 def batched_greedy(
     engine: Any,
     prompts: Sequence[str],
@@ -139,8 +66,8 @@ def batched_greedy(
     try:
         texts: list[str] = []
         for i in range(0, len(prompts), batch_size):
-            for ids in _decode_chunk(engine, prompts[i : i + batch_size], cfg):
-                texts.append(engine.tokenizer.decode(ids, skip_special_tokens=True))
+            chats = [[{"role": "user", "content": p}] for p in prompts[i : i + batch_size]]
+            texts += [r.text for r in engine.generate_batch(chats, cfg)]
         return texts
     finally:
         if previous is not None:
