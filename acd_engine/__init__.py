@@ -29,6 +29,7 @@ _EXPORTS = {
     "ModelConfig": "acd_engine.config",
     "METHODS": "acd_engine.config",
     "Engine": "acd_engine.engine",
+    "EngineOptions": "acd_engine.kernels",
     "GenerationResult": "acd_engine.engine",
     "StreamChunk": "acd_engine.engine",
     "Usage": "acd_engine.engine",
@@ -52,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DecodingConfig",
     "Engine",
+    "EngineOptions",
     "GenerationResult",
     "MessagesError",
     "ModelConfig",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
         PromptPackError,
         PromptTooLongError,
     )
+    from acd_engine.kernels import EngineOptions
     from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
 

@@ -48,6 +48,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, ValidationInfo, field_validator
 
+from acd_engine.cli_common import fail
 from acd_engine.config import Settings, half_open_unit
 from acd_engine.errors import ConfigError
 
@@ -432,12 +433,14 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         extra["prompt_tokens"] = len(pos_ids)
     else:
         engine = _engine_for(settings, engine_path)
-        engine.fast_path = name != "acd_reference"
+        options: dict[str, Any] = {"fast_path": name != "acd_reference"}
+        if name == "acd_batch":
+            options["max_batch_requests"] = settings.batch
+        engine.set_options(**options)  # the public, validated way to tune an engine
         method = "plain" if name == "acd_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         if name == "acd_batch":
             users = [BATCH_USERS[i % len(BATCH_USERS)] for i in range(settings.batch)]
-            engine.max_batch_requests = settings.batch
 
             def call(clock: list[float]) -> list[list[int]]:
                 clocks: list[list[float]] = [[] for _ in users]
@@ -457,11 +460,11 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
 
         if method == "acd":
             rendered = engine.render(_messages(BENCH_USER, None))
-            sp = engine._encode(BENCH_SYSTEM)
+            sp = engine.renderer.encode_template(BENCH_SYSTEM)
             extra["positive_branch_equals_hf_prompt"] = (
                 rendered.head + sp + rendered.tail == pos_ids
             )
-            rows, _ = engine._request_rows(_messages(BENCH_USER, None), cfg)
+            rows, _ = engine.rows.rows_of(rendered, engine.plan(cfg), {})
             extra["prefill_tokens_per_branch"] = len(rows[0].tail)
         extra["fast_path"] = engine.fast_path
         call = _recording_kernels(call, engine, extra)
@@ -537,12 +540,7 @@ def _recording_kernels(
 
     def recorded(clock: list[float]) -> list[list[int]]:
         out = call(clock)
-        extra["kernels"] = {
-            "skinny_rows": engine.skinny_rows,
-            "skinny_pad_block": engine.skinny_pad_block,
-            "prepack_rows": engine.prepack_rows,
-            "prepacked": engine._prepacked is not None,
-        }
+        extra["kernels"] = engine.kernels.report()
         return out
 
     return recorded
@@ -754,8 +752,7 @@ def bench_command(
             tokenizer=tokenizer,
         )
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
 
     def progress(msg: str) -> None:
         typer.echo(msg, err=True)  # stderr: stdout stays one JSON document with --json
@@ -763,8 +760,7 @@ def bench_command(
     try:
         result = run_bench(settings, progress)
     except (ValueError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     if as_json:
         print(json.dumps(result))
         return

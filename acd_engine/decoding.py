@@ -3,7 +3,7 @@
 Two loops share one token step (:class:`acd_engine.step.TokenStep`: contrast, constraint,
 plausibility filter, processors, pick):
 
-* :func:`decode_rows`, the fast path. Rows come from :func:`acd_engine.batching.pack_rows`:
+* :func:`decode_rows`, the fast path. Rows come from :func:`acd_engine.row_layout.lay_out_rows`:
   cached SP/AP prefixes, so prefill covers only the conversation; several requests in one
   forward (2·N rows for N contrast requests); KV written in place; a prebuilt 4-D mask.
 * :func:`decode`, the reference path: one request, both branches re-embedded from scratch
@@ -25,12 +25,12 @@ import torch
 from transformers import LogitsProcessorList
 
 from acd_engine._compat import cache_arg, output_cache
-from acd_engine.batching import RowBatch
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_active, contrast_candidates, contrast_hidden, contrast_rows
 from acd_engine.errors import ConfigError
 from acd_engine.gate import RowGate, capture_last_states, features_of
 from acd_engine.head import LinearHead
+from acd_engine.row_layout import RowBatch
 from acd_engine.step import TokenStep, build_processors, pick_token
 
 __all__ = [
@@ -69,7 +69,7 @@ class RowRequest:
     """One request of a fast batch (see :class:`Prefill` for ``context_ids``/``constraint``).
 
     Attributes:
-        rows: Its rows in the :class:`~acd_engine.batching.RowBatch`, positive branch first.
+        rows: Its rows in the :class:`~acd_engine.row_layout.RowBatch`, positive branch first.
         gate: When set, the prefill scores the safety gate on its probe row and the request
             continues with the rows the verdict chooses (:class:`~acd_engine.gate.RowGate`).
     """

@@ -76,7 +76,7 @@ def linear_head(model: Any) -> LinearHead | None:
                 hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, 4, H]
                 if torch.allclose(candidate(hidden), logits, rtol=1e-4, atol=1e-4):
                     found = candidate
-        except Exception as exc:  # a decoder that wants other inputs: keep the plain path
+        except Exception as exc:  # a decoder that wants other inputs: keep the plain path  # noqa: BLE001
             logger.debug("linear head check failed: %s", exc)
     _FOUND[model] = found
     logger.info("contrast before the LM head: %s", "on" if found else "off")

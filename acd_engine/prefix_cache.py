@@ -9,7 +9,7 @@ only covers the conversation tail, which is where a request actually differs.
 The entries are exactly the embeddings the reference path feeds (see
 ``Engine._prefix_embeds``), at positions ``0 .. P-1``, so a request built from a cached
 prefix sees the same sequence the reference path would. Entries are read-only: requests
-copy them into their own cache (``acd_engine.batching``) and never write to them.
+copy them into their own cache (``acd_engine.row_layout``) and never write to them.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def shared_prepacked(model: Any) -> Prepacked:
 def _pack(weights: list[torch.Tensor]) -> Prepacked:
     with torch.inference_mode():
         return {
-            id(w): (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_HINT))
+            id(w): (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_HINT))  # noqa: SLF001 - torch's prepacked-linear ops and tensor versions have no public names
             for w in weights
         }
 
@@ -134,11 +134,11 @@ def prepack_linear(
     ``F.linear``: a stale copy must never answer.
     """
     entry = packs.get(id(weight))
-    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:  # noqa: SLF001 - torch's prepacked-linear ops and tensor versions have no public names
         return F.linear(x, weight, bias)
     if x.dtype != weight.dtype or not x.is_contiguous():
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, entry[2], bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, entry[2], bias, "none", [], "")  # noqa: SLF001 - torch's prepacked-linear ops and tensor versions have no public names
 
 
 class PrepackedLinear(LinearMode):

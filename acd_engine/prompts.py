@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "SAFE_PROMPT",
     "PromptPack",
     "model_fingerprint",
+    "resolve_pack",
 ]
 
 logger = logging.getLogger(__name__)
@@ -309,7 +311,7 @@ class PromptPack:
                 names = sorted(f.keys())
                 known = ("sp", "ap", *GATE_TENSORS)
                 tensors = {k: f.get_tensor(k) for k in known if k in names}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises many types for a damaged file; re-raised as PromptPackError
             raise PromptPackError(
                 f"prompt pack '{path}' must be a readable safetensors file: {exc}"
             ) from None
@@ -389,3 +391,43 @@ class PromptPack:
                 f"{source} tensors must have the model's hidden size {model_hidden}, got "
                 f"{width}; train a pack for this model with `acd train --out pack.safetensors`"
             )
+
+
+SHIPPED_PACKS = "packs"  # folder in acd_engine/resources holding shipped packs
+
+
+def resolve_pack(
+    source: str | os.PathLike[str] | PromptPack | None,
+    model: Any,
+    tokenizer: Any,
+    fingerprint: dict[str, str],
+    model_name: str,
+) -> PromptPack:
+    """The pack an engine uses: ``source`` (checked against the model), else the pack
+    shipped for this model, else soft prompts initialised from the manual prompts."""
+    if isinstance(source, PromptPack):
+        source.check_compatible(fingerprint)
+        return source
+    if source is not None:
+        pack = PromptPack.load(source)
+        pack.check_compatible(fingerprint, source=f"prompt pack '{source}'")
+        return pack
+    shipped = resources.files("acd_engine") / "resources" / SHIPPED_PACKS
+    if shipped.is_dir():
+        for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
+            if not entry.name.endswith(".safetensors"):
+                continue
+            with resources.as_file(entry) as file:
+                pack = PromptPack.load(file)
+            try:
+                pack.check_compatible(fingerprint)
+            except PromptPackError:
+                continue
+            logger.info("using shipped prompt pack %s", entry.name)
+            return pack
+    logger.info(
+        "no trained prompt pack for %s; acd uses soft prompts initialised from the manual "
+        "prompts (numerically the same as oid) - train one with `acd train`",
+        model_name,
+    )
+    return PromptPack.from_manual_prompts(model, tokenizer, fingerprint=fingerprint)

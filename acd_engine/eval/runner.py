@@ -726,7 +726,7 @@ class _Run:
         # Broad on purpose: whatever one row makes the engine raise fails its whole batch, and
         # only running the rows alone tells which one it was. Errors a lone row raises are
         # classified (and, when systematic, re-raised) by _record_failure.
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified, and re-raised when systematic, by _record_failure
             if len(chunk) > 1:
                 logger.info("a batch failed (%s); generating its %d rows alone", exc, len(chunk))
                 return [r for item in chunk for r in self._generate_chunk([item], config)]
@@ -771,7 +771,7 @@ class _Run:
                 scores = self.engine.score_continuations(_messages(item), answers, config)
             # Broad for the reason given in _generate_chunk; _record_failure re-raises errors
             # that are not about this row once they repeat.
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - classified, and re-raised when systematic, by _record_failure
                 self._record_failure(common, exc, "mc1")
             else:
                 self._succeeded()

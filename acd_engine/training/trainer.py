@@ -225,7 +225,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (EOFError, UnpicklingError, ...)
+    except Exception as exc:  # torch raises many types (EOFError, UnpicklingError, ...)  # noqa: BLE001
         raise ConfigError(
             f"checkpoint '{path}' must be a checkpoint written by acd train, got "
             f"{type(exc).__name__}: {str(exc)[:200]}; use a new --out or delete the checkpoint"

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from acd_engine import DecodingConfig, MessagesError, PromptTooLongError
-from acd_engine.engine import _stop_prefix_overlap
+from acd_engine.answer import stop_prefix_overlap
 
 SAMPLE = DecodingConfig(method="oid", temperature=1.0, max_new_tokens=40, seed=7)
 
@@ -47,10 +47,10 @@ def test_stop_string_across_token_boundaries(tiny_engine):
     assert "".join(tiny_engine.stream("hi", SAMPLE.replace(stop=[stop]))) == out.text
 
 
-def test_stop_prefix_overlap():
-    assert _stop_prefix_overlap("abc\n\nUs", ["\n\nUser:"]) == 4
-    assert _stop_prefix_overlap("abc", ["xyz"]) == 0
-    assert _stop_prefix_overlap("ab", ["b", "bc"]) == 1
+def teststop_prefix_overlap():
+    assert stop_prefix_overlap("abc\n\nUs", ["\n\nUser:"]) == 4
+    assert stop_prefix_overlap("abc", ["xyz"]) == 0
+    assert stop_prefix_overlap("ab", ["b", "bc"]) == 1
 
 
 def test_stream_on_real_model_matches_generate(engine):

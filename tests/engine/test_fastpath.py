@@ -16,10 +16,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from acd_engine import DecodingConfig
-from acd_engine.batching import RowInput, fast_path_supported, pack_rows
 from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
 from acd_engine.prefix_cache import PrefixCache, PrefixKV
 from acd_engine.prompts import OPPOSITE_PROMPT
+from acd_engine.row_layout import RowInput, fast_path_supported, lay_out_rows
+
+
+def request_rows(engine, messages, cfg):
+    """The fast-path rows of one request (positive branch first) and its shared ids."""
+    return engine.rows.rows_of(engine.render(messages), engine.plan(cfg), {})
+
 
 PROMPT = "Tell me three facts about the moon."
 N = 16
@@ -98,13 +104,13 @@ def _raw_steps(engine, convs, cfg, static=False, **kwargs):
     rows: list[RowInput] = []
     requests = []
     for conv in convs:
-        r, shared = engine._request_rows(conv, cfg)
+        r, shared = request_rows(engine, conv, cfg)
         requests.append(
             RowRequest(list(range(len(rows), len(rows) + len(r))), torch.tensor([shared]))
         )
         rows += r
     with torch.inference_mode():
-        batch = pack_rows(engine.model, rows, cfg.max_new_tokens, static=static)
+        batch = lay_out_rows(engine.model, rows, cfg.max_new_tokens, static=static)
     return decode_rows(engine.model, batch, requests, cfg, **kwargs)
 
 
@@ -242,7 +248,7 @@ def test_pack_rows_layout():
         ),
         get_input_embeddings=lambda: SimpleNamespace(weight=torch.zeros(1)),
     )
-    batch = pack_rows(model, [RowInput(kv(3), [5, 6]), RowInput(kv(1), [7, 8, 9, 10])], 2)
+    batch = lay_out_rows(model, [RowInput(kv(3), [5, 6]), RowInput(kv(1), [7, 8, 9, 10])], 2)
     assert (batch.width, batch.capacity, batch.holes) == (7, 9, True)
     assert batch.input_ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 10]]
     assert batch.positions.tolist() == [[3, 3, 3, 4], [1, 2, 3, 4]]
@@ -297,35 +303,35 @@ def test_skinny_matmuls_wrap_only_one_token_steps_with_few_rows(engine):
 
     from acd_engine.skinny import SkinnyLinear
 
-    saved = engine.skinny_rows, engine.prepack_rows
+    saved = engine.kernels.skinny_rows, engine.kernels.prepack_rows
     try:
-        engine.skinny_rows, engine.prepack_rows = 16, 0
-        context = engine._step_context(static=False)
+        engine.kernels.skinny_rows, engine.kernels.prepack_rows = 16, 0
+        context = engine.kernels.step_context(static=False)
         assert isinstance(context(2, 1), SkinnyLinear)
         assert context(16, 1).max_rows == 16
         assert isinstance(context(17, 1), nullcontext)
         assert isinstance(context(2, 5), nullcontext)  # a prefill
-        assert engine._step_context(static=True) is None  # compiled steps: never
-        engine.skinny_rows = 0
-        assert engine._step_context(static=False) is None
+        assert engine.kernels.step_context(static=True) is None  # compiled steps: never
+        engine.kernels.skinny_rows = 0
+        assert engine.kernels.step_context(static=False) is None
     finally:
-        engine.skinny_rows, engine.prepack_rows = saved
+        engine.kernels.skinny_rows, engine.kernels.prepack_rows = saved
 
 
 def test_tail_template_stub_is_cached_with_the_prefix(engine):
     """Prefill skips the template tokens every tail starts with (ChatML: ``<|im_end|>\\n
     <|im_start|>user\\n``); a chat whose tail starts otherwise keeps its whole tail."""
     cfg = DecodingConfig(method="acd")
-    stub = engine._template_constant("tail", {})
+    stub = engine.renderer.template_constant("tail", {})
     assert engine.tokenizer.decode(stub) == "<|im_end|>\n<|im_start|>user\n"
     rendered = engine.render(PROMPT)
-    rows, shared = engine._request_rows(PROMPT, cfg)
+    rows, shared = request_rows(engine, PROMPT, cfg)
     assert shared == rendered.tail
     assert [r.tail for r in rows] == [rendered.tail[len(stub) :]] * 2
     sp_len = len(rendered.head) + engine.pack.sp.shape[0] + len(stub)
     assert rows[0].prefix_len == sp_len
     with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rows, _ = engine._request_rows(with_system, cfg)
+    rows, _ = request_rows(engine, with_system, cfg)
     assert rows[0].tail == engine.render(with_system).tail
 
 
@@ -338,8 +344,8 @@ def test_odd_tail_starts_give_the_reference_tokens(engine, user):
 def test_plain_template_start_is_cached_as_a_prefix(engine):
     """Method plain: SmolLM2's template injects its own system prompt; that and the user
     header are the same for every chat, so prefill covers only the user's text onward."""
-    start = engine._template_constant("plain", {})
+    start = engine.renderer.template_constant("plain", {})
     assert engine.tokenizer.decode(start).endswith("<|im_end|>\n<|im_start|>user\n")
-    rows, shared = engine._request_rows(PROMPT, DecodingConfig(method="plain"))
+    rows, shared = request_rows(engine, PROMPT, DecodingConfig(method="plain"))
     assert shared == engine.render(PROMPT).plain
     assert rows[0].prefix_len == len(start) and rows[0].tail == shared[len(start) :]

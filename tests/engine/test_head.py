@@ -67,14 +67,14 @@ def test_contrast_requests_send_fewer_head_rows_with_the_same_tokens(
     kwargs = {"constraint": _no_eos(engine)} if constrained else {}
     got = engine.generate_batch(CONVS, cfg, **kwargs)
     assert head_rows and set(head_rows) == {rows_per_request * len(CONVS)}
-    engine.contrast_before_head = False
+    engine.set_options(contrast_before_head=False)
     try:
         head_rows.clear()
         two_rows = engine.generate_batch(CONVS, cfg, **kwargs)
         engine.fast_path = False
         reference = [engine.generate(c, cfg, **kwargs) for c in CONVS]
     finally:
-        engine.contrast_before_head = True
+        engine.set_options(contrast_before_head=True)
         engine.fast_path = True
     assert head_rows == []
     assert [r.token_ids for r in got] == [r.token_ids for r in two_rows]

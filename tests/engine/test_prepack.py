@@ -117,35 +117,35 @@ def test_engines_on_one_model_share_one_prepacked_copy(tiny_engine, tiny_model_d
     packs = shared_prepacked(tiny_engine.model)
     assert shared_prepacked(other.model) is packs
     with kernels(other, prepack_rows=4), kernels(tiny_engine, prepack_rows=4):
-        assert other._prepacked_for(4) is tiny_engine._prepacked_for(4) is packs
+        assert other.kernels.prepacked_for(4) is tiny_engine.kernels.prepacked_for(4) is packs
 
 
 @contextmanager
 def kernels(engine, prepack_rows, skinny_rows=None):
-    saved = engine.prepack_rows, engine._prepacked, engine.skinny_rows
-    engine.prepack_rows, engine._prepacked = prepack_rows, None
+    saved = engine.kernels.prepack_rows, engine.kernels.prepacked, engine.kernels.skinny_rows
+    engine.kernels.prepack_rows, engine.kernels.prepacked = prepack_rows, None
     if skinny_rows is not None:
-        engine.skinny_rows = skinny_rows
+        engine.kernels.skinny_rows = skinny_rows
     try:
         yield
     finally:
-        engine.prepack_rows, engine._prepacked, engine.skinny_rows = saved
+        engine.kernels.prepack_rows, engine.kernels.prepacked, engine.kernels.skinny_rows = saved
 
 
 @needs_onednn
 def test_engine_picks_the_kernel_by_rows_and_packs_only_on_first_need(engine):
     with kernels(engine, prepack_rows=4, skinny_rows=16):
-        context = engine._step_context(static=False)
+        context = engine.kernels.step_context(static=False)
         assert isinstance(context(2, 1), SkinnyLinear)  # one request: no copy made
         assert isinstance(context(2, 30), nullcontext)  # its prefill: the ordinary kernel
-        assert engine._prepacked is None
+        assert engine.kernels.prepacked is None
         assert isinstance(context(4, 1), PrepackedLinear)  # a batch
         assert isinstance(context(4, 30), PrepackedLinear)  # and its prefill
-        assert engine._prepacked is not None
+        assert engine.kernels.prepacked is not None
         weights = {id(m.weight) for m in engine.model.modules() if isinstance(m, torch.nn.Linear)}
-        assert set(engine._prepacked) == weights
+        assert set(engine.kernels.prepacked) == weights
     with kernels(engine, prepack_rows=0, skinny_rows=0):
-        assert engine._step_context(static=False) is None
+        assert engine.kernels.step_context(static=False) is None
 
 
 @needs_onednn
@@ -159,7 +159,7 @@ def test_batches_on_prepacked_weights_give_the_reference_tokens(engine, prepack_
     cfg = DecodingConfig(method="acd", max_new_tokens=12)
     with kernels(engine, prepack_rows=prepack_rows):
         batch = engine.generate_batch(convs, cfg)
-        assert (engine._prepacked is not None) == bool(prepack_rows)
+        assert (engine.kernels.prepacked is not None) == bool(prepack_rows)
     saved = engine.fast_path
     engine.fast_path = False
     try:
@@ -175,7 +175,7 @@ def test_scoring_on_prepacked_weights_matches_the_reference(engine):
     cfg = DecodingConfig(method="oid")
     with kernels(engine, prepack_rows=4):
         fast = engine.score_continuations("Tell me about the moon.", conts, cfg)
-        assert engine._prepacked is not None  # 3 continuations x 2 branches = 6 rows
+        assert engine.kernels.prepacked is not None  # 3 continuations x 2 branches = 6 rows
     saved = engine.fast_path
     engine.fast_path = False
     try:

@@ -1,4 +1,4 @@
-"""Pack the rows of one or more requests into one batched forward: cache, mask, positions.
+"""Lay the rows of one or more requests out in one batched forward: cache, mask, positions.
 
 A row is one branch of one request: an optional cached prefix (head + branch prompt, see
 :mod:`acd_engine.prefix_cache`) followed by token ids (the conversation tail). Rows have
@@ -32,7 +32,7 @@ from transformers.cache_utils import (
 
 from acd_engine.prefix_cache import PrefixKV
 
-__all__ = ["RowBatch", "RowInput", "SlabLayer", "fast_path_supported", "pack_rows"]
+__all__ = ["RowBatch", "RowInput", "SlabLayer", "fast_path_supported", "lay_out_rows"]
 
 # Static (compiled) caches round their capacity up to this many columns, so requests of
 # similar length share one compiled graph.
@@ -54,7 +54,7 @@ def fast_path_supported(model: Any) -> bool:
         return False
     try:
         layer_types, _ = get_layer_types_and_kwargs(config)
-    except Exception:
+    except Exception:  # noqa: BLE001 - transformers raises many types for configs it cannot read: treat as unsupported
         return False
     return all(t == "full_attention" for t in layer_types)
 
@@ -175,7 +175,7 @@ class RowBatch:
         self.valid, self.next_positions = self.valid[index], self.next_positions[index]
 
 
-def pack_rows(
+def lay_out_rows(
     model: Any,
     rows: list[RowInput],
     max_new_tokens: int,

@@ -1,0 +1,179 @@
+"""A request as the engine queues it, and how calls are run: decoded together, in a
+coalesced group, or streamed from a worker thread.
+
+:class:`Call` is what :class:`~acd_engine.coalesce.Coalescer` carries for the engine;
+:func:`decode_calls` is the request path itself (rows -> decoder -> answer loop);
+:func:`run_coalesced` runs one group with a fallback that gives every call its own answer
+or its own error; :func:`stream_in_thread` turns a blocking call into a stream that holds
+no lock between tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from transformers import LogitsProcessorList
+
+from acd_engine.answer import (
+    Answer,
+    CancelFlag,
+    GenerationResult,
+    Sink,
+    StreamChunk,
+    lone_request,
+    result_of,
+    run_answers,
+)
+from acd_engine.coalesce import Pending
+from acd_engine.config import DecodingConfig
+from acd_engine.decoding import decode
+from acd_engine.rendering import Messages, template_kwargs
+
+if TYPE_CHECKING:
+    from acd_engine.engine import Engine
+
+__all__ = ["AnyEvent", "Call", "decode_calls", "run_coalesced", "stream_in_thread"]
+
+logger = logging.getLogger(__name__)
+
+
+class AnyEvent:
+    """Set when any of its events is (the caller's cancel, or the stream being closed)."""
+
+    def __init__(self, *events: CancelFlag | None) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+@dataclass
+class Call:
+    """One request, as queued for coalescing.
+
+    ``sink`` receives its stream chunks as they are ready (streaming calls); ``streamed``
+    records that it received any, so a failed batch never reruns a call whose reader has
+    already seen part of an answer.
+    """
+
+    messages: Messages
+    config: DecodingConfig
+    tools: Sequence[dict[str, Any]] | None
+    constraint: LogitsProcessorList | None
+    cancel: CancelFlag | None
+    sink: Sink | None = None
+    streamed: bool = False
+
+    def emit(self, chunk: StreamChunk) -> None:
+        """Hand one chunk to the sink."""
+        if self.sink is not None:
+            self.streamed = True
+            self.sink(chunk)
+
+    @property
+    def out(self) -> Sink | None:
+        """Where this call's chunks go (None when nobody streams it)."""
+        return self.emit if self.sink is not None else None
+
+
+def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
+    """Decode ``calls`` (same config and tools) together, the engine's lock held; each
+    call's chunks go to its sink as they are ready.
+
+    The fast path plans every call's rows into one batch (a gated call's route is chosen
+    inside the prefill); the reference path (one call) re-embeds its branches and scores
+    the gate with a forward of its own. Either way the tokens go through one answer loop.
+    """
+    cfg, kwargs = calls[0].config, template_kwargs(calls[0].tools)
+    finished: set[int] = set()
+    if engine.kernels.use_fast_path():
+        rendered = [engine.render(call.messages, **kwargs) for call in calls]
+        constraints = [call.constraint for call in calls]
+        gate, plan = engine.active_gate(cfg), engine.plan(cfg)
+        planned = engine.rows.plan_batch(rendered, plan, cfg, gate, constraints, kwargs)
+        run = cfg.replace(max_new_tokens=max(p.limit for p in planned))
+        rows = [r for p in planned for r in p.rows]
+        steps = engine.kernels.decode(rows, [p.request for p in planned], run, finished)
+        limits = [p.limit for p in planned]
+        facts = [p.gate_facts for p in planned]
+    else:
+        (call,) = calls
+        verdict = engine.gate_verdict(call.messages, cfg)
+        run = cfg.replace(method="plain") if verdict and not verdict.flagged else cfg
+        prefill, n_prompt, run = engine.rows.reference_prefill(
+            engine.render(call.messages, **kwargs), engine.plan(run), run, call.constraint
+        )
+        steps, limits = lone_request(decode(engine.model, prefill, run)), [run.max_new_tokens]
+        facts = [lambda: (n_prompt, verdict)]
+    answers = [Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop) for _ in calls]
+    sinks: list[Sink | None] = [call.out for call in calls]
+    cancels: list[CancelFlag | None] = [call.cancel for call in calls]
+    lasts = run_answers(steps, finished, answers, limits, cancels, sinks, facts)
+    return [result_of(a, last, cfg) for a, last in zip(answers, lasts, strict=True)]
+
+
+def run_coalesced(
+    group: Sequence[Pending[GenerationResult]],
+    run_many: Callable[[list[Call]], list[GenerationResult]],
+    run_one: Callable[[Call], GenerationResult],
+) -> None:
+    """Run a coalesced group: one batched decode, or one call alone.
+
+    If a batch fails (one prompt too long, say), every call that has not streamed anything
+    yet is retried alone, so each gets its own result or its own error.
+    """
+    calls: list[Call] = [p.request for p in group]
+    if len(group) > 1:
+        try:
+            for p, result in zip(group, run_many(calls), strict=True):
+                p.result = result
+            return
+        except Exception as exc:  # any failure: each call gets its own answer or error  # noqa: BLE001
+            logger.debug("a coalesced batch failed (%s); running its calls one by one", exc)
+            for p, call in zip(group, calls, strict=True):
+                if call.streamed:  # its reader has seen deltas: a rerun would repeat them
+                    p.error = exc
+    for p, call in zip(group, calls, strict=True):
+        if p.error is not None:
+            continue
+        try:
+            p.result = run_one(call)
+        except Exception as exc:  # handed to that call's caller, who raises it  # noqa: BLE001
+            p.error = exc
+
+
+def stream_in_thread(
+    submit: Callable[[Call], GenerationResult], call: Call
+) -> Generator[StreamChunk, None, None]:
+    """Run ``submit(call)`` in a worker thread; yield the chunks it hands over.
+
+    The stream holds no lock between tokens, a slow or abandoned reader never blocks other
+    requests, and the iterator may be advanced from any thread (as Starlette does with sync
+    iterators). Closing or dropping it stops the decode before its next token.
+    """
+    chunks: queue.SimpleQueue[StreamChunk | BaseException | None] = queue.SimpleQueue()
+    closed = threading.Event()
+    call.sink = chunks.put
+    call.cancel = AnyEvent(call.cancel, closed)
+
+    def work() -> None:
+        try:
+            submit(call)
+        except BaseException as exc:  # handed to the reader, who raises it  # noqa: BLE001
+            chunks.put(exc)
+        else:
+            chunks.put(None)
+
+    threading.Thread(target=work, name="acd-stream", daemon=True).start()
+    try:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # closed, dropped or finished: stop decoding at the next token
+        closed.set()

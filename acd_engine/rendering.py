@@ -1,0 +1,227 @@
+"""Chat templates -> token ids: the only place a chat template is rendered.
+
+A request is rendered once with a sentinel in the system-prompt slot; the text is split
+there into a head and a tail that every branch shares token for token, and each branch
+fills the slot with its own content (nothing, a manual prompt, or soft-prompt embeddings;
+see :mod:`acd_engine.rows`). User text is data: text that spells a control token is kept
+out of the template through a placeholder and tokenized as plain text, so no user can forge
+a turn or reach the system slot.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from acd_engine.config import check_text
+from acd_engine.errors import MessagesError
+
+__all__ = ["ROLES", "Messages", "Rendered", "Renderer", "normalise_messages", "template_kwargs"]
+
+Messages = str | Sequence[dict[str, Any]]
+ROLES = ("system", "user", "assistant", "tool")
+# Markers placed in the rendered template text. A random part chosen per process means no
+# user text can collide with them (a fixed marker typed by a user broke rendering).
+_NONCE = secrets.token_hex(8)
+_SENTINEL = f"@@ACD_SLOT_{_NONCE}@@"  # the system-prompt slot where branch prompts go
+_PLACEHOLDER = f"@@ACD_TEXT_{_NONCE}_"  # + index + "@@": message text kept out of the template
+
+
+@dataclass
+class Rendered:
+    """A request split around the system-prompt slot (token ids, shared by all branches)."""
+
+    head: list[int]
+    tail: list[int]
+    plain: list[int] | None  # the template rendered untouched, for method 'plain'
+
+
+def normalise_messages(messages: Messages) -> list[dict[str, str]]:
+    """Checked copies of ``messages`` (a user string becomes one user turn)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or len(messages) == 0:
+        raise MessagesError(
+            "messages must be a non-empty list of {'role', 'content'} dicts or a string, got "
+            f"{messages!r}"
+        )
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise MessagesError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}"
+            )
+        if m["role"] not in ROLES:
+            raise MessagesError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}"
+            )
+        if not isinstance(m["content"], str):
+            raise MessagesError(
+                f"messages[{i}].content must be a string, got {type(m['content']).__name__}"
+            )
+        check_text(m["content"], f"messages[{i}].content", MessagesError)
+        out.append({**m})
+    return out
+
+
+def template_kwargs(tools: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    """The chat template's extra arguments for a call's tools."""
+    return {"tools": list(tools)} if tools else {}
+
+
+def _control_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """Matches any string the tokenizer turns into an added (control) token, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    words = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words))) if words else None
+
+
+class Renderer:
+    """Renders conversations with one tokenizer's chat template.
+
+    Args:
+        tokenizer: The model's tokenizer (with its chat template).
+        model_name: For error messages.
+    """
+
+    def __init__(self, tokenizer: Any, model_name: str) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.control = _control_pattern(tokenizer)  # see encode_data
+        self.constants: dict[str, list[int]] = {}  # see template_constant
+
+    # ------------------------------------------------------------------ text -> ids
+    def encode_template(self, text: str) -> list[int]:
+        """Template text: control-token strings in it become control tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def has_control(self, text: str) -> bool:
+        """Whether ``text`` spells any control token."""
+        return self.control is not None and self.control.search(text) is not None
+
+    def encode_data(self, text: str) -> list[int]:
+        """Token ids of user text as data: ``<|im_end|>`` typed by a user stays plain text.
+
+        Text without any control-token string takes the ordinary path, so its tokens are the
+        ones the model was trained on; only text that spells a control token is tokenized
+        with special tokens split into ordinary pieces.
+        """
+        if not self.has_control(text):
+            return self.encode_template(text)
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        )
+
+    def _protect(self, text: str, fills: dict[str, str]) -> str:
+        """``text`` itself, or a placeholder (remembered in ``fills``) if it spells a control
+        token, so the template renders around it and :meth:`_encode_rendered` encodes it as
+        data."""
+        if not self.has_control(text):
+            return text
+        key = f"{_PLACEHOLDER}{len(fills)}@@"
+        fills[key] = text
+        return key
+
+    def _encode_rendered(self, text: str, fills: dict[str, str]) -> list[int]:
+        """Template text with placeholders: the template's own parts as template text (its
+        control tokens stay control tokens), each placeholder's user text as data."""
+        if not fills:
+            return self.encode_template(text)
+        ids: list[int] = []
+        for piece in re.split("(" + "|".join(map(re.escape, fills)) + ")", text):
+            if piece in fills:
+                ids += self.encode_data(fills[piece])
+            elif piece:
+                ids += self.encode_template(piece)
+        return ids
+
+    # ------------------------------------------------------------------ the template
+    def _template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise MessagesError(
+                f"model {self.model_name} has no chat template; use a chat/instruct model"
+            )
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        return str(text)
+
+    def _template_or_error(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str:
+        """:meth:`_template`, with the template's own errors (role order, say) as input errors."""
+        try:
+            return self._template(messages, **kwargs)
+        except MessagesError:
+            raise
+        except Exception as exc:  # jinja's TemplateError and whatever a template raises  # noqa: BLE001
+            raise MessagesError(
+                f"messages must be accepted by the chat template of {self.model_name}, got an "
+                f"error from it: {exc}"
+            ) from None
+
+    def render(self, messages: Messages, **template_kwargs: Any) -> Rendered:
+        """Render once; split around the system-prompt slot so every branch shares the rest.
+
+        The user's own system message is kept, after the branch prompt. Templates that
+        refuse a system role get the slot at the start of the first user message. Message
+        text is data: text that spells a control token (``<|im_start|>system``) is rendered
+        through a placeholder and tokenized as plain text, so no user can forge a turn.
+        """
+        msgs = normalise_messages(messages)
+        fills: dict[str, str] = {}
+        safe = [{**m, "content": self._protect(m["content"], fills)} for m in msgs]
+        user_system = safe[0]["content"] if safe[0]["role"] == "system" else None
+        rest = safe[1:] if user_system is not None else safe
+        slot = _SENTINEL + ("\n\n" + user_system if user_system else "")
+        try:
+            text = self._template([{"role": "system", "content": slot}, *rest], **template_kwargs)
+        except MessagesError:
+            raise
+        except Exception as exc:  # jinja raises anything; a template without a system role  # noqa: BLE001
+            first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+            if first is None:
+                raise MessagesError(
+                    f"messages must be accepted by the chat template of {self.model_name}, got "
+                    f"an error from it: {exc}"
+                ) from None
+            rest = [dict(m) for m in rest]
+            rest[first]["content"] = slot + "\n\n" + rest[first]["content"]
+            text = self._template_or_error(rest, template_kwargs)
+        if text.count(_SENTINEL) != 1:
+            raise MessagesError(
+                "chat template dropped the system prompt slot; cannot place branches"
+            )
+        head, tail = text.split(_SENTINEL)
+        plain = self._encode_rendered(self._template_or_error(safe, template_kwargs), fills)
+        return Rendered(
+            self._encode_rendered(head, fills), self._encode_rendered(tail, fills), plain
+        )
+
+    def template_constant(
+        self, part: Literal["tail", "plain"], template_kwargs: dict[str, Any]
+    ) -> list[int]:
+        """The template tokens every ``part`` starts with, when the chat opens with a user turn.
+
+        ``tail``: what follows the system slot, ``<|im_end|>\\n<|im_start|>user\\n`` for
+        ChatML. ``plain``: the untouched template's start, e.g. SmolLM2's default system
+        prompt and the user header. Both are the same for every request without a system
+        message of its own, so their KV is cached (with the branch prefix, or alone for
+        method ``plain``) and prefill skips them. Found once by rendering two different
+        one-word chats and keeping their common start. A request that does not start with
+        exactly these ids (a system message of its own, or a tokenizer that merged the last
+        one with the user's text) keeps its whole sequence.
+        """
+        if template_kwargs:  # tools change the template text; not worth a cache entry each
+            return []
+        if part not in self.constants:
+            try:
+                first, second = (getattr(self.render(w), part) or [] for w in ("Hi", "Why"))
+            except MessagesError:  # a template that cannot place the slot: nothing shared
+                first, second = [], []
+            common = 0
+            while common < min(len(first), len(second)) and first[common] == second[common]:
+                common += 1
+            self.constants[part] = first[:common]
+        return self.constants[part]

@@ -1,0 +1,276 @@
+"""Rendered token ids -> model inputs: one row per branch of a request.
+
+A branch's row is its template head, its system-slot content (nothing, a manual prompt's
+tokens, or soft-prompt embeddings) and the conversation tail. The fast path takes the first
+part from the prefix cache (:mod:`acd_engine.prefix_cache`) and prefills only the rest
+(:meth:`RowBuilder.plan_request`); the reference path embeds every row from scratch and
+left-pads them together (:meth:`RowBuilder.branch_inputs`). Both give each row the same
+sequence, which the fast-path oracle tests check token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+from acd_engine.config import DecodingConfig
+from acd_engine.contrast import Branch, BranchPlan
+from acd_engine.decoding import Prefill, RowRequest
+from acd_engine.errors import PromptTooLongError
+from acd_engine.gate import GateVerdict, RowGate, SafetyGate, gate_threshold
+from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
+from acd_engine.rendering import Rendered, Renderer
+from acd_engine.row_layout import RowInput
+
+__all__ = ["PlannedRequest", "RowBuilder", "fit_context", "left_pad"]
+
+_NO_BRANCH = Branch("empty", key="empty")  # an empty system slot adds nothing to a prefix
+_PLAIN = BranchPlan(None, None)  # the model's own template, untouched
+
+
+def _leading(ids: list[int], start: list[int]) -> list[int]:
+    """``start`` when ``ids`` begins with it and goes on past it, else ``[]``."""
+    return start if len(ids) > len(start) and ids[: len(start)] == start else []
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T_i, H]`` rows -> left-padded ``[R, T, H]`` and the ``[R, T]`` mask (0 on padding)."""
+    length = max(r.shape[0] for r in rows)
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
+    for i, r in enumerate(rows):
+        embeds[i, length - r.shape[0] :] = r
+        mask[i, length - r.shape[0] :] = 1
+    return embeds, mask
+
+
+def fit_context(context_window: int, prompt_len: int, cfg: DecodingConfig) -> DecodingConfig:
+    """Refuse prompts that fill the context window; clamp max_new_tokens to the rest."""
+    room = context_window - prompt_len
+    if room <= 0:
+        raise PromptTooLongError(
+            f"prompt must be shorter than the model's context window of "
+            f"{context_window} tokens, got {prompt_len}; shorten the conversation"
+        )
+    return cfg.replace(max_new_tokens=room) if cfg.max_new_tokens > room else cfg
+
+
+@dataclass
+class PlannedRequest:
+    """One request's fast-path rows, placed in a batch.
+
+    Attributes:
+        rows: Its rows (positive branch first; a gated request's plain row last).
+        request: What the decoder needs to know about it.
+        prompt_tokens: Its prompt tokens (positive branch).
+        limit: The max_new_tokens it may use (clamped to the context window).
+    """
+
+    rows: list[RowInput]
+    request: RowRequest
+    prompt_tokens: int
+    limit: int
+
+    def gate_facts(self) -> tuple[int, GateVerdict | None]:
+        """Its prompt tokens and gate verdict, known once its prefill ran: a request the
+        gate passed to the plain template reports that row's prompt tokens."""
+        gate = self.request.gate
+        if gate is None or gate.verdict is None:
+            return self.prompt_tokens, None
+        tokens = self.prompt_tokens if gate.verdict.flagged else gate.benign_prompt_tokens
+        return tokens, gate.verdict
+
+
+class RowBuilder:
+    """Builds one model's rows (embeddings or cached prefixes) for rendered requests.
+
+    Args:
+        model: The causal LM.
+        renderer: Its chat-template renderer.
+        prefix_cache: Where the KV of branch prefixes is kept between requests.
+        context_window: The model's context window, in tokens.
+        device: Where the model runs.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        renderer: Renderer,
+        prefix_cache: PrefixCache,
+        context_window: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.renderer = renderer
+        self.prefix_cache = prefix_cache
+        self.context_window = context_window
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """``[T, H]`` input embeddings of ``ids``, in the model's dtype."""
+        emb = self.model.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))  # [T, H]
+
+    def _prefix_embeds(self, head: list[int], branch: Branch) -> torch.Tensor:
+        """``[P, H]``: the template head then the branch content, the part shared by every
+        request of the branch (and what the prefix cache stores the KV of)."""
+        parts = [self.embed(head)]
+        if branch.kind == "text":
+            assert branch.text is not None
+            parts.append(self.embed(self.renderer.encode_data(branch.text)))
+        elif branch.kind == "soft":
+            assert branch.soft is not None
+            weight = self.model.get_input_embeddings().weight
+            parts.append(branch.soft.to(device=weight.device, dtype=weight.dtype))
+        return torch.cat(parts, dim=0)
+
+    def _branch_embeds(self, rendered: Rendered, branch: Branch | None) -> torch.Tensor:
+        """``[T, H]`` input embeddings of one branch (reference path)."""
+        if branch is None:
+            assert rendered.plain is not None
+            return self.embed(rendered.plain)
+        prefix = self._prefix_embeds(rendered.head, branch)
+        return torch.cat([prefix, self.embed(rendered.tail)], dim=0)
+
+    def branch_inputs(
+        self, rendered: Rendered, plan: BranchPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Reference path: left-padded ``[R, T, H]`` embeddings, ``[R, T]`` mask, and the
+        ids every branch shares (what the repetition penalty reads)."""
+        rows = [self._branch_embeds(rendered, plan.positive)]
+        if plan.negative is not None:
+            rows.append(self._branch_embeds(rendered, plan.negative))
+        embeds, mask = left_pad(rows)
+        shared = rendered.plain if plan.positive is None else rendered.tail
+        assert shared is not None
+        return embeds, mask, shared
+
+    def _prefix_kv(
+        self, head: list[int], branch: Branch, stub: list[int] | None = None
+    ) -> PrefixKV | None:
+        """The cached KV of ``head + branch content + stub`` (None when all are empty)."""
+        stub = stub or []
+        if not head and branch.kind == "empty" and not stub:
+            return None
+
+        def compute() -> PrefixKV:
+            embeds = self._prefix_embeds(head, branch)
+            if stub:
+                embeds = torch.cat([embeds, self.embed(stub)], dim=0)
+            return compute_prefix_kv(self.model, embeds)
+
+        return self.prefix_cache.get((branch.key, tuple(head), tuple(stub)), compute)
+
+    def rows_of(
+        self, rendered: Rendered, plan: BranchPlan, template_kwargs: dict[str, Any]
+    ) -> tuple[list[RowInput], list[int]]:
+        """Fast-path rows of one request (positive branch first) and its shared ids.
+
+        Each row is its branch's cached prefix (head + branch content + the tail's template
+        stub) followed by the rest of the conversation tail: the same sequence
+        :meth:`branch_inputs` embeds from scratch. Method ``plain`` caches the template's
+        constant start the same way.
+        """
+        rows: list[RowInput] = []
+        constant = self.renderer.template_constant
+        for branch in (plan.positive, plan.negative)[: plan.n_branches]:
+            if branch is None:  # method 'plain': the untouched template
+                assert rendered.plain is not None
+                start = _leading(rendered.plain, constant("plain", template_kwargs))
+                prefix = self._prefix_kv(start, _NO_BRANCH)  # the KV of `start` alone
+                rows.append(RowInput(prefix, rendered.plain[len(start) :]))
+            else:
+                stub = _leading(rendered.tail, constant("tail", template_kwargs))
+                prefix = self._prefix_kv(rendered.head, branch, stub)
+                rows.append(RowInput(prefix, rendered.tail[len(stub) :]))
+        shared = rendered.plain if plan.positive is None else rendered.tail
+        assert shared is not None
+        return rows, shared
+
+    def plan_request(
+        self,
+        rendered: Rendered,
+        plan: BranchPlan,
+        cfg: DecodingConfig,
+        gate: SafetyGate | None,
+        constraint: LogitsProcessorList | None,
+        first_row: int,
+        template_kwargs: dict[str, Any],
+    ) -> PlannedRequest:
+        """One request's fast-path rows, placed from row ``first_row`` of a batch.
+
+        A gated request gets a third row, its plain rendering: the prefill scores the gate
+        on it, and the request then keeps either its two contrast rows (flagged) or that
+        row alone (:class:`~acd_engine.gate.RowGate`).
+        """
+        with torch.inference_mode():
+            rows, shared = self.rows_of(rendered, plan, template_kwargs)
+            row_gate = None
+            if gate is not None:
+                plain, _ = self.rows_of(rendered, _PLAIN, template_kwargs)
+                n = len(rows)
+                row_gate = RowGate(
+                    gate,
+                    gate_threshold(cfg, gate),
+                    probe_row=first_row + n,
+                    flagged_rows=list(range(first_row, first_row + n)),
+                    benign_rows=[first_row + n],
+                    benign_prompt_tokens=plain[0].prefix_len + len(plain[0].tail),
+                )
+                rows += plain
+        longest = max(r.prefix_len + len(r.tail) for r in rows)
+        limit = fit_context(self.context_window, longest, cfg).max_new_tokens
+        context = torch.tensor([shared], device=self.device)
+        n_rows = len(rows) - (row_gate is not None)
+        request = RowRequest(
+            list(range(first_row, first_row + n_rows)), context, constraint, row_gate
+        )
+        return PlannedRequest(rows, request, rows[0].prefix_len + len(rows[0].tail), limit)
+
+    def plan_batch(
+        self,
+        rendered: list[Rendered],
+        plan: BranchPlan,
+        cfg: DecodingConfig,
+        gate: SafetyGate | None,
+        constraints: list[LogitsProcessorList | None],
+        template_kwargs: dict[str, Any],
+    ) -> list[PlannedRequest]:
+        """Every request's rows, one after another in one batch."""
+        planned: list[PlannedRequest] = []
+        for r, constraint in zip(rendered, constraints, strict=True):
+            first = sum(len(p.rows) for p in planned)
+            planned.append(
+                self.plan_request(r, plan, cfg, gate, constraint, first, template_kwargs)
+            )
+        return planned
+
+    def reference_prefill(
+        self,
+        rendered: Rendered,
+        plan: BranchPlan,
+        cfg: DecodingConfig,
+        constraint: LogitsProcessorList | None,
+    ) -> tuple[Prefill, int, DecodingConfig]:
+        """Reference path: one request's prefill, its prompt tokens (positive branch), and
+        ``cfg`` with max_new_tokens clamped to the context window."""
+        embeds, mask, shared = self.branch_inputs(rendered, plan)
+        cfg = fit_context(self.context_window, embeds.shape[1], cfg)
+        context = torch.tensor([shared], device=embeds.device)
+        return Prefill(embeds, mask, context, constraint), int(mask[0].sum()), cfg
+
+    def prompt_tokens(self, rendered: Rendered, plan: BranchPlan) -> int:
+        """The positive branch's prompt tokens (its system or soft prompt included)."""
+        positive = plan.positive
+        if positive is None:
+            assert rendered.plain is not None
+            return len(rendered.plain)
+        content = 0
+        if positive.text is not None:
+            content = len(self.renderer.encode_data(positive.text))
+        elif positive.soft is not None:
+            content = int(positive.soft.shape[0])
+        return len(rendered.head) + content + len(rendered.tail)
