@@ -4,44 +4,32 @@ Heavy modules (torch, transformers) are imported inside the commands so ``acd --
 answers instantly.
 
 Every command, ``train`` and ``bench`` included, reports what the user can fix as ONE line
-``error: <message>`` on stderr with exit code 2: the package's own errors (``ACDError``), the
-operating system's (``OSError``: a missing, unwritable or wrong-kind path), text that is not
-Unicode (``UnicodeError``: Python decodes undecodable argv bytes as lone surrogates), pydantic
-validation and typer/click usage errors. :class:`OneLineErrors` does this for the whole app,
-so no command can forget it. Anything else is a bug and keeps its traceback.
+``error: <message>`` on stderr with exit code 2 (the rule and the shared options and logging
+setup live in :mod:`acd_engine.cli_common`). :class:`OneLineErrors` applies it to the whole
+app, typer/click usage errors included, so no command can forget it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, NoReturn, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from typer.core import TyperGroup
 
-USER_ERROR_EXIT = 2
-
-
-def echo_error(message: object) -> int:
-    """Print ``error: <message>`` as exactly one line on stderr; return the exit code, 2.
-
-    The message is folded onto one line (scripts grep for it) and lone surrogates are shown
-    as ``\\udcff`` escapes (an error about undecodable input must not itself fail to print).
-    """
-    text = " ".join(str(message).split()) or "unknown error"
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    typer.echo(f"error: {text}", err=True)
-    return USER_ERROR_EXIT
-
-
-def fail(message: object) -> NoReturn:
-    """:func:`echo_error`, then leave the command with exit code 2."""
-    raise typer.Exit(echo_error(message))
+from acd_engine.cli_common import (
+    USER_ERROR_EXIT,
+    ModelOpt,
+    PackOpt,
+    VerboseOpt,
+    echo_error,
+    run_command,
+    setup_logging,
+    user_error_types,
+)
 
 
 def _click_class(name: str) -> type[Exception]:
@@ -54,13 +42,6 @@ def _click_class(name: str) -> type[Exception]:
 
 
 _CLICK_ERROR = _click_class("ClickException")
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the input or the machine is wrong", never "the code is wrong"."""
-    from acd_engine.errors import ACDError
-
-    return (ACDError, OSError, UnicodeError, ValidationError)
 
 
 class OneLineErrors(TyperGroup):
@@ -111,15 +92,7 @@ app = typer.Typer(
     cls=OneLineErrors,
 )
 
-T = TypeVar("T")
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", help="Local HF model dir or .gguf file (default: embedded SmolLM2)."),
-]
-PackOpt = Annotated[
-    str | None, typer.Option("--pack", help="Prompt pack .safetensors for method acd.")
-]
 MethodOpt = Annotated[
     str, typer.Option("--method", "-m", help="plain | base | nid | oid | acd | custom")
 ]
@@ -145,32 +118,6 @@ GateThresholdOpt = Annotated[
 SystemOpt = Annotated[
     str | None, typer.Option("--system", "-s", help="Your own system message (kept).")
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not verbose:  # transformers' own progress bars and notices are noise here
-        import os
-
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Call a command body, turning user errors into one stderr line and exit code 2.
-
-    :class:`OneLineErrors` does the same for the whole app; this covers a command function
-    called on its own (``typer.main.get_command`` of one command, or a test).
-    """
-    try:
-        return fn()
-    except user_error_types() as exc:
-        fail(exc)
 
 
 def _text(value: str, name: str) -> str:
@@ -210,7 +157,7 @@ def generate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer one prompt with one method."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
     def go() -> None:
         from acd_engine.config import DecodingConfig
@@ -235,7 +182,7 @@ def generate(
         else:
             typer.echo(result.text)
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -253,7 +200,7 @@ def compare(
     verbose: VerboseOpt = False,
 ) -> None:
     """The same prompts under several methods, side by side, with timings."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
     def go() -> None:
         from rich.console import Console
@@ -307,7 +254,7 @@ def compare(
             summary = ", ".join(f"{m} {sum(v) / len(v):.1f} tok/s" for m, v in by_method.items())
             console.print(f"[dim]{engine.model_name} on {engine.device}: {summary}[/dim]")
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -322,7 +269,7 @@ def chat(
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat with streaming output. Empty line or Ctrl-D quits."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
     def go() -> None:
         from acd_engine.config import DecodingConfig
@@ -350,7 +297,7 @@ def chat(
             typer.echo("")
             history.append({"role": "assistant", "content": "".join(parts)})
 
-    _run(go)
+    run_command(go)
 
 
 @app.command("eval")
@@ -414,7 +361,7 @@ def eval_command(
     verbose: VerboseOpt = False,
 ) -> None:
     """The paper's safety evaluation: resumable, with summary.json, report.md and plots."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
     def go() -> None:
         from pathlib import Path
@@ -456,7 +403,7 @@ def eval_command(
         run_eval(get_engine(model, pack=pack), options, judge=judge_obj, plan=plan)
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
-    _run(go)
+    run_command(go)
 
 
 def _register_long_jobs() -> None:

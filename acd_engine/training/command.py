@@ -10,12 +10,13 @@ training run, and must print one ``error:`` line, not a traceback.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from acd_engine.cli_common import VerboseOpt, fail, setup_logging
 
 __all__ = ["OPTION_FIELDS", "check_inputs", "parse_settings", "train_command"]
 
@@ -198,16 +199,10 @@ def train_command(
         float,
         typer.Option("--gate-max-fpr", help="Most benign val anchors the gate may flag."),
     ] = 0.05,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
-    ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the SP/AP soft prompts (Opposite Prompt Optimisation) and write a prompt pack."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)
 
     from acd_engine.errors import ACDError
 
@@ -302,5 +297,4 @@ def train_command(
                 f"stopped after {rep['steps']} steps; continue with --resume; report {where}"
             )
     except ACDError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)

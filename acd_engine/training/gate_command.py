@@ -6,11 +6,12 @@ neither torch nor transformers (``acd --help`` stays instant).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from acd_engine.cli_common import VerboseOpt, setup_logging
 
 __all__ = ["gate_command"]
 
@@ -32,7 +33,7 @@ def gate_command(
     anchors: Annotated[
         Path | None, typer.Option("--anchors", help="Anchor JSONL (default: the shipped set).")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Fit the safety gate on the anchors' hidden states and write the pack with it."""
     import dataclasses
@@ -45,7 +46,7 @@ def gate_command(
     from acd_engine.training.anchors import load_anchors
     from acd_engine.training.gate_fit import GateFitConfig, fit_pack_gate
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    setup_logging(verbose)
     try:
         parsed = tuple(int(x) for x in layers.split(",")) if layers else None
     except ValueError:
