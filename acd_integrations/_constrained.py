@@ -45,6 +45,7 @@ from acd_engine.errors import ConfigError
 from acd_integrations._tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolMode, ToolSpec
 
 __all__ = [
+    "PROSE_GRAMMAR",
     "GrammarConstraint",
     "LoopGuard",
     "compile_grammar",
@@ -141,6 +142,18 @@ def _call_schema(tool: ToolSpec) -> dict[str, Any]:
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+# A turn with tools bound but not callable (tool_choice "none", or the answer after a tool
+# result): prose that never opens a call. Without it a small model imitates the call format
+# it sees in the history instead of answering. It must also start with a word, not markup:
+# otherwise the model opens with a tag of its own invention ("<tool_call_result>") instead
+# of reading the result back to the user.
+PROSE_GRAMMAR = (
+    "start: TEXT\nTEXT: /[^<\\s](.|\\n)*/ & ~/(.|\\n)*"
+    + re.escape(TOOL_CALL_OPEN[:-1]).replace("/", "\\/")
+    + "(.|\\n)*/\n"
+)
 
 
 def tool_call_grammar(

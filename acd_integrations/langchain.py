@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -63,76 +63,30 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
 from acd_engine.config import DecodingConfig, Method, did_you_mean, format_errors
-from acd_engine.engine import Engine, StreamChunk, get_engine
+from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
 from acd_engine.loading import DEFAULT_MODEL_NAME
 from acd_integrations._async import aiter_in_thread, arun_in_thread
-from acd_integrations._constrained import (
-    constraint_for,
-    json_object_grammar,
-    json_schema_grammar,
-    tool_call_grammar,
+from acd_integrations._calls import (
+    AdapterCall,
+    CallDelta,
+    CallOutcome,
+    check_call_kwargs,
+    prepare_call,
 )
 from acd_integrations._params import (
     DECODING_PARAMS,
     build_config,
     param_default,
     param_description,
-    result_metadata,
-    split_kwargs,
 )
-from acd_integrations._tools import (
-    TOOL_CALL_OPEN,
-    ParsedOutput,
-    ToolMode,
-    ToolSpec,
-    normalise_tool_choice,
-    normalise_tools,
-    parse_tool_calls,
-    prepare_messages,
-    supports_native_tools,
-    tools_system_prompt,
-)
+from acd_integrations._tools import normalise_tool_choice, normalise_tools
 
 __all__ = ["ChatACD"]
 
 # Per-call keywords ChatACD understands besides the decoding table (bound by bind_tools /
 # with_structured_output, or passed by hand).
 _CALL_KWARGS = ("model", "tools", "tool_choice", "parallel_tool_calls", "response_format")
-
-
-def _schema_instructions(schema: Mapping[str, Any]) -> str:
-    """Tell the model what to write; the grammar guarantees the form, this guides content."""
-    props = schema.get("properties")
-    if isinstance(props, Mapping) and props:
-        lines = []
-        for key, spec in props.items():
-            kind = spec.get("type", "value") if isinstance(spec, Mapping) else "value"
-            desc = spec.get("description", "") if isinstance(spec, Mapping) else ""
-            lines.append(f"- {key} ({kind}){': ' + desc if desc else ''}")
-        what = schema.get("description") or schema.get("title") or "the answer"
-        return f"Reply with only a JSON object for {what}, with these fields:\n" + "\n".join(lines)
-    return "Reply with only a JSON value matching this JSON schema:\n" + json.dumps(schema)
-
-
-@dataclass
-class _Request:
-    """Everything one call needs, resolved and validated before any token is generated."""
-
-    engine: Engine
-    messages: list[dict[str, Any]]
-    config: DecodingConfig
-    model_name: str
-    mode: ToolMode = "none"
-    names: tuple[str, ...] = ()
-    native_tools: list[dict[str, Any]] | None = None
-    grammar: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def constraint(self) -> Any:
-        if self.grammar is None:
-            return None
-        return constraint_for(self.engine.tokenizer, self.grammar, self.engine.eos_token_ids)
 
 
 class ChatACD(BaseChatModel):
@@ -297,108 +251,51 @@ class ChatACD(BaseChatModel):
         """The prompt tokens these messages take as this model's template renders them for
         this model's method (the system or soft prompt included): ``usage.input_tokens``."""
         req = self._prepare(list(messages), None, {"tools": list(tools)} if tools else {})
-        return req.engine.count_tokens(req.messages, req.config, tools=req.native_tools)
+        return req.call.count_tokens()
 
     # -- request preparation ---------------------------------------------------------------
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _Request:
-        decoding, rest = split_kwargs(kwargs)
-        unknown = [k for k in rest if k not in _CALL_KWARGS]
-        if unknown:
-            allowed = [p.name for p in DECODING_PARAMS] + list(_CALL_KWARGS)
-            raise ConfigError(did_you_mean(unknown[0], allowed, "ChatACD call argument"))
+    ) -> _Prepared:
+        decoding, rest = check_call_kwargs(kwargs, _CALL_KWARGS, "ChatACD")
         if stop is not None:
             decoding["stop"] = stop
-        config = build_config(decoding, base=self._base, owner="ChatACD")
         model = rest.get("model")
-        engine = self._engine_for(model)
         openai_msgs = convert_to_openai_messages(messages, text_format="string")
         for src, dst in zip(messages, openai_msgs, strict=True):
             if isinstance(src, ToolMessage) and src.status == "error":
                 dst["status"] = "error"
-        req = _Request(engine, [], config, self._model_name(model))
-
-        tools: list[ToolSpec] = normalise_tools(
-            [convert_to_openai_tool(t) for t in rest.get("tools") or []]
-        )
-        response_format = rest.get("response_format")
-        instructions = ""
-        if tools and response_format:
-            raise ConfigError(
-                "tools and response_format must not be combined in one call, got both; use "
-                "with_structured_output(..., method='function_calling') for a tool schema"
-            )
-        if tools:
-            req.mode, req.names = normalise_tool_choice(rest.get("tool_choice"), tools)
-            if req.mode != "none":
-                instructions = tools_system_prompt(tools, req.mode, req.names)
-                req.grammar = tool_call_grammar(
-                    tools, req.mode, req.names, parallel=bool(rest.get("parallel_tool_calls"))
-                )
-                if supports_native_tools(getattr(engine.tokenizer, "chat_template", None)):
-                    req.native_tools = [t.to_openai() for t in tools]
-        elif response_format:
-            instructions, req.grammar = self._response_format(response_format)
-        req.messages = prepare_messages(
+        call = prepare_call(
+            self._engine_for(model),
             openai_msgs,
-            tools=tools,
-            mode=req.mode,
-            names=req.names,
-            native_tools=req.native_tools is not None,
-            instructions=instructions,
+            base=self._base,
+            decoding=decoding,
+            owner="ChatACD",
+            tools=[convert_to_openai_tool(t) for t in rest.get("tools") or []],
+            tool_choice=rest.get("tool_choice"),
+            parallel_tool_calls=bool(rest.get("parallel_tool_calls")),
+            response_format=rest.get("response_format"),
         )
-        return req
-
-    @staticmethod
-    def _response_format(fmt: Mapping[str, Any]) -> tuple[str, str]:
-        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
-        if kind == "json_object":
-            # Any JSON object; a schema handed over by with_structured_output(method=
-            # "json_mode") is enforced too, since an object the parser rejects is no use.
-            schema = fmt.get("schema")
-            if isinstance(schema, Mapping):
-                return _schema_instructions(schema), json_schema_grammar(schema)
-            return "Reply with only a JSON object.", json_object_grammar()
-        if kind == "json_schema":
-            spec = fmt.get("json_schema", {})
-            schema = spec.get("schema") if isinstance(spec, Mapping) else None
-            if isinstance(schema, Mapping):
-                return _schema_instructions(schema), json_schema_grammar(schema)
-        raise ConfigError(
-            "response_format must be {'type': 'json_object'} or {'type': 'json_schema', "
-            f"'json_schema': {{'schema': {{...}}}}}}, got {fmt!r}"
-        )
+        return _Prepared(call, self._model_name(model))
 
     # -- output ----------------------------------------------------------------------------
-    def _parse(self, req: _Request, text: str) -> ParsedOutput:
-        if req.mode == "none":
-            return ParsedOutput(text)
-        return parse_tool_calls(text, req.names)
-
+    @staticmethod
     def _metadata(
-        self,
-        req: _Request,
-        finish_reason: str,
-        prompt: int,
-        completion: int,
-        gate: tuple[float | None, bool | None] = (None, None),
-    ) -> tuple[UsageMetadata, dict[str, Any]]:
+        req: _Prepared, outcome: CallOutcome
+    ) -> tuple[UsageMetadata, dict[str, Any], list[Any], list[Any]]:
         usage = UsageMetadata(
-            input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+            input_tokens=outcome.usage.prompt_tokens,
+            output_tokens=outcome.usage.completion_tokens,
+            total_tokens=outcome.usage.total_tokens,
         )
         meta = {
-            "finish_reason": finish_reason,
+            "finish_reason": outcome.finish_reason,
             "model_name": req.model_name,
-            **result_metadata(req.config, *gate),
+            **outcome.metadata,
         }
-        return usage, meta
-
-    @staticmethod
-    def _tool_call_dicts(parsed: ParsedOutput) -> tuple[list[Any], list[Any]]:
         calls = [
             {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
-            for c in parsed.tool_calls
+            for c in outcome.tool_calls
         ]
         invalid = [
             {
@@ -408,65 +305,29 @@ class ChatACD(BaseChatModel):
                 "error": c.error,
                 "type": "invalid_tool_call",
             }
-            for c in parsed.invalid_tool_calls
+            for c in outcome.invalid_tool_calls
         ]
-        return calls, invalid
+        return usage, meta, calls, invalid
 
     # -- the engine in a worker-friendly shape ---------------------------------------------
     def _deadline(self, cancel: threading.Event) -> _Deadline:
         return _Deadline(self.timeout, cancel)
 
-    def _run(self, req: _Request, cancel: threading.Event) -> Iterator[ChatGenerationChunk]:
-        """Engine chunks -> LangChain chunks; tool-call text is held back and parsed at the end.
-
-        In ``auto`` mode the first characters decide: text that cannot be the start of
-        ``<tool_call>`` streams as it comes; a call is buffered and arrives as
-        ``tool_call_chunks`` on the last chunk (the grammar guarantees it is complete).
-        """
+    def _run(self, req: _Prepared, cancel: threading.Event) -> Iterator[ChatGenerationChunk]:
+        """The core's deltas -> LangChain chunks; a tool call arrives whole on the last one."""
         deadline = self._deadline(cancel)
-        state = {"none": "text", "auto": "undecided", "required": "call"}[req.mode]
-        held = ""
-        last: StreamChunk | None = None
+        outcome: CallOutcome | None = None
         try:
-            for sc in req.engine.stream_chunks(
-                req.messages,
-                req.config,
-                tools=req.native_tools,
-                constraint=req.constraint(),
-                cancel=cancel,
-            ):
-                if sc.finish_reason is not None:
-                    last = sc
-                    held += sc.text
-                    break
-                if state == "text":
-                    if sc.text:
-                        yield ChatGenerationChunk(message=AIMessageChunk(content=sc.text))
-                    continue
-                held += sc.text
-                if state == "undecided":
-                    if held.startswith(TOOL_CALL_OPEN):
-                        state = "call"
-                    elif not TOOL_CALL_OPEN.startswith(held):
-                        state = "text"
-                        yield ChatGenerationChunk(message=AIMessageChunk(content=held))
-                        held = ""
+            for event in req.call.stream(cancel):
+                if isinstance(event, CallDelta):
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+                else:
+                    outcome = event
         finally:
             deadline.close()
         deadline.check()
-        assert last is not None and last.usage is not None and last.finish_reason is not None
-        parsed = self._parse(req, held) if state != "text" else ParsedOutput(held)
-        calls, invalid = self._tool_call_dicts(parsed)
-        verdict = (last.gate.score, last.gate.flagged) if last.gate else (None, None)
-        usage, meta = self._metadata(
-            req,
-            last.finish_reason,
-            last.usage.prompt_tokens,
-            last.usage.completion_tokens,
-            verdict,
-        )
-        if calls:
-            meta["finish_reason"] = "tool_calls"
+        assert outcome is not None  # the core's stream always ends with its outcome
+        usage, meta, calls, invalid = self._metadata(req, outcome)
         chunks = [
             {
                 "name": c["name"],
@@ -489,7 +350,7 @@ class ChatACD(BaseChatModel):
         ]
         yield ChatGenerationChunk(
             message=AIMessageChunk(
-                content=parsed.text,
+                content="",
                 tool_call_chunks=chunks,  # type: ignore[arg-type]
                 usage_metadata=usage,
                 response_metadata=meta,
@@ -498,32 +359,16 @@ class ChatACD(BaseChatModel):
             generation_info={"finish_reason": meta["finish_reason"]},
         )
 
-    def _result(self, req: _Request, cancel: threading.Event) -> ChatResult:
+    def _result(self, req: _Prepared, cancel: threading.Event) -> ChatResult:
         deadline = self._deadline(cancel)
         try:
-            out = req.engine.generate(
-                req.messages,
-                req.config,
-                tools=req.native_tools,
-                constraint=req.constraint(),
-                cancel=cancel,
-            )
+            outcome = req.call.generate(cancel)
         finally:
             deadline.close()
         deadline.check()
-        parsed = self._parse(req, out.text)
-        calls, invalid = self._tool_call_dicts(parsed)
-        usage, meta = self._metadata(
-            req,
-            out.finish_reason,
-            out.usage.prompt_tokens,
-            out.usage.completion_tokens,
-            (out.gate_score, out.gate_flagged),
-        )
-        if calls:
-            meta["finish_reason"] = "tool_calls"
+        usage, meta, calls, invalid = self._metadata(req, outcome)
         message = AIMessage(
-            content=parsed.text,
+            content=outcome.text,
             tool_calls=calls,
             invalid_tool_calls=invalid,
             usage_metadata=usage,
@@ -702,6 +547,14 @@ class ChatACD(BaseChatModel):
         return RunnableMap(raw=llm) | parse_raw.with_fallbacks(
             [no_parse], exception_key="parsing_error"
         )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A prepared core call and the model name LangChain reports for it."""
+
+    call: AdapterCall
+    model_name: str
 
 
 class _Deadline:

@@ -12,12 +12,9 @@ call on the same rendered messages, so they return the same text for the same in
 
 from __future__ import annotations
 
-import difflib
 import logging
-import re
 import threading
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -39,28 +36,23 @@ from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr
 
 from acd_engine.config import DecodingConfig
-from acd_engine.engine import Engine, StreamChunk, get_engine
+from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
 from acd_integrations._async import aiter_in_thread, arun_in_thread
-from acd_integrations._constrained import constraint_for, tool_call_grammar
+from acd_integrations._calls import (
+    AdapterCall,
+    CallDelta,
+    CallOutcome,
+    check_call_kwargs,
+    prepare_call,
+)
 from acd_integrations._params import (
     PARAM_TO_FIELD,
     build_config,
     param_default,
     param_description,
-    result_metadata,
-    split_kwargs,
 )
-from acd_integrations._tools import (
-    TOOL_CALL_OPEN,
-    ToolSpec,
-    normalise_tool_choice,
-    normalise_tools,
-    parse_tool_calls,
-    prepare_messages,
-    supports_native_tools,
-    tools_system_prompt,
-)
+from acd_integrations._tools import normalise_tools
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -75,30 +67,9 @@ _FRAMEWORK_KWARGS = frozenset(
 )
 
 
-# A turn with tools bound but not callable (tool_choice 'none', or the answer after a tool
-# result): prose that never opens a call. Without it a small model imitates the call format
-# it sees in the history instead of answering.
-# It must also start with a word, not markup: otherwise the model opens with a tag of its
-# own invention ("<tool_call_result>") instead of reading the result back to the user.
-_CALL_RE = re.escape(TOOL_CALL_OPEN[:-1]).replace("/", "\\/")
-_PROSE_GRAMMAR = "start: TEXT\nTEXT: /[^<\\s](.|\\n)*/ & ~/(.|\\n)*" + _CALL_RE + "(.|\\n)*/\n"
-
-
 def _d(name: str) -> Any:
     """Field default and description straight from the shared parameter table."""
     return Field(default=param_default(name), description=param_description(name))
-
-
-@dataclass
-class _Request:
-    """One engine call, prepared once and shared by the sync, async and streaming paths."""
-
-    messages: list[dict[str, Any]]
-    config: DecodingConfig
-    tools: list[ToolSpec] = field(default_factory=list)
-    names: tuple[str, ...] = ()
-    grammar: str | None = None
-    native_tools: bool = False
 
 
 def _to_openai(message: ChatMessage) -> dict[str, Any]:
@@ -206,9 +177,7 @@ class ACDLLM(FunctionCallingLLM):
 
     def count_tokens(self, messages: Sequence[ChatMessage], **kwargs: Any) -> int:
         """The prompt tokens ``chat(messages, **kwargs)`` would use (its ``prompt_tokens``)."""
-        req = self._request(messages, kwargs)
-        tools = [t.to_openai() for t in req.tools] if req.native_tools and req.tools else None
-        return self._engine.count_tokens(req.messages, req.config, tools=tools)
+        return self._request(messages, kwargs).count_tokens()
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -221,136 +190,75 @@ class ACDLLM(FunctionCallingLLM):
         )
 
     # ------------------------------------------------------------------ preparation
-    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
-        decoding, rest = split_kwargs(kwargs)
-        for key in rest:
-            if key in _FRAMEWORK_KWARGS:
-                continue
-            close = difflib.get_close_matches(key, list(PARAM_TO_FIELD), n=1, cutoff=0.75)
-            if close:  # a typo of a decoding setting must not be ignored silently
-                build_config({key: rest[key]}, owner="ACDLLM")
-            logger.debug("ignoring keyword %r (not an ACDLLM setting)", key)
-        config = build_config(decoding, base=self._base, owner="ACDLLM")
-        tools: list[ToolSpec] = list(rest.get("tools") or [])
-        native = supports_native_tools(getattr(self._engine.tokenizer, "chat_template", None))
-        raw = [_to_openai(m) for m in messages]
-        if not tools:
-            return _Request(prepare_messages(raw), config, native_tools=native)
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> AdapterCall:
+        decoding, rest = check_call_kwargs(kwargs, _FRAMEWORK_KWARGS, "ACDLLM")
         choice = rest.get("tool_choice")
         if rest.get("tool_required") and choice in (None, "auto"):
             choice = "required"
-        mode, names = normalise_tool_choice(choice, tools)
-        if mode == "auto" and raw and raw[-1]["role"] == "tool" and not self.tool_chaining:
-            mode, names = "none", ()
-        parallel = bool(rest.get("allow_parallel_tool_calls"))
-        grammar = tool_call_grammar(tools, mode, names, parallel=parallel) or _PROSE_GRAMMAR
-        prepared = prepare_messages(
-            raw,
-            tools=tools,
-            mode=mode,
-            names=names,
-            native_tools=native,
-            instructions=tools_system_prompt(tools, mode, names),
-        )
-        return _Request(
-            prepared, config, tools, names or tuple(t.name for t in tools), grammar, native
+        return prepare_call(
+            self._engine,
+            [_to_openai(m) for m in messages],
+            base=self._base,
+            decoding=decoding,
+            owner="ACDLLM",
+            tools=list(rest.get("tools") or []),
+            tool_choice=choice,
+            parallel_tool_calls=bool(rest.get("allow_parallel_tool_calls")),
+            answer_after_tool_result=not self.tool_chaining,
         )
 
-    def _engine_kwargs(self, req: _Request, cancel: threading.Event | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"cancel": cancel}
-        if req.grammar is not None:
-            kwargs["constraint"] = constraint_for(
-                self._engine.tokenizer, req.grammar, self._engine.eos_token_ids
-            )
-        if req.native_tools and req.tools:
-            kwargs["tools"] = [t.to_openai() for t in req.tools]
-        return kwargs
-
-    def _chunks(self, req: _Request, cancel: threading.Event | None) -> Iterator[StreamChunk]:
-        return self._engine.stream_chunks(
-            req.messages, req.config, **self._engine_kwargs(req, cancel)
-        )
-
-    def _response(
-        self,
-        req: _Request,
-        text: str,
-        last: StreamChunk,
-        gate: tuple[float | None, bool | None] | None = None,
-    ) -> ChatResponse:
+    def _response(self, outcome: CallOutcome) -> ChatResponse:
         """The final message: text, parsed tool calls, usage, finish reason, gate verdict."""
-        assert last.usage is not None
-        if gate is None:
-            gate = (last.gate.score, last.gate.flagged) if last.gate else (None, None)
-        blocks: list[Any] = []
-        tool_calls: list[dict[str, Any]] = []
-        content = text
-        if req.tools:
-            parsed = parse_tool_calls(text, req.names)
-            content = parsed.text
-            if req.grammar == _PROSE_GRAMMAR:
-                # Tools were bound but not callable this turn (tool_choice 'none', or the
-                # answer after a tool result): a small model may still imitate the call
-                # format from the history. Those are not calls; acting on them loops agents.
-                parsed.tool_calls, parsed.invalid_tool_calls = [], []
-            for call in parsed.tool_calls:
-                blocks.append(
-                    ToolCallBlock(
-                        tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments
-                    )
-                )
-                tool_calls.append(
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": call.arguments},
-                    }
-                )
-            if parsed.invalid_tool_calls:
-                logger.warning(
-                    "invalid tool calls: %s", [c.error for c in parsed.invalid_tool_calls]
-                )
+        blocks: list[Any] = [
+            ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
+            for c in outcome.tool_calls
+        ]
+        tool_calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in outcome.tool_calls
+        ]
+        if outcome.invalid_tool_calls:
+            logger.warning("invalid tool calls: %s", [c.error for c in outcome.invalid_tool_calls])
         usage = {
-            "prompt_tokens": last.usage.prompt_tokens,
-            "completion_tokens": last.usage.completion_tokens,
-            "total_tokens": last.usage.total_tokens,
+            "prompt_tokens": outcome.usage.prompt_tokens,
+            "completion_tokens": outcome.usage.completion_tokens,
+            "total_tokens": outcome.usage.total_tokens,
         }
         extra: dict[str, Any] = {**usage}
         if tool_calls:
             extra["tool_calls"] = tool_calls
         message = ChatMessage(
             role=MessageRole.ASSISTANT,
-            blocks=[TextBlock(text=content), *blocks],
+            blocks=[TextBlock(text=outcome.text), *blocks],
             additional_kwargs=extra,
         )
         raw = {
             "usage": usage,
-            "finish_reason": last.finish_reason,
+            "finish_reason": outcome.finish_reason,
             "model": self._engine.model_name,
-            **result_metadata(req.config, *gate),
+            **outcome.metadata,
         }
         return ChatResponse(message=message, raw=raw, additional_kwargs=dict(usage))
 
-    def _generate(self, req: _Request, cancel: threading.Event | None = None) -> ChatResponse:
+    def _generate(self, req: AdapterCall, cancel: threading.Event | None = None) -> ChatResponse:
         # Engine.generate (not a drained stream): concurrent calls then share forwards.
-        out = self._engine.generate(req.messages, req.config, **self._engine_kwargs(req, cancel))
-        last = StreamChunk("", out.token_ids, finish_reason=out.finish_reason, usage=out.usage)
-        return self._response(req, out.text, last, (out.gate_score, out.gate_flagged))
+        return self._response(req.generate(cancel))
 
     def _stream(
-        self, req: _Request, chunks: Iterator[StreamChunk]
+        self, req: AdapterCall, cancel: threading.Event | None
     ) -> Generator[ChatResponse, None, None]:
         text = ""
-        for chunk in chunks:
-            if chunk.finish_reason is not None:
-                final = self._response(req, text, chunk)
+        for event in req.stream(cancel):
+            if isinstance(event, CallDelta):
+                text += event.text
+                yield ChatResponse(
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                    delta=event.text,
+                )
+            else:
+                final = self._response(event)
                 final.delta = ""
                 yield final
-                return
-            text += chunk.text
-            yield ChatResponse(
-                message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=chunk.text
-            )
 
     @staticmethod
     def _prompt_messages(prompt: str) -> list[ChatMessage]:
@@ -378,7 +286,7 @@ class ACDLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         req = self._request(messages, kwargs)
-        return self._stream(req, self._chunks(req, None))
+        return self._stream(req, None)
 
     @llm_completion_callback()
     def stream_complete(
@@ -387,7 +295,7 @@ class ACDLLM(FunctionCallingLLM):
         req = self._request(self._prompt_messages(prompt), kwargs)
 
         def gen() -> CompletionResponseGen:
-            for resp in self._stream(req, self._chunks(req, None)):
+            for resp in self._stream(req, None):
                 yield self._as_completion(resp)
 
         return gen()
@@ -413,7 +321,7 @@ class ACDLLM(FunctionCallingLLM):
         req = self._request(messages, kwargs)
 
         async def gen() -> AsyncGenerator[ChatResponse, None]:
-            stream = aiter_in_thread(lambda cancel: self._stream(req, self._chunks(req, cancel)))
+            stream = aiter_in_thread(lambda cancel: self._stream(req, cancel))
             async for resp in stream:
                 yield resp
 
@@ -426,7 +334,7 @@ class ACDLLM(FunctionCallingLLM):
         req = self._request(self._prompt_messages(prompt), kwargs)
 
         async def gen() -> AsyncGenerator[CompletionResponse, None]:
-            stream = aiter_in_thread(lambda cancel: self._stream(req, self._chunks(req, cancel)))
+            stream = aiter_in_thread(lambda cancel: self._stream(req, cancel))
             async for resp in stream:
                 yield self._as_completion(resp)
 

@@ -147,7 +147,7 @@ def test_message_conversion_merges_roles_and_renders_tool_turns(engine):
         ToolMessage("Rain.", tool_call_id="c1"),
         ToolMessage("Timeout.", tool_call_id="c1", status="error"),
     ]
-    req = llm._prepare(messages, None, {"tools": [get_weather]})
+    req = llm._prepare(messages, None, {"tools": [get_weather]}).call
     roles = [m["role"] for m in req.messages]
     assert roles == ["system", "user", "assistant", "user"]
     assert req.messages[0]["content"].startswith(
@@ -410,16 +410,15 @@ def test_unknown_structured_output_method():
 
 
 def test_response_format_grammars():
+    from acd_integrations._calls import response_format_grammar
     from acd_integrations._constrained import json_object_grammar, json_schema_grammar
 
     schema = Verdict.model_json_schema()
-    hint, grammar = ChatACD._response_format({"type": "json_object"})
+    hint, grammar = response_format_grammar({"type": "json_object"})
     assert grammar == json_object_grammar() and "JSON object" in hint
-    hint, grammar = ChatACD._response_format({"type": "json_object", "schema": schema})
+    hint, grammar = response_format_grammar({"type": "json_object", "schema": schema})
     assert grammar == json_schema_grammar(schema) and "- confidence (integer)" in hint
-    _, grammar = ChatACD._response_format(
-        {"type": "json_schema", "json_schema": {"schema": schema}}
-    )
+    _, grammar = response_format_grammar({"type": "json_schema", "json_schema": {"schema": schema}})
     assert grammar == json_schema_grammar(schema)
     with pytest.raises(ConfigError, match="response_format must be"):
-        ChatACD._response_format({"type": "xml"})
+        response_format_grammar({"type": "xml"})
