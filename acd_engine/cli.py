@@ -420,6 +420,61 @@ def _register_long_jobs() -> None:
 _register_long_jobs()
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[
+        str | None, typer.Option("--model", help="Local HF model dir or .gguf (default: embedded).")
+    ] = None,
+    pack: Annotated[str | None, typer.Option("--pack", help="Prompt pack for method acd.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", help="Requests admitted at once; then 429.")
+    ] = 32,
+    method: Annotated[str, typer.Option("--method", "-m", help="Default method.")] = "acd",
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Default alpha in [0, 1).")] = 0.5,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Default max_tokens of a request.")
+    ] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")] = "auto",
+    device_map: Annotated[
+        str | None, typer.Option("--device-map", help="'auto': spread the model (accelerate).")
+    ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve (extra [ray]).")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", help="Ray Serve replicas.")] = 1,
+    num_cpus: Annotated[
+        float, typer.Option("--num-cpus-per-replica", help="Ray: CPUs per replica.")
+    ] = 1.0,
+    num_gpus: Annotated[
+        float, typer.Option("--num-gpus-per-replica", help="Ray: GPUs per replica.")
+    ] = 0.0,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (extra [serve])."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from acd_integrations.server.cli import serve
+    except ImportError as exc:
+        fail(f"acd serve needs the serve extra: pip install 'acd[serve]' ({exc})")
+    serve(
+        model=model,
+        pack=pack,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        defaults={"method": method, "alpha": alpha, "max_tokens": max_tokens},
+        device=device,
+        device_map=device_map,
+        ray=ray,
+        replicas=replicas,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

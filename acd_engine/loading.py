@@ -196,11 +196,21 @@ def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None
         _CACHE[_key(loaded.path, loaded.device, loaded.dtype, trust_remote_code)] = loaded
 
 
-def load_model(config: ModelConfig | None = None) -> LoadedModel:
+def load_model(
+    config: ModelConfig | None = None, *, device_map: str | dict[str, Any] | None = None
+) -> LoadedModel:
     """Load (or return the already loaded) model and tokenizer for ``config``.
 
     Weights are frozen (eval mode, no grad): this package never fine-tunes the model, only
     the soft prompts in front of it.
+
+    Args:
+        config: Which model, on which device, in which dtype.
+        device_map: accelerate's ``device_map`` (``"auto"``, or module -> device) for a
+            model that does not fit one GPU: its layers are spread over every GPU (then
+            CPU memory). On a machine without a GPU ``"auto"`` maps everything to the CPU.
+            The loaded model is cached under ``config``'s key, so an ``Engine`` built for
+            the same model, device and dtype afterwards runs on it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,11 +226,20 @@ def load_model(config: ModelConfig | None = None) -> LoadedModel:
             "trust_remote_code": config.trust_remote_code,
         }
         tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
-        model.to(device)
+        model: Any
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
+            model.to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, device_map=device_map, **common
+            )
         model.eval()
         model.requires_grad_(False)
-        loaded = LoadedModel(model, tokenizer, name, str(path), device, dtype)
+        # With a device map, inputs go where the first layer is (accelerate moves the rest).
+        first = model.device if device_map is not None else device
+        loaded = LoadedModel(model, tokenizer, name, str(path), first, dtype)
         _CACHE[key] = loaded
-        logger.info("loaded %s on %s (%s)", name, device, dtype)
+        where = getattr(model, "hf_device_map", None) or device
+        logger.info("loaded %s on %s (%s)", name, where, dtype)
         return loaded

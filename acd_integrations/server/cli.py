@@ -1,0 +1,63 @@
+"""What ``acd serve`` runs: options from the command line -> uvicorn (or Ray Serve).
+
+Kept apart from ``acd_engine.cli`` so the engine's CLI imports no web framework: the
+``serve`` command imports this module only when it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from acd_engine.errors import ConfigError
+from acd_integrations.server.app import ServerOptions, run_server
+
+__all__ = ["serve"]
+
+logger = logging.getLogger(__name__)
+
+
+def serve(
+    *,
+    model: str | None,
+    pack: str | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_concurrency: int,
+    defaults: dict[str, Any],
+    device: str = "auto",
+    device_map: str | None = None,
+    ray: bool = False,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+) -> None:
+    """Validate the options, then serve until interrupted.
+
+    Raises:
+        ConfigError: A bad option (an out-of-range default alpha, an unknown device map).
+    """
+    options = ServerOptions(
+        model=model,
+        pack=pack,
+        device=device,
+        device_map=device_map,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        defaults=defaults,
+    )
+    if replicas < 1:
+        raise ConfigError(f"replicas must be >= 1, got {replicas}")
+    if ray:
+        try:
+            from acd_integrations.server.ray_serve import run_ray
+        except ImportError as exc:
+            raise ConfigError(
+                f"--ray needs the ray extra: pip install 'acd[ray]' ({exc})"
+            ) from None
+        run_ray(options, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
+        return
+    run_server(options)
