@@ -453,7 +453,9 @@ def serve_command(
     ] = 0.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (extra [serve])."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from acd_engine.cli_common import fail, setup_logging
+
+    setup_logging(True)  # the start line (URL, model id) is logged at INFO
     try:
         from acd_integrations.server.cli import serve
     except ImportError as exc:

@@ -72,7 +72,7 @@ async def aiter_in_thread(make_iter: Callable[[threading.Event], Iterator[T]]) -
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the consumer, who re-raises it  # noqa: BLE001
             put(_Failed(exc))
         finally:
             put(_DONE)

@@ -469,7 +469,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
             admitted = True
             # Preparing may compile a grammar (a first one takes about a second): a thread.
             call = await asyncio.to_thread(server.prepare, req)
-        except Exception as exc:  # bad input is a 4xx; anything else a logged 500 (a bug)
+        except Exception as exc:  # bad input is a 4xx; anything else a logged 500 (a bug)  # noqa: BLE001
             if admitted:
                 server.release()
             return error_response(_as_api_error(exc), endpoint, start)
@@ -484,7 +484,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
             server.release()
             server.metrics.requests.labels(endpoint, "499").inc()
             return Response(status_code=499)
-        except Exception as exc:  # any failure becomes an OpenAI-shaped error (4xx for input)
+        except Exception as exc:  # any failure becomes an OpenAI-shaped error (4xx for input)  # noqa: BLE001
             server.release()
             return error_response(_as_api_error(exc), endpoint, start)
         server.release()
@@ -534,7 +534,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         events = aiter_in_thread(call.stream)
         try:
             first = await events.__anext__()
-        except Exception as exc:  # nothing sent yet: a plain error response still fits
+        except Exception as exc:  # nothing sent yet: a plain error response still fits  # noqa: BLE001
             await events.aclose()  # type: ignore[attr-defined]
             server.release()
             return error_response(_as_api_error(exc), endpoint, start)
@@ -582,7 +582,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
             except asyncio.CancelledError:
                 status = "499"  # the client went away; closing `events` stops the engine
                 raise
-            except Exception as exc:  # after the first byte only an in-stream error fits
+            except Exception as exc:  # after the first byte only an in-stream error fits  # noqa: BLE001
                 err = _as_api_error(exc)
                 status = str(err.status)
                 yield _sse(err.body())
