@@ -152,3 +152,26 @@ def test_offline_generation_with_sockets_blocked(engine):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_engine_options_are_validated_in_the_house_style(tiny_engine):
+    from acd_engine import ConfigError, EngineOptions
+
+    with pytest.raises(ConfigError, match=r"max_batch_requests must be >= 1, got 0"):
+        EngineOptions(max_batch_requests=0)
+    with pytest.raises(ConfigError, match=r"did you mean 'fast_path'\?"):
+        tiny_engine.set_options(fastpath=False)
+    assert tiny_engine.options.fast_path  # a refused change leaves the options as they were
+
+
+def test_set_options_reaches_the_kernels_and_keeps_the_tokens(tiny_engine):
+    cfg = DecodingConfig(method="oid", max_new_tokens=5)
+    fast = tiny_engine.generate_batch(["hi", "a longer question here"], cfg)
+    tiny_engine.set_options(fast_path=False, max_batch_requests=1)
+    try:
+        assert not tiny_engine.kernels.use_fast_path()
+        assert tiny_engine.options.max_batch_requests == 1
+        ref = tiny_engine.generate_batch(["hi", "a longer question here"], cfg)
+    finally:
+        tiny_engine.set_options(fast_path=True, max_batch_requests=8)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in ref]
