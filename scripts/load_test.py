@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="Print one JSON object per round.")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     counts = [int(c) for c in args.clients.split(",")]
     if not all(1 <= c <= 64 for c in counts) or not 1 <= args.requests <= 64:
         p.error("clients and requests must each be in [1, 64]")
