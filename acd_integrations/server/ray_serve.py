@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -95,7 +97,25 @@ def run_ray(
     logger.info(
         "acd serve --ray: %d replica(s) at http://%s:%s/v1", replicas, options.host, options.port
     )
-    serve.run(app, name="acd", route_prefix="/", blocking=blocking)
+    serve.run(app, name="acd", route_prefix="/", blocking=False)
+    if not blocking:
+        return
+    # Our own wait, not serve.run(blocking=True): on Ctrl-C or SIGTERM (what Kubernetes
+    # and process managers send) we shut Serve and the local Ray down in order ourselves,
+    # so no replica or raylet outlives the command.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        logger.info("acd serve --ray: shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def app_from_env() -> Any:
