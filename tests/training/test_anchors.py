@@ -35,16 +35,48 @@ def _frac_val(rows: list[Anchor]) -> float:
 def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
     counts = Counter((a.label, a.kind) for a in anchors)
     assert counts == {
-        ("harmful", "plain"): 120,
+        ("harmful", "plain"): 144,
         ("harmful", "question"): 108,
-        ("harmful", "framed"): 48,
-        ("benign", "plain"): 300,
-        ("benign", "lookalike"): 105,
+        ("harmful", "framed"): 72,
+        ("benign", "plain"): 454,
+        ("benign", "lookalike"): 150,
     }
     val = Counter(a.label for a in anchors if a.split == "val")
     # Big enough that a 5-point over-refusal difference is more than one or two prompts.
-    assert val["harmful"] >= 80
-    assert val["benign"] >= 130
+    assert val["harmful"] >= 95
+    assert val["benign"] >= 190
+
+
+def _length_auc(rows: list[Anchor]) -> float:
+    """Chance that a random harmful prompt is longer than a random benign one (ties count half)."""
+    harm = [len(a.prompt) for a in rows if a.label == "harmful"]
+    ben = [len(a.prompt) for a in rows if a.label == "benign"]
+    wins = sum((h > b) + 0.5 * (h == b) for h in harm for b in ben)
+    return wins / (len(harm) * len(ben))
+
+
+def test_both_labels_have_long_prompts_in_both_splits(anchors: list[Anchor]) -> None:
+    """Long prompts on both sides, so length is no shortcut for a gate or a safety prompt.
+
+    Real benign requests are often long (they carry the text to summarise, the code to fix);
+    if only benign anchors were long, a probe could learn "long means benign" and an attacker
+    would wrap a harmful request in filler. So every harm category has long requests in both
+    splits, and length alone ranks the labels little better than chance (it was 0.86 when the
+    harmful side was merely wordier than short one-line benign tasks).
+    """
+    cats = {a.category for a in anchors if a.label == "harmful"}
+    for label, n_all, n_split in (("harmful", 40, 12), ("benign", 100, 30)):
+        long = [a for a in anchors if a.label == label and len(a.prompt) > 150]
+        assert len(long) >= n_all, label
+        per_split = Counter(a.split for a in long)
+        assert min(per_split["train"], per_split["val"]) >= n_split, (label, per_split)
+        if label == "harmful":
+            for split in ("train", "val"):
+                assert {a.category for a in long if a.split == split} == cats, split
+            assert {a.kind for a in long} >= {"plain", "framed"}
+    val = [a for a in anchors if a.split == "val"]
+    for rows in (anchors, val):
+        assert 0.3 <= _length_auc(rows) <= 0.7
 
 
 @pytest.mark.parametrize("kind", ["question", "framed"])
