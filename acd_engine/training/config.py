@@ -92,6 +92,15 @@ class TrainConfig(Settings):
         description="Tokens the model writes after a prefilled refusal opening. Opening + "
         "continuation should fit target_tokens, so short; a refusal needs few words.",
     )
+    refusal_end: Literal["sentence", "open"] = Field(
+        default="sentence",
+        description="How a D_HR continuation of a refusal opening ends. 'sentence': cut it "
+        "after its first sentence (., !, ? or a line break after the opening) and train EOS "
+        "there, so the SP learns a refusal that stops. 'open': keep the sampled tokens as "
+        "they are; they almost never reach EOS within refusal_max_new_tokens, which taught "
+        "the SP to keep talking, and the small model then repeated its refusal until "
+        "max_tokens (10 % degenerate outputs on the paper protocol).",
+    )
     fallback: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Templated targets for harmful anchors the model never refused (D_HR) or "

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -90,6 +91,24 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "br": ("safe", "none", "opposite"),
 }
 """Per split, the sources its examples are taken from first (``per_anchor`` keeps the first)."""
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def first_sentence(response: str, opening: str) -> str | None:
+    """``response`` cut after its first sentence end past ``opening``; None if it has none.
+
+    The end is ``.``, ``!`` or ``?`` followed by a space or the end of the text, or a line
+    break; a break is dropped, punctuation kept. Searching only past the opening keeps an
+    opening that itself holds a full stop from ending the refusal before it says anything.
+    """
+    start = len(opening) if response.startswith(opening) else 0
+    m = _SENTENCE_END.search(response, start)
+    if m is None:
+        return None
+    cut = response[: m.end()] if m.group() != "\n" else response[: m.start()]
+    return cut.rstrip() or None
+
 
 OPENING_CHARS = 48
 """A sampled benign refusal is a D_BR opening only if its first this many characters alone
@@ -490,11 +509,16 @@ def build_splits(
             if cfg.per_anchor is not None and kept[a.id] >= cfg.per_anchor:
                 continue
             kept[a.id] += 1
-            picked.append(
-                OPOExample(
-                    a.id, a.prompt, rec["response"], bool(rec["finished"]), rec["source"], a.kind
-                )
-            )
+            response, finished = rec["response"], bool(rec["finished"])
+            source = rec["source"]
+            if source == REFUSAL_SOURCE and cfg.refusal_end == "sentence":
+                # A refusal that ends, so EOS is trained; a continuation with no sentence end
+                # within its tokens ("I can't help with the details, but here is a guide on")
+                # is no refusal to learn, and a templated one that ends takes its place.
+                cut = first_sentence(response, refusal_opening(a.id, cfg.refusal_openings))
+                response, finished = (cut, True) if cut else (fallback_refusal(a.id), True)
+                source = source if cut else "fallback"
+            picked.append(OPOExample(a.id, a.prompt, response, finished, source, a.kind))
         # Anchor order (not source order) so a batch mixes sources like the data does.
         rank = {a.id: i for i, a in enumerate(anchors)}
         return sorted(picked, key=lambda e: rank[e.anchor_id])

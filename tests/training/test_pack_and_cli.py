@@ -55,6 +55,8 @@ def cli_run(tiny_model_dir, small_anchors_path, tmp_path_factory):
                 "target_tokens": 6,
                 "val_max_new_tokens": 3,
                 "examples_per_epoch": 8,
+                # The random model's noise has no sentence end to cut a refusal at.
+                "refusal_end": "open",
             }
         ),
     ]
