@@ -30,6 +30,13 @@ def gate_command(
     max_fpr: Annotated[
         float, typer.Option("--max-fpr", help="Most benign val prompts the gate may flag.")
     ] = 0.05,
+    per_kind: Annotated[
+        bool,
+        typer.Option(
+            "--fpr-per-kind/--fpr-pooled",
+            help="Hold --max-fpr in each benign kind of the val split (default) or pooled.",
+        ),
+    ] = True,
     anchors: Annotated[
         Path | None, typer.Option("--anchors", help="Anchor JSONL (default: the shipped set).")
     ] = None,
@@ -51,7 +58,7 @@ def gate_command(
         parsed = tuple(int(x) for x in layers.split(",")) if layers else None
     except ValueError:
         raise ConfigError(f"layers must be comma-separated integers, got {layers!r}") from None
-    cfg = GateFitConfig(layers=parsed, max_fpr=max_fpr)
+    cfg = GateFitConfig(layers=parsed, max_fpr=max_fpr, fpr_per_kind=per_kind)
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"out must be a file path in an existing folder, got '{out}'")
     if anchors is not None:

@@ -9,9 +9,12 @@ Everything that is tuned is tuned on the anchors' validation split, never on a b
 * **Layers.** A probe is fitted on the train split for every single layer; the two layers
   with the best validation AUC are tried together too, and the better of "best single
   layer" and "that pair" wins (the single layer on a tie: fewer features, less to overfit).
-* **Threshold.** The lowest probability whose false-positive rate on the benign validation
-  prompts is at most ``max_fpr``: a flagged benign request decodes with the safeguarding
-  prompt, so this bounds the over-refusal the gate can add.
+* **Threshold.** The lowest probability whose false-positive rate is at most ``max_fpr`` in
+  *every* kind of benign validation prompt (everyday tasks, look-alikes), not only pooled:
+  a flagged benign request decodes with the safeguarding prompt, so this bounds the
+  over-refusal the gate can add. Pooled, the many everyday tasks dilute the look-alikes (the
+  hard group): the 928-row set's pooled 5 % budget let the gate flag 13 % of look-alikes
+  against 2 % of everyday tasks. ``fpr_per_kind=False`` gives the pooled rule.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from acd_engine.gate import (
 from acd_engine.gate import fit_gate as fit_probe
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 
-__all__ = ["GateFitConfig", "anchor_features", "fit_pack_gate"]
+__all__ = ["GateFitConfig", "anchor_features", "fit_pack_gate", "worst_group_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,28 @@ class GateFitConfig(Settings):
         lt=1.0,
         description="Most benign validation prompts the gate may flag (its threshold).",
     )
+    fpr_per_kind: bool = Field(
+        default=True,
+        description="Hold max_fpr in each benign kind of the validation split (plain, "
+        "lookalike) rather than pooled over all benign prompts, so the largest group cannot "
+        "hide the hardest one.",
+    )
     l2: float = Field(default=1e-2, gt=0.0, description="L2 penalty of the logistic regression.")
+
+
+def worst_group_threshold(
+    probabilities: torch.Tensor, labels: torch.Tensor, groups: Sequence[str], max_fpr: float
+) -> float:
+    """The lowest threshold that keeps the false-positive rate of every benign group at
+    most ``max_fpr``: the highest of the per-group thresholds (:func:`threshold_for`)."""
+    names = sorted({g for g, y in zip(groups, labels.tolist(), strict=True) if y <= 0.5})
+    if not names:
+        return threshold_for(probabilities, labels, max_fpr)
+    cuts = []
+    for name in names:
+        idx = torch.tensor([g == name for g in groups])
+        cuts.append(threshold_for(probabilities[idx], labels[idx], max_fpr))
+    return max(cuts)
 
 
 def anchor_features(engine: Any, anchors: Sequence[Anchor], layers: Sequence[int]) -> torch.Tensor:
@@ -99,7 +123,10 @@ def fit_pack_gate(
         chosen = pair if val_auc(pair)[0] > val_auc(single)[0] + 0.002 else single
     auc, gate = val_auc(chosen)
     p_val = gate.probability(_layer_slice(x_val, chosen, hidden))
-    threshold = threshold_for(p_val, y_val, cfg.max_fpr)
+    if cfg.fpr_per_kind:
+        threshold = worst_group_threshold(p_val, y_val, [a.kind for a in val], cfg.max_fpr)
+    else:
+        threshold = threshold_for(p_val, y_val, cfg.max_fpr)
     flagged = p_val >= threshold
     by_kind = {}
     for group in sorted({f"{a.label}/{a.kind}" for a in val}):
@@ -124,6 +151,7 @@ def fit_pack_gate(
         "val_flag_rate_harmful": str(report["val_flag_rate_harmful"]),
         "val_flag_rate_benign": str(report["val_flag_rate_benign"]),
         "max_fpr": str(cfg.max_fpr),
+        "fpr_per_kind": str(cfg.fpr_per_kind),
         "anchor_set_hash": report["anchor_set_hash"],
     }
     gate = SafetyGate(gate.layers, gate.weight, gate.bias, gate.mean, gate.scale, threshold, meta)

@@ -161,6 +161,27 @@ def test_fit_gate_separates_and_threshold_keeps_the_false_positive_budget():
     assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
 
 
+def test_worst_group_threshold_keeps_the_budget_in_every_benign_group():
+    from acd_engine.training.gate_fit import worst_group_threshold
+
+    # 20 easy benign (low scores), 10 hard benign (high), 10 harmful.
+    p = torch.cat(
+        [torch.linspace(0.0, 0.2, 20), torch.linspace(0.5, 0.9, 10), torch.full((10,), 0.95)]
+    )
+    y = torch.cat([torch.zeros(30), torch.ones(10)])
+    groups = ["plain"] * 20 + ["lookalike"] * 10 + ["plain"] * 10
+    pooled = threshold_for(p, y, max_fpr=0.1)  # 3 of 30 benign may be flagged: all hard ones
+    assert int((p[20:30] >= pooled).sum()) == 3
+    t = worst_group_threshold(p, y, groups, max_fpr=0.1)  # 1 of 10 hard ones at most
+    assert int((p[20:30] >= t).sum()) == 1 and int((p[:20] >= t).sum()) == 0
+    assert bool((p[30:] >= t).all())
+    assert t >= pooled
+    # One benign group only: the pooled rule.
+    assert worst_group_threshold(p[:20], y[:20], groups[:20], 0.1) == threshold_for(
+        p[:20], y[:20], 0.1
+    )
+
+
 def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engine):
     """Fitting reads every anchor once, chooses on the validation split only, and the
     threshold flags at most max_fpr of the benign validation anchors."""
@@ -170,6 +191,9 @@ def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engin
     gate, report = fit_pack_gate(tiny_engine, GateFitConfig(layers=(1,), max_fpr=0.1))
     assert gate.layers == (1,) and gate.threshold == report["threshold"]
     assert report["val_flag_rate_benign"] <= 0.1
+    # The budget holds in each benign kind, not only pooled (fpr_per_kind, the default).
+    assert report["val_flag_rate_by_kind"]["benign/plain"] <= 0.1
+    assert report["val_flag_rate_by_kind"]["benign/lookalike"] <= 0.1
     assert report["val_anchors"] == len(load_anchors("val"))
     assert set(report["val_flag_rate_by_kind"]) >= {"harmful/question", "benign/plain"}
     assert gate.metadata["anchor_set_hash"] == report["anchor_set_hash"]
