@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := langchain,llamaindex,eval,serve,dev
 
-.PHONY: install demo test lint typecheck pytest fuzz bench clean
+.PHONY: install demo test lint typecheck pytest fuzz bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ fuzz: install
 
 bench: install
 	$(BIN)/acd bench --json
+
+# garak red-team of `acd serve`, plain vs ACD, with a benign over-refusal control
+# (docs/redteam.md). garak's ~200 packages go into their own .venv-redteam, never into
+# .venv; minutes on a CPU, so not part of `test`. Options: make redteam REDTEAM_ARGS="--limit 1"
+redteam: install
+	ACD_VENV=$(VENV) scripts/redteam.sh $(REDTEAM_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
