@@ -85,17 +85,24 @@ class RunReport:
 def requested_probes(setup: Mapping[str, Any]) -> list[str]:
     """The probes a run asked for, from its ``start_run setup`` line (classes only).
 
-    garak 0.17 stores the selection as ``run.spec`` (``{"include": [...]}``); older versions
-    as ``plugins.probe_spec`` (a comma-separated string). Whole modules (``probes.dan``) are
-    left out: which classes they expand to is only known from the attempts.
+    garak 0.17 records the resolved selection as ``transient.active_probes`` (a list); older
+    versions only the request, as ``run.spec`` (``{"include": [...]}``) or
+    ``plugins.probe_spec`` (a comma-separated string). Whole modules (``probes.dan``) and
+    tags are left out: which classes they expand to is only known from the attempts.
     """
     names: list[str] = []
-    spec = setup.get("run.spec")
-    if isinstance(spec, Mapping):
+    active, spec, legacy = (
+        setup.get("transient.active_probes"),
+        setup.get("run.spec"),
+        setup.get("plugins.probe_spec"),
+    )
+    if isinstance(active, list):
+        names = [str(n) for n in active]
+    elif isinstance(spec, Mapping):
         names = [str(n) for n in spec.get("include", [])]
-    elif isinstance(setup.get("plugins.probe_spec"), str):
-        names = [n.strip() for n in setup["plugins.probe_spec"].split(",")]
-    probes = [plugin_name(n) for n in names if n.strip()]
+    elif isinstance(legacy, str):
+        names = legacy.split(",")
+    probes = [plugin_name(n.strip()) for n in names if n.strip()]
     return [p for p in probes if "." in p and not p.startswith("tag:")]
 
 
@@ -231,7 +238,7 @@ def render_markdown(
     reports = meta.get("reports", {})
     if reports:
         lines += ["", "garak's own reports:", ""]
-        lines += [f"- {m}: `{paths}`" for m, paths in reports.items()]
+        lines += [f"- {m}: " + ", ".join(f"`{p}`" for p in paths) for m, paths in reports.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out / "garak" / f"{method}.report.jsonl"
         text = path.read_text(encoding="utf-8").splitlines()
         runs[method] = parse_report(text)
-        reports[method] = [str(path), str(path.with_suffix("").with_suffix(".html"))]
+        # relative to the run folder, so a committed summary names no local path
+        reports[method] = [
+            str(path.relative_to(args.out)),
+            str(path.with_suffix(".html").relative_to(args.out)),
+        ]
         for line in text:
             if '"start_run setup"' in line:
                 garak_version = json.loads(line).get("_config.version", garak_version)

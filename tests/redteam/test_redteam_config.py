@@ -44,7 +44,14 @@ def test_committed_probes_need_no_hub() -> None:
     modules = {n.split(".")[0] for n in names}
     assert not names & HUB_PROBES and not modules & HUB_PROBES
     # the families (donotanswer ignores the prompt cap: opt-in, docs/redteam.md)
-    assert {"dan", "encoding", "promptinject", "malwaregen", "latentinjection", "grandma"} <= modules
+    assert {
+        "dan",
+        "encoding",
+        "promptinject",
+        "malwaregen",
+        "latentinjection",
+        "grandma",
+    } <= modules
 
 
 def test_method_config_aims_one_method_at_the_server(garak_config) -> None:

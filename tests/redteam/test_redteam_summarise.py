@@ -124,3 +124,7 @@ def test_plugin_prefixes_are_dropped(summarise) -> None:
     assert summarise.plugin_name("dan.DUDE") == "dan.DUDE"
     setup = {"run.spec": {"include": ["probes.dan.DUDE", "probes.encoding", "tag:owasp"]}}
     assert summarise.requested_probes(setup) == ["dan.DUDE"]
+    # garak 0.17's resolved list wins over the request
+    active = setup | {"transient.active_probes": ["probes.grandma.Substances"]}
+    assert summarise.requested_probes(active) == ["grandma.Substances"]
+    assert summarise.requested_probes({"plugins.probe_spec": "dan.DUDE, encoding"}) == ["dan.DUDE"]
