@@ -422,10 +422,8 @@ _register_long_jobs()
 
 @app.command("serve")
 def serve_command(
-    model: Annotated[
-        str | None, typer.Option("--model", help="Local HF model dir or .gguf (default: embedded).")
-    ] = None,
-    pack: Annotated[str | None, typer.Option("--pack", help="Prompt pack for method acd.")] = None,
+    model: ModelOpt = None,
+    pack: PackOpt = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     api_key: Annotated[

@@ -18,10 +18,8 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,25 +46,12 @@ PROMPTS = [
 @contextmanager
 def local_server(max_concurrency: int) -> Iterator[str]:
     """``acd serve`` with the default model in this process, on a free loopback port."""
-    import uvicorn
-
     from acd_engine import get_engine
-    from acd_integrations.server import ServerOptions, create_app
+    from acd_integrations.server import ServerOptions, create_app, serve_in_thread
 
     app = create_app(ServerOptions(max_concurrency=max_concurrency), engine=get_engine())
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 async def one_round(

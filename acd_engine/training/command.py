@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from acd_engine.cli_common import VerboseOpt, fail, setup_logging
+from acd_engine.cli_common import ModelOpt, VerboseOpt, fail, setup_logging
 
 __all__ = ["OPTION_FIELDS", "check_inputs", "parse_settings", "train_command"]
 
@@ -129,12 +129,7 @@ def train_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where to write the pack (.safetensors).")
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", help="Local HF model dir or .gguf file (default: embedded SmolLM2)."
-        ),
-    ] = None,
+    model: ModelOpt = None,
     epochs: Annotated[
         int, typer.Option("--epochs", help="Training epochs (each validated, see docs/opo.md).")
     ] = 3,

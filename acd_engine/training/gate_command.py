@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from acd_engine.cli_common import VerboseOpt, setup_logging
+from acd_engine.cli_common import ModelOpt, VerboseOpt, setup_logging
 
 __all__ = ["gate_command"]
 
@@ -19,10 +19,7 @@ __all__ = ["gate_command"]
 def gate_command(
     pack: Annotated[Path, typer.Option("--pack", help="The prompt pack to add a gate to.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the gated pack.")],
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="Local HF model dir or .gguf file (default: embedded)."),
-    ] = None,
+    model: ModelOpt = None,
     layers: Annotated[
         str | None,
         typer.Option("--layers", help="Comma-separated decoder layers (default: chosen on val)."),

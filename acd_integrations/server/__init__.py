@@ -6,6 +6,6 @@
 
 from __future__ import annotations
 
-from acd_integrations.server.app import ServerOptions, create_app, run_server
+from acd_integrations.server.app import ServerOptions, create_app, run_server, serve_in_thread
 
-__all__ = ["ServerOptions", "create_app", "run_server"]
+__all__ = ["ServerOptions", "create_app", "run_server", "serve_in_thread"]

@@ -29,9 +29,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -642,3 +642,37 @@ def run_server(
 
     app = (make_app or create_app)(options)
     uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False)
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:<free port> in a daemon thread; yield its base URL.
+
+    For in-process clients (the tests, ``scripts/load_test.py``): the socket is bound before
+    uvicorn starts, so the port is known and never raced for, and the server is stopped and
+    joined on exit. Loopback only by design.
+
+    Raises:
+        RuntimeError: The server did not start within ``timeout_s``.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the server did not start within {timeout_s:g} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout_s)
+        sock.close()
