@@ -28,6 +28,9 @@ _EXPORTS = {
     "DecodingConfig": "acd_engine.config",
     "ModelConfig": "acd_engine.config",
     "METHODS": "acd_engine.config",
+    "DecodingMethod": "acd_engine.methods",
+    "register_method": "acd_engine.methods",
+    "unregister_method": "acd_engine.methods",
     "Engine": "acd_engine.engine",
     "EngineOptions": "acd_engine.kernels",
     "GenerationResult": "acd_engine.engine",
@@ -52,6 +55,7 @@ __all__ = [
     "ACDError",
     "ConfigError",
     "DecodingConfig",
+    "DecodingMethod",
     "Engine",
     "EngineOptions",
     "GenerationResult",
@@ -65,6 +69,8 @@ __all__ = [
     "Usage",
     "__version__",
     "get_engine",
+    "register_method",
+    "unregister_method",
 ]
 
 if TYPE_CHECKING:
@@ -79,6 +85,7 @@ if TYPE_CHECKING:
         PromptTooLongError,
     )
     from acd_engine.kernels import EngineOptions
+    from acd_engine.methods import DecodingMethod, register_method, unregister_method
     from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
 

@@ -30,6 +30,7 @@ from acd_engine.cli_common import (
     setup_logging,
     user_error_types,
 )
+from acd_engine.methods import METHODS
 
 
 def _click_class(name: str) -> type[Exception]:
@@ -93,9 +94,7 @@ app = typer.Typer(
 )
 
 
-MethodOpt = Annotated[
-    str, typer.Option("--method", "-m", help="plain | base | nid | oid | acd | custom")
-]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help=" | ".join(METHODS))]
 AlphaOpt = Annotated[float, typer.Option("--alpha", "-a", help="Contrast strength in [0, 1).")]
 MaxTokOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")]

@@ -11,11 +11,28 @@ alone. Pydantic's own wording is translated into that style in :func:`format_err
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, Self, get_args
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from acd_engine.errors import ConfigError
+from acd_engine.methods import (
+    BUILTIN_METHODS,
+    CONTRAST_METHODS,
+    METHOD_REGISTRY,
+    METHODS,
+    DecodingMethod,
+    Method,
+    one_of,
+)
 
 __all__ = [
     "CONTRAST_METHODS",
@@ -36,10 +53,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 
-Method = Literal["plain", "base", "nid", "oid", "acd", "custom"]
-METHODS: tuple[str, ...] = get_args(Method)
-# Methods that run two branches (positive minus alpha times negative).
-CONTRAST_METHODS: frozenset[str] = frozenset({"nid", "oid", "acd", "custom"})
+# Method, METHODS and CONTRAST_METHODS come from the method registry (acd_engine.methods);
+# they stay importable from here, where they always were.
 
 
 def _fmt_value(value: Any) -> str:
@@ -150,13 +165,8 @@ class DecodingConfig(Settings):
 
     method: Method = Field(
         default="acd",
-        description=(
-            "Safety method. 'plain': the model as shipped, no added system prompt. 'base': "
-            "manual safe system prompt, one branch. 'nid': safe prompt minus no prompt. 'oid': "
-            "safe prompt minus manual opposite prompt (ROSE). 'acd': soft safeguarding prompt "
-            "minus soft adversarial prompt (the paper). 'custom': positive_prompt minus "
-            "negative_prompt."
-        ),
+        description="Safety method. "
+        + " ".join(f"'{m.name}': {m.description}" for m in BUILTIN_METHODS),
     )
     alpha: float = Field(
         default=0.5,
@@ -263,6 +273,16 @@ class DecodingConfig(Settings):
     def _unit_range(cls, v: float) -> float:
         return half_open_unit(v)
 
+    @field_validator("method", mode="wrap")
+    @classmethod
+    def _registered(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Ask the live registry rather than the static ``Method`` literal, so a method added
+        with :func:`acd_engine.methods.register_method` decodes without editing this file.
+        The message is pydantic's literal one, listing what is registered now."""
+        if isinstance(v, str) and v in METHOD_REGISTRY:
+            return v
+        raise ValueError(f"must be one of {one_of(list(METHOD_REGISTRY))}")
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_tuple(cls, v: Any) -> Any:
@@ -311,24 +331,42 @@ class DecodingConfig(Settings):
         return v
 
     @model_validator(mode="after")
-    def _custom_prompts(self) -> DecodingConfig:
-        if self.method == "custom":
-            if not self.negative_prompt:
-                raise ValueError(
-                    "negative_prompt is required when method='custom'; pass the system prompt "
-                    "whose behaviour to steer away from, got None"
-                )
-        elif self.positive_prompt is not None or self.negative_prompt is not None:
+    def _request_prompts(self) -> DecodingConfig:
+        method = self.method_entry
+        if "negative_prompt" in method.sources and not self.negative_prompt:
             raise ValueError(
-                "positive_prompt and negative_prompt are only used with method='custom', "
-                f"got method={self.method!r}"
+                f"negative_prompt is required when method={self.method!r}; pass the system "
+                "prompt whose behaviour to steer away from, got None"
+            )
+        unread = [
+            name
+            for name in ("positive_prompt", "negative_prompt")
+            if getattr(self, name) is not None and name not in method.sources
+        ]
+        if unread and method.takes_prompts:  # a registered method that reads only one
+            name = unread[0]
+            raise ValueError(
+                f"{name} must be None for method={self.method!r}, which does not read it, "
+                f"got {getattr(self, name)!r}"
+            )
+        if unread:
+            readers = [m.name for m in METHOD_REGISTRY.values() if m.takes_prompts]
+            raise ValueError(
+                "positive_prompt and negative_prompt are only used with "
+                + " or ".join(f"method={name!r}" for name in readers)
+                + f", got method={self.method!r}"
             )
         return self
 
     @property
+    def method_entry(self) -> DecodingMethod:
+        """This request's method: its registry entry (branches, contrast, pack, gate)."""
+        return METHOD_REGISTRY[self.method]
+
+    @property
     def is_contrastive(self) -> bool:
         """Whether this request runs two branches."""
-        return self.method in CONTRAST_METHODS
+        return self.method_entry.contrastive
 
     @property
     def effective_alpha(self) -> float:

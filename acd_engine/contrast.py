@@ -1,4 +1,4 @@
-"""The contrast: which two branches each method runs, and how their logits combine.
+"""The contrast: the branches a method's entry names, and how their logits combine.
 
 Every method is "a positive branch, optionally minus alpha times a negative branch", where a
 branch is whatever sits in the system-prompt slot in front of the identical user
@@ -9,16 +9,9 @@ else: on logits (:func:`contrast_logits`), on last hidden states before a linear
 (:func:`contrast_hidden`), and on the plausibility filter's candidate tokens only
 (:func:`contrast_candidates`). :func:`contrast_active` is the ``contrast_tokens`` schedule.
 
-=======  ====================  ==========================
-method   positive branch       negative branch
-=======  ====================  ==========================
-plain    model's own template  -
-base     manual safe prompt    -
-nid      manual safe prompt    empty system prompt
-oid      manual safe prompt    manual opposite prompt
-acd      soft SP               soft AP
-custom   positive_prompt       negative_prompt
-=======  ====================  ==========================
+Which branches each method runs is its entry in :mod:`acd_engine.methods` (the registry);
+:func:`plan_branches` turns an entry's branch sources into the :class:`Branch` objects a
+request's rows are built from.
 """
 
 from __future__ import annotations
@@ -26,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, assert_never
 
 import torch
 
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import ConfigError
+from acd_engine.methods import METHOD_REGISTRY, BranchSource
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
 __all__ = [
     "Branch",
     "BranchPlan",
+    "branch_of",
     "contrast_active",
     "contrast_candidates",
     "contrast_hidden",
@@ -83,27 +78,46 @@ def _text(text: str) -> Branch:
 
 
 def plan_branches(config: DecodingConfig, pack: PromptPack | None) -> BranchPlan:
-    """Map a method to its branches (the table in the module docstring)."""
-    m = config.method
-    if m == "plain":
+    """The branches ``config.method`` runs: its registry entry's sources, resolved.
+
+    A single-branch method whose positive source is ``template`` runs the model's own
+    template (``BranchPlan(None, None)``).
+    """
+    method = METHOD_REGISTRY[config.method]
+    if method.positive == "template":
         return BranchPlan(None, None)
-    if m == "base":
-        return BranchPlan(_text(SAFE_PROMPT), None)
-    if m == "nid":
-        return BranchPlan(_text(SAFE_PROMPT), Branch("empty", key="empty"))
-    if m == "oid":
-        return BranchPlan(_text(SAFE_PROMPT), _text(OPPOSITE_PROMPT))
-    if m == "custom":
-        assert config.negative_prompt is not None  # guaranteed by DecodingConfig
-        return BranchPlan(
-            _text(config.positive_prompt or SAFE_PROMPT), _text(config.negative_prompt)
-        )
-    if pack is None:
-        raise ConfigError("method 'acd' needs a prompt pack; the engine supplies one, got None")
-    return BranchPlan(
-        Branch("soft", soft=pack.sp, key=f"sp:{pack.id}"),
-        Branch("soft", soft=pack.ap, key=f"ap:{pack.id}"),
-    )
+    positive = branch_of(method.positive, config, pack)
+    negative = None if method.negative is None else branch_of(method.negative, config, pack)
+    return BranchPlan(positive, negative)
+
+
+def branch_of(source: BranchSource, config: DecodingConfig, pack: PromptPack | None) -> Branch:
+    """The branch one source names, for this request (``template`` has none: see
+    :func:`plan_branches`)."""
+    match source:
+        case "empty":
+            return Branch("empty", key="empty")
+        case "safe":
+            return _text(SAFE_PROMPT)
+        case "opposite":
+            return _text(OPPOSITE_PROMPT)
+        case "positive_prompt":
+            return _text(config.positive_prompt or SAFE_PROMPT)
+        case "negative_prompt":
+            assert config.negative_prompt is not None  # guaranteed by DecodingConfig
+            return _text(config.negative_prompt)
+        case "sp" | "ap":
+            if pack is None:
+                raise ConfigError(
+                    f"method {config.method!r} needs a prompt pack; the engine supplies one, "
+                    "got None"
+                )
+            soft = pack.sp if source == "sp" else pack.ap
+            return Branch("soft", soft=soft, key=f"{source}:{pack.id}")
+        case "template":
+            raise ConfigError("'template' is the model's own template, not a system-slot branch")
+        case _:
+            assert_never(source)
 
 
 def contrast_logits(pos: torch.Tensor, neg: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -178,7 +178,7 @@ class Engine:
 
     def plan(self, config: DecodingConfig) -> BranchPlan:
         """The branches ``config`` runs (for inspection and tests)."""
-        return plan_branches(config, self.pack if config.method == "acd" else None)
+        return plan_branches(config, self.pack if config.method_entry.uses_pack else None)
 
     def count_tokens(
         self,
@@ -206,7 +206,7 @@ class Engine:
     # ------------------------------------------------------------------ the safety gate
     def active_gate(self, config: DecodingConfig) -> SafetyGate | None:
         """The gate that routes requests decoded with ``config`` (None: no routing)."""
-        return self.pack.gate if config.method == "acd" and config.gate else None
+        return self.pack.gate if config.method_entry.gated and config.gate else None
 
     def gate_features(self, messages: Messages, layers: Sequence[int]) -> torch.Tensor:
         """``[1, F]``: the gate's features from a forward of the request's plain rendering."""

@@ -85,6 +85,7 @@ from acd_engine.eval.report import (
     EvalSummary,
     write_report,
 )
+from acd_engine.methods import METHOD_REGISTRY
 
 __all__ = [
     "MAX_UNEXPECTED_IN_A_ROW",
@@ -302,14 +303,15 @@ class EvalOptions(Settings):
         ungated) and ``acd-gate`` is the engine's ``acd`` with ``gate=True``.
         """
         extra: dict[str, Any] = {}
-        if method in ("acd", GATED_METHOD):
-            extra["gate"] = method == GATED_METHOD
+        gated = method == GATED_METHOD
+        if gated:
             method = "acd"
-        if method == "custom":
-            extra = {
-                "positive_prompt": self.positive_prompt,
-                "negative_prompt": self.negative_prompt,
-            }
+        entry = METHOD_REGISTRY.get(method)  # None: DecodingConfig names the unknown method
+        if entry is not None and entry.gated:
+            extra["gate"] = gated
+        if entry is not None and entry.takes_prompts:
+            extra["positive_prompt"] = self.positive_prompt
+            extra["negative_prompt"] = self.negative_prompt
         if alpha is not None:
             extra["alpha"] = alpha
         if method in EVAL_CONTRAST_METHODS:
