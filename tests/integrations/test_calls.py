@@ -14,19 +14,6 @@ from acd_integrations._tools import TOOL_CALL_OPEN, format_tool_call
 from acd_integrations.langchain import ChatACD
 from acd_integrations.llama_index import ACDLLM
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the weather at a location.",
-        "parameters": {
-            "type": "object",
-            "properties": {"location": {"type": "string"}},
-            "required": ["location"],
-        },
-    },
-}
-
 
 @pytest.fixture(scope="module")
 def chat_acd(tiny_model_dir):
@@ -57,13 +44,13 @@ def test_check_call_kwargs_splits_decoding_from_accepted_keywords():
         check_call_kwargs({"tols": []}, ("tools",), "Server")
 
 
-def test_tool_choice_none_is_the_same_call_in_both_adapters(chat_acd, acd_llm):
+def test_tool_choice_none_is_the_same_call_in_both_adapters(chat_acd, acd_llm, weather_tool):
     lc = chat_acd._prepare(
-        [HumanMessage("Weather in Oslo?")], None, {"tools": [WEATHER], "tool_choice": "none"}
+        [HumanMessage("Weather in Oslo?")], None, {"tools": [weather_tool], "tool_choice": "none"}
     ).call
     li = acd_llm._request(
         [ChatMessage(role="user", content="Weather in Oslo?")],
-        {"tools": [WEATHER], "tool_choice": "none"},
+        {"tools": [weather_tool], "tool_choice": "none"},
     )
     for call in (lc, li):
         assert call.mode == "none" and call.names == ()
@@ -75,24 +62,26 @@ def test_tool_choice_none_is_the_same_call_in_both_adapters(chat_acd, acd_llm):
     assert out.tool_calls == [] and out.finish_reason == "stop"
 
 
-def test_tool_choice_none_answers_in_prose_end_to_end(chat_acd, acd_llm):
-    reply = chat_acd.bind_tools([WEATHER], tool_choice="none").invoke("Weather in Oslo?")
+def test_tool_choice_none_answers_in_prose_end_to_end(chat_acd, acd_llm, weather_tool):
+    reply = chat_acd.bind_tools([weather_tool], tool_choice="none").invoke("Weather in Oslo?")
     assert not reply.tool_calls and TOOL_CALL_OPEN not in reply.text
     resp = acd_llm.chat(
-        [ChatMessage(role="user", content="Weather in Oslo?")], tools=[WEATHER], tool_choice="none"
+        [ChatMessage(role="user", content="Weather in Oslo?")],
+        tools=[weather_tool],
+        tool_choice="none",
     )
     assert not resp.message.additional_kwargs.get("tool_calls")
     assert TOOL_CALL_OPEN not in (resp.message.content or "")
 
 
-def test_a_forced_call_streams_no_call_text_and_arrives_parsed(tiny_engine):
+def test_a_forced_call_streams_no_call_text_and_arrives_parsed(tiny_engine, weather_tool):
     call = prepare_call(
         tiny_engine,
         [{"role": "user", "content": "Weather in Oslo?"}],
         base=None,
         decoding={"method": "plain", "max_tokens": 120},
         owner="test",
-        tools=[WEATHER],
+        tools=[weather_tool],
         tool_choice="required",
     )
     events = list(call.stream())
@@ -108,7 +97,7 @@ def test_a_forced_call_streams_no_call_text_and_arrives_parsed(tiny_engine):
         assert outcome.invalid_tool_calls
 
 
-def test_tools_and_response_format_are_refused_together(tiny_engine):
+def test_tools_and_response_format_are_refused_together(tiny_engine, weather_tool):
     with pytest.raises(ConfigError, match="tools and response_format must not be combined"):
         prepare_call(
             tiny_engine,
@@ -116,7 +105,7 @@ def test_tools_and_response_format_are_refused_together(tiny_engine):
             base=None,
             decoding={},
             owner="test",
-            tools=[WEATHER],
+            tools=[weather_tool],
             response_format={"type": "json_object"},
         )
 

@@ -34,18 +34,6 @@ from acd_integrations._tools import (
     tools_system_prompt,
 )
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the weather at a location.",
-        "parameters": {
-            "type": "object",
-            "properties": {"location": {"type": "string"}},
-            "required": ["location"],
-        },
-    },
-}
 DIAL = ToolSpec(
     "set_dial",
     "Set a dial.",
@@ -68,25 +56,27 @@ class Point(BaseModel):
 
 
 # ---------------------------------------------------------------- tool specs and choice
-def test_normalise_tools_accepts_openai_and_bare_dicts():
-    specs = normalise_tools([WEATHER, {"name": "noop"}, DIAL])
+def test_normalise_tools_accepts_openai_and_bare_dicts(weather_tool):
+    specs = normalise_tools([weather_tool, {"name": "noop"}, DIAL])
     assert [s.name for s in specs] == ["get_weather", "noop", "set_dial"]
     assert specs[0].parameters["required"] == ["location"]
     assert specs[1].parameters == {"type": "object", "properties": {}}
-    assert specs[0].to_openai() == {**WEATHER, "function": {**WEATHER["function"]}}
+    assert specs[0].to_openai() == {**weather_tool, "function": {**weather_tool["function"]}}
 
 
-def test_normalise_tools_rejects_nameless_and_conflicting_tools():
+def test_normalise_tools_rejects_nameless_and_conflicting_tools(weather_tool):
     with pytest.raises(ConfigError, match=r"tools\[0\] must have a non-empty 'name'"):
         normalise_tools([{"description": "x"}])
     with pytest.raises(ConfigError, match="got two different definitions of 'noop'"):
         normalise_tools([{"name": "noop"}, {"name": "noop", "parameters": {"type": "string"}}])
-    assert normalise_tools([WEATHER, WEATHER["function"]]) == normalise_tools([WEATHER])
+    assert normalise_tools([weather_tool, weather_tool["function"]]) == normalise_tools(
+        [weather_tool]
+    )
     titled = {
-        **WEATHER["function"],
-        "parameters": {**WEATHER["function"]["parameters"], "title": "W"},
+        **weather_tool["function"],
+        "parameters": {**weather_tool["function"]["parameters"], "title": "W"},
     }
-    assert normalise_tools([WEATHER, titled]) == normalise_tools([WEATHER])  # titles only
+    assert normalise_tools([weather_tool, titled]) == normalise_tools([weather_tool])  # titles only
 
 
 @pytest.mark.parametrize(
@@ -102,15 +92,15 @@ def test_normalise_tools_rejects_nameless_and_conflicting_tools():
         ({"type": "function", "function": {"name": "get_weather"}}, ("required", ("get_weather",))),
     ],
 )
-def test_tool_choice_spellings(choice, expected):
-    assert normalise_tool_choice(choice, normalise_tools([WEATHER, DIAL])) == expected
+def test_tool_choice_spellings(choice, expected, weather_tool):
+    assert normalise_tool_choice(choice, normalise_tools([weather_tool, DIAL])) == expected
 
 
-def test_unknown_tool_choice_suggests_a_tool():
+def test_unknown_tool_choice_suggests_a_tool(weather_tool):
     with pytest.raises(
         ConfigError, match="unknown tool_choice 'get_wether'; did you mean 'get_weather'"
     ):
-        normalise_tool_choice("get_wether", normalise_tools([WEATHER]))
+        normalise_tool_choice("get_wether", normalise_tools([weather_tool]))
 
 
 def test_template_tool_support_detection(engine):
@@ -118,8 +108,8 @@ def test_template_tool_support_detection(engine):
     assert supports_native_tools("{% if tools %}{{ tools | tojson }}{% endif %}")
 
 
-def test_system_prompt_describes_tools_and_format():
-    specs = normalise_tools([WEATHER, DIAL])
+def test_system_prompt_describes_tools_and_format(weather_tool):
+    specs = normalise_tools([weather_tool, DIAL])
     auto = tools_system_prompt(specs, "auto", ("get_weather", "set_dial"))
     assert '"name": "get_weather"' in auto and TOOL_CALL_OPEN in auto
     assert "plain text" in auto
@@ -258,8 +248,8 @@ def test_json_object_grammar_gives_an_object(tiny_engine):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_model_makes_valid_forced_tool_calls(tiny_engine, seed):
-    specs = [*normalise_tools([WEATHER]), DIAL]
+def test_random_model_makes_valid_forced_tool_calls(tiny_engine, seed, weather_tool):
+    specs = [*normalise_tools([weather_tool]), DIAL]
     grammar = tool_call_grammar(specs, "required", ["set_dial"])
     assert grammar is not None
     cons = constraint_for(tiny_engine.tokenizer, grammar, tiny_engine.eos_token_ids)
