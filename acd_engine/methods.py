@@ -103,8 +103,8 @@ class DecodingMethod:
                 f"negative must be one of {one_of(BRANCH_SOURCES)} or None, got {self.negative!r}"
             )
         if "template" in self.sources and self.negative is not None:
-            # The template row and a system-slot row share no tokens after the slot, so they
-            # cannot be contrasted token by token.
+            # A request's rows share one rendering of the conversation: the template's own,
+            # or the tail after the system slot; never one of each.
             raise ConfigError(
                 "negative must be None when positive is 'template' and 'template' cannot be a "
                 f"negative branch, got positive={self.positive!r}, negative={self.negative!r}"
