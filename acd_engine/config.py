@@ -40,6 +40,8 @@ __all__ = [
     "DecodingConfig",
     "Method",
     "ModelConfig",
+    "QUANTIZE_SCHEMES",
+    "Quantize",
     "Settings",
     "check_text",
     "format_errors",
@@ -376,6 +378,8 @@ class DecodingConfig(Settings):
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "int8", "int4"]
+QUANTIZE_SCHEMES: tuple[str, ...] = get_args(Quantize)
 
 
 class ModelConfig(Settings):
@@ -396,4 +400,12 @@ class ModelConfig(Settings):
     trust_remote_code: bool = Field(
         default=False,
         description="Allow model code shipped in the model directory to run. Off unless asked.",
+    )
+    quantize: Quantize = Field(
+        default="none",
+        description="Weight-only quantization of the linear layers through torchao (extra "
+        "[quant]): 'int8' (one scale per output row) or 'int4' (groups of 32, CPU only). "
+        "Cuts the weights' memory 4x or ~6x; whether it is faster depends on the CPU and is "
+        "measured by `acd bench --quantize` (docs/performance.md). 'none' keeps the dtype's "
+        "weights.",
     )

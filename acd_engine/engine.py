@@ -54,6 +54,8 @@ class Engine:
         pack: Prompt pack for ``method="acd"``: a path, a :class:`PromptPack`, or None for
             the pack shipped for this model (else the manual-prompt initialisation).
         trust_remote_code: Allow model code from the model directory to run.
+        quantize: ``"int8"`` or ``"int4"`` weight-only linear layers (torchao), or
+            ``"none"``; see :class:`~acd_engine.config.ModelConfig`.
         defaults: Decoding settings used when a call passes none.
         fast_path, compile_step: Shortcuts for the :class:`EngineOptions` fields.
         options: How forwards run (:class:`EngineOptions`); never changes a greedy token.
@@ -67,6 +69,7 @@ class Engine:
         dtype: str = "auto",
         pack: str | Path | PromptPack | None = None,
         trust_remote_code: bool = False,
+        quantize: str = "none",
         defaults: DecodingConfig | None = None,
         fast_path: bool = True,
         compile_step: bool | None = None,
@@ -77,6 +80,7 @@ class Engine:
             device=device,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            quantize=quantize,
         )
         self.loaded: LoadedModel = load_model(self.model_config)
         self.defaults = defaults or DecodingConfig()
@@ -354,14 +358,20 @@ def get_engine(
     dtype: str = "auto",
     pack: str | Path | None = None,
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> Engine:
     """The process-wide engine for these settings: created once, shared by all callers."""
-    key = (model and str(model), device, dtype, pack and str(pack), trust_remote_code)
+    key = (model and str(model), device, dtype, pack and str(pack), trust_remote_code, quantize)
     with _ENGINES_LOCK:
         if (engine := _ENGINES.get(key)) is None:
             start = time.perf_counter()
             engine = Engine(
-                model, device=device, dtype=dtype, pack=pack, trust_remote_code=trust_remote_code
+                model,
+                device=device,
+                dtype=dtype,
+                pack=pack,
+                trust_remote_code=trust_remote_code,
+                quantize=quantize,
             )
             logger.info("engine ready in %.1fs", time.perf_counter() - start)
             _ENGINES[key] = engine

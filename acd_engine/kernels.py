@@ -29,6 +29,7 @@ from acd_engine.prepack import (
     prepack_plan,
     shared_prepacked,
 )
+from acd_engine.quantize import is_quantized
 from acd_engine.row_layout import RowInput, fast_path_supported, lay_out_rows
 from acd_engine.skinny import SkinnyLinear, skinny_plan
 
@@ -121,6 +122,11 @@ class KernelPolicy:
         self.compiled_step: Callable[..., Any] | None = None
         self.static_caches: dict[tuple[int, int], Any] = {}  # reused by compiled decoding
         self.fast_supported: bool | None = None
+        # Skinny and prepacked products rewrite plain float weights; quantized ones keep
+        # their own kernels (acd_engine.quantize).
+        self.plain_weights = not any(
+            is_quantized(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)
+        )
 
     def use_fast_path(self) -> bool:
         """Whether requests take the fast path (asked and fitting this model)."""
@@ -177,7 +183,7 @@ class KernelPolicy:
         one-token steps of at most ``skinny_rows`` rows skinny matmuls; others the
         ordinary kernel (no mode: it would only add its per-op Python dispatch).
         """
-        if static or self.device.type != "cpu":
+        if static or self.device.type != "cpu" or not self.plain_weights:
             return None
         if self.skinny_rows is None:
             self.skinny_rows, self.skinny_pad_block = skinny_plan(self.model)

@@ -3,8 +3,8 @@
 Parsing and dequantizing a GGUF takes ~16 s for the 135M default model, while loading the
 same weights from safetensors takes well under 2 s, so every GGUF is converted once into a
 safetensors directory in the user cache, keyed by the GGUF's content hash. Loaded models
-are kept in a process-wide cache keyed by (path, device, dtype) so any number of engines
-and adapter objects share one copy of the weights.
+are kept in a process-wide cache keyed by (path, device, dtype, quantization) so any
+number of engines and adapter objects share one copy of the weights.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch
 
 from acd_engine.atomic import fsync_dir
-from acd_engine.config import ModelConfig
+from acd_engine.config import ModelConfig, Quantize
 from acd_engine.errors import ModelNotFoundError
+from acd_engine.quantize import quantize_model
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
@@ -61,6 +62,7 @@ class LoadedModel:
     path: str
     device: torch.device
     dtype: torch.dtype
+    quantize: Quantize = "none"
 
 
 def cache_dir() -> Path:
@@ -176,14 +178,15 @@ def _resolve_path(model: str | None) -> tuple[Path, str]:
     )
 
 
-_CACHE: dict[tuple[str, str, str, bool], LoadedModel] = {}
+_CacheKey = tuple[str, str, str, bool, str]
+_CACHE: dict[_CacheKey, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def _key(
-    path: str | Path, device: torch.device, dtype: torch.dtype, remote: bool
-) -> tuple[str, str, str, bool]:
-    return (str(Path(path).resolve()), str(device), str(dtype), remote)
+    path: str | Path, device: torch.device, dtype: torch.dtype, remote: bool, quantize: str
+) -> _CacheKey:
+    return (str(Path(path).resolve()), str(device), str(dtype), remote, quantize)
 
 
 def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None:
@@ -192,8 +195,9 @@ def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None
     For models built in memory, e.g. random weights from a config for benchmarks: they
     have a directory (holding the config) but no weights to load from it.
     """
+    key = _key(loaded.path, loaded.device, loaded.dtype, trust_remote_code, loaded.quantize)
     with _CACHE_LOCK:
-        _CACHE[_key(loaded.path, loaded.device, loaded.dtype, trust_remote_code)] = loaded
+        _CACHE[key] = loaded
 
 
 def load_model(
@@ -218,7 +222,7 @@ def load_model(
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     with _CACHE_LOCK:
         path, name = _resolve_path(config.model)
-        key = _key(path, device, dtype, config.trust_remote_code)
+        key = _key(path, device, dtype, config.trust_remote_code, config.quantize)
         if key in _CACHE:
             return _CACHE[key]
         common: dict[str, Any] = {
@@ -236,10 +240,12 @@ def load_model(
             )
         model.eval()
         model.requires_grad_(False)
+        quantize_model(model, config.quantize, device)
         # With a device map, inputs go where the first layer is (accelerate moves the rest).
         first = model.device if device_map is not None else device
-        loaded = LoadedModel(model, tokenizer, name, str(path), first, dtype)
+        loaded = LoadedModel(model, tokenizer, name, str(path), first, dtype, config.quantize)
         _CACHE[key] = loaded
         where = getattr(model, "hf_device_map", None) or device
-        logger.info("loaded %s on %s (%s)", name, where, dtype)
+        weights = dtype if config.quantize == "none" else f"{dtype}, {config.quantize} weights"
+        logger.info("loaded %s on %s (%s)", name, where, weights)
         return loaded
