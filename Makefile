@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := langchain,llamaindex,eval,serve,dev
+EXTRAS := langchain,llamaindex,eval,serve,quant,dev
 
 .PHONY: install demo test lint typecheck pytest fuzz bench redteam clean
 

@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from acd_engine.log_noise import install_noise_filters  # after the env vars
+
+install_noise_filters()
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

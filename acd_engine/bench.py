@@ -12,6 +12,14 @@ Rows (same prompts, same number of new tokens in every row):
   prompt and its output is ``hf_cfg``'s (compared, see ``same_tokens_as``).
 * ``acd_batch{N}``: N different conversations through ``Engine.generate_batch``.
 
+Extra rows (``--rows``): ``acd_reference`` (the engine's reference path);
+``hf_plain_fp32`` (``hf_plain`` on the unquantized weights, the yardstick of a
+``--quantize`` run); ``llamacpp_plain`` and ``llamacpp_acd`` (llama.cpp on the same GGUF
+file through :mod:`acd_engine.llamacpp`: plain decoding of ``hf_plain``'s prompt, and the
+``acd`` row's request with the engine's token step; extra ``[llamacpp]``). llama.cpp
+computes with the GGUF's quantized weights, so its tokens are compared by their common
+prefix with the engine's, not for equality.
+
 Every row forces exactly ``new_tokens`` tokens with one logits processor (EOS masked, also
 passed to HF ``generate``), so tokens/s compare like for like. Time to first token is the
 moment that processor first sees scores (on CUDA, once they are computed): the prefill
@@ -49,7 +57,7 @@ import typer
 from pydantic import Field, ValidationInfo, field_validator
 
 from acd_engine.cli_common import fail
-from acd_engine.config import Settings, half_open_unit
+from acd_engine.config import Quantize, Settings, half_open_unit
 from acd_engine.errors import ConfigError
 
 __all__ = ["ROWS", "BenchSettings", "bench_command", "run_bench", "run_row"]
@@ -88,7 +96,8 @@ BATCH_USERS = (
 ROWS = ("hf_plain", "hf_cfg", "acd_plain", "acd", "acd_batch")
 # Not run by default: acd on the engine's reference path (re-embeds and left-pads both
 # branches every request, no prefix cache, one request per forward), for comparison.
-EXTRA_ROWS = ("acd_reference",)
+EXTRA_ROWS = ("acd_reference", "hf_plain_fp32", "llamacpp_plain", "llamacpp_acd")
+LLAMACPP_ROWS = ("llamacpp_plain", "llamacpp_acd")
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # Shapes only; weights are random. For scaling runs without downloading anything.
     "llama3-8b": {
@@ -100,6 +109,17 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 128256,
         "max_position_embeddings": 8192,
         "rope_theta": 500000.0,
+    },
+    "llama3.2-3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
     },
     "smollm2-1.7b": {
         "hidden_size": 2048,
@@ -153,6 +173,11 @@ class BenchSettings(Settings):
     rows: tuple[str, ...] = ROWS
     isolate: bool = True
     compile_step: bool | None = None
+    quantize: Quantize = Field(
+        default="none",
+        description="Weight-only quantization of every row's model (acd_engine.quantize); "
+        "hf_plain_fp32 keeps the unquantized weights.",
+    )
     tokenizer: str | None = Field(
         default=None,
         description="random:<preset> models only: a local directory holding the tokenizer "
@@ -178,6 +203,18 @@ class BenchSettings(Settings):
         unknown = [r for r in v if r not in ROWS + EXTRA_ROWS]
         if unknown:
             raise ValueError(f"must be among {', '.join(ROWS + EXTRA_ROWS)}")
+        return v
+
+    @field_validator("rows")
+    @classmethod
+    def _gguf_for_llamacpp(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        model = info.data.get("model")
+        wants = any(r in LLAMACPP_ROWS for r in v)
+        if wants and model is not None and not model.endswith(".gguf"):
+            raise ValueError(
+                "llamacpp rows need a .gguf model (the default model or --model x.gguf), "
+                f"got {model!r}"
+            )
         return v
 
     @field_validator("tokenizer")
@@ -315,7 +352,36 @@ def _random_config_dir(name: str | None, tokenizer: Any) -> Path | None:
     return None
 
 
-_LOADED: dict[tuple[str | None, str, str, str | None], tuple[Any, Any, str | None]] = {}
+_LOADED: dict[tuple[Any, ...], tuple[Any, Any, str | None]] = {}
+
+
+def _random_quantized(config: Any, dtype: Any, device: Any, scheme: Quantize) -> Any:
+    """A random-weight model built one layer at a time, each linear quantized as soon as it
+    has weights: an 8B shape never holds its ~32 GB fp32 copy, only one layer's at a time
+    (the embedding table, a few GB at that size, stays in floats)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from acd_engine.quantize import quantize_linear
+
+    with init_empty_weights(include_buffers=False):  # parameters on "meta", buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    std = float(getattr(config, "initializer_range", 0.02))
+    for module in model.modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        module.to_empty(device=device, recurse=False)
+        for pname, param in module.named_parameters(recurse=False):
+            with torch.no_grad():
+                if pname == "weight" and param.dim() == 2:
+                    param.normal_(0.0, std)
+                else:  # norms
+                    param.fill_(1.0)
+        if isinstance(module, torch.nn.Linear):
+            quantize_linear(module, scheme)
+    return model.to(device)  # the buffers (rotary frequencies) too
 
 
 def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
@@ -336,7 +402,7 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
         resolve_device_dtype,
     )
 
-    key = (settings.model, settings.device, settings.dtype, settings.tokenizer)
+    key = (settings.model, settings.device, settings.dtype, settings.tokenizer, settings.quantize)
     if key in _LOADED:
         return _LOADED[key]
     random = (settings.model or "").startswith("random:")
@@ -344,7 +410,12 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
     folder = _random_config_dir(settings.model, tokenizer)
     if folder is None:
         loaded = load_model(
-            ModelConfig(model=settings.model, device=settings.device, dtype=settings.dtype)
+            ModelConfig(
+                model=settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                quantize=settings.quantize,
+            )
         )
         return loaded.model, loaded.tokenizer, settings.model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -354,13 +425,19 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
     torch.manual_seed(0)
-    with torch.device(device):
-        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model: Any
+    if settings.quantize == "none":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = _random_quantized(config, dtype, device, settings.quantize)
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     name = settings.model or folder.name
-    register_model(LoadedModel(model, tokenizer, name, str(folder), device, dtype))
+    register_model(
+        LoadedModel(model, tokenizer, name, str(folder), device, dtype, settings.quantize)
+    )
     _LOADED[key] = (model, tokenizer, str(folder))
     return _LOADED[key]
 
@@ -394,6 +471,8 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if name == "hf_plain_fp32":  # hf_plain on the unquantized weights, named as such
+        settings = settings.replace(quantize="none")
     model, tokenizer, engine_path = _load(settings)
     device = model.get_input_embeddings().weight.device
     eos = sorted(
@@ -431,6 +510,23 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
             return [out[0, len(pos_ids) :].tolist()]
 
         extra["prompt_tokens"] = len(pos_ids)
+    elif name in LLAMACPP_ROWS:
+        from acd_engine.llamacpp import LlamaCppDecoder
+        from acd_engine.loading import default_model_path
+
+        engine = _engine_for(settings, engine_path)
+        gguf = settings.model or str(default_model_path())
+        decoder = LlamaCppDecoder(engine, gguf, threads=settings.threads)
+        method = "plain" if name == "llamacpp_plain" else "acd"
+        cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
+        msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
+
+        def call(clock: list[float]) -> list[list[int]]:
+            out = decoder.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
+            return [out.token_ids]
+
+        extra["gguf"] = Path(gguf).name
+        extra["llama_cpp_threads"] = settings.threads or os.cpu_count()
     else:
         engine = _engine_for(settings, engine_path)
         options: dict[str, Any] = {"fast_path": name != "acd_reference"}
@@ -557,7 +653,11 @@ def _engine_for(settings: BenchSettings, path: str | None) -> Any:
     from acd_engine.prompts import OPPOSITE_PROMPT, PromptPack
 
     engine = Engine(
-        path, device=settings.device, dtype=settings.dtype, compile_step=settings.compile_step
+        path,
+        device=settings.device,
+        dtype=settings.dtype,
+        compile_step=settings.compile_step,
+        quantize=settings.quantize,
     )
     pack = PromptPack.from_manual_prompts(
         engine.model, engine.tokenizer, safe_text=BENCH_SYSTEM, opposite_text=OPPOSITE_PROMPT
@@ -661,11 +761,29 @@ def run_bench(
             by_name["acd"]["ratio_vs_hf_cfg"] = (
                 by_name["acd"]["tokens_per_s"] / by_name["hf_cfg"]["tokens_per_s"]
             )
+    base32 = by_name.get("hf_plain_fp32")
+    for r in rows:
+        if base32:
+            r["ratio_vs_hf_plain_fp32"] = r["tokens_per_s"] / base32["tokens_per_s"]
+            r["peak_mem_ratio_vs_hf_plain_fp32"] = r["peak_mem_mib"] / base32["peak_mem_mib"]
+    for name in LLAMACPP_ROWS:
+        if name in by_name:
+            lc = by_name[name]["tokens_per_s"]
+            for r in rows:
+                r[f"ratio_vs_{name}"] = r["tokens_per_s"] / lc
     # Like-for-like check: the engine reproduces transformers' tokens (greedy).
     for ours, theirs in (("acd_plain", "hf_plain"), ("acd", "hf_cfg")):
         if ours in by_name and theirs in by_name:
             by_name[ours]["same_tokens_as"] = {
                 theirs: by_name[ours]["tokens"] == by_name[theirs]["tokens"]
+            }
+    # llama.cpp computes with the GGUF's quantized weights: how long the tokens agree.
+    for ours, theirs in (("llamacpp_plain", "hf_plain"), ("llamacpp_acd", "acd")):
+        if ours in by_name and theirs in by_name:
+            a, b = by_name[ours]["tokens"], by_name[theirs]["tokens"]
+            common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+            by_name[ours]["common_prefix_with"] = {
+                theirs: min(len(a), len(b)) if common is None else common
             }
     for r in rows:
         r.pop("tokens")
@@ -725,6 +843,13 @@ def bench_command(
             help="torch.compile the engine's decode step (default: on CUDA only).",
         ),
     ] = None,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="none | int8 | int4: weight-only quantized linears (torchao, extra [quant]).",
+        ),
+    ] = "none",
     tokenizer: Annotated[
         str | None,
         typer.Option(
@@ -749,6 +874,7 @@ def bench_command(
             rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
             isolate=isolate,
             compile_step=compile_step,
+            quantize=quantize,  # type: ignore[arg-type]  # validated by BenchSettings
             tokenizer=tokenizer,
         )
     except ConfigError as exc:

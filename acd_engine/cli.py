@@ -24,6 +24,7 @@ from acd_engine.cli_common import (
     USER_ERROR_EXIT,
     ModelOpt,
     PackOpt,
+    QuantizeOpt,
     VerboseOpt,
     echo_error,
     run_command,
@@ -149,6 +150,7 @@ def generate(
     gate_threshold: GateThresholdOpt = None,
     system: SystemOpt = None,
     model: ModelOpt = None,
+    quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the GenerationResult as one JSON object.")
@@ -174,7 +176,7 @@ def generate(
             gate_threshold=gate_threshold,
         )
         messages = _messages(prompt, system)
-        engine = get_engine(model, pack=pack)
+        engine = get_engine(model, pack=pack, quantize=quantize)
         result = engine.generate(messages, cfg)
         if as_json:
             typer.echo(json.dumps(result.model_dump(), ensure_ascii=False))
@@ -194,6 +196,7 @@ def compare(
     max_new_tokens: MaxTokOpt = 48,
     plausibility: TauOpt = 0.0,
     model: ModelOpt = None,
+    quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     verbose: VerboseOpt = False,
@@ -221,7 +224,7 @@ def compare(
             )
             for m in names
         ]
-        engine = get_engine(model, pack=pack)
+        engine = get_engine(model, pack=pack, quantize=quantize)
         console = Console(stderr=False, width=max(Console().width, 120))
         rows: list[dict[str, Any]] = []
         for prompt in prompts:
@@ -264,6 +267,7 @@ def chat(
     temperature: TempOpt = 0.0,
     system: SystemOpt = None,
     model: ModelOpt = None,
+    quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -278,7 +282,7 @@ def chat(
             method=method, alpha=alpha, max_new_tokens=max_new_tokens, temperature=temperature
         )
         history: list[dict[str, str]] = _messages("", system)[:-1]
-        engine = get_engine(model, pack=pack)
+        engine = get_engine(model, pack=pack, quantize=quantize)
         typer.echo(f"{engine.model_name} · method {cfg.method} · empty line quits")
         while True:
             try:
@@ -356,6 +360,7 @@ def eval_command(
         ),
     ] = None,
     model: ModelOpt = None,
+    quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -399,7 +404,9 @@ def eval_command(
         check_pack_file(options, pack)  # acd-gate with a gateless --pack fails before loading
         if judge_obj is None:
             judge_obj = get_judge(judge, **judge_options)
-        run_eval(get_engine(model, pack=pack), options, judge=judge_obj, plan=plan)
+        run_eval(
+            get_engine(model, pack=pack, quantize=quantize), options, judge=judge_obj, plan=plan
+        )
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
     run_command(go)
@@ -422,6 +429,7 @@ _register_long_jobs()
 @app.command("serve")
 def serve_command(
     model: ModelOpt = None,
+    quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
@@ -467,6 +475,7 @@ def serve_command(
         defaults={"method": method, "alpha": alpha, "max_tokens": max_tokens},
         device=device,
         device_map=device_map,
+        quantize=quantize,
         ray=ray,
         replicas=replicas,
         num_cpus=num_cpus,

@@ -23,6 +23,7 @@ __all__ = [
     "USER_ERROR_EXIT",
     "ModelOpt",
     "PackOpt",
+    "QuantizeOpt",
     "VerboseOpt",
     "echo_error",
     "fail",
@@ -37,6 +38,13 @@ T = TypeVar("T")
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Local HF model dir or .gguf file (default: embedded SmolLM2)."),
+]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        help="none | int8 | int4: weight-only quantized linear layers (torchao, extra [quant]).",
+    ),
 ]
 PackOpt = Annotated[
     str | None, typer.Option("--pack", help="Prompt pack .safetensors for method acd.")

@@ -11,7 +11,7 @@ alone. Pydantic's own wording is translated into that style in :func:`format_err
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 
 from pydantic import (
     BaseModel,
@@ -37,10 +37,10 @@ from acd_engine.methods import (
 __all__ = [
     "CONTRAST_METHODS",
     "METHODS",
+    "QUANTIZE_SCHEMES",
     "DecodingConfig",
     "Method",
     "ModelConfig",
-    "QUANTIZE_SCHEMES",
     "Quantize",
     "Settings",
     "check_text",

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from acd_engine.config import DecodingConfig, ModelConfig, format_errors
+from acd_engine.config import DecodingConfig, ModelConfig, Quantize, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import (
     ACDError,
@@ -90,6 +90,9 @@ class ServerOptions(BaseModel):
     pack: str | None = Field(default=None, description="Prompt pack for method 'acd'.")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto', 'float32', 'bfloat16', 'float16'.")
+    quantize: Quantize = Field(
+        default="none", description="'int8' or 'int4' weight-only quantized linears, or 'none'."
+    )
     device_map: str | None = Field(
         default=None,
         description="accelerate's device_map ('auto': spread a model too big for one GPU over "
@@ -170,6 +173,7 @@ class _Server:
                         model=self.options.model,
                         device=self.options.device,
                         dtype=self.options.dtype,
+                        quantize=self.options.quantize,
                     ),
                     device_map=self.options.device_map,
                 )
@@ -178,6 +182,7 @@ class _Server:
                 device=self.options.device,
                 dtype=self.options.dtype,
                 pack=self.options.pack,
+                quantize=self.options.quantize,
             )
         except (ACDError, OSError) as exc:  # reported by /health and every request
             self.load_error = str(exc)

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -125,3 +127,51 @@ def test_force_length_masks_eos_and_unknown_ids_with_one_cached_mask():
     assert torch.equal(first, second) and torch.equal(scores, torch.zeros(1, 10))
     assert len(clock) == 2 and clock[0] <= clock[1]
     assert len(bench._BANNED) == before + 1  # built once, reused on the next step
+
+
+def test_quantized_random_model_rows_agree_with_hf_on_the_same_weights(engine):
+    """A quantized random model is built layer by layer (never whole in fp32); the engine's
+    plain row still reproduces HF generate's tokens on those weights, and hf_plain_fp32
+    runs on the float weights as the yardstick."""
+    pytest.importorskip("torchao", reason="quantization needs the [quant] extra (torchao)")
+    from acd_engine.config import ModelConfig
+    from acd_engine.loading import cache_dir, load_model
+    from acd_engine.quantize import is_quantized
+
+    settings = BenchSettings(
+        model="random:tiny",
+        quantize="int8",
+        new_tokens=3,
+        reps=1,
+        warmup=0,
+        rows=("hf_plain_fp32", "hf_plain", "acd_plain"),
+        isolate=False,
+    )
+    rows = {r["name"]: r for r in run_bench(settings)["rows"]}
+    assert rows["acd_plain"]["same_tokens_as"] == {"hf_plain": True}
+    assert rows["hf_plain_fp32"]["ratio_vs_hf_plain_fp32"] == 1.0
+    assert rows["acd_plain"]["ratio_vs_hf_plain_fp32"] > 0
+    folder = cache_dir() / "bench" / "random-tiny"  # the bench registers its model there
+    model = load_model(ModelConfig(model=str(folder), quantize="int8")).model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(is_quantized(m.weight) for m in linears)
+    assert torch.isfinite(model.get_input_embeddings().weight).all()
+
+
+def test_llamacpp_rows_need_a_gguf_model():
+    res = runner.invoke(app, ["bench", "--model", "random:tiny", "--rows", "llamacpp_plain"])
+    assert res.exit_code == 2
+    assert "rows llamacpp rows need a .gguf model" in res.stderr
+    assert "got 'random:tiny'" in res.stderr
+
+
+def test_llamacpp_rows_run_on_the_default_gguf(engine):
+    pytest.importorskip("llama_cpp", reason="the llama.cpp rows need the [llamacpp] extra")
+    settings = BenchSettings(
+        new_tokens=4, reps=1, warmup=0, rows=("llamacpp_plain", "llamacpp_acd"), isolate=False
+    )
+    rows = {r["name"]: r for r in run_bench(settings)["rows"]}
+    for r in rows.values():
+        assert r["new_tokens_per_request"] == 4 and r["tokens_per_s"] > 0
+        assert r["gguf"].endswith(".gguf")
+    assert rows["llamacpp_acd"]["ratio_vs_llamacpp_plain"] > 0
