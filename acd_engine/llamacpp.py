@@ -113,8 +113,7 @@ class LlamaCppDecoder:
             raise ConfigError(f"llama.cpp could not load the GGUF file {gguf}")
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = 2 * n_ctx
-        cparams.n_batch = n_ctx
-        cparams.n_ubatch = n_ctx
+        cparams.n_batch = cparams.n_ubatch = 2 * n_ctx  # both rows' prompts in one batch
         cparams.n_seq_max = 2
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = lib.llama_init_from_model(self.model, cparams)
@@ -127,7 +126,7 @@ class LlamaCppDecoder:
                 f"the GGUF's hidden size must be the engine model's "
                 f"{engine.model.config.hidden_size}, got {self.hidden}"
             )
-        self.embd_batch = lib.llama_batch_init(n_ctx, self.hidden, 1)
+        self.embd_batch = lib.llama_batch_init(2 * n_ctx, self.hidden, 1)
         self.token_batch = lib.llama_batch_init(2, 0, 1)
 
     def close(self) -> None:
@@ -153,21 +152,28 @@ class LlamaCppDecoder:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
 
-    def _prefill(self, embeds: torch.Tensor, seq: int) -> None:
-        """Feed ``[T, H]`` input embeddings as sequence ``seq``, positions 0..T-1."""
-        n = embeds.shape[0]
-        if n > self.n_ctx:
-            raise ConfigError(f"prompt must be at most {self.n_ctx} tokens, got {n}")
+    def _prefill(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Feed each ``[T_r, H]`` input-embedding row as sequence r (positions 0..T_r-1),
+        all in one batch; return each row's last logits ``[1, V]``."""
         b = self.embd_batch
-        data = embeds.detach().to(torch.float32).contiguous().numpy()
+        n = sum(r.shape[0] for r in rows)
+        for r in rows:
+            if r.shape[0] > self.n_ctx:
+                raise ConfigError(f"prompt must be at most {self.n_ctx} tokens, got {r.shape[0]}")
+        data = torch.cat(rows).detach().to(torch.float32).contiguous().numpy()  # [n, H]
         ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
-        for i in range(n):
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = i == n - 1
+        i, last = 0, []
+        for seq, r in enumerate(rows):
+            for pos in range(r.shape[0]):
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = pos == r.shape[0] - 1
+                i += 1
+            last.append(i - 1)
         b.n_tokens = n
         self._decode(b)
+        return [self._logits(j) for j in last]
 
     def _step(self, token: int, positions: list[int]) -> list[torch.Tensor]:
         """Decode ``token`` on sequences 0..len(positions)-1; return their logits."""
@@ -200,17 +206,13 @@ class LlamaCppDecoder:
         plan = engine.plan(cfg)
         embeds, mask, shared = engine.rows.branch_inputs(rendered, plan)  # [R, T, H], [R, T]
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
-        rows = []
-        for r in range(embeds.shape[0]):
-            row = embeds[r][mask[r].bool()]  # drop the left padding: [T_r, H]
-            self._prefill(row, r)
-            rows.append([self._logits(-1)])  # the last prompt position's logits
-        lengths = [int(mask[r].sum()) for r in range(embeds.shape[0])]
+        rows = [embeds[r][mask[r].bool()] for r in range(embeds.shape[0])]  # unpadded [T_r, H]
+        logits = self._prefill(rows)
+        lengths = [row.shape[0] for row in rows]
         if constraint is not None and not isinstance(constraint, LogitsProcessorList):
             constraint = LogitsProcessorList([constraint])
         step = TokenStep(cfg, constraint, torch.device("cpu"))
         ids = list(shared)
-        logits = [r[0] for r in rows]
         for i in range(cfg.max_new_tokens):
             pos = logits[0]
             neg = logits[1] if len(logits) > 1 and step.contrasting(i) else None
@@ -220,7 +222,9 @@ class LlamaCppDecoder:
             if token in engine.eos_token_ids or i + 1 == cfg.max_new_tokens:
                 return
             ids.append(token)
-            logits = self._step(token, [n + i for n in lengths])
+            # once the contrast_tokens schedule ends, the negative sequence is left behind
+            active = lengths if step.contrasting(i + 1) else lengths[:1]
+            logits = self._step(token, [n + i for n in active])
 
     def generate(
         self,

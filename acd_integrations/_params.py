@@ -69,7 +69,7 @@ DECODING_PARAMS: tuple[Param, ...] = (
 )
 
 #: Keywords that pick the engine (``get_engine``'s arguments) rather than a decoding field.
-ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "pack")
+ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "quantize", "pack")
 
 #: Adapter keyword -> ``DecodingConfig`` field.
 PARAM_TO_FIELD: dict[str, str] = {p.name: p.field for p in DECODING_PARAMS}

@@ -62,7 +62,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
-from acd_engine.config import DecodingConfig, Method, did_you_mean, format_errors
+from acd_engine.config import DecodingConfig, Method, ModelConfig, did_you_mean, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
 from acd_engine.loading import DEFAULT_MODEL_NAME
@@ -118,6 +118,10 @@ class ChatACD(BaseChatModel):
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto', 'float32', 'bfloat16', 'float16'.")
+    quantize: str = Field(
+        default="none",
+        description=ModelConfig.model_fields["quantize"].description,
+    )
     pack: str | None = Field(
         default=None, description="Prompt pack (SP/AP) file for method='acd'; None: shipped."
     )
@@ -231,6 +235,7 @@ class ChatACD(BaseChatModel):
             model if model is not None else self.model,
             device=self.device,
             dtype=self.dtype,
+            quantize=self.quantize,
             pack=self.pack,
         )
 

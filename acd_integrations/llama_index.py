@@ -35,7 +35,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr
 
-from acd_engine.config import DecodingConfig
+from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
 from acd_integrations._async import aiter_in_thread, arun_in_thread
@@ -118,6 +118,10 @@ class ACDLLM(FunctionCallingLLM):
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto', 'float32', 'bfloat16', 'float16'.")
+    quantize: str = Field(
+        default="none",
+        description=ModelConfig.model_fields["quantize"].description,
+    )
     pack: str | None = Field(
         default=None, description="Prompt pack .safetensors for method 'acd' (default: shipped)."
     )
@@ -151,7 +155,13 @@ class ACDLLM(FunctionCallingLLM):
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
         self._base = build_config(self._decoding_values(), owner="ACDLLM")
-        self._engine = get_engine(self.model, device=self.device, dtype=self.dtype, pack=self.pack)
+        self._engine = get_engine(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            pack=self.pack,
+        )
 
     def _decoding_values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in PARAM_TO_FIELD}

@@ -1,0 +1,50 @@
+"""ACD on llama.cpp (acd_engine.llamacpp): needs the [llamacpp] extra, which `make test`
+does not install (pip compiles llama.cpp for ~9 minutes); these tests skip without it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp decoder needs the [llamacpp] extra")
+
+from acd_engine.config import DecodingConfig
+from acd_engine.llamacpp import LlamaCppDecoder
+from acd_engine.loading import default_model_path
+
+PROMPT = [{"role": "user", "content": "How do I bake bread at home?"}]
+N = 8
+
+
+@pytest.fixture(scope="module")
+def decoder(engine):
+    d = LlamaCppDecoder(engine, default_model_path(), threads=2, n_ctx=512)
+    yield d
+    d.close()
+
+
+def test_plain_follows_the_engine_on_the_same_gguf(engine, decoder):
+    """llama.cpp computes with the GGUF's Q4_1 weights, the engine with their fp32
+    dequantization: on this prompt the greedy tokens agree (checked, not assumed)."""
+    cfg = DecodingConfig(method="plain", max_new_tokens=N)
+    assert decoder.generate(PROMPT, cfg).token_ids == engine.generate(PROMPT, cfg).token_ids
+
+
+def test_alpha_zero_contrast_is_the_positive_sequence_alone(decoder):
+    """Two sequences share one context: the negative one must not leak into the positive
+    one's cache (wrong seq ids or positions would change its logits)."""
+    base = decoder.generate(PROMPT, DecodingConfig(method="base", max_new_tokens=N))
+    oid0 = decoder.generate(PROMPT, DecodingConfig(method="oid", alpha=0.0, max_new_tokens=N))
+    assert oid0.token_ids == base.token_ids
+    oid = decoder.generate(PROMPT, DecodingConfig(method="oid", alpha=0.9, max_new_tokens=N))
+    assert oid.token_ids != base.token_ids  # the contrast does act
+
+
+def test_a_prompt_longer_than_the_context_is_refused(engine):
+    from acd_engine.errors import ConfigError
+
+    small = LlamaCppDecoder(engine, default_model_path(), threads=1, n_ctx=16)
+    try:
+        with pytest.raises(ConfigError, match="prompt must be at most 16 tokens"):
+            small.generate(PROMPT, DecodingConfig(method="plain", max_new_tokens=2))
+    finally:
+        small.close()
