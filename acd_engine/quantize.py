@@ -20,6 +20,8 @@ plain weights only, so they stand aside on a quantized model.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +102,20 @@ def quantize_linear(module: torch.nn.Linear, scheme: Quantize) -> bool:
     return True
 
 
+def _release_freed_memory() -> None:
+    """Hand the freed fp32 weights back to the OS.
+
+    glibc keeps freed blocks in its arenas, so the process would go on holding the fp32
+    copy's size after quantizing it (measured: 942 MiB RSS for the int8 default model,
+    619 MiB after trimming). ``malloc_trim`` exists on glibc only; elsewhere this is a no-op.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        logger.debug("malloc_trim unavailable; freed memory stays with the allocator")
+
+
 def quantize_model(
     model: torch.nn.Module,
     scheme: Quantize,
@@ -132,6 +148,14 @@ def quantize_model(
             skipped.append(f"{module.in_features}x{module.out_features}")
         if progress is not None:
             progress(i + 1, len(linears))
+    # transformers loads safetensors as views of the file's memory map. Every page of it
+    # was read while quantizing, and one float tensor still viewing it (the embedding
+    # table) would keep the whole fp32 file resident: give the float tensors that remain
+    # their own memory, so the map (and the fp32 weights with it) is released.
+    for param in model.parameters():
+        if not is_quantized(param):
+            param.data = param.data.clone()
+    _release_freed_memory()
     if skipped:
         logger.info("%d linear layers stay in floats for %s: %s", len(skipped), scheme, skipped)
     logger.info("quantized %d linear layers to %s", done, scheme)
