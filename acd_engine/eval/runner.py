@@ -417,11 +417,16 @@ def _engine_pins(engine: EvalModel, options: EvalOptions) -> dict[str, Any]:
     if isinstance(fingerprint, dict):
         for key, value in sorted(fingerprint.items()):
             pins[f"model {key}"] = value
-    # Quantized weights answer differently: a run never mixes them with float ones. Pinned
-    # only when quantized, so run directories written before the option still resume.
-    quantize = getattr(getattr(engine, "model_config", None), "quantize", "none")
-    if quantize != "none":
-        pins["model quantize"] = quantize
+    describe = getattr(engine, "describe", None)
+    if callable(describe):
+        facts = describe()
+        if isinstance(facts, dict) and "dtype" in facts:
+            pins["model dtype"] = facts["dtype"]
+    # Quantized weights answer differently: a run never mixes them with float ones. A run
+    # directory written before this pin existed gains it on resume (new pins extend).
+    model_config = getattr(engine, "model_config", None)
+    if model_config is not None:
+        pins["model quantize"] = model_config.quantize
     if "acd" in options.methods or GATED_METHOD in options.methods:
         pack = getattr(engine, "pack", None)
         if pack is not None:

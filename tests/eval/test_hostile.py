@@ -184,8 +184,13 @@ def test_a_judge_bug_is_not_swallowed(data_dir: Path, tmp_path: Path) -> None:
 class PackedEngine(FakeEngine):
     """A fake with the identity fields of a real Engine: fingerprint, dtype and a pack."""
 
-    def __init__(self, sp: float = 0.0, emb: str = "e1", dtype: str = "float32") -> None:
+    def __init__(
+        self, sp: float = 0.0, emb: str = "e1", dtype: str = "float32", quantize: str = "none"
+    ) -> None:
         super().__init__()
+        from acd_engine.config import ModelConfig
+
+        self.model_config = ModelConfig(quantize=quantize)  # type: ignore[arg-type]
 
         class Pack:
             pass
@@ -224,6 +229,7 @@ def test_pack_sha256_hashes_the_tensors() -> None:
             PackedEngine(dtype="bfloat16"),
             r"was made with model dtype 'float32', got 'bfloat16'",
         ),
+        (PackedEngine(), PackedEngine(quantize="int8"), r"was made with model quantize 'none', got 'int8'"),
     ],
 )
 def test_another_model_or_pack_in_the_same_folder_is_refused(
