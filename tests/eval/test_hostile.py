@@ -229,7 +229,11 @@ def test_pack_sha256_hashes_the_tensors() -> None:
             PackedEngine(dtype="bfloat16"),
             r"was made with model dtype 'float32', got 'bfloat16'",
         ),
-        (PackedEngine(), PackedEngine(quantize="int8"), r"was made with model quantize 'none', got 'int8'"),
+        (
+            PackedEngine(),
+            PackedEngine(quantize="int8"),
+            r"was made with model quantize 'none', got 'int8'",
+        ),
     ],
 )
 def test_another_model_or_pack_in_the_same_folder_is_refused(
