@@ -1,19 +1,21 @@
 """A request as the engine queues it, and how calls are run: decoded together, in a
-coalesced group, or streamed from a worker thread.
+coalesced group, in batches, or streamed from a worker thread.
 
 :class:`Call` is what :class:`~acd_engine.coalesce.Coalescer` carries for the engine;
-:func:`decode_calls` is the request path itself (rows -> decoder -> answer loop);
-:func:`run_coalesced` runs one group with a fallback that gives every call its own answer
-or its own error; :func:`stream_in_thread` turns a blocking call into a stream that holds
-no lock between tokens.
+:class:`CallRunner` decides how a call runs (alone on the reference path, queued for
+coalescing on the fast path, batches in groups); :func:`decode_calls` is the request path
+itself (rows -> decoder -> answer loop); :func:`run_coalesced` runs one group with a
+fallback that gives every call its own answer or its own error; :func:`stream_in_thread`
+turns a blocking call into a stream that holds no lock between tokens.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,15 +31,17 @@ from acd_engine.answer import (
     result_of,
     run_answers,
 )
-from acd_engine.coalesce import Pending
+from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig
 from acd_engine.decoding import decode
+from acd_engine.errors import ConfigError
 from acd_engine.rendering import Messages, template_kwargs
 
 if TYPE_CHECKING:
     from acd_engine.engine import Engine
 
-__all__ = ["AnyEvent", "Call", "decode_calls", "run_coalesced", "stream_in_thread"]
+__all__ = ["AnyEvent", "Call", "CallRunner", "calls_of", "coalesce_key", "decode_calls"]
+__all__ += ["run_coalesced", "stream_in_thread", "text_deltas"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,78 @@ class Call:
     def out(self) -> Sink | None:
         """Where this call's chunks go (None when nobody streams it)."""
         return self.emit if self.sink is not None else None
+
+
+def calls_of(
+    batch: Sequence[Messages],
+    config: DecodingConfig,
+    tools: Sequence[dict[str, Any]] | None,
+    constraint: LogitsProcessorList | Sequence[LogitsProcessorList | None] | None,
+    cancel: CancelFlag | None,
+) -> list[Call]:
+    """One call per conversation of a batch; ``constraint`` is one (stateless) list for
+    all, or one list (or None) per conversation."""
+    if constraint is None or isinstance(constraint, LogitsProcessorList):
+        constraints: list[LogitsProcessorList | None] = [constraint] * len(batch)
+    elif len(constraints := list(constraint)) != len(batch):
+        raise ConfigError(
+            f"constraint must have one entry per conversation ({len(batch)}), got "
+            f"{len(constraints)}"
+        )
+    return [Call(m, config, tools, c, cancel) for m, c in zip(batch, constraints, strict=True)]
+
+
+def coalesce_key(call: Call) -> tuple[str, str]:
+    """Calls with equal keys (the same decoding settings and tools) may share a decode."""
+    return call.config.model_dump_json(), json.dumps(call.tools, sort_keys=True, default=str)
+
+
+class CallRunner:
+    """How an engine's calls run: the one way in for ``generate``, streams and batches.
+
+    On the reference path every call runs alone under the engine's lock. On the fast path a
+    call queues in the :class:`~acd_engine.coalesce.Coalescer`, and a batch runs in groups
+    of ``max_batch_requests``; both go through :meth:`decode_group`, the one place a
+    batched decode of several calls starts.
+
+    Args:
+        engine: The engine whose kernels, options and request path the calls use.
+        lock: The engine's lock; held while anything decodes.
+    """
+
+    def __init__(self, engine: Engine, lock: threading.RLock) -> None:
+        self.engine = engine
+        self.lock = lock
+        self.coalescer: Coalescer[GenerationResult] = Coalescer(
+            self.run_coalesced, lock, lambda: engine.options.max_batch_requests
+        )
+
+    def decode(self, calls: list[Call]) -> list[GenerationResult]:
+        """Decode ``calls`` together under the lock (:func:`decode_calls`)."""
+        with self.lock:
+            return decode_calls(self.engine, calls)
+
+    def decode_group(self, calls: list[Call]) -> list[GenerationResult]:
+        """One batched decode of several calls (what coalescing and batches run)."""
+        return self.decode(calls)
+
+    def submit(self, call: Call) -> GenerationResult:
+        """Run one call: alone on the reference path, else coalesced with compatible ones."""
+        if not self.engine.kernels.use_fast_path():
+            return self.decode([call])[0]
+        return self.coalescer.submit(call, coalesce_key(call))
+
+    def run_coalesced(self, group: Sequence[Pending[GenerationResult]]) -> None:
+        """Run a coalesced group (lock held): one batched decode, or each call alone."""
+        run_coalesced(group, self.decode_group, lambda call: self.decode([call])[0])
+
+    def batch(self, calls: list[Call]) -> list[GenerationResult]:
+        """Results of ``calls`` in order: batched decodes of ``max_batch_requests`` calls
+        on the fast path, one call at a time on the reference path."""
+        if not self.engine.kernels.use_fast_path():
+            return [self.submit(call) for call in calls]
+        k = self.engine.options.max_batch_requests
+        return [r for s in range(0, len(calls), k) for r in self.decode_group(calls[s : s + k])]
 
 
 def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
@@ -177,3 +253,12 @@ def stream_in_thread(
             yield item
     finally:  # closed, dropped or finished: stop decoding at the next token
         closed.set()
+
+
+def text_deltas(chunks: Generator[StreamChunk, None, None]) -> Iterator[str]:
+    """The non-empty text of ``chunks``; closing this iterator closes the stream (and so
+    stops its decode)."""
+    try:
+        yield from (chunk.text for chunk in chunks if chunk.text)
+    finally:
+        chunks.close()

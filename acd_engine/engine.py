@@ -1,18 +1,15 @@
-"""The public object: one engine owns a model, its tokenizer, a prompt pack and a lock.
-
-It delegates every job: rendering to :mod:`acd_engine.rendering`, rows to
-:mod:`acd_engine.rows`, forwards and kernels to :mod:`acd_engine.kernels`, the token step to
-:mod:`acd_engine.step`, tokens -> text and results to :mod:`acd_engine.answer`, queueing
-and streaming to :mod:`acd_engine.calls`. See docs/architecture.md for one call's path.
+"""The public object: one engine owns a model, its tokenizer, a prompt pack, its options
+and a lock, and delegates every other job; docs/architecture.md names the module that does
+each, in the order one ``generate`` call reaches them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +17,10 @@ import torch
 from transformers import LogitsProcessorList
 
 from acd_engine.answer import GenerationResult, StreamChunk, Usage, eos_token_ids
-from acd_engine.calls import Call, decode_calls, run_coalesced, stream_in_thread
-from acd_engine.coalesce import Coalescer, Pending
+from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_deltas
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
-from acd_engine.errors import ConfigError
-from acd_engine.gate import GateVerdict, SafetyGate, capture_last_states, features_of
-from acd_engine.gate import gate_threshold as threshold_of
+from acd_engine.gate import GateVerdict, SafetyGate, probe_features, verdict_of
 from acd_engine.kernels import EngineOptions, KernelPolicy
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache
@@ -46,16 +40,14 @@ class Engine:
 
     Thread-safe: a lock serialises requests, so concurrent callers never interleave state.
     Use :func:`get_engine` to share one engine (and one copy of the weights) per process.
+    ``model``, ``tokenizer``, ``model_name``, ``device`` and ``context_window`` are those of
+    ``loaded``, the process-wide :class:`~acd_engine.loading.LoadedModel`.
 
     Args:
-        model: Local HF model directory, ``.gguf`` file, or None for the embedded default.
-        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"`` or ``"mps"``.
-        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ...
+        model, device, dtype, trust_remote_code, quantize: Which model to load, where and
+            how: the fields of :class:`~acd_engine.config.ModelConfig` (documented there).
         pack: Prompt pack for ``method="acd"``: a path, a :class:`PromptPack`, or None for
             the pack shipped for this model (else the manual-prompt initialisation).
-        trust_remote_code: Allow model code from the model directory to run.
-        quantize: ``"int8"`` or ``"int4"`` weight-only linear layers (torchao), or
-            ``"none"``; see :class:`~acd_engine.config.ModelConfig`.
         defaults: Decoding settings used when a call passes none.
         fast_path, compile_step: Shortcuts for the :class:`EngineOptions` fields.
         options: How forwards run (:class:`EngineOptions`); never changes a greedy token.
@@ -83,10 +75,14 @@ class Engine:
             quantize=quantize,
         )
         self.loaded: LoadedModel = load_model(self.model_config)
+        self.model: Any = self.loaded.model
+        self.tokenizer: Any = self.loaded.tokenizer
+        self.model_name = self.loaded.name
+        self.device = self.loaded.device
+        self.context_window = self.loaded.context_window
         self.defaults = defaults or DecodingConfig()
         self._pack_source = pack
         self._pack: PromptPack | None = None
-        self._fingerprint: dict[str, str] | None = None
         self._lock = threading.RLock()
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.renderer = Renderer(self.tokenizer, self.model_name)
@@ -96,54 +92,27 @@ class Engine:
         )
         self.options = (options or EngineOptions()).with_shortcuts(fast_path, compile_step)
         self.kernels = KernelPolicy(self.model, self.options, self.model_name, self.device)
-        self._coalescer: Coalescer[GenerationResult] = Coalescer(
-            self._run_calls, self._lock, lambda: self.options.max_batch_requests
-        )
+        self.calls = CallRunner(self, self._lock)
+        self._coalescer = self.calls.coalescer  # its queue, as tests watch it
 
     # ------------------------------------------------------------------ what it owns
-    @property
-    def model(self) -> Any:
-        return self.loaded.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.loaded.name
-
-    @property
-    def device(self) -> torch.device:
-        return self.loaded.device
-
-    @property
-    def context_window(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
-
-    @property
+    @cached_property
     def fingerprint(self) -> dict[str, str]:
         """The model's fingerprint (computed once; hashes the embedding matrix)."""
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, self.tokenizer)
-        return self._fingerprint
+        return model_fingerprint(self.model, self.tokenizer)
 
     @property
     def pack(self) -> PromptPack:
         """The SP/AP pack used by ``method="acd"`` (resolved on first use)."""
         with self._lock:
             if self._pack is None:
-                self._pack = self._resolve(self._pack_source)
+                self._pack = resolve_pack(self._pack_source, self.loaded, self.fingerprint)
             return self._pack
-
-    def _resolve(self, source: str | Path | PromptPack | None) -> PromptPack:
-        return resolve_pack(source, self.model, self.tokenizer, self.fingerprint, self.model_name)
 
     def set_pack(self, pack: str | Path | PromptPack | None) -> None:
         """Swap the prompt pack (checked against this model) for later requests."""
         with self._lock:
-            self._pack = self._resolve(pack)
+            self._pack = resolve_pack(pack, self.loaded, self.fingerprint)
 
     def set_options(self, **changes: Any) -> None:
         """Change :class:`EngineOptions` fields (validated) for later requests; what the
@@ -162,14 +131,8 @@ class Engine:
         self.set_options(fast_path=on)
 
     def describe(self) -> dict[str, Any]:
-        """Identifying facts for logs and reports (the eval runner pins the dtype from it)."""
-        return {
-            "model_name": self.model_name,
-            "model_path": self.loaded.path,
-            "device": str(self.device),
-            "dtype": str(self.loaded.dtype).replace("torch.", ""),
-            "context_window": self.context_window,
-        }
+        """Identifying facts for logs and reports (:meth:`LoadedModel.describe`)."""
+        return self.loaded.describe()
 
     # ------------------------------------------------------------------ rendering
     def encode_data(self, text: str) -> list[int]:
@@ -214,25 +177,18 @@ class Engine:
 
     def gate_features(self, messages: Messages, layers: Sequence[int]) -> torch.Tensor:
         """``[1, F]``: the gate's features from a forward of the request's plain rendering."""
-        rendered = self.render(messages)
-        assert rendered.plain is not None
-        ids = torch.tensor([rendered.plain], device=self.device)
-        with self._lock, torch.inference_mode(), capture_last_states(self.model, layers) as st:
-            self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        return features_of(st)
+        plain = self.render(messages).plain
+        assert plain is not None
+        with self._lock:
+            return probe_features(self.model, plain, layers, self.device)
 
     def gate_verdict(self, messages: Messages, config: DecodingConfig) -> GateVerdict | None:
         """The gate's verdict on one request (a forward of its own; None when not gated)."""
-        gate = self.active_gate(config)
-        if gate is None:
+        if (gate := self.active_gate(config)) is None:
             return None
-        score = float(gate.probability(self.gate_features(messages, gate.layers)))
-        return GateVerdict(score, threshold_of(config, gate))
+        return verdict_of(gate, config, self.gate_features(messages, gate.layers))
 
     # ------------------------------------------------------------------ generation
-    def _config(self, config: DecodingConfig | None, overrides: dict[str, Any]) -> DecodingConfig:
-        return (config or self.defaults).replace(**overrides)
-
     def generate(
         self,
         messages: Messages,
@@ -252,8 +208,8 @@ class Engine:
         Calls from several threads while the engine is busy are decoded together
         (:mod:`acd_engine.coalesce`); each result is the one a lone call would get.
         """
-        cfg = self._config(config, overrides)
-        return self._submit(Call(messages, cfg, tools, constraint, cancel))
+        cfg = (config or self.defaults).replace(**overrides)
+        return self.calls.submit(Call(messages, cfg, tools, constraint, cancel))
 
     def stream_chunks(
         self,
@@ -268,18 +224,14 @@ class Engine:
         """Text deltas (their concatenation is :meth:`generate`'s text); the last chunk
         carries ``finish_reason`` and ``usage``. Takes :meth:`generate`'s arguments, checked
         here; closing the stream stops the decode (:func:`acd_engine.calls.stream_in_thread`)."""
-        cfg = self._config(config, overrides)
-        return stream_in_thread(self._submit, Call(messages, cfg, tools, constraint, cancel))
+        cfg = (config or self.defaults).replace(**overrides)
+        return stream_in_thread(self.calls.submit, Call(messages, cfg, tools, constraint, cancel))
 
     def stream(
         self, messages: Messages, config: DecodingConfig | None = None, **kwargs: Any
     ) -> Iterator[str]:
         """Yield text deltas whose concatenation equals :meth:`generate`'s text."""
-        chunks = self.stream_chunks(messages, config, **kwargs)
-        try:
-            yield from (chunk.text for chunk in chunks if chunk.text)
-        finally:
-            chunks.close()
+        yield from text_deltas(self.stream_chunks(messages, config, **kwargs))
 
     def generate_batch(
         self,
@@ -294,39 +246,8 @@ class Engine:
         """Answers for several conversations, in order, up to ``max_batch_requests`` per
         forward; each equals what :meth:`generate` returns for it alone. ``constraint`` is
         one (stateless) list for all, or one list (or None) per conversation."""
-        cfg = self._config(config, overrides)
-        if constraint is None or isinstance(constraint, LogitsProcessorList):
-            constraints: list[LogitsProcessorList | None] = [constraint] * len(batch)
-        elif len(constraints := list(constraint)) != len(batch):
-            raise ConfigError(
-                f"constraint must have one entry per conversation ({len(batch)}), got "
-                f"{len(constraints)}"
-            )
-        calls = [Call(m, cfg, tools, c, cancel) for m, c in zip(batch, constraints, strict=True)]
-        if not self.kernels.use_fast_path():
-            return [self._submit(call) for call in calls]
-        k = self.options.max_batch_requests
-        return [r for s in range(0, len(calls), k) for r in self._generate_group(calls[s : s + k])]
-
-    def _submit(self, call: Call) -> GenerationResult:
-        """Queue ``call`` for the engine (coalesced with compatible ones on the fast path)."""
-        if not self.kernels.use_fast_path():
-            with self._lock:
-                return self._decode([call])[0]
-        key = (call.config.model_dump_json(), json.dumps(call.tools, sort_keys=True, default=str))
-        return self._coalescer.submit(call, key)
-
-    def _run_calls(self, group: Sequence[Pending[GenerationResult]]) -> None:
-        """Run coalesced calls (lock held): one batched decode, or each call alone."""
-        run_coalesced(group, self._generate_group, lambda call: self._decode([call])[0])
-
-    def _generate_group(self, calls: list[Call]) -> list[GenerationResult]:
-        """One batched decode of several calls (what coalescing and batches run)."""
-        return self._decode(calls)
-
-    def _decode(self, calls: list[Call]) -> list[GenerationResult]:
-        with self._lock:  # the request path itself: acd_engine.calls.decode_calls
-            return decode_calls(self, calls)
+        cfg = (config or self.defaults).replace(**overrides)
+        return self.calls.batch(calls_of(batch, cfg, tools, constraint, cancel))
 
     # ------------------------------------------------------------------ scoring
     def score_continuations(
@@ -338,13 +259,9 @@ class Engine:
     ) -> list[float]:
         """Summed log-probability of each continuation under the method's distribution
         (:mod:`acd_engine.scoring`); the gate routes the request as it would a generation."""
-        cfg = self._config(config, overrides)
-        verdict = self.gate_verdict(messages, cfg)
-        if verdict is not None and not verdict.flagged:
-            cfg = cfg.replace(method="plain")
-        conts = [self.encode_data(c) for c in continuations]
+        cfg = (config or self.defaults).replace(**overrides)
         with self._lock, torch.inference_mode():
-            return score_continuations(self, messages, conts, cfg)
+            return score_continuations(self, messages, continuations, cfg)
 
 
 _ENGINES: dict[tuple[Any, ...], Engine] = {}

@@ -38,8 +38,10 @@ __all__ = [
     "features_of",
     "fit_gate",
     "gate_threshold",
+    "probe_features",
     "roc_auc",
     "threshold_for",
+    "verdict_of",
 ]
 
 GATE_TENSORS = ("gate.weight", "gate.mean", "gate.scale", "gate.bias")
@@ -248,6 +250,26 @@ def features_of(states: list[torch.Tensor | None]) -> torch.Tensor:
     if any(s is None for s in states):
         raise RuntimeError("the gate's layers produced no output; was the forward run?")
     return torch.cat([s for s in states if s is not None], dim=-1)
+
+
+def probe_features(
+    model: Any, plain_ids: list[int], layers: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """``[1, F]``: the gate's features from a forward of their own over one request's plain
+    rendering.
+
+    The reference path and the gate's trainer read a request this way; the fast path reads
+    the same states from the prefill it runs anyway (:class:`RowGate`), at no extra forward.
+    """
+    ids = torch.tensor([plain_ids], device=device)
+    with torch.inference_mode(), capture_last_states(model, layers) as states:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return features_of(states)
+
+
+def verdict_of(gate: SafetyGate, config: DecodingConfig, features: torch.Tensor) -> GateVerdict:
+    """The gate's verdict on one request's ``[1, F]`` features, at ``config``'s threshold."""
+    return GateVerdict(float(gate.probability(features)), gate_threshold(config, gate))
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -64,6 +64,22 @@ class LoadedModel:
     dtype: torch.dtype
     quantize: Quantize = "none"
 
+    @property
+    def context_window(self) -> int:
+        """The most tokens the model attends to (its config's, else the tokenizer's)."""
+        limit = getattr(self.model.config, "max_position_embeddings", 0)
+        return int(limit or self.tokenizer.model_max_length)
+
+    def describe(self) -> dict[str, Any]:
+        """Identifying facts for logs and reports (the eval runner pins the dtype from it)."""
+        return {
+            "model_name": self.name,
+            "model_path": self.path,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "context_window": self.context_window,
+        }
+
 
 def cache_dir() -> Path:
     """Where converted models live: ``$ACD_CACHE_DIR`` or ``$XDG_CACHE_HOME/acd``."""

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +27,9 @@ from safetensors.torch import save_file
 from acd_engine.atomic import atomic_write
 from acd_engine.errors import PromptPackError
 from acd_engine.gate import GATE_TENSORS, SafetyGate
+
+if TYPE_CHECKING:
+    from acd_engine.loading import LoadedModel
 
 __all__ = [
     "FINGERPRINT_KEYS",
@@ -398,13 +401,14 @@ SHIPPED_PACKS = "packs"  # folder in acd_engine/resources holding shipped packs
 
 def resolve_pack(
     source: str | os.PathLike[str] | PromptPack | None,
-    model: Any,
-    tokenizer: Any,
+    loaded: LoadedModel,
     fingerprint: dict[str, str],
-    model_name: str,
 ) -> PromptPack:
     """The pack an engine uses: ``source`` (checked against the model), else the pack
-    shipped for this model, else soft prompts initialised from the manual prompts."""
+    shipped for this model, else soft prompts initialised from the manual prompts.
+
+    ``fingerprint`` is ``loaded``'s :func:`model_fingerprint`, which the caller computes
+    once (it hashes the embedding matrix)."""
     if isinstance(source, PromptPack):
         source.check_compatible(fingerprint)
         return source
@@ -428,6 +432,6 @@ def resolve_pack(
     logger.info(
         "no trained prompt pack for %s; acd uses soft prompts initialised from the manual "
         "prompts (numerically the same as oid) - train one with `acd train`",
-        model_name,
+        loaded.name,
     )
-    return PromptPack.from_manual_prompts(model, tokenizer, fingerprint=fingerprint)
+    return PromptPack.from_manual_prompts(loaded.model, loaded.tokenizer, fingerprint=fingerprint)

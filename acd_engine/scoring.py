@@ -87,11 +87,18 @@ def score_reference(
 
 
 def score_continuations(
-    engine: Engine, messages: Any, conts: Sequence[list[int]], cfg: DecodingConfig
+    engine: Engine, messages: Any, continuations: Sequence[str], cfg: DecodingConfig
 ) -> list[float]:
-    """Each continuation's score on the engine's path (its lock held): on the fast path the
-    prompt's branch prefixes come from the prefix cache and up to ``max_batch_requests``
-    continuations share one forward."""
+    """Each continuation's score on the engine's path (its lock held).
+
+    The gate routes the request as it would a generation: a request it passes is scored
+    under the plain template. On the fast path the prompt's branch prefixes come from the
+    prefix cache and up to ``max_batch_requests`` continuations share one forward.
+    """
+    verdict = engine.gate_verdict(messages, cfg)
+    if verdict is not None and not verdict.flagged:
+        cfg = cfg.replace(method="plain")
+    conts = [engine.encode_data(c) for c in continuations]
     if not engine.kernels.use_fast_path():
         embeds, mask, _ = engine.branch_inputs(messages, cfg)
         return score_reference(engine.model, embeds, mask, conts, cfg)

@@ -60,11 +60,11 @@ def tiny_engine(tiny_model_dir):
 def group_sizes(engine, monkeypatch) -> list[int]:
     """Sizes of the batched decodes the session engine runs during the test (a spy)."""
     sizes: list[int] = []
-    real = engine._generate_group
+    real = engine.calls.decode_group
 
     def spy(convs, *args, **kwargs):
         sizes.append(len(convs))
         return real(convs, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_generate_group", spy)
+    monkeypatch.setattr(engine.calls, "decode_group", spy)
     return sizes
