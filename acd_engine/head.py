@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from acd_engine.quantize import is_quantized
+
 __all__ = ["LinearHead", "linear_head"]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ def linear_head(model: Any) -> LinearHead | None:
         isinstance(head, torch.nn.Linear)
         and head.bias is None
         and head.weight.dtype == torch.float32
+        # A quantized head (acd_engine.quantize) computes its own products: the rows of it
+        # the plausibility filter gathers (``weight[candidates]``) are not plain floats.
+        and not is_quantized(head.weight)
         and decoder is not None
         and decoder is not model
     ):

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from acd_engine.config import DecodingConfig
-from acd_engine.errors import ConfigError
 from acd_engine.eval.judges import Judge, judge_many
 from acd_engine.prompts import PromptPack
 from acd_engine.training.anchors import Anchor
 
 __all__ = [
     "HARMFUL_KINDS",
-    "batched_greedy",
+    "batched_answers",
     "evaluate_anchors",
     "selection_key",
     "validation_subset",
@@ -33,16 +32,7 @@ and still answer the same request asked as a question or wrapped in a role-play)
 logger = logging.getLogger(__name__)
 
 
-def _check(cfg: DecodingConfig) -> None:
-    if cfg.temperature > 0 or cfg.repetition_penalty != 1.0 or cfg.stop:
-        raise ConfigError(
-            "batched validation decoding must be greedy without repetition penalty or stop "
-            f"strings, got temperature={cfg.temperature}, repetition_penalty="
-            f"{cfg.repetition_penalty}, stop={list(cfg.stop)}"
-        )
-
-
-def batched_greedy(
+def batched_answers(
     engine: Any,
     prompts: Sequence[str],
     cfg: DecodingConfig,
@@ -50,16 +40,19 @@ def batched_greedy(
     pack: PromptPack | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers (single user turn each) under ``cfg``, ``batch_size`` prompts at a time.
+    """Answers (single user turn each) under ``cfg``, ``batch_size`` prompts at a time.
+
+    Each answer is the one :meth:`Engine.generate` gives for its prompt alone, whatever
+    ``cfg`` asks for (greedy or seeded sampling, repetition penalty, stop strings):
+    ``generate_batch`` guarantees it, so nothing is refused here.
 
     Args:
         engine: The engine whose model, templates and pack are used.
         prompts: User messages.
-        cfg: Greedy decoding settings (``method`` decides the branches).
+        cfg: Decoding settings (``method`` decides the branches).
         pack: SP/AP to use for ``acd`` instead of the engine's pack (restored afterwards).
         batch_size: Prompts decoded together.
     """
-    _check(cfg)
     previous = engine.pack if pack is not None else None
     if pack is not None:
         engine.set_pack(pack)
@@ -92,7 +85,7 @@ def evaluate_anchors(
         responses with their verdicts (``responses``) for auditing.
     """
     prompts = [a.prompt for a in anchors]
-    texts = batched_greedy(engine, prompts, cfg, pack=pack, batch_size=batch_size)
+    texts = batched_answers(engine, prompts, cfg, pack=pack, batch_size=batch_size)
     verdicts = judge_many(judge, prompts, texts)
 
     def rate(keep: Sequence[bool], verdict: str) -> float | None:

@@ -68,9 +68,12 @@ def test_acd_alpha_zero_equals_hf_generate_behind_the_soft_prompt(q_engine):
     assert q_engine.generate(PROMPT, cfg).token_ids == hf
 
 
-@pytest.mark.parametrize("method", ["acd", "oid"])
-def test_fast_path_equals_reference_path_when_quantized(q_engine, method):
-    cfg = DecodingConfig(method=method, alpha=0.5, max_new_tokens=N, gate=False)
+@pytest.mark.parametrize(("method", "plausibility"), [("acd", 0.0), ("acd", 0.1), ("oid", 0.1)])
+def test_fast_path_equals_reference_path_when_quantized(q_engine, method, plausibility):
+    """The plausibility filter too (acd eval's setting), which gathers head rows."""
+    cfg = DecodingConfig(
+        method=method, alpha=0.5, max_new_tokens=N, gate=False, plausibility=plausibility
+    )
     fast = q_engine.generate(PROMPT, cfg).token_ids
     q_engine.set_options(fast_path=False)
     try:

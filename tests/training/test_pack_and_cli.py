@@ -16,7 +16,7 @@ from acd_engine.errors import PromptPackError
 from acd_engine.prompts import PromptPack
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
 from acd_engine.training.command import train_command
-from acd_engine.training.evaluate import batched_greedy
+from acd_engine.training.evaluate import batched_answers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "acd_engine" / "resources" / "packs"
 
@@ -119,8 +119,11 @@ def test_batched_validation_decoding_equals_engine_generate(cli_run, tiny_engine
     for cfg in (
         DecodingConfig(method="acd", max_new_tokens=4, plausibility=0.3),
         DecodingConfig(method="oid", max_new_tokens=4),
+        DecodingConfig(method="acd", max_new_tokens=4, temperature=0.8, seed=3, stop=("e",)),
     ):
-        batched = batched_greedy(tiny_engine, prompts, cfg, pack=PromptPack.load(out), batch_size=2)
+        batched = batched_answers(
+            tiny_engine, prompts, cfg, pack=PromptPack.load(out), batch_size=2
+        )
         tiny_engine.set_pack(out)
         try:
             single = [tiny_engine.generate(p, cfg).text for p in prompts]
