@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class LlamaCppDecoder:
         lib.llama_backend_init()
         self.lib = lib
         self.engine = engine
+        self._lock = threading.Lock()
         self.n_ctx = n_ctx
         mparams = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
@@ -152,14 +154,17 @@ class LlamaCppDecoder:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
 
-    def _prefill(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _prefill(self, rows: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
         """Feed each ``[T_r, H]`` input-embedding row as sequence r (positions 0..T_r-1),
         all in one batch; return each row's last logits ``[1, V]``."""
         b = self.embd_batch
         n = sum(r.shape[0] for r in rows)
-        for r in rows:
-            if r.shape[0] > self.n_ctx:
-                raise ConfigError(f"prompt must be at most {self.n_ctx} tokens, got {r.shape[0]}")
+        longest = max(r.shape[0] for r in rows)
+        if longest + new_tokens > self.n_ctx:  # checked here: llama_decode would only fail
+            raise ConfigError(
+                f"prompt plus max_new_tokens must be at most {self.n_ctx} tokens (n_ctx), got "
+                f"{longest} + {new_tokens}"
+            )
         data = torch.cat(rows).detach().to(torch.float32).contiguous().numpy()  # [n, H]
         ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
         i, last = 0, []
@@ -195,7 +200,10 @@ class LlamaCppDecoder:
         cfg: DecodingConfig,
         constraint: LogitsProcessorList | Any | None = None,
     ) -> Iterator[int]:
-        """Yield the tokens of one request, chosen exactly as the engine chooses them."""
+        """Yield the tokens of one request, chosen exactly as the engine chooses them.
+
+        Not thread-safe on its own (the context holds one request); :meth:`generate` locks.
+        """
         engine = self.engine
         # The gate reads a middle layer at prefill, which llama.cpp does not hand out: the
         # engine's own model reads it (one extra prefill forward), then routes as it does.
@@ -207,7 +215,7 @@ class LlamaCppDecoder:
         embeds, mask, shared = engine.rows.branch_inputs(rendered, plan)  # [R, T, H], [R, T]
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         rows = [embeds[r][mask[r].bool()] for r in range(embeds.shape[0])]  # unpadded [T_r, H]
-        logits = self._prefill(rows)
+        logits = self._prefill(rows, cfg.max_new_tokens)
         lengths = [row.shape[0] for row in rows]
         if constraint is not None and not isinstance(constraint, LogitsProcessorList):
             constraint = LogitsProcessorList([constraint])
@@ -232,5 +240,10 @@ class LlamaCppDecoder:
         cfg: DecodingConfig,
         constraint: LogitsProcessorList | Any | None = None,
     ) -> LlamaCppOutput:
-        """All tokens of one request (EOS included when it ends there)."""
-        return LlamaCppOutput(list(self.stream(messages, cfg, constraint)))
+        """All tokens of one request (EOS included when it ends there).
+
+        One request at a time per decoder (its one context holds the request's two
+        sequences): concurrent calls wait for each other.
+        """
+        with self._lock:
+            return LlamaCppOutput(list(self.stream(messages, cfg, constraint)))

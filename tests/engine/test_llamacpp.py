@@ -44,7 +44,10 @@ def test_a_prompt_longer_than_the_context_is_refused(engine):
 
     small = LlamaCppDecoder(engine, default_model_path(), threads=1, n_ctx=16)
     try:
-        with pytest.raises(ConfigError, match="prompt must be at most 16 tokens"):
+        with pytest.raises(
+            ConfigError,
+            match=r"prompt plus max_new_tokens must be at most 16 tokens \(n_ctx\), got \d+ \+ 2",
+        ):
             small.generate(PROMPT, DecodingConfig(method="plain", max_new_tokens=2))
     finally:
         small.close()
