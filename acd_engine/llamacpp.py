@@ -42,16 +42,9 @@ from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
 from acd_engine.step import TokenStep
 
-__all__ = ["LlamaCppDecoder", "LlamaCppOutput", "llamacpp_available"]
+__all__ = ["LlamaCppDecoder", "LlamaCppOutput"]
 
 logger = logging.getLogger(__name__)
-
-
-def llamacpp_available() -> bool:
-    """Whether llama-cpp-python is installed (the ``[llamacpp]`` extra)."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def _llama_cpp() -> Any:

@@ -50,6 +50,21 @@ def tiny_model_dir(tmp_path_factory, engine) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_greedy():
+    """HF ``generate``'s greedy new tokens (EOS dropped): the oracle the engine must equal."""
+
+    def run(engine, ids: list[int], n: int) -> list[int]:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = engine.model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False
+            )
+        return [t for t in out[0, len(ids) :].tolist() if t not in engine.eos_token_ids]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
     from acd_engine import Engine
 

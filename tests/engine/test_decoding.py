@@ -14,33 +14,24 @@ PROMPT = "Tell me three facts about the moon."
 N = 32
 
 
-def _hf_greedy(engine, ids: list[int], n: int = N) -> list[int]:
-    x = torch.tensor([ids])
-    out = engine.model.generate(
-        x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False
-    )
-    gen = out[0, len(ids) :].tolist()
-    return [t for t in gen if t not in engine.eos_token_ids]
-
-
 @pytest.fixture(scope="module")
 def base_tokens(engine):
     return engine.generate(PROMPT, DecodingConfig(method="base", max_new_tokens=N)).token_ids
 
 
-def test_base_reproduces_hf_generate(engine, base_tokens):
+def test_base_reproduces_hf_generate(engine, base_tokens, hf_greedy):
     r = engine.render(PROMPT)
     ids = r.head + engine.tokenizer.encode(SAFE_PROMPT, add_special_tokens=False) + r.tail
     assert len(base_tokens) == N
-    assert base_tokens == _hf_greedy(engine, ids)
+    assert base_tokens == hf_greedy(engine, ids, N)
 
 
-def test_plain_reproduces_hf_generate_on_the_untouched_template(engine):
+def test_plain_reproduces_hf_generate_on_the_untouched_template(engine, hf_greedy):
     msgs = [{"role": "user", "content": PROMPT}]
     text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     ours = engine.generate(msgs, method="plain", max_new_tokens=N).token_ids
-    assert ours == _hf_greedy(engine, ids)
+    assert ours == hf_greedy(engine, ids, N)
 
 
 @pytest.mark.parametrize("method", ["nid", "oid", "custom"])

@@ -27,15 +27,6 @@ def q_engine(request, tiny_model_dir):
     return Engine(tiny_model_dir, quantize=request.param)
 
 
-def _hf_greedy(engine: Engine, ids: list[int], n: int = N) -> list[int]:
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = engine.model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False
-        )
-    return [t for t in out[0, len(ids) :].tolist() if t not in engine.eos_token_ids]
-
-
 def test_every_linear_is_quantized_and_the_embedding_is_not(q_engine, tiny_engine):
     linears = [m for m in q_engine.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(is_quantized(m.weight) for m in linears)
@@ -45,12 +36,12 @@ def test_every_linear_is_quantized_and_the_embedding_is_not(q_engine, tiny_engin
         assert quantized_bytes(m) < m.in_features * m.out_features * 4 / 3
 
 
-def test_plain_equals_hf_generate_on_the_same_quantized_weights(q_engine):
+def test_plain_equals_hf_generate_on_the_same_quantized_weights(q_engine, hf_greedy):
     msgs = [{"role": "user", "content": PROMPT}]
     text = q_engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = q_engine.tokenizer.encode(text, add_special_tokens=False)
     ours = q_engine.generate(msgs, method="plain", max_new_tokens=N).token_ids
-    assert ours == _hf_greedy(q_engine, ids)
+    assert ours == hf_greedy(q_engine, ids, N)
 
 
 def test_acd_alpha_zero_equals_hf_generate_behind_the_soft_prompt(q_engine):
