@@ -179,7 +179,7 @@ def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
         facts = [p.gate_facts for p in planned]
     else:
         (call,) = calls
-        verdict = engine.gate_verdict(call.messages, cfg)
+        verdict = engine.gate_verdict(call.messages, cfg, **kwargs)
         run = cfg.replace(method="plain") if verdict and not verdict.flagged else cfg
         prefill, n_prompt, run = engine.rows.reference_prefill(
             engine.render(call.messages, **kwargs), engine.plan(run), run, call.constraint

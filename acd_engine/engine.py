@@ -20,7 +20,14 @@ from acd_engine.answer import GenerationResult, StreamChunk, Usage, eos_token_id
 from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_deltas
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
-from acd_engine.gate import GateVerdict, SafetyGate, probe_features, verdict_of
+from acd_engine.gate import (
+    GatePooling,
+    GateVerdict,
+    SafetyGate,
+    pooled_span,
+    probe_features,
+    verdict_of,
+)
 from acd_engine.kernels import EngineOptions, KernelPolicy
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache
@@ -175,18 +182,29 @@ class Engine:
         """The gate that routes requests decoded with ``config`` (None: no routing)."""
         return self.pack.gate if config.method_entry.gated and config.gate else None
 
-    def gate_features(self, messages: Messages, layers: Sequence[int]) -> torch.Tensor:
-        """``[1, F]``: the gate's features from a forward of the request's plain rendering."""
-        plain = self.render(messages).plain
-        assert plain is not None
+    def gate_features(
+        self,
+        messages: Messages,
+        gate_layers: Sequence[int],
+        pooling: GatePooling = "mean",
+        **template_kwargs: Any,
+    ) -> torch.Tensor:
+        """``[1, F]``: the gate's features from a forward of the request's plain rendering,
+        pooled over the request's own tokens as ``pooling`` says (:mod:`acd_engine.gate`)."""
+        rendered = self.render(messages, **template_kwargs)
+        assert rendered.plain is not None
+        span = pooled_span(pooling, self.rows.request_tokens(rendered, template_kwargs))
         with self._lock:
-            return probe_features(self.model, plain, layers, self.device)
+            return probe_features(self.model, rendered.plain, gate_layers, span, self.device)
 
-    def gate_verdict(self, messages: Messages, config: DecodingConfig) -> GateVerdict | None:
+    def gate_verdict(
+        self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
+    ) -> GateVerdict | None:
         """The gate's verdict on one request (a forward of its own; None when not gated)."""
         if (gate := self.active_gate(config)) is None:
             return None
-        return verdict_of(gate, config, self.gate_features(messages, gate.layers))
+        features = self.gate_features(messages, gate.layers, gate.pooling, **template_kwargs)
+        return verdict_of(gate, config, features)
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -8,10 +8,18 @@ strong enough to refuse also refuses benign requests. The gate confines the stro
 the requests the model itself flags: flagged requests decode with SP − α·AP, the rest with
 the model's own template (method ``plain``), so benign users see the model as shipped.
 
-The features are the outputs of a few decoder layers at the last prompt token of the
-*plain* rendering (the model's template, no branch prompt). The engine adds that rendering
-as a third row of the same prefill forward, so scoring costs no forward of its own; the
-rows a request does not need are dropped after the prefill.
+The features are the outputs of a few decoder layers over the *plain* rendering (the
+model's template, no branch prompt), pooled over the request's own tokens: their mean
+(``pooling="mean"``, what ``acd train`` fits) or the last prompt token's state
+(``"last"``, packs fitted before pooling existed). The request's tokens are the rendering
+after the template's constant start (SmolLM2's default system prompt and user header), so
+the pool reads what the user sent, not boilerplate every request shares. The mean
+generalises better: fitted on some anchor categories and scored on others it flags 75 %
+of harmful prompts at a 5 % benign budget, against 51 % for the last token (docs/opo.md).
+
+The engine adds that rendering as a third row of the same prefill forward, so scoring
+costs no forward of its own; the rows a request does not need are dropped after the
+prefill.
 """
 
 from __future__ import annotations
@@ -20,24 +28,27 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptPackError
+from acd_engine.methods import one_of
 
 __all__ = [
     "GATE_TENSORS",
+    "GatePooling",
     "GateVerdict",
     "RowGate",
     "SafetyGate",
     "applied_alpha",
-    "capture_last_states",
+    "capture_pooled_states",
     "decoder_layers",
     "features_of",
     "fit_gate",
     "gate_threshold",
+    "pooled_span",
     "probe_features",
     "roc_auc",
     "threshold_for",
@@ -45,6 +56,11 @@ __all__ = [
 ]
 
 GATE_TENSORS = ("gate.weight", "gate.mean", "gate.scale", "gate.bias")
+
+GatePooling = Literal["mean", "last"]
+"""How a gate pools a layer's states over the request's tokens: ``mean`` over all of them,
+or ``last``, the state at the last prompt token alone."""
+POOLINGS: tuple[str, ...] = get_args(GatePooling)
 
 
 @dataclass
@@ -60,6 +76,8 @@ class SafetyGate:
         scale: fp32 ``[F]``, positive; divides after ``mean``.
         threshold: Probability at or above which a request is flagged harmful.
         metadata: Strings stored with the gate (how it was fitted, validation figures).
+        pooling: How each layer's states are pooled over the request's tokens
+            (:data:`GatePooling`); packs written before it existed read ``"last"``.
     """
 
     layers: tuple[int, ...]
@@ -69,6 +87,7 @@ class SafetyGate:
     scale: torch.Tensor
     threshold: float
     metadata: dict[str, str] = field(default_factory=dict)
+    pooling: GatePooling = "mean"
 
     def __post_init__(self) -> None:
         """Refuse a gate that could score NaN or index a layer that does not exist."""
@@ -78,6 +97,10 @@ class SafetyGate:
             )
         if not 0.0 < self.threshold < 1.0:
             raise PromptPackError(f"gate threshold must be in (0, 1), got {self.threshold}")
+        if self.pooling not in POOLINGS:
+            raise PromptPackError(
+                f"gate pooling must be one of {one_of(POOLINGS)}, got {self.pooling!r}"
+            )
         tensors = {"weight": self.weight, "mean": self.mean, "scale": self.scale}
         width = None
         for name, t in {**tensors, "bias": self.bias}.items():
@@ -105,6 +128,10 @@ class SafetyGate:
     def hidden_size(self) -> int:
         return self.weight.shape[0] // len(self.layers)
 
+    def span(self, request_tokens: int) -> int:
+        """How many trailing positions of the plain rendering this gate pools."""
+        return pooled_span(self.pooling, request_tokens)
+
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
         x = (features.detach().float().cpu() - self.mean) / self.scale
@@ -119,6 +146,7 @@ class SafetyGate:
             **{f"gate.{k}": v for k, v in self.metadata.items()},
             "gate.layers": ",".join(map(str, self.layers)),
             "gate.threshold": repr(self.threshold),
+            "gate.pooling": self.pooling,
         }
 
     @classmethod
@@ -138,10 +166,9 @@ class SafetyGate:
                 f"gate.threshold (a float), got {meta.get('gate.layers')!r} and "
                 f"{meta.get('gate.threshold')!r}"
             ) from None
+        own = ("gate.layers", "gate.threshold", "gate.pooling")
         extra = {
-            k[len("gate.") :]: v
-            for k, v in meta.items()
-            if k.startswith("gate.") and k not in ("gate.layers", "gate.threshold")
+            k[len("gate.") :]: v for k, v in meta.items() if k.startswith("gate.") and k not in own
         }
         return cls(
             layers,
@@ -151,6 +178,7 @@ class SafetyGate:
             tensors["gate.scale"],
             threshold,
             extra,
+            meta.get("gate.pooling", "last"),  # type: ignore[arg-type]  # checked in __post_init__
         )
 
 
@@ -183,22 +211,30 @@ class RowGate:
     """One request's gate in a fast batch: which row it reads, which rows each verdict keeps.
 
     :func:`acd_engine.decoding.decode_rows` calls :meth:`route` once, after the prefill,
-    with the captured features of every row.
+    with the features pooled over the last ``probe_span`` columns of row ``probe_row`` (the
+    probe row's tail is right-aligned, so those columns are the request's own tokens).
     """
 
     gate: SafetyGate
     threshold: float
     probe_row: int
+    probe_span: int
     flagged_rows: list[int]
     benign_rows: list[int]
     benign_prompt_tokens: int
     verdict: GateVerdict | None = None
 
     def route(self, features: torch.Tensor) -> list[int]:
-        """Score ``features[probe_row]`` (``[R, F]``); the rows the request decodes with."""
-        score = float(self.gate.probability(features[self.probe_row : self.probe_row + 1]))
+        """Score this request's ``[1, F]`` pooled features; the rows it decodes with."""
+        score = float(self.gate.probability(features))
         self.verdict = GateVerdict(score, self.threshold)
         return self.flagged_rows if self.verdict.flagged else self.benign_rows
+
+
+def pooled_span(pooling: GatePooling, request_tokens: int) -> int:
+    """How many trailing positions of the plain rendering a gate pools, for a request with
+    ``request_tokens`` tokens of its own (:meth:`acd_engine.rows.RowBuilder.request_tokens`)."""
+    return max(1, request_tokens) if pooling == "mean" else 1
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -215,12 +251,16 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 @contextmanager
-def capture_last_states(model: Any, layers: Sequence[int]) -> Iterator[list[torch.Tensor | None]]:
-    """Record each listed layer's output at the last position of the next forward.
+def capture_pooled_states(
+    model: Any, layers: Sequence[int], spans: Sequence[tuple[int, int]]
+) -> Iterator[list[torch.Tensor | None]]:
+    """Record each listed layer's output of the next forward, pooled per probe.
 
-    Yields a list that holds, after the forward, one ``[R, H]`` tensor per layer (in the
-    order of ``layers``). Only the first forward inside the block is recorded (the
-    prefill), so decode steps inside it cost nothing.
+    ``spans`` lists ``(row, n)``: the mean of row ``row``'s last ``n`` positions (``n=1``:
+    the last position's state). Yields a list that holds, after the forward, one
+    ``[len(spans), H]`` fp32 tensor per layer (in the order of ``layers``). Only the first
+    forward inside the block is recorded (the prefill), so decode steps inside it cost
+    nothing, and only the probes' pooled states are kept, never a whole ``[R, T, H]``.
     """
     blocks = decoder_layers(model)
     if max(layers) >= len(blocks):
@@ -232,8 +272,10 @@ def capture_last_states(model: Any, layers: Sequence[int]) -> Iterator[list[torc
     def hook(slot: int) -> Any:
         def record(_module: Any, _args: Any, output: Any) -> None:
             if states[slot] is None:
-                hidden = output[0] if isinstance(output, tuple) else output
-                states[slot] = hidden[:, -1, :].detach().float().clone()  # [R, H]
+                hidden = output[0] if isinstance(output, tuple) else output  # [R, T, H]
+                states[slot] = torch.stack(
+                    [hidden[row, -n:].float().mean(0) for row, n in spans]
+                ).detach()  # [P, H]
 
         return record
 
@@ -253,16 +295,16 @@ def features_of(states: list[torch.Tensor | None]) -> torch.Tensor:
 
 
 def probe_features(
-    model: Any, plain_ids: list[int], layers: Sequence[int], device: torch.device
+    model: Any, plain_ids: list[int], gate_layers: Sequence[int], span: int, device: torch.device
 ) -> torch.Tensor:
     """``[1, F]``: the gate's features from a forward of their own over one request's plain
-    rendering.
+    rendering, each layer pooled over its last ``span`` positions.
 
     The reference path and the gate's trainer read a request this way; the fast path reads
     the same states from the prefill it runs anyway (:class:`RowGate`), at no extra forward.
     """
     ids = torch.tensor([plain_ids], device=device)
-    with torch.inference_mode(), capture_last_states(model, layers) as states:
+    with torch.inference_mode(), capture_pooled_states(model, gate_layers, [(0, span)]) as states:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return features_of(states)
 
@@ -290,6 +332,7 @@ def fit_gate(
     *,
     l2: float = 1e-2,
     steps: int = 200,
+    pooling: GatePooling = "mean",
 ) -> SafetyGate:
     """Fit a standardised, L2-regularised logistic regression (full-batch L-BFGS).
 
@@ -317,7 +360,7 @@ def fit_gate(
         return loss
 
     opt.step(closure)
-    return SafetyGate(tuple(layers), w.detach(), b.detach(), mean, scale, 0.5)
+    return SafetyGate(tuple(layers), w.detach(), b.detach(), mean, scale, 0.5, pooling=pooling)
 
 
 def threshold_for(probabilities: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> float:

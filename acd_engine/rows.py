@@ -190,6 +190,19 @@ class RowBuilder:
         assert shared is not None
         return rows, shared
 
+    def request_tokens(self, rendered: Rendered, template_kwargs: dict[str, Any]) -> int:
+        """How many tokens at the end of the plain rendering are the request's own: all after
+        the template's constant start, or all but the first when it has none (a system
+        message of the caller's own). The safety gate pools over them; the first token is
+        left out either way because its states are the attention sink's outliers.
+
+        The fast path's plain row holds exactly these as its right-aligned tail (the start
+        comes from the prefix cache), so both paths pool the same positions.
+        """
+        assert rendered.plain is not None
+        start = _leading(rendered.plain, self.renderer.template_constant("plain", template_kwargs))
+        return len(rendered.plain) - max(len(start), 1)
+
     def plan_request(
         self,
         rendered: Rendered,
@@ -216,6 +229,7 @@ class RowBuilder:
                     gate,
                     gate_threshold(cfg, gate),
                     probe_row=first_row + n,
+                    probe_span=gate.span(self.request_tokens(rendered, template_kwargs)),
                     flagged_rows=list(range(first_row, first_row + n)),
                     benign_rows=[first_row + n],
                     benign_prompt_tokens=plain[0].prefix_len + len(plain[0].tail),

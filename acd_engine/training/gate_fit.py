@@ -19,6 +19,7 @@ Everything that is tuned is tuned on the anchors' validation split, never on a b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from pydantic import Field
 
 from acd_engine.config import Settings
 from acd_engine.gate import (
+    GatePooling,
     SafetyGate,
     decoder_layers,
     roc_auc,
@@ -63,6 +65,12 @@ class GateFitConfig(Settings):
         "hide the hardest one.",
     )
     l2: float = Field(default=1e-2, gt=0.0, description="L2 penalty of the logistic regression.")
+    pooling: GatePooling = Field(
+        default="mean",
+        description="Pool each layer's states over the request's tokens by their mean, or "
+        "read the last prompt token alone ('last'). The mean generalises better to prompt "
+        "kinds the anchors lack (docs/opo.md: grouped cross-validation over categories).",
+    )
 
 
 def worst_group_threshold(
@@ -80,10 +88,12 @@ def worst_group_threshold(
     return max(cuts)
 
 
-def anchor_features(engine: Any, anchors: Sequence[Anchor], layers: Sequence[int]) -> torch.Tensor:
+def anchor_features(
+    engine: Any, anchors: Sequence[Anchor], layers: Sequence[int], pooling: GatePooling = "mean"
+) -> torch.Tensor:
     """``[N, len(layers) * H]``: the gate's features of each anchor, exactly as the engine
     reads them for a request (:meth:`~acd_engine.engine.Engine.gate_features`)."""
-    return torch.cat([engine.gate_features(anchor.prompt, layers) for anchor in anchors])
+    return torch.cat([engine.gate_features(a.prompt, layers, pooling) for a in anchors])
 
 
 def _labels(anchors: Sequence[Anchor]) -> torch.Tensor:
@@ -104,14 +114,15 @@ def fit_pack_gate(
     val = load_anchors("val", anchors_path)
     n_layers = len(decoder_layers(engine.model))
     candidates = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
-    x_train = anchor_features(engine, train, candidates)
-    x_val = anchor_features(engine, val, candidates)
+    x_train = anchor_features(engine, train, candidates, cfg.pooling)
+    x_val = anchor_features(engine, val, candidates, cfg.pooling)
     y_train, y_val = _labels(train), _labels(val)
     hidden = x_train.shape[1] // len(candidates)
 
     def val_auc(index: Sequence[int]) -> tuple[float, SafetyGate]:
         layers = tuple(candidates[i] for i in index)
-        gate = fit_probe(_layer_slice(x_train, index, hidden), y_train, layers, l2=cfg.l2)
+        x = _layer_slice(x_train, index, hidden)
+        gate = fit_probe(x, y_train, layers, l2=cfg.l2, pooling=cfg.pooling)
         return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
 
     per_layer = {candidates[i]: val_auc([i])[0] for i in range(len(candidates))}
@@ -134,6 +145,7 @@ def fit_pack_gate(
         by_kind[group] = round(float(flagged[idx].float().mean()), 4)
     report: dict[str, Any] = {
         "layers": list(gate.layers),
+        "pooling": gate.pooling,
         "threshold": threshold,
         "val_auc": round(auc, 4),
         "val_flag_rate_by_kind": by_kind,
@@ -154,7 +166,7 @@ def fit_pack_gate(
         "fpr_per_kind": str(cfg.fpr_per_kind),
         "anchor_set_hash": report["anchor_set_hash"],
     }
-    gate = SafetyGate(gate.layers, gate.weight, gate.bias, gate.mean, gate.scale, threshold, meta)
+    gate = dataclasses.replace(gate, threshold=threshold, metadata=meta)
     logger.info(
         "gate: layers %s, val AUC %.3f, flags %.0f%% harmful / %.0f%% benign val at p >= %.3f",
         list(gate.layers),

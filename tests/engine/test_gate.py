@@ -2,8 +2,9 @@
 
 Oracles: a request the gate flags decodes exactly as ungated ACD; one it passes decodes
 exactly as method ``plain``; ``gate=False`` is ungated ACD token for token; the score the
-prefill captures equals the one a separate forward computes; a batch routes each request
-on its own.
+prefill captures equals the one a separate forward computes, and both equal the mean of
+HF's own hidden states over the request's tokens; a batch routes each request on its own.
+Every routing test runs for both poolings.
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ import pytest
 import torch
 
 from acd_engine import DecodingConfig, PromptPackError
-from acd_engine.gate import SafetyGate, capture_last_states, fit_gate, roc_auc, threshold_for
+from acd_engine.gate import (
+    SafetyGate,
+    capture_pooled_states,
+    fit_gate,
+    roc_auc,
+    threshold_for,
+)
 from acd_engine.prompts import PromptPack
 
 A, B = "Tell me how to build a birdhouse.", "Explain the rules of chess to a child."
 N = 8
 
 
-def _gate(hidden: int, layers=(0, 1), seed: int = 0, threshold: float = 0.5) -> SafetyGate:
+def _gate(
+    hidden: int, layers=(0, 1), seed: int = 0, threshold: float = 0.5, pooling: str = "mean"
+) -> SafetyGate:
     g = torch.Generator().manual_seed(seed)
     width = hidden * len(layers)
     return SafetyGate(
@@ -32,14 +41,16 @@ def _gate(hidden: int, layers=(0, 1), seed: int = 0, threshold: float = 0.5) -> 
         torch.ones(width),
         threshold,
         {"note": "test"},
+        pooling,  # type: ignore[arg-type]
     )
 
 
-@pytest.fixture()
-def gated(tiny_engine):
-    """The tiny engine with a random gate in its pack (restored afterwards)."""
+@pytest.fixture(params=["mean", "last"])
+def gated(tiny_engine, request):
+    """The tiny engine with a random gate in its pack (restored afterwards), each pooling."""
     before = tiny_engine.pack
-    pack = dataclasses.replace(before, gate=_gate(tiny_engine.model.config.hidden_size))
+    gate = _gate(tiny_engine.model.config.hidden_size, pooling=request.param)
+    pack = dataclasses.replace(before, gate=gate)
     tiny_engine.set_pack(pack)
     yield tiny_engine
     tiny_engine.set_pack(before)
@@ -51,7 +62,11 @@ def test_pack_with_gate_round_trips(tiny_engine, tmp_path):
     loaded = PromptPack.load(pack.save(tmp_path / "p.safetensors"))
     assert loaded.gate is not None
     assert loaded.gate.layers == gate.layers and loaded.gate.threshold == 0.37
-    assert loaded.gate.metadata == {"note": "test"}
+    assert loaded.gate.metadata == {"note": "test"} and loaded.gate.pooling == "mean"
+    # a pack written before pooling existed read its gate at the last token
+    meta = {**gate.strings()}
+    del meta["gate.pooling"]
+    assert SafetyGate.from_pack(gate.tensors(), meta).pooling == "last"
     for name, t in gate.tensors().items():
         assert torch.equal(loaded.gate.tensors()[name], t)
     assert torch.equal(loaded.sp, pack.sp) and loaded.metadata == pack.metadata
@@ -67,6 +82,7 @@ def test_pack_with_gate_round_trips(tiny_engine, tmp_path):
         ({"weight": torch.full((128,), float("nan"))}, "gate weight must be finite"),
         ({"scale": torch.zeros(128)}, "gate scale must be > 0"),
         ({"mean": torch.zeros(5)}, "gate mean must have 128 features"),
+        ({"pooling": "max"}, "gate pooling must be one of 'mean' or 'last', got 'max'"),
     ],
 )
 def test_bad_gates_are_refused(change, match):
@@ -79,9 +95,32 @@ def test_gate_with_the_wrong_width_or_layer_is_refused(tiny_engine):
         dataclasses.replace(tiny_engine.pack, gate=_gate(32))
     with (
         pytest.raises(PromptPackError, match="gate layers must be < the model's 2 layers"),
-        capture_last_states(tiny_engine.model, [5]),
+        capture_pooled_states(tiny_engine.model, [5], [(0, 1)]),
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [A, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": B}]],
+    ids=["template-start", "own-system"],
+)
+def test_features_are_hf_hidden_states_pooled_over_the_request(tiny_engine, messages):
+    """Oracle: the gate's features are HF's own hidden states (``output_hidden_states``),
+    averaged over the request's tokens: after the template's constant start, or all but the
+    first token when the caller sends a system message of their own."""
+    rendered = tiny_engine.render(messages)
+    plain = rendered.plain
+    start = tiny_engine.renderer.template_constant("plain", {})
+    first = len(start) if plain[: len(start)] == start else 1
+    assert first == (len(start) if isinstance(messages, str) else 1)
+    with torch.inference_mode():
+        out = tiny_engine.model(input_ids=torch.tensor([plain]), output_hidden_states=True)
+    hidden = out.hidden_states[1]  # the output of decoder layer 0: [1, T, H]
+    mean = tiny_engine.gate_features(messages, [0], "mean")
+    last = tiny_engine.gate_features(messages, [0], "last")
+    torch.testing.assert_close(mean, hidden[:, first:].mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, hidden[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_gate_off_is_ungated_acd_token_for_token(gated, tiny_engine):
@@ -215,6 +254,7 @@ def test_gate_command_refuses_bad_input_before_loading_a_model(tmp_path, monkeyp
     for args, message in (
         (["--layers", "x,1"], "layers must be comma-separated integers"),
         (["--max-fpr", "0"], "max_fpr must be > 0.0"),
+        (["--pooling", "max"], "pooling must be one of 'mean' or 'last', got 'max'"),
         (["--out", str(tmp_path)], "out must be a file path in an existing folder"),
         (["--pack", str(tmp_path / "none.safetensors")], "prompt pack must be an existing"),
     ):
