@@ -35,11 +35,11 @@ def _frac_val(rows: list[Anchor]) -> float:
 def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
     counts = Counter((a.label, a.kind) for a in anchors)
     assert counts == {
-        ("harmful", "plain"): 144,
-        ("harmful", "question"): 108,
-        ("harmful", "framed"): 72,
-        ("benign", "plain"): 454,
-        ("benign", "lookalike"): 150,
+        ("harmful", "plain"): 204,
+        ("harmful", "question"): 180,
+        ("harmful", "framed"): 108,
+        ("benign", "plain"): 654,
+        ("benign", "lookalike"): 289,
     }
     val = Counter(a.label for a in anchors if a.split == "val")
     # Big enough that a 5-point over-refusal difference is more than one or two prompts.
