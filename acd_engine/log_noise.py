@@ -3,8 +3,10 @@
 Once torchao (the ``[quant]`` extra) is installed, transformers imports it on every model
 load, and on a CPU build of PyTorch that prints a warning for each CUDA-only library of
 torchao that cannot load, plus torch's notice about torchao's enums, into every command's
-output. Only those messages are dropped, by a filter on their loggers, so anything else
-those libraries log still shows.
+output, and torchao's int8 kernels warn that Triton (a GPU compiler) is absent. Only those
+messages are dropped, by a filter on the logger that emits each (a logger's filters do not
+see what its children log, so each is named exactly), so anything else those libraries log
+still shows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = ["NOISE", "install_noise_filters"]
 # (logger name, a fragment of each message dropped from it)
 NOISE: tuple[tuple[str, str], ...] = (
     ("torchao", "Failed to load"),
+    ("torchao.kernel.intmm", "Detected no triton"),
     ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
 )
 

@@ -19,6 +19,7 @@ from acd_engine.training.command import train_command
 from acd_engine.training.evaluate import batched_answers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "acd_engine" / "resources" / "packs"
+SP_ANCHORS_928 = "36cb7888f1900a4f43e3bbba6603e6db66cecd7dc2956813264d1241471ff4b0"
 
 app = typer.Typer()
 app.command("train")(train_command)
@@ -137,7 +138,10 @@ def test_shipped_pack_is_trained_and_picked_by_default(engine):
     assert [f.name for f in files] == ["smollm2-135m-instruct.safetensors"]
     pack = engine.pack
     assert pack.trained
-    assert pack.metadata["anchor_set_hash"] == anchor_set_hash()
+    # Its soft prompts were trained on the 928-prompt anchor set; the gate was refit on the
+    # grown set (1435), which adds prompts and changes none (docs/opo.md, "Gate v2"). The
+    # soft SP refuses whatever it sees either way; the gate decides who meets it.
+    assert pack.metadata["anchor_set_hash"] == SP_ANCHORS_928
     assert pack.fingerprint == engine.fingerprint
     assert float(pack.metadata["recommended_alpha"]) < 1.0
     # the shipped pack carries a safety gate fitted on the same anchors; acd routes by it
