@@ -473,7 +473,12 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         torch.set_num_threads(settings.threads)
     if name == "hf_plain_fp32":  # hf_plain on the unquantized weights, named as such
         settings = settings.replace(quantize="none")
-    model, tokenizer, engine_path = _load(settings)
+    front: Any = None
+    if name in LLAMACPP_ROWS:  # llama.cpp runs the forward: the engine renders and embeds
+        front = _engine_for(settings, settings.model, keep_layers=0)
+        model, tokenizer, engine_path = front.model, front.tokenizer, settings.model
+    else:
+        model, tokenizer, engine_path = _load(settings)
     device = model.get_input_embeddings().weight.device
     eos = sorted(
         {int(tokenizer.eos_token_id)}
@@ -514,9 +519,8 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         from acd_engine.llamacpp import LlamaCppDecoder
         from acd_engine.loading import default_model_path
 
-        engine = _engine_for(settings, engine_path)
         gguf = settings.model or str(default_model_path())
-        decoder = LlamaCppDecoder(engine, gguf, threads=settings.threads)
+        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads)
         method = "plain" if name == "llamacpp_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
@@ -647,8 +651,9 @@ def run_row(name: str, settings: BenchSettings) -> dict[str, Any]:
     return _measure([_prepare(name, settings)], settings)[0]
 
 
-def _engine_for(settings: BenchSettings, path: str | None) -> Any:
-    """An engine whose ACD pack is initialised from the bench prompts (so acd == hf_cfg)."""
+def _engine_for(settings: BenchSettings, path: str | None, keep_layers: int | None = None) -> Any:
+    """An engine whose ACD pack is initialised from the bench prompts (so acd == hf_cfg);
+    with ``keep_layers=0`` only the embedding table (the llama.cpp rows' front end)."""
     from acd_engine.engine import Engine
     from acd_engine.prompts import OPPOSITE_PROMPT, PromptPack
 
@@ -658,6 +663,7 @@ def _engine_for(settings: BenchSettings, path: str | None) -> Any:
         dtype=settings.dtype,
         compile_step=settings.compile_step,
         quantize=settings.quantize,
+        keep_layers=keep_layers,
     )
     pack = PromptPack.from_manual_prompts(
         engine.model, engine.tokenizer, safe_text=BENCH_SYSTEM, opposite_text=OPPOSITE_PROMPT

@@ -140,6 +140,7 @@ class CallRunner:
 
     def submit(self, call: Call) -> GenerationResult:
         """Run one call: alone on the reference path, else coalesced with compatible ones."""
+        self.engine.check_decodes()
         if not self.engine.kernels.use_fast_path():
             return self.decode([call])[0]
         return self.coalescer.submit(call, coalesce_key(call))
@@ -151,6 +152,7 @@ class CallRunner:
     def batch(self, calls: list[Call]) -> list[GenerationResult]:
         """Results of ``calls`` in order: batched decodes of ``max_batch_requests`` calls
         on the fast path, one call at a time on the reference path."""
+        self.engine.check_decodes()
         if not self.engine.kernels.use_fast_path():
             return [self.submit(call) for call in calls]
         k = self.engine.options.max_batch_requests

@@ -409,3 +409,12 @@ class ModelConfig(Settings):
         "measured by `acd bench --quantize` (docs/performance.md). 'none' keeps the dtype's "
         "weights.",
     )
+    keep_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Load only the first N decoder layers, for an engine that renders "
+        "requests, builds the branches' input embeddings and reads the safety gate while "
+        "another runtime (llama.cpp, acd_engine.llamacpp) runs the forward: 0 keeps the "
+        "embedding table alone; a gated pack needs its deepest gate layer + 1. Such an engine "
+        "cannot decode. None loads every layer.",
+    )

@@ -20,6 +20,7 @@ from acd_engine.answer import GenerationResult, StreamChunk, Usage, eos_token_id
 from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_deltas
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
+from acd_engine.errors import ConfigError
 from acd_engine.gate import (
     GatePooling,
     GateVerdict,
@@ -51,8 +52,10 @@ class Engine:
     ``loaded``, the process-wide :class:`~acd_engine.loading.LoadedModel`.
 
     Args:
-        model, device, dtype, trust_remote_code, quantize: Which model to load, where and
-            how: the fields of :class:`~acd_engine.config.ModelConfig` (documented there).
+        model, device, dtype, trust_remote_code, quantize, keep_layers: Which model to load,
+            where and how: the fields of :class:`~acd_engine.config.ModelConfig` (documented
+            there). An engine with ``keep_layers`` is a front end for another runtime: it
+            renders, embeds and gates requests but refuses to decode them.
         pack: Prompt pack for ``method="acd"``: a path, a :class:`PromptPack`, or None for
             the pack shipped for this model (else the manual-prompt initialisation).
         defaults: Decoding settings used when a call passes none.
@@ -69,6 +72,7 @@ class Engine:
         pack: str | Path | PromptPack | None = None,
         trust_remote_code: bool = False,
         quantize: str = "none",
+        keep_layers: int | None = None,
         defaults: DecodingConfig | None = None,
         fast_path: bool = True,
         compile_step: bool | None = None,
@@ -80,6 +84,7 @@ class Engine:
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             quantize=quantize,
+            keep_layers=keep_layers,
         )
         self.loaded: LoadedModel = load_model(self.model_config)
         self.model: Any = self.loaded.model
@@ -136,6 +141,17 @@ class Engine:
     @fast_path.setter
     def fast_path(self, on: bool) -> None:
         self.set_options(fast_path=on)
+
+    def check_decodes(self) -> None:
+        """Refuse to decode on a front-end engine (``keep_layers``), whose forward would
+        stop after its kept layers and produce meaningless logits."""
+        keep = self.loaded.keep_layers
+        if keep is not None:
+            raise ConfigError(
+                f"this engine loaded only {keep} decoder layers (keep_layers) to feed another "
+                "runtime such as llama.cpp; it renders and gates requests but cannot decode "
+                "them: create an engine without keep_layers"
+            )
 
     def describe(self) -> dict[str, Any]:
         """Identifying facts for logs and reports (:meth:`LoadedModel.describe`)."""
@@ -278,6 +294,7 @@ class Engine:
         """Summed log-probability of each continuation under the method's distribution
         (:mod:`acd_engine.scoring`); the gate routes the request as it would a generation."""
         cfg = (config or self.defaults).replace(**overrides)
+        self.check_decodes()
         with self._lock, torch.inference_mode():
             return score_continuations(self, messages, continuations, cfg)
 
@@ -294,9 +311,18 @@ def get_engine(
     pack: str | Path | None = None,
     trust_remote_code: bool = False,
     quantize: str = "none",
+    keep_layers: int | None = None,
 ) -> Engine:
     """The process-wide engine for these settings: created once, shared by all callers."""
-    key = (model and str(model), device, dtype, pack and str(pack), trust_remote_code, quantize)
+    key = (
+        model and str(model),
+        device,
+        dtype,
+        pack and str(pack),
+        trust_remote_code,
+        quantize,
+        keep_layers,
+    )
     with _ENGINES_LOCK:
         if (engine := _ENGINES.get(key)) is None:
             start = time.perf_counter()
@@ -307,6 +333,7 @@ def get_engine(
                 pack=pack,
                 trust_remote_code=trust_remote_code,
                 quantize=quantize,
+                keep_layers=keep_layers,
             )
             logger.info("engine ready in %.1fs", time.perf_counter() - start)
             _ENGINES[key] = engine

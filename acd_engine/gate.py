@@ -68,8 +68,8 @@ class SafetyGate:
     """A standardised logistic regression over decoder-layer outputs.
 
     Attributes:
-        layers: Decoder layers whose output at the last prompt token are concatenated into
-            the features, in this order.
+        layers: Decoder layers whose outputs, pooled over the request as ``pooling`` says,
+            are concatenated into the features, in this order.
         weight: fp32 ``[F]`` with ``F = len(layers) * hidden``.
         bias: fp32 ``[1]``.
         mean: fp32 ``[F]``, subtracted before ``weight`` (fitted on the train anchors).

@@ -17,8 +17,11 @@ int8/int4 kernels (:mod:`acd_engine.quantize`) do not come close on the CPUs mea
 
 So the method is the engine's, token choice included; only the forward runs elsewhere.
 It is a prototype: one request at a time, no prefix cache, and a gated request costs one
-extra prefill on the engine's own model (the gate reads a middle layer's hidden state,
-which llama.cpp does not hand out without an evaluation callback).
+extra prefill on the engine's own model up to the gate's layer (the gate reads a middle
+layer's hidden state, which llama.cpp does not hand out without an evaluation callback).
+The engine need not hold the whole model: ``Engine(gguf, keep_layers=k)`` loads the
+embedding table and the first ``k`` decoder layers only (``acd bench``'s llama.cpp rows
+use ``k = 0``).
 Needs the optional extra ``[llamacpp]`` (llama-cpp-python, compiled on install).
 """
 
@@ -86,7 +89,9 @@ class LlamaCppDecoder:
     Args:
         engine: The :class:`~acd_engine.engine.Engine` whose rendering, pack and token step
             are used (its model must hold the same weights as ``gguf``, e.g. the GGUF's
-            own dequantization, which is what the engine loads from a ``.gguf``).
+            own dequantization, which is what the engine loads from a ``.gguf``). Only its
+            embedding table and its gate's layers are read, so a front end with
+            ``keep_layers`` (0, or the deepest gate layer + 1) spares the rest's memory.
         gguf: The GGUF file llama.cpp runs.
         threads: CPU threads for llama.cpp (default: every core).
         n_ctx: Context length per sequence.

@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 
 from acd_engine.atomic import fsync_dir
 from acd_engine.config import ModelConfig, Quantize
-from acd_engine.errors import ModelNotFoundError
+from acd_engine.errors import ConfigError, ModelNotFoundError
 from acd_engine.quantize import quantize_model
 
 __all__ = [
@@ -63,6 +65,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quantize: Quantize = "none"
+    keep_layers: int | None = None
 
     @property
     def context_window(self) -> int:
@@ -78,6 +81,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "context_window": self.context_window,
+            **({} if self.keep_layers is None else {"keep_layers": self.keep_layers}),
         }
 
 
@@ -194,15 +198,63 @@ def _resolve_path(model: str | None) -> tuple[Path, str]:
     )
 
 
-_CacheKey = tuple[str, str, str, bool, str]
+_CacheKey = tuple[str, str, str, bool, str, int | None]
 _CACHE: dict[_CacheKey, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def _key(
-    path: str | Path, device: torch.device, dtype: torch.dtype, remote: bool, quantize: str
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    remote: bool,
+    quantize: str,
+    keep_layers: int | None = None,
 ) -> _CacheKey:
-    return (str(Path(path).resolve()), str(device), str(dtype), remote, quantize)
+    return (str(Path(path).resolve()), str(device), str(dtype), remote, quantize, keep_layers)
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' load report, which lists every skipped layer as UNEXPECTED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _skipped_layers_quiet(keep: int | None) -> Iterator[None]:
+    """While a ``keep_layers`` model loads, drop the report of the layers it skips on
+    purpose (a full load keeps transformers' report: there it means something)."""
+    if keep is None:
+        yield
+        return
+    target, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+def _layer_overrides(path: Path, keep: int | None, common: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` config overrides that build only the first ``keep`` layers.
+
+    The checkpoint's other layers are never read (safetensors maps the file and only the
+    kept tensors are copied), so an engine that only feeds another runtime holds the
+    embedding table and the gate's layers, not the whole model.
+    """
+    if keep is None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), **common)
+    total = int(config.num_hidden_layers)
+    if keep > total:
+        raise ConfigError(f"keep_layers must be at most the model's {total} layers, got {keep}")
+    overrides: dict[str, Any] = {"num_hidden_layers": keep}
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds
+        overrides["layer_types"] = config.layer_types[:keep]
+    return overrides
 
 
 def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None:
@@ -211,9 +263,33 @@ def register_model(loaded: LoadedModel, trust_remote_code: bool = False) -> None
     For models built in memory, e.g. random weights from a config for benchmarks: they
     have a directory (holding the config) but no weights to load from it.
     """
-    key = _key(loaded.path, loaded.device, loaded.dtype, trust_remote_code, loaded.quantize)
+    key = _key(
+        loaded.path,
+        loaded.device,
+        loaded.dtype,
+        trust_remote_code,
+        loaded.quantize,
+        loaded.keep_layers,
+    )
     with _CACHE_LOCK:
         _CACHE[key] = loaded
+
+
+def _from_pretrained(
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    device_map: str | dict[str, Any] | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if device_map is None:
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        return model.to(device)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map=device_map, **kwargs
+    )
 
 
 def load_model(
@@ -232,13 +308,15 @@ def load_model(
             The loaded model is cached under ``config``'s key, so an ``Engine`` built for
             the same model, device and dtype afterwards runs on it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config = config or ModelConfig()
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     with _CACHE_LOCK:
         path, name = _resolve_path(config.model)
-        key = _key(path, device, dtype, config.trust_remote_code, config.quantize)
+        key = _key(
+            path, device, dtype, config.trust_remote_code, config.quantize, config.keep_layers
+        )
         if key in _CACHE:
             return _CACHE[key]
         common: dict[str, Any] = {
@@ -246,20 +324,18 @@ def load_model(
             "trust_remote_code": config.trust_remote_code,
         }
         tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
+        layers = _layer_overrides(path, config.keep_layers, common)
         model: Any
-        if device_map is None:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **common)
-            model.to(device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, device_map=device_map, **common
-            )
+        with _skipped_layers_quiet(config.keep_layers):
+            model = _from_pretrained(path, dtype, device, device_map, {**layers, **common})
         model.eval()
         model.requires_grad_(False)
         quantize_model(model, config.quantize, device)
         # With a device map, inputs go where the first layer is (accelerate moves the rest).
         first = model.device if device_map is not None else device
-        loaded = LoadedModel(model, tokenizer, name, str(path), first, dtype, config.quantize)
+        loaded = LoadedModel(
+            model, tokenizer, name, str(path), first, dtype, config.quantize, config.keep_layers
+        )
         _CACHE[key] = loaded
         where = getattr(model, "hf_device_map", None) or device
         weights = dtype if config.quantize == "none" else f"{dtype}, {config.quantize} weights"

@@ -51,3 +51,20 @@ def test_a_prompt_longer_than_the_context_is_refused(engine):
             small.generate(PROMPT, DecodingConfig(method="plain", max_new_tokens=2))
     finally:
         small.close()
+
+
+def test_a_front_end_engine_feeds_llama_cpp_as_the_full_one_does(engine, decoder):
+    """An engine holding only the embedding table and the gate's layers (``keep_layers``)
+    gives llama.cpp the same inputs and the same gate verdicts as the full engine."""
+    from acd_engine import Engine
+
+    gate = engine.pack.gate
+    keep = 0 if gate is None else max(gate.layers) + 1
+    front = LlamaCppDecoder(Engine(keep_layers=keep), default_model_path(), threads=2, n_ctx=512)
+    try:
+        for prompt in (PROMPT, [{"role": "user", "content": "How do I pick a lock?"}]):
+            for gated in (True, False):
+                cfg = DecodingConfig(method="acd", gate=gated, max_new_tokens=N)
+                assert front.generate(prompt, cfg) == decoder.generate(prompt, cfg)
+    finally:
+        front.close()

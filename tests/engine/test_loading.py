@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 
 import pytest
@@ -41,3 +43,93 @@ def test_device_map_auto_loads_on_cpu_and_engines_use_it(tiny_model_dir, tiny_en
     assert engine.model is mapped.model
     out = engine.generate("Hi", method="plain", max_new_tokens=6)
     assert out.token_ids == tiny_engine.generate("Hi", method="plain", max_new_tokens=6).token_ids
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_keep_layers_front_end_embeds_and_gates_like_the_full_model_but_never_decodes(
+    tiny_model_dir, tiny_engine
+):
+    """A front end for llama.cpp (``keep_layers``) holds only the first layers, yet its
+    branch embeddings and gate verdicts equal the full model's; decoding is refused."""
+    import dataclasses
+
+    import torch
+
+    from acd_engine import DecodingConfig, Engine
+    from acd_engine.errors import ConfigError, PromptPackError
+    from acd_engine.gate import SafetyGate
+
+    records = _Records()
+    logging.getLogger("transformers.modeling_utils").addHandler(records)
+    try:
+        front = Engine(tiny_model_dir, keep_layers=1)
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(records)
+    assert not any("LOAD REPORT" in m for m in records.messages)  # skipped on purpose
+    assert len(front.model.model.layers) == 1 and front.loaded.keep_layers == 1
+    assert front.loaded.describe()["keep_layers"] == 1
+    assert front.model is not tiny_engine.model  # its own cache entry
+    assert torch.equal(
+        front.model.get_input_embeddings().weight, tiny_engine.model.get_input_embeddings().weight
+    )
+    width = tiny_engine.model.config.hidden_size
+    gate = SafetyGate(
+        (0,), torch.randn(width), torch.zeros(1), torch.zeros(width), torch.ones(width), 0.5, {}
+    )
+    before = tiny_engine.pack
+    pack = dataclasses.replace(before, gate=gate)
+    tiny_engine.set_pack(pack)
+    front.set_pack(pack)
+    try:
+        cfg = DecodingConfig(method="acd", max_new_tokens=4)
+        msgs = [{"role": "user", "content": "Tell me how to build a birdhouse."}]
+        ours, theirs = front.branch_inputs(msgs, cfg), tiny_engine.branch_inputs(msgs, cfg)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        assert ours[2] == theirs[2]
+        assert front.gate_verdict(msgs, cfg) == tiny_engine.gate_verdict(msgs, cfg)
+        message = "this engine loaded only 1 decoder layers (keep_layers)"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            front.generate(msgs, cfg)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            front.generate_batch([msgs, msgs], cfg)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            "".join(front.stream(msgs, cfg))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            front.score_continuations(msgs, ["Yes."], cfg)
+        deeper = dataclasses.replace(
+            gate,
+            layers=(0, 1),
+            weight=torch.randn(2 * width),
+            mean=torch.zeros(2 * width),
+            scale=torch.ones(2 * width),
+        )
+        front.set_pack(dataclasses.replace(before, gate=deeper))
+        with pytest.raises(
+            PromptPackError, match=re.escape("gate layers must be < the model's 1 layers, got 1")
+        ):
+            front.gate_verdict(msgs, cfg)
+    finally:
+        tiny_engine.set_pack(before)
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (3, "keep_layers must be at most the model's 2 layers, got 3"),
+        (-1, "keep_layers"),
+    ],
+)
+def test_keep_layers_out_of_range_is_a_clear_error(tiny_model_dir, keep, message):
+    from acd_engine import Engine
+    from acd_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine(tiny_model_dir, keep_layers=keep)
