@@ -520,7 +520,9 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         from acd_engine.loading import default_model_path
 
         gguf = settings.model or str(default_model_path())
-        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads)
+        # sized to the request, as a llama.cpp user sizes -c: the KV is allocated up front
+        n_ctx = -(-(max(len(pos_ids), len(neg_ids)) + n_new + 16) // 64) * 64
+        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads, n_ctx=n_ctx)
         method = "plain" if name == "llamacpp_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
@@ -531,6 +533,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
 
         extra["gguf"] = Path(gguf).name
         extra["llama_cpp_threads"] = settings.threads or os.cpu_count()
+        extra["llama_cpp_n_ctx"] = n_ctx
     else:
         engine = _engine_for(settings, engine_path)
         options: dict[str, Any] = {"fast_path": name != "acd_reference"}

@@ -94,11 +94,19 @@ class LlamaCppDecoder:
             ``keep_layers`` (0, or the deepest gate layer + 1) spares the rest's memory.
         gguf: The GGUF file llama.cpp runs.
         threads: CPU threads for llama.cpp (default: every core).
-        n_ctx: Context length per sequence.
+        n_ctx: Context length per sequence (llama.cpp allocates its KV up front, so size
+            it to the requests: ``acd bench`` uses prompt + new tokens, rounded up).
+        ubatch: Tokens per physical llama.cpp batch (its own default, 512): a longer prompt
+            is fed in pieces, which bounds the compute buffer.
     """
 
     def __init__(
-        self, engine: Any, gguf: str | Path, threads: int | None = None, n_ctx: int = 1024
+        self,
+        engine: Any,
+        gguf: str | Path,
+        threads: int | None = None,
+        n_ctx: int = 1024,
+        ubatch: int = 512,
     ) -> None:
         lib = _llama_cpp()
         _quiet(lib)
@@ -113,7 +121,8 @@ class LlamaCppDecoder:
             raise ConfigError(f"llama.cpp could not load the GGUF file {gguf}")
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = 2 * n_ctx
-        cparams.n_batch = cparams.n_ubatch = 2 * n_ctx  # both rows' prompts in one batch
+        cparams.n_batch = 2 * n_ctx  # both rows' prompts in one llama_decode call
+        cparams.n_ubatch = min(ubatch, 2 * n_ctx)  # run in pieces of this many tokens
         cparams.n_seq_max = 2
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = lib.llama_init_from_model(self.model, cparams)
