@@ -16,8 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from acd_engine.atomic import fsync_dir
 from acd_engine.config import ModelConfig, Quantize
 from acd_engine.errors import ConfigError, ModelNotFoundError
+from acd_engine.log_noise import dropped
 from acd_engine.quantize import quantize_model
 
 __all__ = [
@@ -214,28 +214,6 @@ def _key(
     return (str(Path(path).resolve()), str(device), str(dtype), remote, quantize, keep_layers)
 
 
-class _DropLoadReport(logging.Filter):
-    """Drops transformers' load report, which lists every skipped layer as UNEXPECTED."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-@contextmanager
-def _skipped_layers_quiet(keep: int | None) -> Iterator[None]:
-    """While a ``keep_layers`` model loads, drop the report of the layers it skips on
-    purpose (a full load keeps transformers' report: there it means something)."""
-    if keep is None:
-        yield
-        return
-    target, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
-    target.addFilter(drop)
-    try:
-        yield
-    finally:
-        target.removeFilter(drop)
-
-
 def _layer_overrides(path: Path, keep: int | None, common: dict[str, Any]) -> dict[str, Any]:
     """``from_pretrained`` config overrides that build only the first ``keep`` layers.
 
@@ -326,7 +304,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
         layers = _layer_overrides(path, config.keep_layers, common)
         model: Any
-        with _skipped_layers_quiet(config.keep_layers):
+        # transformers reports every skipped layer as UNEXPECTED: noise for keep_layers only
+        report = dropped("transformers.modeling_utils", "LOAD REPORT") if layers else nullcontext()
+        with report:
             model = _from_pretrained(path, dtype, device, device_map, {**layers, **common})
         model.eval()
         model.requires_grad_(False)

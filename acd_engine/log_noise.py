@@ -12,8 +12,10 @@ still shows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["NOISE", "install_noise_filters"]
+__all__ = ["NOISE", "dropped", "install_noise_filters"]
 
 # (logger name, a fragment of each message dropped from it)
 NOISE: tuple[tuple[str, str], ...] = (
@@ -38,3 +40,16 @@ def install_noise_filters() -> None:
         target = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) and f.fragment == fragment for f in target.filters):
             target.addFilter(_DropNoise(fragment))
+
+
+@contextmanager
+def dropped(name: str, fragment: str) -> Iterator[None]:
+    """Drop logger ``name``'s messages containing ``fragment`` inside the block only: for a
+    message that is noise in one call (a load that skips layers on purpose) but means
+    something everywhere else."""
+    target, drop = logging.getLogger(name), _DropNoise(fragment)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)

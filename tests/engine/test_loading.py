@@ -124,7 +124,7 @@ def test_keep_layers_front_end_embeds_and_gates_like_the_full_model_but_never_de
     ("keep", "message"),
     [
         (3, "keep_layers must be at most the model's 2 layers, got 3"),
-        (-1, "keep_layers"),
+        (-1, "keep_layers must be >= 0, got -1"),
     ],
 )
 def test_keep_layers_out_of_range_is_a_clear_error(tiny_model_dir, keep, message):
