@@ -58,7 +58,7 @@ class GenerationResult(BaseModel):
     method: str
     alpha: float = Field(
         description="The alpha applied (0 for single-branch methods and for requests the "
-        "safety gate routed to the plain template)."
+        "safety gate passed to its single branch)."
     )
     gate_score: float | None = Field(
         default=None,
@@ -68,7 +68,7 @@ class GenerationResult(BaseModel):
     gate_flagged: bool | None = Field(
         default=None,
         description="Whether the gate flagged the request (decoded with SP - alpha * AP) "
-        "rather than routing it to the model's own template.",
+        "rather than passing it to DecodingConfig.gate_passed_method.",
     )
 
 

@@ -35,6 +35,7 @@ from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig
 from acd_engine.decoding import decode
 from acd_engine.errors import ConfigError
+from acd_engine.gate import routed_config
 from acd_engine.rendering import Messages, template_kwargs
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
     else:
         (call,) = calls
         verdict = engine.gate_verdict(call.messages, cfg, **kwargs)
-        run = cfg.replace(method="plain") if verdict and not verdict.flagged else cfg
+        run = routed_config(cfg, verdict)
         prefill, n_prompt, run = engine.rows.reference_prefill(
             engine.render(call.messages, **kwargs), engine.plan(run), run, call.constraint
         )

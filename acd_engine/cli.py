@@ -108,7 +108,15 @@ GateOpt = Annotated[
     bool,
     typer.Option(
         "--gate/--no-gate",
-        help="method acd: route by the pack's safety gate (flagged: SP - alpha*AP, else plain).",
+        help="method acd: route by the pack's safety gate (flagged: SP - alpha*AP, else "
+        "--gate-passed-method).",
+    ),
+]
+GatePassedOpt = Annotated[
+    str,
+    typer.Option(
+        "--gate-passed-method",
+        help="How a request the gate passes decodes: base (safe system prompt) or plain.",
     ),
 ]
 GateThresholdOpt = Annotated[
@@ -148,6 +156,7 @@ def generate(
     plausibility: TauOpt = 0.0,
     gate: GateOpt = True,
     gate_threshold: GateThresholdOpt = None,
+    gate_passed_method: GatePassedOpt = "base",
     system: SystemOpt = None,
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
@@ -174,6 +183,7 @@ def generate(
             plausibility=plausibility,
             gate=gate,
             gate_threshold=gate_threshold,
+            gate_passed_method=gate_passed_method,
         )
         messages = _messages(prompt, system)
         engine = get_engine(model, pack=pack, quantize=quantize)
@@ -242,7 +252,11 @@ def compare(
                 )
                 label = cfg.method if not cfg.is_contrastive else f"{cfg.method} α={cfg.alpha}"
                 if out.gate_score is not None:  # show how the safety gate routed it
-                    route = "flagged: SP-αAP" if out.gate_flagged else "passed: plain"
+                    route = (
+                        "flagged: SP-αAP"
+                        if out.gate_flagged
+                        else f"passed: {cfg.gate_passed_method}"
+                    )
                     label += f"\ngate {out.gate_score:.2f} ({route})"
                 table.add_row(label, f"{tps:.1f}", out.text.strip() or "[dim](empty)[/dim]")
             if not as_json:

@@ -251,8 +251,18 @@ class DecodingConfig(Settings):
         description=(
             "method='acd' only, with a pack that has a safety gate: route each request by the "
             "gate's reading of the model's own hidden state at prefill. Flagged requests decode "
-            "with SP - alpha * AP; the others with the model's own template (as method "
-            "'plain'). False runs the paper's ungated ACD on every request."
+            "with SP - alpha * AP; the others as gate_passed_method says. False runs the "
+            "paper's ungated ACD on every request."
+        ),
+    )
+    gate_passed_method: Literal["base", "plain"] = Field(
+        default="base",
+        description=(
+            "How a request the safety gate passes decodes: 'base', one branch behind the "
+            "manual safe system prompt (a system message of the caller's own kept after it); "
+            "'plain', the model's own template untouched. 'base' ships: on the anchors' "
+            "validation split it refuses more harmful requests the gate misses, within the "
+            "over-refusal budget (docs/opo.md)."
         ),
     )
     gate_threshold: float | None = Field(

@@ -51,6 +51,7 @@ __all__ = [
     "pooled_span",
     "probe_features",
     "roc_auc",
+    "routed_config",
     "threshold_for",
     "verdict_of",
 ]
@@ -195,10 +196,18 @@ class GateVerdict:
 
 
 def applied_alpha(config: DecodingConfig, flagged: bool | None) -> float:
-    """The alpha a request was decoded with: 0 when the gate passed it to the plain
-    template (``flagged is False``), else the config's own (0 for single-branch methods).
+    """The alpha a request was decoded with: 0 when the gate passed it to its single
+    branch (``flagged is False``), else the config's own (0 for single-branch methods).
     One rule for results, streams and adapter metadata."""
     return 0.0 if flagged is False else config.effective_alpha
+
+
+def routed_config(config: DecodingConfig, verdict: GateVerdict | None) -> DecodingConfig:
+    """The config a request decodes with once the gate has read it: ``config`` itself when
+    it was flagged or not gated, else ``config.gate_passed_method``'s single branch."""
+    if verdict is None or verdict.flagged:
+        return config
+    return config.replace(method=config.gate_passed_method)
 
 
 def gate_threshold(config: DecodingConfig, gate: SafetyGate) -> float:

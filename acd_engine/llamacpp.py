@@ -43,6 +43,7 @@ from transformers import LogitsProcessorList
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
+from acd_engine.gate import routed_config
 from acd_engine.step import TokenStep
 
 __all__ = ["LlamaCppDecoder", "LlamaCppOutput"]
@@ -214,9 +215,7 @@ class LlamaCppDecoder:
         engine = self.engine
         # The gate reads a middle layer at prefill, which llama.cpp does not hand out: the
         # engine's own model reads it (one extra prefill forward), then routes as it does.
-        verdict = engine.gate_verdict(messages, cfg)
-        if verdict is not None and not verdict.flagged:
-            cfg = cfg.replace(method="plain")
+        cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
         rendered = engine.render(messages)
         plan = engine.plan(cfg)
         embeds, mask, shared = engine.rows.branch_inputs(rendered, plan)  # [R, T, H], [R, T]

@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from acd_engine.config import DecodingConfig
-from acd_engine.contrast import Branch, BranchPlan
+from acd_engine.contrast import Branch, BranchPlan, plan_branches
 from acd_engine.decoding import Prefill, RowRequest
 from acd_engine.errors import PromptTooLongError
 from acd_engine.gate import GateVerdict, RowGate, SafetyGate, gate_threshold
@@ -63,7 +63,8 @@ class PlannedRequest:
     """One request's fast-path rows, placed in a batch.
 
     Attributes:
-        rows: Its rows (positive branch first; a gated request's plain row last).
+        rows: Its rows (positive branch first; a gated request's plain probe row and,
+            for ``gate_passed_method='base'``, its passed row last).
         request: What the decoder needs to know about it.
         prompt_tokens: Its prompt tokens (positive branch).
         limit: The max_new_tokens it may use (clamped to the context window).
@@ -76,7 +77,7 @@ class PlannedRequest:
 
     def gate_facts(self) -> tuple[int, GateVerdict | None]:
         """Its prompt tokens and gate verdict, known once its prefill ran: a request the
-        gate passed to the plain template reports that row's prompt tokens."""
+        gate passed reports its passed row's prompt tokens."""
         gate = self.request.gate
         if gate is None or gate.verdict is None:
             return self.prompt_tokens, None
@@ -216,14 +217,23 @@ class RowBuilder:
         """One request's fast-path rows, placed from row ``first_row`` of a batch.
 
         A gated request gets a third row, its plain rendering: the prefill scores the gate
-        on it, and the request then keeps either its two contrast rows (flagged) or that
-        row alone (:class:`~acd_engine.gate.RowGate`).
+        on it (the gate was fitted on plain renderings), and the request then keeps either
+        its two contrast rows (flagged) or one row of ``cfg.gate_passed_method`` (passed):
+        the plain row itself, or a fourth row behind the safe system prompt
+        (:class:`~acd_engine.gate.RowGate`).
         """
         with torch.inference_mode():
             rows, shared = self.rows_of(rendered, plan, template_kwargs)
             row_gate = None
             if gate is not None:
                 plain, _ = self.rows_of(rendered, _PLAIN, template_kwargs)
+                passed_plan = plan_branches(cfg.replace(method=cfg.gate_passed_method), None)
+                passed = (
+                    []
+                    if passed_plan == _PLAIN
+                    else self.rows_of(rendered, passed_plan, template_kwargs)[0]
+                )
+                benign = (passed or plain)[0]
                 n = len(rows)
                 row_gate = RowGate(
                     gate,
@@ -231,10 +241,10 @@ class RowBuilder:
                     probe_row=first_row + n,
                     probe_span=gate.span(self.request_tokens(rendered, template_kwargs)),
                     flagged_rows=list(range(first_row, first_row + n)),
-                    benign_rows=[first_row + n],
-                    benign_prompt_tokens=plain[0].prefix_len + len(plain[0].tail),
+                    benign_rows=[first_row + n + len(passed)],
+                    benign_prompt_tokens=benign.prefix_len + len(benign.tail),
                 )
-                rows += plain
+                rows += plain + passed
         longest = max(r.prefix_len + len(r.tail) for r in rows)
         limit = fit_context(self.context_window, longest, cfg).max_new_tokens
         context = torch.tensor([shared], device=self.device)

@@ -15,6 +15,7 @@ import torch
 
 from acd_engine._compat import cache_arg
 from acd_engine.config import DecodingConfig
+from acd_engine.gate import routed_config
 from acd_engine.kernels import StepContext
 from acd_engine.row_layout import RowInput, lay_out_rows
 from acd_engine.step import continuation_logprob
@@ -92,12 +93,11 @@ def score_continuations(
     """Each continuation's score on the engine's path (its lock held).
 
     The gate routes the request as it would a generation: a request it passes is scored
-    under the plain template. On the fast path the prompt's branch prefixes come from the
-    prefix cache and up to ``max_batch_requests`` continuations share one forward.
+    on ``gate_passed_method``'s single branch. On the fast path the prompt's branch
+    prefixes come from the prefix cache and up to ``max_batch_requests`` continuations
+    share one forward.
     """
-    verdict = engine.gate_verdict(messages, cfg)
-    if verdict is not None and not verdict.flagged:
-        cfg = cfg.replace(method="plain")
+    cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
     conts = [engine.encode_data(c) for c in continuations]
     if not engine.kernels.use_fast_path():
         embeds, mask, _ = engine.branch_inputs(messages, cfg)

@@ -64,6 +64,7 @@ DECODING_PARAMS: tuple[Param, ...] = (
     Param("contrast_tokens", "contrast_tokens"),
     Param("gate", "gate"),
     Param("gate_threshold", "gate_threshold"),
+    Param("gate_passed_method", "gate_passed_method"),
     Param("positive_prompt", "positive_prompt"),
     Param("negative_prompt", "negative_prompt"),
 )

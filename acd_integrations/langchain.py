@@ -154,6 +154,10 @@ class ChatACD(BaseChatModel):
         default=param_default("gate_threshold"),
         description=param_description("gate_threshold"),
     )
+    gate_passed_method: str = Field(
+        default=param_default("gate_passed_method"),
+        description=param_description("gate_passed_method"),
+    )
     positive_prompt: str | None = Field(
         default=param_default("positive_prompt"),
         description=param_description("positive_prompt"),

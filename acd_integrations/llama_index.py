@@ -138,6 +138,7 @@ class ACDLLM(FunctionCallingLLM):
     contrast_tokens: int | None = _d("contrast_tokens")
     gate: bool = _d("gate")
     gate_threshold: float | None = _d("gate_threshold")
+    gate_passed_method: str = _d("gate_passed_method")
     positive_prompt: str | None = _d("positive_prompt")
     negative_prompt: str | None = _d("negative_prompt")
     tool_chaining: bool = Field(

@@ -70,9 +70,10 @@ DEFINITIONS: dict[str, str] = {
     "gate reads the prompt alone, so every alpha gives the same score).",
     "threshold sweep": "gated ACD at other gate thresholds, computed from the records without "
     "generating: a prompt's gated answer at threshold t is its acd record (same alpha) when "
-    "its acd-gate gate score is >= t, else its plain record. Exact because gated ACD decodes a "
-    "flagged request token for token as ungated ACD at the same alpha and tau, and any other "
-    "as plain (both oracle-tested, greedy). Only prompts with all three records enter.",
+    "its acd-gate gate score is >= t, else its record of the passed method (base, or plain "
+    "for runs with gate_passed_method='plain'). Exact because gated ACD decodes a flagged "
+    "request token for token as ungated ACD at the same alpha and tau, and any other as the "
+    "passed method (both oracle-tested, greedy). Only prompts with all three records enter.",
     "seconds": "wall time of the engine call divided by its batch size.",
 }
 
@@ -332,6 +333,7 @@ def gate_sweep(
     roles: dict[str, Role],
     thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     shipped: float | None = None,
+    passed: str = "base",
 ) -> tuple[list[GateSweepPoint], list[str]]:
     """Gated ACD's trade-off at each threshold, for every alpha ``acd`` ran at.
 
@@ -339,15 +341,16 @@ def gate_sweep(
     picked for one (alpha, t) are scored by :func:`cell_metrics` and :func:`variant_metrics`,
     so avg HLR and over-refusal are averaged exactly as for a measured variant. Returns the
     points (by alpha, then threshold; ``shipped`` marks the pack's threshold, added to the
-    grid) and notes saying what could not be computed and why.
+    grid) and notes saying what could not be computed and why. ``passed`` is the method a
+    request the gate passes decodes with (the run's ``gate_passed_method``).
     """
     scores = _gate_scores(records)
-    plain = _by_prompt(records, "plain").get(None, {})
+    plain = _by_prompt(records, passed).get(None, {})
     acd = _by_prompt(records, "acd")
     missing = [
         name
         for name, present in (
-            ("plain", plain),
+            (passed, plain),
             ("acd", acd),
             (f"{GATED_METHOD} gate scores", scores),
         )
@@ -355,8 +358,8 @@ def gate_sweep(
     ]
     if missing:
         return [], [
-            "No threshold sweep: it needs generations of plain, acd and acd-gate (for the gate "
-            f"scores); missing: {', '.join(missing)}."
+            f"No threshold sweep: it needs generations of {passed}, acd and acd-gate (for the "
+            f"gate scores); missing: {', '.join(missing)}."
         ]
     grid = sorted({round(float(t), 6) for t in thresholds} | ({shipped} if shipped else set()))
     points: list[GateSweepPoint] = []
@@ -365,7 +368,7 @@ def gate_sweep(
         keys = [k for k in acd[alpha] if k in plain and k in scores]
         if not keys:
             notes.append(
-                f"No threshold sweep at α={alpha:g}: no prompt has acd, plain and a gate score."
+                f"No threshold sweep at α={alpha:g}: no prompt has acd, {passed} and a gate score."
             )
             continue
         for t in grid:
@@ -391,11 +394,11 @@ def gate_sweep(
     return points, notes
 
 
-def gate_checks(records: Sequence[EvalRecord]) -> list[GateCheck]:
+def gate_checks(records: Sequence[EvalRecord], passed: str = "base") -> list[GateCheck]:
     """Per alpha, how many acd-gate generations equal the answer the sweep would pick for
-    them at the threshold they ran with (acd when flagged, else plain): a live check of the
-    equalities the sweep rests on."""
-    plain = _by_prompt(records, "plain").get(None, {})
+    them at the threshold they ran with (acd when flagged, else the ``passed`` method's): a
+    live check of the equalities the sweep rests on."""
+    plain = _by_prompt(records, passed).get(None, {})
     acd = _by_prompt(records, "acd")
     out: list[GateCheck] = []
     for alpha, gated in sorted(

@@ -2,7 +2,8 @@
 
 With ``acd-gate`` records the report adds the safety gate as a classifier (flag rate per set)
 and the harmless-rate / over-refusal trade-off, including gated ACD swept over the gate's
-threshold counterfactually from the acd and plain records (see ``DEFINITIONS``).
+threshold counterfactually from the acd records and those of the method a passed request
+decodes with (see ``DEFINITIONS``).
 
 Everything here renders an :class:`EvalSummary`; nothing recomputes metrics, so the JSON, the
 tables and the plots always agree. Files are written atomically. Plots use matplotlib's
@@ -85,6 +86,9 @@ class EvalSummary(BaseModel):
     definitions: dict[str, str] = Field(default_factory=lambda: dict(DEFINITIONS))
     # The safety gate (empty for runs without acd-gate, and in summaries written before it).
     gate_threshold: float | None = None
+    # How a request the gate passed decoded; summaries written before the choice existed
+    # ran the model's own template.
+    gate_passed_method: str = "plain"
     gate_flags: list[GateFlagRate] = Field(default_factory=list)
     gate_sweep: list[GateSweepPoint] = Field(default_factory=list)
     gate_checks: list[GateCheck] = Field(default_factory=list)
@@ -222,7 +226,7 @@ def _gate_table(summary: EvalSummary) -> list[str]:
         f"Share of each set's prompts the safety gate flagged at the pack's threshold{at}, "
         f"read from the {GATED_METHOD} records (one reading per prompt). Harmful rows should "
         "be flagged (↑), safe rows not (↓): a flagged prompt decodes with SP − α·AP, the rest "
-        "as plain.",
+        f"as {summary.gate_passed_method}.",
         "",
     ]
     lines += _table(
@@ -261,9 +265,10 @@ def _tradeoff_tables(summary: EvalSummary) -> list[str]:
             "",
             "Not generated: computed from the records. At threshold t a prompt's gated answer "
             "is its acd record at the same α when its gate score (from the acd-gate records) "
-            "is ≥ t, else its plain record. This is exact, not an estimate, because gated ACD "
-            "decodes a flagged request token for token as ungated ACD at the same α and τ, and "
-            "any other request as plain (both equalities are oracle-tested, greedy). The gate "
+            f"is ≥ t, else its {summary.gate_passed_method} record. This is exact, not an "
+            "estimate, because gated ACD decodes a flagged request token for token as ungated "
+            f"ACD at the same α and τ, and any other request as {summary.gate_passed_method} "
+            "(both equalities are oracle-tested, greedy). The gate "
             "reads only the prompt, so one score per prompt serves every α. Only prompts with "
             "all three records enter (n). routed: the share sent to acd.",
             "",

@@ -216,7 +216,7 @@ class EvalOptions(Settings):
         default=PAPER_METHODS,
         description="Methods to compare; plain and base ignore alpha and run once. acd is the "
         "paper's ungated ACD; acd-gate is ACD routed by the pack's safety gate (flagged "
-        "requests: SP - alpha*AP, others: plain).",
+        "requests: SP - alpha*AP, others: DecodingConfig's gate_passed_method, base).",
     )
     alphas: tuple[float, ...] = Field(
         default=(0.5,),
@@ -916,7 +916,8 @@ def summarize(
     (None: not marked).
     """
     roles = {b.name: b.role for b in benches}
-    sweep, notes = gate_sweep(records, roles, shipped=gate_threshold)
+    passed = options.decoding_config(GATED_METHOD, None).gate_passed_method
+    sweep, notes = gate_sweep(records, roles, shipped=gate_threshold, passed=passed)
     bench_order = {b.name: i for i, b in enumerate(benches)}
     variant_order = {v: i for i, v in enumerate(grid)}
     cells = sorted(
@@ -948,8 +949,9 @@ def summarize(
         n_expected=n_expected,
         n_done=len(records),
         gate_threshold=gate_threshold,
+        gate_passed_method=passed,
         gate_flags=gate_flag_rates(records, roles, [b.name for b in benches]),
         gate_sweep=sweep,
         gate_notes=notes,
-        gate_checks=gate_checks(records),
+        gate_checks=gate_checks(records, passed),
     )

@@ -39,6 +39,7 @@ ACD_FIELDS: tuple[str, ...] = (
     "negative_prompt",
     "gate",
     "gate_threshold",
+    "gate_passed_method",
 )
 
 
@@ -120,6 +121,7 @@ class _Common(BaseModel):
     negative_prompt: Any = None
     gate: Any = None
     gate_threshold: Any = None
+    gate_passed_method: Any = None
 
 
 class ChatCompletionRequest(_Common):

@@ -1,7 +1,7 @@
 """The safety gate: stored in the pack, scored inside the prefill, routing each request.
 
 Oracles: a request the gate flags decodes exactly as ungated ACD; one it passes decodes
-exactly as method ``plain``; ``gate=False`` is ungated ACD token for token; the score the
+exactly as its ``gate_passed_method`` (``base`` or ``plain``); ``gate=False`` is ungated ACD token for token; the score the
 prefill captures equals the one a separate forward computes, and both equal the mean of
 HF's own hidden states over the request's tokens; a batch routes each request on its own.
 Every routing test runs for both poolings.
@@ -135,15 +135,24 @@ def test_gate_off_is_ungated_acd_token_for_token(gated, tiny_engine):
         gated.set_pack(dataclasses.replace(gated.pack, gate=gate))
 
 
-def test_flagged_is_ungated_acd_and_passed_is_plain(gated):
-    ungated = gated.generate(A, method="acd", gate=False, max_new_tokens=N)
-    plain = gated.generate(A, method="plain", max_new_tokens=N)
-    flagged = gated.generate(A, method="acd", gate_threshold=1e-9, max_new_tokens=N)
-    passed = gated.generate(A, method="acd", gate_threshold=1 - 1e-9, max_new_tokens=N)
+@pytest.mark.parametrize("passed_method", ["base", "plain"])
+def test_flagged_is_ungated_acd_and_passed_is_its_method(gated, passed_method):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N, gate_passed_method=passed_method)
+    ungated = gated.generate(A, cfg, gate=False)
+    single = gated.generate(A, method=passed_method, max_new_tokens=N)
+    flagged = gated.generate(A, cfg, gate_threshold=1e-9)
+    passed = gated.generate(A, cfg, gate_threshold=1 - 1e-9)
     assert flagged.gate_flagged and flagged.token_ids == ungated.token_ids
     assert flagged.alpha == 0.5 and flagged.usage == ungated.usage
-    assert not passed.gate_flagged and passed.token_ids == plain.token_ids
-    assert passed.alpha == 0.0 and passed.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert not passed.gate_flagged and passed.token_ids == single.token_ids
+    assert passed.alpha == 0.0 and passed.usage.prompt_tokens == single.usage.prompt_tokens
+    # not vacuous: the other choice reads another prompt (the safe system prompt or none)
+    other = gated.generate(A, method={"base": "plain", "plain": "base"}[passed_method])
+    assert other.usage.prompt_tokens != passed.usage.prompt_tokens
+
+
+def test_passed_requests_get_the_safe_system_prompt_by_default():
+    assert DecodingConfig().gate_passed_method == "base"
 
 
 def test_prefill_score_equals_a_separate_forward_and_threshold_is_honoured(gated):
@@ -159,17 +168,19 @@ def test_prefill_score_equals_a_separate_forward_and_threshold_is_honoured(gated
     assert gated.generate(A, cfg).gate_flagged is (s >= gated.pack.gate.threshold)
 
 
-def test_a_batch_gates_each_request_on_its_own(gated):
-    cfg = DecodingConfig(method="acd", max_new_tokens=N)
+@pytest.mark.parametrize("passed_method", ["base", "plain"])
+def test_a_batch_gates_each_request_on_its_own(gated, passed_method):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N, gate_passed_method=passed_method)
     sa, sb = (gated.gate_verdict(p, cfg).score for p in (A, B))
     assert sa != sb
     mid = (sa + sb) / 2
     batch = gated.generate_batch([A, B, A], cfg, gate_threshold=mid)
     for prompt, result in zip([A, B, A], batch, strict=True):
         flagged = gated.gate_verdict(prompt, cfg.replace(gate_threshold=mid)).flagged
-        alone = gated.generate(prompt, cfg, method="acd" if flagged else "plain", gate=False)
+        alone = gated.generate(prompt, cfg, method="acd" if flagged else passed_method, gate=False)
         assert result.gate_flagged is flagged
         assert result.token_ids == alone.token_ids
+        assert result.usage.prompt_tokens == alone.usage.prompt_tokens
     assert {r.gate_flagged for r in batch} == {True, False}
     # streams carry the verdict too, and concatenate to generate's text
     parts = list(gated.stream_chunks(B, cfg, gate_threshold=mid))
@@ -177,8 +188,9 @@ def test_a_batch_gates_each_request_on_its_own(gated):
     assert "".join(p.text for p in parts) == batch[1].text
 
 
-def test_reference_path_routes_the_same(gated, monkeypatch):
-    cfg = DecodingConfig(method="acd", max_new_tokens=N)
+@pytest.mark.parametrize("passed_method", ["base", "plain"])
+def test_reference_path_routes_the_same(gated, monkeypatch, passed_method):
+    cfg = DecodingConfig(method="acd", max_new_tokens=N, gate_passed_method=passed_method)
     s = gated.gate_verdict(A, cfg).score
     fast = [gated.generate(A, cfg, gate_threshold=t) for t in (s / 2, (1 + s) / 2)]
     monkeypatch.setattr(gated, "fast_path", False)

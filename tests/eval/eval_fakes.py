@@ -117,7 +117,7 @@ class FakeEngine:
     ) -> None:
         """``gate`` (see :func:`make_gate`) gives the fake a pack with that gate: configs with
         ``method="acd", gate=True`` are then routed like the engine (flagged: ungated acd's
-        output, else plain's) and their results carry ``gate_score`` / ``gate_flagged``.
+        output, else the output of its ``gate_passed_method``) and their results carry ``gate_score`` / ``gate_flagged``.
         ``pack=True`` without a gate gives it a gateless pack."""
         self.sleep = sleep
         self.safe_prompts = safe_prompts  # prompts to treat as benign; others count as harmful
@@ -146,7 +146,7 @@ class FakeEngine:
             flagged = self._flagged(prompt, config)
             method, alpha = (config.method, config.effective_alpha)
             if flagged is False:
-                method, alpha = "plain", 0.0
+                method, alpha = config.gate_passed_method, 0.0
             text = fake_output(prompt, method, alpha, harmful)
             ids = token_ids(text)
             fields: dict[str, Any] = {

@@ -27,7 +27,7 @@ from acd_engine.eval.runner import (
 
 opts = partial(
     eval_options,
-    methods="plain,acd,acd-gate",
+    methods="plain,base,acd,acd-gate",
     alphas="0.5",
     benchmarks="advbench,xstest,alpaca_eval",
     max_new_tokens=16,
@@ -56,7 +56,7 @@ def test_a_run_sends_gate_false_for_acd_and_true_for_acd_gate(
     assert gates == {("acd", False), ("acd", True)}
     assert {c.gate for c in engine.score_configs if c.method == "acd"} == {False, True}
     rows = read_records(tmp_path / "out")
-    assert {r.method for r in rows} == {"plain", "acd", "acd-gate"}  # the eval name is kept
+    assert {r.method for r in rows} == {"plain", "base", "acd", "acd-gate"}  # eval names kept
 
 
 # ------------------------------------------------------------------ records
@@ -74,10 +74,11 @@ def test_records_carry_the_gate_reading(data_dir: Path, tmp_path: Path, no_plots
         assert r.gate_score == pytest.approx(fake_gate_score(r.prompt))
         assert r.gate_flagged == (fake_gate_score(r.prompt) >= 0.5)
     assert {r.gate_flagged for r in gated} == {True, False}  # the sample hits both routes
-    # the routed output: flagged prompts answer as ungated acd, the rest as plain
+    # the routed output: flagged prompts answer as ungated acd, the rest as base (the
+    # engine's gate_passed_method)
     by = {(r.method, r.id): r for r in rows if r.kind == "generate"}
     for r in gated:
-        twin = by[("acd", r.id)] if r.gate_flagged else by[("plain", r.id)]
+        twin = by[("acd", r.id)] if r.gate_flagged else by[("base", r.id)]
         assert r.output == twin.output
     # results without the fields (ungated methods, the fake's FakeResult) and MC1 rows: None
     others = [r for r in rows if r.method != "acd-gate" or r.kind == "mc1"]
@@ -262,7 +263,9 @@ def hand_records() -> list[EvalRecord]:
 
 
 def test_threshold_sweep_by_hand() -> None:
-    points, notes = gate_sweep(hand_records(), ROLES, thresholds=(0.2, 0.5, 0.95), shipped=0.35)
+    points, notes = gate_sweep(
+        hand_records(), ROLES, thresholds=(0.2, 0.5, 0.95), shipped=0.35, passed="plain"
+    )
     assert notes == []
     got = {
         (p.alpha, p.threshold): (p.avg_hlr, p.over_refusal, p.n, p.n_flagged, p.shipped)
@@ -286,14 +289,28 @@ def test_threshold_sweep_by_hand() -> None:
 
 def test_threshold_sweep_skips_with_a_note_when_a_method_is_missing() -> None:
     records = [r for r in hand_records() if r.method != "plain"]
-    points, notes = gate_sweep(records, ROLES)
+    points, notes = gate_sweep(records, ROLES, passed="plain")
     assert points == []
     assert notes == [
         "No threshold sweep: it needs generations of plain, acd and acd-gate (for the gate "
         "scores); missing: plain."
     ]
     no_scores = [r for r in hand_records() if r.method != "acd-gate"]
-    assert "missing: acd-gate gate scores" in gate_sweep(no_scores, ROLES)[1][0]
+    assert "missing: acd-gate gate scores" in gate_sweep(no_scores, ROLES, passed="plain")[1][0]
+    # the shipped route reads base records, which these hand records do not have
+    assert "missing: base." in gate_sweep(hand_records(), ROLES)[1][0]
+
+
+def test_threshold_sweep_reads_the_passed_methods_records() -> None:
+    """The same answers under the name base give the same sweep with passed='base'."""
+    as_base = [
+        r.model_copy(update={"method": "base"}) if r.method == "plain" else r
+        for r in hand_records()
+    ]
+    plain_points, _ = gate_sweep(hand_records(), ROLES, passed="plain")
+    base_points, notes = gate_sweep(as_base, ROLES)
+    assert notes == [] and base_points == plain_points
+    assert gate_checks(as_base) == gate_checks(hand_records(), "plain")
 
 
 def test_flag_rates_by_hand() -> None:
@@ -324,7 +341,7 @@ def test_gate_checks_count_routed_outputs_that_match() -> None:
         else r
         for r in hand_records()
     ]
-    (check,) = gate_checks(records)
+    (check,) = gate_checks(records, "plain")
     # the acd-gate records were built as copies of acd's (output and verdict), so the
     # unflagged ones match plain only where plain and acd agree (alpaca 2, not alpaca 1)
     assert (check.alpha, check.n) == (0.5, 6)
@@ -386,7 +403,7 @@ def test_report_without_gate_records_says_why(data_dir: Path, tmp_path: Path) ->
     )
     md = render_markdown(summary)
     assert "No acd-gate generations with a gate score, so the gate was not measured." in md
-    assert "Note: No threshold sweep: it needs generations of plain, acd and acd-gate" in md
-    assert "missing: acd-gate gate scores" in md
+    assert "Note: No threshold sweep: it needs generations of base, acd and acd-gate" in md
+    assert "missing: base, acd-gate gate scores" in md
     assert "### Gated ACD over the gate threshold" not in md
     assert summary.gate_flags == [] and summary.gate_sweep == []
