@@ -36,10 +36,10 @@ def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
     counts = Counter((a.label, a.kind) for a in anchors)
     assert counts == {
         ("harmful", "plain"): 204,
-        ("harmful", "question"): 180,
+        ("harmful", "question"): 276,
         ("harmful", "framed"): 108,
-        ("benign", "plain"): 654,
-        ("benign", "lookalike"): 289,
+        ("benign", "plain"): 702,
+        ("benign", "lookalike"): 337,
     }
     val = Counter(a.label for a in anchors if a.split == "val")
     # Big enough that a 5-point over-refusal difference is more than one or two prompts.
