@@ -6,7 +6,9 @@ regression on its layer outputs reaches AUC ~0.99 on held-out harmful sets again
 safe prompts). Contrast strength alone cannot make it refuse, and a safeguarding prompt
 strong enough to refuse also refuses benign requests. The gate confines the strong side to
 the requests the model itself flags: flagged requests decode with SP − α·AP, the rest with
-the model's own template (method ``plain``), so benign users see the model as shipped.
+one branch of ``DecodingConfig.gate_passed_method``: the manual safe system prompt
+(``base``, shipped: it catches a little of what the gate misses) or the model's own template
+(``plain``, the model as shipped).
 
 The features are the outputs of a few decoder layers over the *plain* rendering (the
 model's template, no branch prompt), pooled over the request's own tokens: their mean

@@ -77,7 +77,7 @@ class DecodingMethod:
         positive: The positive branch's source.
         negative: The negative branch's source, or None for a single-branch method.
         gated: Whether the prompt pack's safety gate routes requests (``DecodingConfig.gate``):
-            flagged ones run the method, the others the model's own template. Only for
+            flagged ones run the method, the others ``gate_passed_method``'s branch. Only for
             methods that read the pack, whose gate was fitted alongside its soft prompts.
     """
 

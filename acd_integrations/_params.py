@@ -163,7 +163,7 @@ def result_metadata(
     config: DecodingConfig, gate_score: float | None, gate_flagged: bool | None
 ) -> dict[str, Any]:
     """What both adapters report about how an answer was decoded: the method, the alpha
-    actually applied (0 when the safety gate routed the request to the plain template) and
+    actually applied (0 when the safety gate passed the request to its single branch) and
     the gate's score and verdict when the request was gated."""
     meta: dict[str, Any] = {
         "method": config.method,
