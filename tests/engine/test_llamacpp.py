@@ -68,3 +68,14 @@ def test_a_front_end_engine_feeds_llama_cpp_as_the_full_one_does(engine, decoder
                 assert front.generate(prompt, cfg) == decoder.generate(prompt, cfg)
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("passed_method", ["base", "plain"])
+def test_a_passed_request_decodes_as_its_passed_method(decoder, passed_method):
+    """The gate routes on llama.cpp as on the engine: a passed request is its
+    ``gate_passed_method``'s single sequence, token for token."""
+    cfg = DecodingConfig(
+        method="acd", gate_threshold=1 - 1e-9, gate_passed_method=passed_method, max_new_tokens=N
+    )
+    alone = decoder.generate(PROMPT, DecodingConfig(method=passed_method, max_new_tokens=N))
+    assert decoder.generate(PROMPT, cfg) == alone
