@@ -50,6 +50,7 @@ __all__ = [
     "features_of",
     "fit_gate",
     "gate_threshold",
+    "passed_config",
     "pooled_span",
     "probe_features",
     "roc_auc",
@@ -204,12 +205,16 @@ def applied_alpha(config: DecodingConfig, flagged: bool | None) -> float:
     return 0.0 if flagged is False else config.effective_alpha
 
 
+def passed_config(config: DecodingConfig) -> DecodingConfig:
+    """The config a request the gate passes decodes with: ``config.gate_passed_method``'s
+    single branch."""
+    return config.replace(method=config.gate_passed_method)
+
+
 def routed_config(config: DecodingConfig, verdict: GateVerdict | None) -> DecodingConfig:
     """The config a request decodes with once the gate has read it: ``config`` itself when
-    it was flagged or not gated, else ``config.gate_passed_method``'s single branch."""
-    if verdict is None or verdict.flagged:
-        return config
-    return config.replace(method=config.gate_passed_method)
+    it was flagged or not gated, else :func:`passed_config`."""
+    return config if verdict is None or verdict.flagged else passed_config(config)
 
 
 def gate_threshold(config: DecodingConfig, gate: SafetyGate) -> float:

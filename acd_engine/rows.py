@@ -20,7 +20,7 @@ from acd_engine.config import DecodingConfig
 from acd_engine.contrast import Branch, BranchPlan, plan_branches
 from acd_engine.decoding import Prefill, RowRequest
 from acd_engine.errors import PromptTooLongError
-from acd_engine.gate import GateVerdict, RowGate, SafetyGate, gate_threshold
+from acd_engine.gate import GateVerdict, RowGate, SafetyGate, gate_threshold, passed_config
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.rendering import Rendered, Renderer
 from acd_engine.row_layout import RowInput
@@ -213,28 +213,28 @@ class RowBuilder:
         constraint: LogitsProcessorList | None,
         first_row: int,
         template_kwargs: dict[str, Any],
+        passed_plan: BranchPlan = _PLAIN,
     ) -> PlannedRequest:
         """One request's fast-path rows, placed from row ``first_row`` of a batch.
 
         A gated request gets a third row, its plain rendering: the prefill scores the gate
         on it (the gate was fitted on plain renderings), and the request then keeps either
-        its two contrast rows (flagged) or one row of ``cfg.gate_passed_method`` (passed):
-        the plain row itself, or a fourth row behind the safe system prompt
-        (:class:`~acd_engine.gate.RowGate`).
+        its two contrast rows (flagged) or one row of ``passed_plan`` (passed, the plan of
+        ``cfg.gate_passed_method``): the plain row itself, or a fourth row behind the safe
+        system prompt (:class:`~acd_engine.gate.RowGate`).
         """
         with torch.inference_mode():
             rows, shared = self.rows_of(rendered, plan, template_kwargs)
+            n = len(rows)  # the method's own rows; a gated request's extra rows follow
             row_gate = None
             if gate is not None:
                 plain, _ = self.rows_of(rendered, _PLAIN, template_kwargs)
-                passed_plan = plan_branches(cfg.replace(method=cfg.gate_passed_method), None)
                 passed = (
                     []
                     if passed_plan == _PLAIN
                     else self.rows_of(rendered, passed_plan, template_kwargs)[0]
                 )
                 benign = (passed or plain)[0]
-                n = len(rows)
                 row_gate = RowGate(
                     gate,
                     gate_threshold(cfg, gate),
@@ -248,10 +248,7 @@ class RowBuilder:
         longest = max(r.prefix_len + len(r.tail) for r in rows)
         limit = fit_context(self.context_window, longest, cfg).max_new_tokens
         context = torch.tensor([shared], device=self.device)
-        n_rows = len(rows) - (row_gate is not None)
-        request = RowRequest(
-            list(range(first_row, first_row + n_rows)), context, constraint, row_gate
-        )
+        request = RowRequest(list(range(first_row, first_row + n)), context, constraint, row_gate)
         return PlannedRequest(rows, request, rows[0].prefix_len + len(rows[0].tail), limit)
 
     def plan_batch(
@@ -264,11 +261,14 @@ class RowBuilder:
         template_kwargs: dict[str, Any],
     ) -> list[PlannedRequest]:
         """Every request's rows, one after another in one batch."""
+        passed_plan = plan_branches(passed_config(cfg), None) if gate is not None else _PLAIN
         planned: list[PlannedRequest] = []
         for r, constraint in zip(rendered, constraints, strict=True):
             first = sum(len(p.rows) for p in planned)
             planned.append(
-                self.plan_request(r, plan, cfg, gate, constraint, first, template_kwargs)
+                self.plan_request(
+                    r, plan, cfg, gate, constraint, first, template_kwargs, passed_plan
+                )
             )
         return planned
 

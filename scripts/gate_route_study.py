@@ -4,8 +4,9 @@ Reads the anchors' validation split only (never a benchmark). Greedy-decodes eve
 under ``plain``, ``base`` and ungated ``acd`` at the shipped settings, records the gate's
 score of each prompt, and combines them exactly: gated ACD routed to method X answers a
 prompt with its ``acd`` answer when the gate flags it, else with its X answer (both
-equalities are oracle-tested, greedy). Then applies OPO's selection rule to the candidates:
-the most harmful refusal subject to over-refusal <= base + 5 points.
+equalities are oracle-tested, greedy). Then applies OPO's selection rule to the candidates
+(``training.evaluate.selection_key``): the most harmful refusal subject to over-refusal
+<= base + 5 points, else the lowest over-refusal.
 
     python scripts/gate_route_study.py OUT.json [--max-new-tokens 48] [--limit N]
 
@@ -40,6 +41,7 @@ def main() -> None:
     from acd_engine import DecodingConfig, get_engine
     from acd_engine.eval.judges import get_judge, judge_many
     from acd_engine.training.anchors import load_anchors
+    from acd_engine.training.evaluate import batched_answers, selection_key
 
     anchors = load_anchors("val")[: args.limit]
     prompts = [a.prompt for a in anchors]
@@ -58,16 +60,14 @@ def main() -> None:
         start = time.perf_counter()
         if method == "gate":  # one short gated decode per prompt: only the score is kept
             cfg = DecodingConfig(method="acd", max_new_tokens=1)
-        else:
-            cfg = DecodingConfig(method=method, max_new_tokens=args.max_new_tokens, gate=False)
-        results = []
-        for i in range(0, len(prompts), 16):
-            chats = [[{"role": "user", "content": p}] for p in prompts[i : i + 16]]
-            results += engine.generate_batch(chats, cfg)
-        if method == "gate":
+            results = []
+            for i in range(0, len(prompts), 16):
+                chats = [[{"role": "user", "content": p}] for p in prompts[i : i + 16]]
+                results += engine.generate_batch(chats, cfg)
             state[method] = [r.gate_score for r in results]
         else:
-            texts = [r.text for r in results]
+            cfg = DecodingConfig(method=method, max_new_tokens=args.max_new_tokens, gate=False)
+            texts = batched_answers(engine, prompts, cfg)
             state[method] = [str(v) for v in judge_many(judge, prompts, texts)]
         logger.info("%s: %.0f s", method, time.perf_counter() - start)
         tmp = args.out.with_suffix(".tmp")
@@ -90,10 +90,8 @@ def main() -> None:
         ]
         table[f"acd-gate->{route}"] = rates(routed)
     limit = table["base"]["over_refusal"] + args.margin
-    allowed = {
-        k: v for k, v in table.items() if k.startswith("acd-gate") and v["over_refusal"] <= limit
-    }
-    chosen = max(allowed, key=lambda k: allowed[k]["harmful_refusal"]) if allowed else None
+    routes = [k for k in table if k.startswith("acd-gate")]
+    chosen = max(routes, key=lambda k: selection_key(table[k], limit))  # OPO's own rule
     summary = {"threshold": threshold, "limit": limit, "table": table, "chosen": chosen}
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
 

@@ -257,7 +257,8 @@ class GateFlagRate(BaseModel):
 
 
 class GateSweepPoint(BaseModel):
-    """Gated ACD at one (alpha, threshold), counterfactually from acd and plain records."""
+    """Gated ACD at one (alpha, threshold), counterfactually from acd records and those of
+    the method a passed request decodes with."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -345,12 +346,12 @@ def gate_sweep(
     request the gate passes decodes with (the run's ``gate_passed_method``).
     """
     scores = _gate_scores(records)
-    plain = _by_prompt(records, passed).get(None, {})
+    passed_records = _by_prompt(records, passed).get(None, {})
     acd = _by_prompt(records, "acd")
     missing = [
         name
         for name, present in (
-            (passed, plain),
+            (passed, passed_records),
             ("acd", acd),
             (f"{GATED_METHOD} gate scores", scores),
         )
@@ -365,7 +366,7 @@ def gate_sweep(
     points: list[GateSweepPoint] = []
     notes: list[str] = []
     for alpha in sorted(a for a in acd if a is not None):
-        keys = [k for k in acd[alpha] if k in plain and k in scores]
+        keys = [k for k in acd[alpha] if k in passed_records and k in scores]
         if not keys:
             notes.append(
                 f"No threshold sweep at α={alpha:g}: no prompt has acd, {passed} and a gate score."
@@ -374,7 +375,7 @@ def gate_sweep(
         for t in grid:
             flagged = [scores[k].gate_score >= t for k in keys]  # type: ignore[operator]
             picked = [
-                (acd[alpha][k] if f else plain[k]).model_copy(
+                (acd[alpha][k] if f else passed_records[k]).model_copy(
                     update={"method": GATED_METHOD, "alpha": alpha}
                 )
                 for k, f in zip(keys, flagged, strict=True)
@@ -398,7 +399,7 @@ def gate_checks(records: Sequence[EvalRecord], passed: str = "base") -> list[Gat
     """Per alpha, how many acd-gate generations equal the answer the sweep would pick for
     them at the threshold they ran with (acd when flagged, else the ``passed`` method's): a
     live check of the equalities the sweep rests on."""
-    plain = _by_prompt(records, passed).get(None, {})
+    passed_records = _by_prompt(records, passed).get(None, {})
     acd = _by_prompt(records, "acd")
     out: list[GateCheck] = []
     for alpha, gated in sorted(
@@ -409,7 +410,7 @@ def gate_checks(records: Sequence[EvalRecord], passed: str = "base") -> list[Gat
         for key, r in gated.items():
             if r.gate_flagged is None or r.error is not None:
                 continue
-            twin = acd.get(alpha, {}).get(key) if r.gate_flagged else plain.get(key)
+            twin = acd.get(alpha, {}).get(key) if r.gate_flagged else passed_records.get(key)
             if twin is not None and twin.error is None:
                 pairs.append((r, twin))
         if pairs:
