@@ -1,4 +1,4 @@
-"""The safety gate: a linear probe on the model's own hidden states, kept in the prompt pack.
+"""The safety gate: a small probe on the model's own hidden states, kept in the prompt pack.
 
 Why: a small chat model's hidden state at the last prompt token separates harmful requests
 from benign look-alikes far better than its outputs do (it rarely refuses, yet a logistic
@@ -18,6 +18,10 @@ after the template's constant start (SmolLM2's default system prompt and user he
 the pool reads what the user sent, not boilerplate every request shares. The mean
 generalises better: fitted on some anchor categories and scored on others it flags 75 %
 of harmful prompts at a 5 % benign budget, against 51 % for the last token (docs/opo.md).
+
+The probe itself is a standardised logistic regression, optionally behind one hidden GELU
+layer (:func:`fit_mlp_gate`, the shipped gate v4: it flags more harmful validation anchors
+than any linear probe we tried at the same benign budget; docs/opo.md).
 
 The engine adds that rendering as a third row of the same prefill forward, so scoring
 costs no forward of its own; the rows a request does not need are dropped after the
@@ -39,6 +43,7 @@ from acd_engine.errors import PromptPackError
 from acd_engine.methods import one_of
 
 __all__ = [
+    "GATE_HIDDEN_TENSORS",
     "GATE_TENSORS",
     "GatePooling",
     "GateVerdict",
@@ -49,6 +54,7 @@ __all__ = [
     "decoder_layers",
     "features_of",
     "fit_gate",
+    "fit_mlp_gate",
     "gate_threshold",
     "passed_config",
     "pooled_span",
@@ -60,6 +66,9 @@ __all__ = [
 ]
 
 GATE_TENSORS = ("gate.weight", "gate.mean", "gate.scale", "gate.bias")
+GATE_HIDDEN_TENSORS = ("gate.hidden.weight", "gate.hidden.bias")
+"""A gate with one hidden layer (:func:`fit_mlp_gate`) stores these too; a linear gate lacks
+them, so packs written before the hidden layer existed load unchanged."""
 
 GatePooling = Literal["mean", "last"]
 """How a gate pools a layer's states over the request's tokens: ``mean`` over all of them,
@@ -69,12 +78,17 @@ POOLINGS: tuple[str, ...] = get_args(GatePooling)
 
 @dataclass
 class SafetyGate:
-    """A standardised logistic regression over decoder-layer outputs.
+    """A standardised logistic probe over decoder-layer outputs: linear, or with one hidden
+    layer.
+
+    ``p = sigmoid(weight · h + bias)`` with ``z = (x - mean) / scale`` and ``h = z`` (linear)
+    or ``h = gelu(hidden_weight @ z + hidden_bias)`` (one hidden layer, :func:`fit_mlp_gate`).
 
     Attributes:
         layers: Decoder layers whose outputs, pooled over the request as ``pooling`` says,
             are concatenated into the features, in this order.
-        weight: fp32 ``[F]`` with ``F = len(layers) * hidden``.
+        weight: fp32 ``[F]`` with ``F = len(layers) * hidden`` (linear), or ``[W]``, the
+            hidden layer's width.
         bias: fp32 ``[1]``.
         mean: fp32 ``[F]``, subtracted before ``weight`` (fitted on the train anchors).
         scale: fp32 ``[F]``, positive; divides after ``mean``.
@@ -82,6 +96,8 @@ class SafetyGate:
         metadata: Strings stored with the gate (how it was fitted, validation figures).
         pooling: How each layer's states are pooled over the request's tokens
             (:data:`GatePooling`); packs written before it existed read ``"last"``.
+        hidden_weight: fp32 ``[W, F]`` or None (a linear gate).
+        hidden_bias: fp32 ``[W]``; present exactly when ``hidden_weight`` is.
     """
 
     layers: tuple[int, ...]
@@ -92,6 +108,8 @@ class SafetyGate:
     threshold: float
     metadata: dict[str, str] = field(default_factory=dict)
     pooling: GatePooling = "mean"
+    hidden_weight: torch.Tensor | None = None
+    hidden_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         """Refuse a gate that could score NaN or index a layer that does not exist."""
@@ -105,32 +123,65 @@ class SafetyGate:
             raise PromptPackError(
                 f"gate pooling must be one of {one_of(POOLINGS)}, got {self.pooling!r}"
             )
-        tensors = {"weight": self.weight, "mean": self.mean, "scale": self.scale}
-        width = None
-        for name, t in {**tensors, "bias": self.bias}.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
-                raise PromptPackError(f"gate {name} must be a 1-D float tensor, got {t!r:.60}")
-            if not bool(torch.isfinite(t.float()).all()):
-                raise PromptPackError(f"gate {name} must be finite, got NaN or inf")
-        for name, t in tensors.items():
-            width = width or t.shape[0]
-            if t.shape[0] != width or width % len(self.layers):
+        if (self.hidden_weight is None) != (self.hidden_bias is None):
+            raise PromptPackError(
+                "gate hidden.weight and hidden.bias must both be present or both absent, got one"
+            )
+        vectors = {"weight": self.weight, "mean": self.mean, "scale": self.scale, "bias": self.bias}
+        if self.hidden_bias is not None:
+            vectors["hidden.bias"] = self.hidden_bias
+        for name, t in vectors.items():
+            _check_finite(name, t, dims=1)
+        width = self.scale.shape[0]  # F: the features every other tensor is checked against
+        if width % len(self.layers):
+            raise PromptPackError(
+                f"gate scale must have a multiple of its {len(self.layers)} layers' features, "
+                f"got {width}"
+            )
+        features = {"mean": self.mean, "scale": self.scale}
+        if self.hidden_weight is None:
+            features["weight"] = self.weight
+        else:
+            _check_finite("hidden.weight", self.hidden_weight, dims=2)
+            units = self.hidden_weight.shape[0]
+            if self.hidden_weight.shape[1] != width:
                 raise PromptPackError(
-                    f"gate {name} must have {width} features (a multiple of its "
-                    f"{len(self.layers)} layers), got {t.shape[0]}"
+                    f"gate hidden.weight must have {width} columns (one per feature), "
+                    f"got {self.hidden_weight.shape[1]}"
                 )
+            for name, size in (
+                ("hidden.bias", len(vectors["hidden.bias"])),
+                ("weight", len(self.weight)),
+            ):
+                if size != units:
+                    raise PromptPackError(
+                        f"gate {name} must have {units} values (hidden.weight's rows), got {size}"
+                    )
+        for name, t in features.items():
+            if t.shape[0] != width:
+                raise PromptPackError(f"gate {name} must have {width} features, got {t.shape[0]}")
         if self.bias.shape[0] != 1:
             raise PromptPackError(f"gate bias must have 1 value, got {self.bias.shape[0]}")
         if not bool((self.scale > 0).all()):
             raise PromptPackError("gate scale must be > 0 everywhere, got a value <= 0")
         self.weight, self.bias, self.mean, self.scale = (
-            t.detach().to("cpu", torch.float32).contiguous()
-            for t in (self.weight, self.bias, self.mean, self.scale)
+            _fp32(t) for t in (self.weight, self.bias, self.mean, self.scale)
         )
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            self.hidden_weight, self.hidden_bias = (
+                _fp32(self.hidden_weight),
+                _fp32(self.hidden_bias),
+            )
 
     @property
     def hidden_size(self) -> int:
-        return self.weight.shape[0] // len(self.layers)
+        """The model's hidden size this gate reads (its features per layer)."""
+        return self.mean.shape[0] // len(self.layers)
+
+    @property
+    def head(self) -> str:
+        """``"mlp"`` for a gate with a hidden layer, else ``"linear"``."""
+        return "linear" if self.hidden_weight is None else "mlp"
 
     def span(self, request_tokens: int) -> int:
         """How many trailing positions of the plain rendering this gate pools."""
@@ -138,12 +189,19 @@ class SafetyGate:
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
-        x = (features.detach().float().cpu() - self.mean) / self.scale
+        x = (features.detach().float().cpu() - self.mean) / self.scale  # [N, F]
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            x = torch.nn.functional.gelu(x @ self.hidden_weight.T + self.hidden_bias)  # [N, W]
         return torch.sigmoid(x @ self.weight + self.bias)
 
     # ---------------------------------------------------------------- pack I/O
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(zip(GATE_TENSORS, (self.weight, self.mean, self.scale, self.bias), strict=True))
+        out = dict(zip(GATE_TENSORS, (self.weight, self.mean, self.scale, self.bias), strict=True))
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            out.update(
+                zip(GATE_HIDDEN_TENSORS, (self.hidden_weight, self.hidden_bias), strict=True)
+            )
+        return out
 
     def strings(self) -> dict[str, str]:
         return {
@@ -183,7 +241,20 @@ class SafetyGate:
             threshold,
             extra,
             meta.get("gate.pooling", "last"),  # type: ignore[arg-type]  # checked in __post_init__
+            tensors.get("gate.hidden.weight"),
+            tensors.get("gate.hidden.bias"),
         )
+
+
+def _check_finite(name: str, t: object, dims: int) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
+        raise PromptPackError(f"gate {name} must be a {dims}-D float tensor, got {t!r:.60}")
+    if not bool(torch.isfinite(t.float()).all()):
+        raise PromptPackError(f"gate {name} must be finite, got NaN or inf")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
 
 
 @dataclass(frozen=True)
@@ -377,6 +448,67 @@ def fit_gate(
 
     opt.step(closure)
     return SafetyGate(tuple(layers), w.detach(), b.detach(), mean, scale, 0.5, pooling=pooling)
+
+
+def fit_mlp_gate(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    width: int = 128,
+    weight_decay: float = 1.0,
+    dropout: float = 0.2,
+    epochs: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+    pooling: GatePooling = "mean",
+) -> SafetyGate:
+    """Fit a gate with one hidden GELU layer (full-batch AdamW, input dropout), seeded.
+
+    Why a hidden layer: on our anchors every linear probe we tried (logistic regression at
+    four penalties, mass-mean, shrinkage LDA, per-layer ensembles) tops out near the shipped
+    linear gate, while a small MLP over three adjacent layers' means flags more of the
+    harmful val prompts at the same benign budget and more under the category-grouped
+    cross-validation (docs/opo.md, "Gate v4"). Input dropout and weight decay keep a few
+    thousand parameters per example from memorising the anchors' phrasing. The global RNG
+    is left untouched: the same inputs and seed give the same gate.
+
+    Args:
+        features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
+    """
+    x = features.detach().float().cpu()
+    y = labels.detach().float().cpu()
+    mean = x.mean(0)
+    scale = x.std(0).clamp(min=1e-6)
+    z = (x - mean) / scale  # [N, F]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(z.shape[1], width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, 1),
+        )
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                opt.zero_grad()
+                logits = net(z)[:, 0]  # [N]
+                torch.nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
+                opt.step()
+    hidden, out = net[1], net[3]
+    assert isinstance(hidden, torch.nn.Linear) and isinstance(out, torch.nn.Linear)
+    return SafetyGate(
+        tuple(layers),
+        out.weight.detach()[0],
+        out.bias.detach(),
+        mean,
+        scale,
+        0.5,
+        pooling=pooling,
+        hidden_weight=hidden.weight.detach(),
+        hidden_bias=hidden.bias.detach(),
+    )
 
 
 def threshold_for(probabilities: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> float:

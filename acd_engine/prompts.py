@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from acd_engine.atomic import atomic_write
 from acd_engine.errors import PromptPackError
-from acd_engine.gate import GATE_TENSORS, SafetyGate
+from acd_engine.gate import GATE_HIDDEN_TENSORS, GATE_TENSORS, SafetyGate
 
 if TYPE_CHECKING:
     from acd_engine.loading import LoadedModel
@@ -319,7 +319,7 @@ class PromptPack:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 names = sorted(f.keys())
-                known = ("sp", "ap", *GATE_TENSORS)
+                known = ("sp", "ap", *GATE_TENSORS, *GATE_HIDDEN_TENSORS)
                 tensors = {k: f.get_tensor(k) for k in known if k in names}
         except Exception as exc:  # noqa: BLE001 - safetensors raises many types for a damaged file; re-raised as PromptPackError
             raise PromptPackError(
@@ -335,7 +335,7 @@ class PromptPack:
             raise PromptPackError(
                 f"prompt pack tensors must include 'sp' and 'ap', got {names} in '{path}'"
             )
-        extra = [n for n in names if n not in ("sp", "ap", *GATE_TENSORS)]
+        extra = [n for n in names if n not in known]
         if extra:
             logger.warning("prompt pack '%s': ignoring unknown tensors %s", path, extra)
         raw = meta.pop("fingerprint", None)
@@ -352,7 +352,7 @@ class PromptPack:
         gate_meta = {k: meta.pop(k) for k in list(meta) if k.startswith("gate.")}
         try:
             gate = None
-            if gate_meta or any(n in tensors for n in GATE_TENSORS):
+            if gate_meta or any(n in tensors for n in (*GATE_TENSORS, *GATE_HIDDEN_TENSORS)):
                 gate = SafetyGate.from_pack(tensors, gate_meta)
             return cls(
                 sp=tensors["sp"],

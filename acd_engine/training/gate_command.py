@@ -41,6 +41,12 @@ def gate_command(
             help="Pool each layer over the request's tokens: 'mean' (default) or 'last'.",
         ),
     ] = "mean",
+    probe: Annotated[
+        str,
+        typer.Option(
+            "--probe", help="The classifier: 'mlp' (one hidden layer, default) or 'linear'."
+        ),
+    ] = "mlp",
     anchors: Annotated[
         Path | None, typer.Option("--anchors", help="Anchor JSONL (default: the shipped set).")
     ] = None,
@@ -62,7 +68,9 @@ def gate_command(
         parsed = tuple(int(x) for x in layers.split(",")) if layers else None
     except ValueError:
         raise ConfigError(f"layers must be comma-separated integers, got {layers!r}") from None
-    cfg = GateFitConfig(layers=parsed, max_fpr=max_fpr, fpr_per_kind=per_kind, pooling=pooling)
+    cfg = GateFitConfig(
+        layers=parsed, max_fpr=max_fpr, fpr_per_kind=per_kind, pooling=pooling, probe=probe
+    )
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"out must be a file path in an existing folder, got '{out}'")
     if anchors is not None:
@@ -73,4 +81,6 @@ def gate_command(
     gate, report = fit_pack_gate(engine, cfg, anchors)
     dataclasses.replace(source, gate=gate).save(out)
     atomic_write_json(out.with_name(out.stem + ".gate.json"), report)
-    typer.echo(json.dumps({k: report[k] for k in ("layers", "pooling", "threshold", "val_auc")}))
+    typer.echo(
+        json.dumps({k: report[k] for k in ("layers", "pooling", "probe", "threshold", "val_auc")})
+    )

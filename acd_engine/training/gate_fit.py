@@ -6,9 +6,12 @@ once, so choosing the layers costs no extra forwards.
 
 Everything that is tuned is tuned on the anchors' validation split, never on a benchmark:
 
-* **Layers.** A probe is fitted on the train split for every single layer; the two layers
-  with the best validation AUC are tried together too, and the better of "best single
-  layer" and "that pair" wins (the single layer on a tie: fewer features, less to overfit).
+* **Layers.** A linear probe is fitted on the train split for every single layer and ranked
+  by validation AUC. The ``mlp`` probe (shipped) reads the best layer and its two
+  neighbours: adjacent middle layers carry the same signal a little differently, and on our
+  anchors the three together beat any one (docs/opo.md, "Gate v4"). The ``linear`` probe
+  tries the two best layers together too, and the better of "best single layer" and "that
+  pair" wins (the single layer on a tie: fewer features, less to overfit).
 * **Threshold.** The lowest probability whose false-positive rate is at most ``max_fpr`` in
   *every* kind of benign validation prompt (everyday tasks, look-alikes), not only pooled:
   a flagged benign request decodes with the safeguarding prompt, so this bounds the
@@ -24,7 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -34,6 +37,7 @@ from acd_engine.gate import (
     GatePooling,
     SafetyGate,
     decoder_layers,
+    fit_mlp_gate,
     roc_auc,
     threshold_for,
 )
@@ -63,6 +67,16 @@ class GateFitConfig(Settings):
         description="Hold max_fpr in each benign kind of the validation split (plain, "
         "lookalike) rather than pooled over all benign prompts, so the largest group cannot "
         "hide the hardest one.",
+    )
+    probe: Literal["mlp", "linear"] = Field(
+        default="mlp",
+        description="The classifier: one hidden GELU layer ('mlp') or a logistic regression "
+        "('linear', the gates before v4). The mlp flags more harmful val prompts at the same "
+        "benign budget on our anchors (docs/opo.md, 'Gate v4').",
+    )
+    width: int = Field(default=128, ge=1, le=4096, description="The mlp probe's hidden units.")
+    weight_decay: float = Field(
+        default=1.0, ge=0.0, description="AdamW weight decay of the mlp probe."
     )
     l2: float = Field(default=1e-2, gt=0.0, description="L2 penalty of the logistic regression.")
     pooling: GatePooling = Field(
@@ -125,14 +139,34 @@ def fit_pack_gate(
         gate = fit_probe(x, y_train, layers, l2=cfg.l2, pooling=cfg.pooling)
         return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
 
-    per_layer = {candidates[i]: val_auc([i])[0] for i in range(len(candidates))}
+    def fitted(index: Sequence[int]) -> tuple[float, SafetyGate]:
+        if cfg.probe == "linear":
+            return val_auc(index)
+        layers = tuple(candidates[i] for i in index)
+        x = _layer_slice(x_train, index, hidden)
+        gate = fit_mlp_gate(
+            x,
+            y_train,
+            layers,
+            width=cfg.width,
+            weight_decay=cfg.weight_decay,
+            pooling=cfg.pooling,
+        )
+        return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
+
+    per_layer = {}
     if cfg.layers is not None:
         chosen = list(range(len(candidates)))
     else:
+        per_layer = {candidates[i]: val_auc([i])[0] for i in range(len(candidates))}
         ranked = sorted(range(len(candidates)), key=lambda i: -per_layer[candidates[i]])
-        single, pair = ranked[:1], sorted(ranked[:2])
-        chosen = pair if val_auc(pair)[0] > val_auc(single)[0] + 0.002 else single
-    auc, gate = val_auc(chosen)
+        if cfg.probe == "mlp":
+            best = ranked[0]
+            chosen = [i for i in (best - 1, best, best + 1) if 0 <= i < len(candidates)]
+        else:
+            single, pair = ranked[:1], sorted(ranked[:2])
+            chosen = pair if val_auc(pair)[0] > val_auc(single)[0] + 0.002 else single
+    auc, gate = fitted(chosen)
     p_val = gate.probability(_layer_slice(x_val, chosen, hidden))
     if cfg.fpr_per_kind:
         threshold = worst_group_threshold(p_val, y_val, [a.kind for a in val], cfg.max_fpr)
@@ -146,6 +180,7 @@ def fit_pack_gate(
     report: dict[str, Any] = {
         "layers": list(gate.layers),
         "pooling": gate.pooling,
+        "probe": gate.head,
         "threshold": threshold,
         "val_auc": round(auc, 4),
         "val_flag_rate_by_kind": by_kind,
@@ -163,6 +198,7 @@ def fit_pack_gate(
         "val_flag_rate_harmful": str(report["val_flag_rate_harmful"]),
         "val_flag_rate_benign": str(report["val_flag_rate_benign"]),
         "max_fpr": str(cfg.max_fpr),
+        "probe": gate.head,
         "fpr_per_kind": str(cfg.fpr_per_kind),
         "anchor_set_hash": report["anchor_set_hash"],
     }

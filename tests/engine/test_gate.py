@@ -19,6 +19,7 @@ from acd_engine.gate import (
     SafetyGate,
     capture_pooled_states,
     fit_gate,
+    fit_mlp_gate,
     roc_auc,
     threshold_for,
 )
@@ -29,27 +30,39 @@ N = 8
 
 
 def _gate(
-    hidden: int, layers=(0, 1), seed: int = 0, threshold: float = 0.5, pooling: str = "mean"
+    hidden: int,
+    layers=(0, 1),
+    seed: int = 0,
+    threshold: float = 0.5,
+    pooling: str = "mean",
+    units: int | None = None,
 ) -> SafetyGate:
+    """A random gate: linear, or with a hidden layer of ``units``."""
     g = torch.Generator().manual_seed(seed)
     width = hidden * len(layers)
+    hidden_weight = None if units is None else torch.randn(units, width, generator=g) / 4
     return SafetyGate(
         tuple(layers),
-        torch.randn(width, generator=g),
+        torch.randn(width if units is None else units, generator=g),
         torch.zeros(1),
         torch.zeros(width),
         torch.ones(width),
         threshold,
         {"note": "test"},
         pooling,  # type: ignore[arg-type]
+        hidden_weight,
+        None if units is None else torch.randn(units, generator=g),
     )
 
 
-@pytest.fixture(params=["mean", "last"])
+@pytest.fixture(params=["mean", "last", "mean-mlp"])
 def gated(tiny_engine, request):
-    """The tiny engine with a random gate in its pack (restored afterwards), each pooling."""
+    """The tiny engine with a random gate in its pack (restored afterwards): each pooling,
+    and a gate with a hidden layer."""
     before = tiny_engine.pack
-    gate = _gate(tiny_engine.model.config.hidden_size, pooling=request.param)
+    pooling, _, head = request.param.partition("-")
+    units = 16 if head == "mlp" else None
+    gate = _gate(tiny_engine.model.config.hidden_size, pooling=pooling, units=units)
     pack = dataclasses.replace(before, gate=gate)
     tiny_engine.set_pack(pack)
     yield tiny_engine
@@ -72,6 +85,72 @@ def test_pack_with_gate_round_trips(tiny_engine, tmp_path):
     assert torch.equal(loaded.sp, pack.sp) and loaded.metadata == pack.metadata
     no_gate = PromptPack.load(tiny_engine.pack.save(tmp_path / "q.safetensors"))
     assert no_gate.gate is None
+
+
+def test_mlp_gate_round_trips_and_scores_as_its_formula(tiny_engine, tmp_path):
+    """A gate with a hidden layer survives save -> load bit for bit and scores
+    ``sigmoid(w · gelu(W z + c) + b)``; a linear gate's pack holds no hidden tensors."""
+    hidden = tiny_engine.model.config.hidden_size
+    gate = _gate(hidden, units=16, threshold=0.3)
+    assert gate.head == "mlp" and gate.hidden_size == hidden
+    pack = dataclasses.replace(tiny_engine.pack, gate=gate)
+    loaded = PromptPack.load(pack.save(tmp_path / "p.safetensors")).gate
+    assert loaded is not None and loaded.head == "mlp" and loaded.threshold == 0.3
+    assert loaded.tensors().keys() == gate.tensors().keys() >= {"gate.hidden.weight"}
+    for name, t in gate.tensors().items():
+        assert torch.equal(loaded.tensors()[name], t)
+    x = torch.randn(3, 2 * hidden)
+    assert gate.hidden_weight is not None and gate.hidden_bias is not None
+    h = torch.nn.functional.gelu(x @ gate.hidden_weight.T + gate.hidden_bias)
+    torch.testing.assert_close(loaded.probability(x), torch.sigmoid(h @ gate.weight + gate.bias))
+    linear = _gate(hidden)
+    assert linear.head == "linear" and "gate.hidden.weight" not in linear.tensors()
+
+
+def test_fit_mlp_gate_learns_what_a_linear_gate_cannot_and_is_seeded():
+    """XOR of two features: no linear probe beats chance, one hidden layer separates it. The
+    same seed gives the same gate, and the caller's RNG is left where it was."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).float()
+    assert roc_auc(fit_gate(x, y, (0,)).probability(x), y) < 0.65
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    gate = fit_mlp_gate(x, y, (0,), width=32, weight_decay=0.0, dropout=0.0, lr=1e-2)
+    assert torch.equal(torch.rand(1), before)
+    assert roc_auc(gate.probability(x), y) > 0.95
+    again = fit_mlp_gate(x, y, (0,), width=32, weight_decay=0.0, dropout=0.0, lr=1e-2)
+    assert all(torch.equal(t, again.tensors()[name]) for name, t in gate.tensors().items())
+    other = fit_mlp_gate(x, y, (0,), width=32, weight_decay=0.0, dropout=0.0, lr=1e-2, seed=1)
+    assert not torch.equal(other.weight, gate.weight)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"hidden_weight": torch.ones(16, 128)}, "must both be present or both absent"),
+        (
+            {"hidden_weight": torch.ones(16, 100), "hidden_bias": torch.ones(16)},
+            "gate hidden.weight must have 128 columns",
+        ),
+        (
+            {"hidden_weight": torch.ones(16, 128), "hidden_bias": torch.ones(16)},
+            r"gate weight must have 16 values \(hidden.weight's rows\), got 128",
+        ),
+        (
+            {"hidden_weight": torch.ones(128), "hidden_bias": torch.ones(128)},
+            "gate hidden.weight must be a 2-D float tensor",
+        ),
+        (
+            {"hidden_weight": torch.full((16, 128), float("inf")), "hidden_bias": torch.ones(16)},
+            "gate hidden.weight must be finite",
+        ),
+    ],
+)
+def test_bad_mlp_gates_are_refused(change, match):
+    with pytest.raises(PromptPackError, match=match):
+        dataclasses.replace(_gate(64), **change)
 
 
 @pytest.mark.parametrize(

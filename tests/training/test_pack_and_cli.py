@@ -3,7 +3,6 @@ the shipped pack, and `acd train` end to end on the tiny model."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +23,6 @@ SP_ANCHORS_928 = "36cb7888f1900a4f43e3bbba6603e6db66cecd7dc2956813264d1241471ff4
 # The first 1,435 lines of the shipped anchors: the set the shipped gate was fitted on. The set
 # has grown since (short, blunt questions); a gate refit on the grown set flagged fewer of the
 # grown validation split's harmful prompts at the same benign budget, so gate v2 stays.
-GATE_ANCHORS_1435 = "eb3e5db03f2d1942c135cf554f6410abcce96e81c7fedd108f17b100c149dcdb"
 
 app = typer.Typer()
 app.command("train")(train_command)
@@ -149,10 +147,8 @@ def test_shipped_pack_is_trained_and_picked_by_default(engine):
     assert pack.metadata["anchor_set_hash"] == SP_ANCHORS_928
     assert pack.fingerprint == engine.fingerprint
     assert float(pack.metadata["recommended_alpha"]) < 1.0
-    # the shipped pack carries a safety gate fitted on the first 1,435 shipped anchors (the
-    # file has only grown since: those lines are its start, unchanged); acd routes by it
-    assert pack.gate is not None and pack.gate.metadata["anchor_set_hash"] == GATE_ANCHORS_1435
-    shipped = (Path(__file__).parents[2] / "acd_engine/resources/anchors.jsonl").read_bytes()
-    start = b"".join(shipped.splitlines(keepends=True)[:1435])
-    assert hashlib.sha256(start).hexdigest() == GATE_ANCHORS_1435 != anchor_set_hash()
+    # the shipped pack carries a safety gate (v4: one hidden layer over layers 14-16) fitted
+    # on today's shipped anchors; acd routes by it
+    assert pack.gate is not None and pack.gate.metadata["anchor_set_hash"] == anchor_set_hash()
+    assert pack.gate.head == "mlp" and pack.gate.layers == (14, 15, 16)
     assert 0.0 < pack.gate.threshold < 1.0
