@@ -20,9 +20,6 @@ from acd_engine.training.evaluate import batched_answers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "acd_engine" / "resources" / "packs"
 SP_ANCHORS_928 = "36cb7888f1900a4f43e3bbba6603e6db66cecd7dc2956813264d1241471ff4b0"
-# The first 1,435 lines of the shipped anchors: the set the shipped gate was fitted on. The set
-# has grown since (short, blunt questions); a gate refit on the grown set flagged fewer of the
-# grown validation split's harmful prompts at the same benign budget, so gate v2 stays.
 
 app = typer.Typer()
 app.command("train")(train_command)
@@ -142,7 +139,7 @@ def test_shipped_pack_is_trained_and_picked_by_default(engine):
     pack = engine.pack
     assert pack.trained
     # Its soft prompts were trained on the 928-prompt anchor set; the gate was refit on the
-    # grown set (1435), which adds prompts and changes none (docs/opo.md, "Gate v2"). The
+    # grown set (1,627), which adds prompts and changes none (docs/opo.md, "Gate v4"). The
     # soft SP refuses whatever it sees either way; the gate decides who meets it.
     assert pack.metadata["anchor_set_hash"] == SP_ANCHORS_928
     assert pack.fingerprint == engine.fingerprint
