@@ -361,14 +361,18 @@ def pack_gate(engine: Any) -> Any:
 
 
 def gate_sha256(gate: Any) -> str:
-    """SHA-256 over a safety gate: its tensors (dtype, shape, bytes), layers and threshold.
+    """SHA-256 over a safety gate: its tensors (dtype, shape, bytes), layers, pooling and
+    threshold (the same tensors pooled another way read other features).
 
     Pinned apart from :func:`pack_sha256` so refitting or re-thresholding the gate refuses
     a folder with ``acd-gate`` records but leaves ungated ``acd`` records (which never read
     the gate) valid.
     """
     digest = hashlib.sha256()
-    digest.update(f"layers:{tuple(gate.layers)};threshold:{float(gate.threshold)!r};".encode())
+    digest.update(
+        f"layers:{tuple(gate.layers)};threshold:{float(gate.threshold)!r};"
+        f"pooling:{gate.pooling};".encode()
+    )
     for name, tensor in sorted(gate.tensors().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())

@@ -3,6 +3,7 @@ counterfactual threshold sweep (checked by hand on made-up records)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -164,6 +165,10 @@ def test_the_gate_is_pinned_once_acd_gate_runs(
     # only the gate's weights changed: refused too
     with pytest.raises(ConfigError, match="pack gate sha256"):
         run_eval(FakeEngine(gate=make_gate(0.5, weight=2.0)), o)
+    # only the gate's pooling changed (same tensors, other features): refused too
+    last = dataclasses.replace(make_gate(0.5), pooling="last")
+    with pytest.raises(ConfigError, match="pack gate sha256"):
+        run_eval(FakeEngine(gate=last), o)
     # the same gate again resumes
     run_eval(FakeEngine(gate=make_gate(0.5)), o)
 
