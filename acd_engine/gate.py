@@ -412,6 +412,17 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
+def _standardised(
+    features: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z, y, mean, scale)``: fp32 CPU features standardised by their own mean and std
+    (the ``mean``/``scale`` a :class:`SafetyGate` stores and applies before scoring)."""
+    x = features.detach().float().cpu()
+    mean = x.mean(0)
+    scale = x.std(0).clamp(min=1e-6)
+    return (x - mean) / scale, labels.detach().float().cpu(), mean, scale
+
+
 def fit_gate(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -430,11 +441,7 @@ def fit_gate(
     Args:
         features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
     """
-    x = features.detach().float().cpu()
-    y = labels.detach().float().cpu()
-    mean = x.mean(0)
-    scale = x.std(0).clamp(min=1e-6)
-    z = (x - mean) / scale
+    z, y, mean, scale = _standardised(features, labels)
     w = torch.zeros(z.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -476,11 +483,7 @@ def fit_mlp_gate(
     Args:
         features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
     """
-    x = features.detach().float().cpu()
-    y = labels.detach().float().cpu()
-    mean = x.mean(0)
-    scale = x.std(0).clamp(min=1e-6)
-    z = (x - mean) / scale  # [N, F]
+    z, y, mean, scale = _standardised(features, labels)  # z: [N, F]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = torch.nn.Sequential(
