@@ -133,25 +133,21 @@ def fit_pack_gate(
     y_train, y_val = _labels(train), _labels(val)
     hidden = x_train.shape[1] // len(candidates)
 
-    def val_auc(index: Sequence[int]) -> tuple[float, SafetyGate]:
+    def val_auc(index: Sequence[int], probe: str = "linear") -> tuple[float, SafetyGate]:
+        """Fit ``probe`` on the train split's columns of layers ``index``; its val AUC."""
         layers = tuple(candidates[i] for i in index)
         x = _layer_slice(x_train, index, hidden)
-        gate = fit_probe(x, y_train, layers, l2=cfg.l2, pooling=cfg.pooling)
-        return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
-
-    def fitted(index: Sequence[int]) -> tuple[float, SafetyGate]:
-        if cfg.probe == "linear":
-            return val_auc(index)
-        layers = tuple(candidates[i] for i in index)
-        x = _layer_slice(x_train, index, hidden)
-        gate = fit_mlp_gate(
-            x,
-            y_train,
-            layers,
-            width=cfg.width,
-            weight_decay=cfg.weight_decay,
-            pooling=cfg.pooling,
-        )
+        if probe == "linear":
+            gate = fit_probe(x, y_train, layers, l2=cfg.l2, pooling=cfg.pooling)
+        else:
+            gate = fit_mlp_gate(
+                x,
+                y_train,
+                layers,
+                width=cfg.width,
+                weight_decay=cfg.weight_decay,
+                pooling=cfg.pooling,
+            )
         return roc_auc(gate.probability(_layer_slice(x_val, index, hidden)), y_val), gate
 
     per_layer = {}
@@ -166,7 +162,7 @@ def fit_pack_gate(
         else:
             single, pair = ranked[:1], sorted(ranked[:2])
             chosen = pair if val_auc(pair)[0] > val_auc(single)[0] + 0.002 else single
-    auc, gate = fitted(chosen)
+    auc, gate = val_auc(chosen, cfg.probe)
     p_val = gate.probability(_layer_slice(x_val, chosen, hidden))
     if cfg.fpr_per_kind:
         threshold = worst_group_threshold(p_val, y_val, [a.kind for a in val], cfg.max_fpr)
