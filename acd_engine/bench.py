@@ -25,7 +25,9 @@ passed to HF ``generate``), so tokens/s compare like for like. Time to first tok
 moment that processor first sees scores (on CUDA, once they are computed): the prefill
 (both branches, or CFG's extra unconditional prefill) is done and only the argmax
 remains. Tokens/s is end to end (new tokens / wall time of the call, prefill included):
-what a caller waits for.
+what a caller waits for. ``decode_tokens_per_s`` leaves the prefill out (the tokens after
+each request's first, over the time after the first token): the cost of one step, which is
+what separates two engines whose prefills differ.
 
 Peak memory: by default each row runs in a fresh Python process (model loaded, warm-up
 done, then the kernel's peak-RSS mark is reset through ``/proc/self/clear_refs`` before
@@ -591,7 +593,7 @@ def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, A
             row.call(clock)
             first_ttft.setdefault(row.name, clock[0] - start)
     samples: dict[str, dict[str, list[float]]] = {
-        r.name: {"speed": [], "ttft": [], "peak": [], "delta": []} for r in rows
+        r.name: {"speed": [], "decode": [], "ttft": [], "peak": [], "delta": []} for r in rows
     }
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(settings.reps):
@@ -606,7 +608,10 @@ def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, A
             wall = time.perf_counter() - start
             peak, delta = memory.peak()
             got = samples[row.name]
-            got["speed"].append(sum(len(t) for t in tokens[row.name]) / wall)
+            n = sum(len(t) for t in tokens[row.name])
+            got["speed"].append(n / wall)
+            # after each request's first token: the per-step cost, prefill left out
+            got["decode"].append((n - len(tokens[row.name])) / (wall - clock[0] + start))
             got["ttft"].append(clock[0] - start)
             got["peak"].append(peak)
             got["delta"].append(delta)
@@ -622,6 +627,7 @@ def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, A
                 "peak_mem_mib": max(got["peak"]),
                 "tokens_per_s_min": min(got["speed"]),
                 "tokens_per_s_max": max(got["speed"]),
+                "decode_tokens_per_s": statistics.median(got["decode"]),
                 "ttft_s_min": min(got["ttft"]),
                 "ttft_s_max": max(got["ttft"]),
                 "ttft_first_call_s": first_ttft[row.name],
@@ -777,9 +783,10 @@ def run_bench(
             r["peak_mem_ratio_vs_hf_plain_fp32"] = r["peak_mem_mib"] / base32["peak_mem_mib"]
     for name in LLAMACPP_ROWS:
         if name in by_name:
-            lc = by_name[name]["tokens_per_s"]
+            lc = by_name[name]
             for r in rows:
-                r[f"ratio_vs_{name}"] = r["tokens_per_s"] / lc
+                r[f"ratio_vs_{name}"] = r["tokens_per_s"] / lc["tokens_per_s"]
+                r[f"decode_ratio_vs_{name}"] = r["decode_tokens_per_s"] / lc["decode_tokens_per_s"]
     # Like-for-like check: the engine reproduces transformers' tokens (greedy).
     for ours, theirs in (("acd_plain", "hf_plain"), ("acd", "hf_cfg")):
         if ours in by_name and theirs in by_name:
@@ -914,6 +921,7 @@ def _print_table(result: dict[str, Any]) -> None:
     for col in (
         "row",
         "tok/s (min-max)",
+        "decode tok/s",
         "× hf_plain",
         "TTFT s",
         "× hf_plain",
@@ -927,6 +935,7 @@ def _print_table(result: dict[str, Any]) -> None:
         table.add_row(
             r["name"],
             f"{r['tokens_per_s']:.1f} ({r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f})",
+            f"{r['decode_tokens_per_s']:.1f}",
             "-" if ratio is None else f"{ratio:.2f}",
             f"{r['ttft_s']:.3f}",
             "-" if tratio is None else f"{tratio:.2f}",

@@ -16,7 +16,14 @@ int8/int4 kernels (:mod:`acd_engine.quantize`) do not come close on the CPUs mea
   filter, processors, pick) chooses the token from the two rows of logits.
 
 So the method is the engine's, token choice included; only the forward runs elsewhere.
-It is a prototype: one request at a time, no prefix cache, and a gated request costs one
+* each branch's constant prefix (template head, SP/AP soft prompt or manual prompt, the
+  tail's template stub; for ``plain`` the template's constant start: the cut of
+  :meth:`~acd_engine.rows.RowBuilder.row_splits`, the same one the engine's fast path
+  caches) is prefilled once into a spare sequence and copied into a request's sequence by
+  reference (``llama_memory_seq_cp`` on a unified KV cache, no data copied), so a request
+  prefills only its own tokens, as on the engine's fast path.
+
+It is a prototype: one request at a time, and a gated request costs one
 extra prefill on the engine's own model up to the gate's layer (the gate reads a middle
 layer's hidden state, which llama.cpp does not hand out without an evaluation callback).
 The engine need not hold the whole model: ``Engine(gguf, keep_layers=k)`` loads the
@@ -31,7 +38,8 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
 from acd_engine.gate import routed_config
+from acd_engine.rows import RowSplit
 from acd_engine.step import TokenStep
 
 __all__ = ["LlamaCppDecoder", "LlamaCppOutput"]
@@ -77,6 +86,15 @@ def _quiet(lib: Any) -> None:
         lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
+PREFIX_SLOTS = 4  # cached prefixes kept at once: SP and AP, plus base's and plain's
+
+
+@dataclass(frozen=True)
+class _CachedPrefix:
+    seq: int  # the spare llama.cpp sequence holding it
+    length: int  # its positions 0 .. length-1
+
+
 @dataclass(frozen=True)
 class LlamaCppOutput:
     """The tokens of one request and when its first token was chosen."""
@@ -99,6 +117,10 @@ class LlamaCppDecoder:
             it to the requests: ``acd bench`` uses prompt + new tokens, rounded up).
         ubatch: Tokens per physical llama.cpp batch (its own default, 512): a longer prompt
             is fed in pieces, which bounds the compute buffer.
+        prefix_tokens: KV cells kept for cached branch prefixes, beyond the two request
+            sequences' ``n_ctx`` each (default: ``n_ctx``); a prefix longer than this is
+            prefilled with its request instead, and older prefixes are dropped (least
+            recently used first) to make room.
     """
 
     def __init__(
@@ -108,6 +130,7 @@ class LlamaCppDecoder:
         threads: int | None = None,
         n_ctx: int = 1024,
         ubatch: int = 512,
+        prefix_tokens: int | None = None,
     ) -> None:
         lib = _llama_cpp()
         _quiet(lib)
@@ -116,15 +139,21 @@ class LlamaCppDecoder:
         self.engine = engine
         self._lock = threading.Lock()
         self.n_ctx = n_ctx
+        self.prefix_tokens = n_ctx if prefix_tokens is None else prefix_tokens
+        self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
+        self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
         mparams = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
         if not self.model:
             raise ConfigError(f"llama.cpp could not load the GGUF file {gguf}")
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = 2 * n_ctx
+        # one pool of cells for every sequence: a request's sequence then shares its cached
+        # prefix's cells instead of copying them
+        cparams.kv_unified = True
+        cparams.n_ctx = 2 * n_ctx + self.prefix_tokens
         cparams.n_batch = 2 * n_ctx  # both rows' prompts in one llama_decode call
         cparams.n_ubatch = min(ubatch, 2 * n_ctx)  # run in pieces of this many tokens
-        cparams.n_seq_max = 2
+        cparams.n_seq_max = 2 + PREFIX_SLOTS  # seq 0 positive, 1 negative, then the prefixes
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -136,7 +165,7 @@ class LlamaCppDecoder:
                 f"the GGUF's hidden size must be the engine model's "
                 f"{engine.model.config.hidden_size}, got {self.hidden}"
             )
-        self.embd_batch = lib.llama_batch_init(2 * n_ctx, self.hidden, 1)
+        self.embd_batch = lib.llama_batch_init(max(2 * n_ctx, self.prefix_tokens), self.hidden, 1)
         self.token_batch = lib.llama_batch_init(2, 0, 1)
 
     def close(self) -> None:
@@ -162,31 +191,77 @@ class LlamaCppDecoder:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
 
-    def _prefill(self, rows: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
-        """Feed each ``[T_r, H]`` input-embedding row as sequence r (positions 0..T_r-1),
-        all in one batch; return each row's last logits ``[1, V]``."""
+    def _prefill(self, rows: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Feed each ``(seq, first position, [T, H] input embeddings)`` in one batch and
+        return each row's last logits ``[1, V]``."""
         b = self.embd_batch
-        n = sum(r.shape[0] for r in rows)
-        longest = max(r.shape[0] for r in rows)
-        if longest + new_tokens > self.n_ctx:  # checked here: llama_decode would only fail
-            raise ConfigError(
-                f"prompt plus max_new_tokens must be at most {self.n_ctx} tokens (n_ctx), got "
-                f"{longest} + {new_tokens}"
-            )
-        data = torch.cat(rows).detach().to(torch.float32).contiguous().numpy()  # [n, H]
-        ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
+        data = torch.cat([r for _, _, r in rows]).detach().to(torch.float32).contiguous()
+        ctypes.memmove(b.embd, data.numpy().ctypes.data, data.numel() * 4)  # [n, H] fp32
         i, last = 0, []
-        for seq, r in enumerate(rows):
-            for pos in range(r.shape[0]):
+        for seq, start, r in rows:
+            for pos in range(start, start + r.shape[0]):
                 b.pos[i] = pos
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = pos == r.shape[0] - 1
+                b.logits[i] = pos == start + r.shape[0] - 1
                 i += 1
             last.append(i - 1)
-        b.n_tokens = n
+        b.n_tokens = i
         self._decode(b)
+        self.prefilled_tokens += i
         return [self._logits(j) for j in last]
+
+    def _prefix(self, split: RowSplit) -> _CachedPrefix | None:
+        """``split``'s prefix in a spare sequence, prefilled on first use (None when it
+        has none or it is longer than the room kept for prefixes)."""
+        if not split.has_prefix:
+            return None
+        cached = self._prefixes.get(split.key)
+        if cached is not None:
+            self._prefixes.move_to_end(split.key)
+            return cached
+        embeds = self.engine.rows.prefix_embeds(split.head, split.branch, split.stub)  # [P, H]
+        length = embeds.shape[0]
+        if length > self.prefix_tokens:
+            return None
+        mem = self.lib.llama_get_memory(self.ctx)
+        while self._prefixes and (
+            len(self._prefixes) == PREFIX_SLOTS
+            or sum(p.length for p in self._prefixes.values()) + length > self.prefix_tokens
+        ):
+            _, old = self._prefixes.popitem(last=False)
+            self.lib.llama_memory_seq_rm(mem, old.seq, -1, -1)
+        used = {p.seq for p in self._prefixes.values()}
+        seq = next(s for s in range(2, 2 + PREFIX_SLOTS) if s not in used)
+        self._prefill([(seq, 0, embeds)])
+        cached = self._prefixes[split.key] = _CachedPrefix(seq, length)
+        return cached
+
+    def _start(
+        self, splits: list[RowSplit], new_tokens: int
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """Set up sequence r for row r (its cached prefix, then its tail prefilled) and
+        return each row's last logits ``[1, V]`` and its length."""
+        rows_ = self.engine.rows
+        mem = self.lib.llama_get_memory(self.ctx)
+        feeds, lengths = [], []
+        for seq, split in enumerate(splits):
+            self.lib.llama_memory_seq_rm(mem, seq, -1, -1)
+            cached = self._prefix(split)
+            tail = rows_.embed(split.tail)  # [T, H]
+            if cached is None and split.has_prefix:  # too long to keep: prefill it here
+                tail = torch.cat([rows_.prefix_embeds(split.head, split.branch, split.stub), tail])
+            start = 0 if cached is None else cached.length
+            if cached is not None:
+                self.lib.llama_memory_seq_cp(mem, cached.seq, seq, -1, -1)
+            feeds.append((seq, start, tail))
+            lengths.append(start + tail.shape[0])
+        if max(lengths) + new_tokens > self.n_ctx:  # checked here: llama_decode would only fail
+            raise ConfigError(
+                f"prompt plus max_new_tokens must be at most {self.n_ctx} tokens (n_ctx), got "
+                f"{max(lengths)} + {new_tokens}"
+            )
+        return self._prefill(feeds), lengths
 
     def _step(self, token: int, positions: list[int]) -> list[torch.Tensor]:
         """Decode ``token`` on sequences 0..len(positions)-1; return their logits."""
@@ -218,11 +293,10 @@ class LlamaCppDecoder:
         cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
         rendered = engine.render(messages)
         plan = engine.plan(cfg)
-        embeds, mask, shared = engine.rows.branch_inputs(rendered, plan)  # [R, T, H], [R, T]
-        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
-        rows = [embeds[r][mask[r].bool()] for r in range(embeds.shape[0])]  # unpadded [T_r, H]
-        logits = self._prefill(rows, cfg.max_new_tokens)
-        lengths = [row.shape[0] for row in rows]
+        splits = engine.rows.row_splits(rendered, plan, {})
+        shared = rendered.plain if plan.positive is None else rendered.tail
+        assert shared is not None
+        logits, lengths = self._start(splits, cfg.max_new_tokens)
         if constraint is not None and not isinstance(constraint, LogitsProcessorList):
             constraint = LogitsProcessorList([constraint])
         step = TokenStep(cfg, constraint, torch.device("cpu"))

@@ -7,7 +7,7 @@ comes after them (causal attention), so they are computed once and reused: prefi
 only covers the conversation tail, which is where a request actually differs.
 
 The entries are exactly the embeddings the reference path feeds (see
-``RowBuilder._prefix_embeds``), at positions ``0 .. P-1``, so a request built from a cached
+``RowBuilder.prefix_embeds``), at positions ``0 .. P-1``, so a request built from a cached
 prefix sees the same sequence the reference path would. Entries are read-only: requests
 copy them into their own cache (``acd_engine.row_layout``) and never write to them.
 """

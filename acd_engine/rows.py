@@ -25,7 +25,7 @@ from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.rendering import Rendered, Renderer
 from acd_engine.row_layout import RowInput
 
-__all__ = ["PlannedRequest", "RowBuilder", "fit_context", "left_pad"]
+__all__ = ["PlannedRequest", "RowBuilder", "RowSplit", "fit_context", "left_pad"]
 
 _NO_BRANCH = Branch("empty", key="empty")  # an empty system slot adds nothing to a prefix
 _PLAIN = BranchPlan(None, None)  # the model's own template, untouched
@@ -56,6 +56,36 @@ def fit_context(context_window: int, prompt_len: int, cfg: DecodingConfig) -> De
             f"{context_window} tokens, got {prompt_len}; shorten the conversation"
         )
     return cfg.replace(max_new_tokens=room) if cfg.max_new_tokens > room else cfg
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """One branch's row cut where the request's own tokens begin.
+
+    The prefix (template head, system-slot content, the tail's template stub; for method
+    ``plain`` the template's constant start) is the same for every request of the branch,
+    so a decoder computes its KV once and keeps it (:attr:`key` names it); only
+    :attr:`tail` is prefilled per request. The engine's fast path and the llama.cpp decoder
+    cut rows here, so both cache exactly the same part.
+
+    Attributes:
+        key: The prefix's identity (branch content and both token runs).
+        head: Template tokens before the system-slot content.
+        branch: The system-slot content.
+        stub: Template tokens after it that every request's tail starts with.
+        tail: The rest: the request's own tokens, prefilled per request.
+    """
+
+    key: tuple[Any, ...]
+    head: list[int]
+    branch: Branch
+    stub: list[int]
+    tail: list[int]
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether there is a prefix at all (a blank slot with no template tokens has none)."""
+        return bool(self.head or self.stub) or self.branch.kind != "empty"
 
 
 @dataclass
@@ -115,9 +145,11 @@ class RowBuilder:
         emb = self.model.get_input_embeddings()
         return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))  # [T, H]
 
-    def _prefix_embeds(self, head: list[int], branch: Branch) -> torch.Tensor:
-        """``[P, H]``: the template head then the branch content, the part shared by every
-        request of the branch (and what the prefix cache stores the KV of)."""
+    def prefix_embeds(
+        self, head: list[int], branch: Branch, stub: list[int] | None = None
+    ) -> torch.Tensor:
+        """``[P, H]``: the template head, the branch content and ``stub``: the part shared by
+        every request of the branch (what the prefix cache stores the KV of)."""
         parts = [self.embed(head)]
         if branch.kind == "text":
             assert branch.text is not None
@@ -126,6 +158,8 @@ class RowBuilder:
             assert branch.soft is not None
             weight = self.model.get_input_embeddings().weight
             parts.append(branch.soft.to(device=weight.device, dtype=weight.dtype))
+        if stub:
+            parts.append(self.embed(stub))
         return torch.cat(parts, dim=0)
 
     def _branch_embeds(self, rendered: Rendered, branch: Branch | None) -> torch.Tensor:
@@ -133,7 +167,7 @@ class RowBuilder:
         if branch is None:
             assert rendered.plain is not None
             return self.embed(rendered.plain)
-        prefix = self._prefix_embeds(rendered.head, branch)
+        prefix = self.prefix_embeds(rendered.head, branch)
         return torch.cat([prefix, self.embed(rendered.tail)], dim=0)
 
     def branch_inputs(
@@ -149,21 +183,36 @@ class RowBuilder:
         assert shared is not None
         return embeds, mask, shared
 
-    def _prefix_kv(
-        self, head: list[int], branch: Branch, stub: list[int] | None = None
-    ) -> PrefixKV | None:
-        """The cached KV of ``head + branch content + stub`` (None when all are empty)."""
-        stub = stub or []
-        if not head and branch.kind == "empty" and not stub:
+    def _prefix_kv(self, split: RowSplit) -> PrefixKV | None:
+        """The cached KV of ``split``'s prefix (None when it has none)."""
+        if not split.has_prefix:
             return None
+        return self.prefix_cache.get(
+            split.key,
+            lambda: compute_prefix_kv(
+                self.model, self.prefix_embeds(split.head, split.branch, split.stub)
+            ),
+        )
 
-        def compute() -> PrefixKV:
-            embeds = self._prefix_embeds(head, branch)
-            if stub:
-                embeds = torch.cat([embeds, self.embed(stub)], dim=0)
-            return compute_prefix_kv(self.model, embeds)
-
-        return self.prefix_cache.get((branch.key, tuple(head), tuple(stub)), compute)
+    def row_splits(
+        self, rendered: Rendered, plan: BranchPlan, template_kwargs: dict[str, Any]
+    ) -> list[RowSplit]:
+        """One request's rows (positive branch first), each cut into its constant prefix and
+        the request's tail (:class:`RowSplit`); together they are the sequence
+        :meth:`branch_inputs` embeds from scratch."""
+        splits = []
+        constant = self.renderer.template_constant
+        for branch in (plan.positive, plan.negative)[: plan.n_branches]:
+            if branch is None:  # method 'plain': the untouched template
+                assert rendered.plain is not None
+                start = _leading(rendered.plain, constant("plain", template_kwargs))
+                head, branch, stub, tail = start, _NO_BRANCH, [], rendered.plain[len(start) :]
+            else:
+                stub = _leading(rendered.tail, constant("tail", template_kwargs))
+                head, tail = rendered.head, rendered.tail[len(stub) :]
+            key = (branch.key, tuple(head), tuple(stub))
+            splits.append(RowSplit(key, head, branch, stub, tail))
+        return splits
 
     def rows_of(
         self, rendered: Rendered, plan: BranchPlan, template_kwargs: dict[str, Any]
@@ -175,18 +224,10 @@ class RowBuilder:
         :meth:`branch_inputs` embeds from scratch. Method ``plain`` caches the template's
         constant start the same way.
         """
-        rows: list[RowInput] = []
-        constant = self.renderer.template_constant
-        for branch in (plan.positive, plan.negative)[: plan.n_branches]:
-            if branch is None:  # method 'plain': the untouched template
-                assert rendered.plain is not None
-                start = _leading(rendered.plain, constant("plain", template_kwargs))
-                prefix = self._prefix_kv(start, _NO_BRANCH)  # the KV of `start` alone
-                rows.append(RowInput(prefix, rendered.plain[len(start) :]))
-            else:
-                stub = _leading(rendered.tail, constant("tail", template_kwargs))
-                prefix = self._prefix_kv(rendered.head, branch, stub)
-                rows.append(RowInput(prefix, rendered.tail[len(stub) :]))
+        rows = [
+            RowInput(self._prefix_kv(split), split.tail)
+            for split in self.row_splits(rendered, plan, template_kwargs)
+        ]
         shared = rendered.plain if plan.positive is None else rendered.tail
         assert shared is not None
         return rows, shared

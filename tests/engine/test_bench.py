@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from acd_engine.bench import ROWS, BenchSettings, bench_command, run_bench
 
-ROW_KEYS = {"name", "tokens_per_s", "ttft_s", "peak_mem_mib", "ratio_vs_hf_plain"}
+ROW_KEYS = {
+    "name",
+    "tokens_per_s",
+    "decode_tokens_per_s",
+    "ttft_s",
+    "peak_mem_mib",
+    "ratio_vs_hf_plain",
+}
 
 app = typer.Typer()
 app.command("bench")(bench_command)
@@ -32,6 +39,7 @@ def test_all_rows_in_process_report_the_schema(engine):
     for r in rows.values():
         assert set(r) >= ROW_KEYS
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["peak_mem_mib"] > 0
+        assert r["decode_tokens_per_s"] > 0
         assert r["new_tokens_per_request"] == 3
     assert rows["hf_plain"]["ratio_vs_hf_plain"] == 1.0
     assert rows["acd_batch2"]["requests"] == 2 and rows["acd_batch2"]["ratio_vs_acd"] > 0

@@ -79,3 +79,45 @@ def test_a_passed_request_decodes_as_its_passed_method(decoder, passed_method):
     )
     alone = decoder.generate(PROMPT, DecodingConfig(method=passed_method, max_new_tokens=N))
     assert decoder.generate(PROMPT, cfg) == alone
+
+
+def _tails(engine, cfg, prompt=PROMPT):
+    splits = engine.rows.row_splits(engine.render(prompt), engine.plan(cfg), {})
+    return sum(len(s.tail) for s in splits)
+
+
+def test_a_branch_prefix_is_prefilled_once(engine, decoder):
+    """The second request of a branch prefills its own tokens only, and decodes the same."""
+    cfg = DecodingConfig(method="acd", gate=False, max_new_tokens=N)
+    first = decoder.generate(PROMPT, cfg)
+    before = decoder.prefilled_tokens
+    assert decoder.generate(PROMPT, cfg) == first
+    assert decoder.prefilled_tokens - before == _tails(engine, cfg)
+
+
+@pytest.mark.parametrize("room", ["one prefix", "none"])
+def test_tight_prefix_room_decodes_as_a_roomy_one(engine, decoder, room):
+    """With room for one prefix only, the AP's prefix evicts the SP's while the SP's
+    sequence still uses it; with no room, every prefix is prefilled with its request.
+    Either way the tokens are those of a decoder that keeps every prefix."""
+    cfg = DecodingConfig(method="acd", gate=False, max_new_tokens=N)
+    splits = engine.rows.row_splits(engine.render(PROMPT), engine.plan(cfg), {})
+    longest = max(len(engine.rows.prefix_embeds(s.head, s.branch, s.stub)) for s in splits)
+    tight = LlamaCppDecoder(
+        engine,
+        default_model_path(),
+        threads=2,
+        n_ctx=512,
+        prefix_tokens=longest if room == "one prefix" else 0,
+    )
+    try:
+        for prompt in (PROMPT, [{"role": "user", "content": "How do I pick a lock?"}]):
+            for method in ("acd", "base", "acd"):
+                c = cfg.replace(method=method)
+                assert tight.generate(prompt, c) == decoder.generate(prompt, c)
+        if room == "none":  # nothing kept: every request prefills its whole rows
+            before = tight.prefilled_tokens
+            tight.generate(PROMPT, cfg)
+            assert tight.prefilled_tokens - before > _tails(engine, cfg)
+    finally:
+        tight.close()
