@@ -132,6 +132,10 @@ class LlamaCppDecoder:
         ubatch: int = 512,
         prefix_tokens: int | None = None,
     ) -> None:
+        if n_ctx < 1:
+            raise ConfigError(f"n_ctx must be at least 1, got {n_ctx}")
+        if prefix_tokens is not None and prefix_tokens < 0:
+            raise ConfigError(f"prefix_tokens must be at least 0, got {prefix_tokens}")
         lib = _llama_cpp()
         _quiet(lib)
         lib.llama_backend_init()
@@ -151,7 +155,8 @@ class LlamaCppDecoder:
         # prefix's cells instead of copying them
         cparams.kv_unified = True
         cparams.n_ctx = 2 * n_ctx + self.prefix_tokens
-        cparams.n_batch = 2 * n_ctx  # both rows' prompts in one llama_decode call
+        # both rows' prompts (or one prefix) in one llama_decode call
+        cparams.n_batch = max(2 * n_ctx, self.prefix_tokens)
         cparams.n_ubatch = min(ubatch, 2 * n_ctx)  # run in pieces of this many tokens
         cparams.n_seq_max = 2 + PREFIX_SLOTS  # seq 0 positive, 1 negative, then the prefixes
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
@@ -233,6 +238,7 @@ class LlamaCppDecoder:
             self.lib.llama_memory_seq_rm(mem, old.seq, -1, -1)
         used = {p.seq for p in self._prefixes.values()}
         seq = next(s for s in range(2, 2 + PREFIX_SLOTS) if s not in used)
+        self.lib.llama_memory_seq_rm(mem, seq, -1, -1)  # whatever a failed prefill left
         self._prefill([(seq, 0, embeds)])
         cached = self._prefixes[split.key] = _CachedPrefix(seq, length)
         return cached

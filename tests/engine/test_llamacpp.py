@@ -53,6 +53,20 @@ def test_a_prompt_longer_than_the_context_is_refused(engine):
         small.close()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_ctx": 0}, "n_ctx must be at least 1, got 0"),
+        ({"prefix_tokens": -1}, "prefix_tokens must be at least 0, got -1"),
+    ],
+)
+def test_bad_sizes_are_refused(engine, kwargs, message):
+    from acd_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        LlamaCppDecoder(engine, default_model_path(), **kwargs)
+
+
 def test_a_front_end_engine_feeds_llama_cpp_as_the_full_one_does(engine, decoder):
     """An engine holding only the embedding table and the gate's layers (``keep_layers``)
     gives llama.cpp the same inputs and the same gate verdicts as the full engine."""
