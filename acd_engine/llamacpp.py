@@ -86,6 +86,15 @@ def _quiet(lib: Any) -> None:
         lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
+def _cpu_reports_amx() -> bool:
+    """Whether this CPU reports Intel AMX (Linux ``/proc/cpuinfo``; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 PREFIX_SLOTS = 4  # cached prefixes kept at once: SP and AP, plus base's and plain's
 
 
@@ -117,6 +126,10 @@ class LlamaCppDecoder:
             it to the requests: ``acd bench`` uses prompt + new tokens, rounded up).
         ubatch: Tokens per physical llama.cpp batch (its own default, 512): a longer prompt
             is fed in pieces, which bounds the compute buffer.
+        extra_buffers: Let llama.cpp repack weights into its extra CPU buffer types (AMX,
+            AVX2/NEON interleaved blocks). Default: yes, except on a CPU that reports AMX,
+            where llama.cpp 0.3.36's AMX matmul crashes the process on the first batch
+            (seen on this project's Xeon machines; llama.cpp issue #20824).
         prefix_tokens: KV cells kept for cached branch prefixes, beyond the two request
             sequences' ``n_ctx`` each (default: ``n_ctx``); a prefix longer than this is
             prefilled with its request instead, and older prefixes are dropped (least
@@ -131,6 +144,7 @@ class LlamaCppDecoder:
         n_ctx: int = 1024,
         ubatch: int = 512,
         prefix_tokens: int | None = None,
+        extra_buffers: bool | None = None,
     ) -> None:
         if n_ctx < 1:
             raise ConfigError(f"n_ctx must be at least 1, got {n_ctx}")
@@ -147,6 +161,11 @@ class LlamaCppDecoder:
         self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
         self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
         mparams = lib.llama_model_default_params()
+        if extra_buffers is None:
+            extra_buffers = not _cpu_reports_amx()
+            if not extra_buffers:
+                logger.info("llama.cpp: AMX repacking off on this CPU (llama.cpp issue #20824)")
+        mparams.use_extra_bufts = extra_buffers
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
         if not self.model:
             raise ConfigError(f"llama.cpp could not load the GGUF file {gguf}")
@@ -216,16 +235,13 @@ class LlamaCppDecoder:
         self.prefilled_tokens += i
         return [self._logits(j) for j in last]
 
-    def _prefix(self, split: RowSplit) -> _CachedPrefix | None:
-        """``split``'s prefix in a spare sequence, prefilled on first use (None when it
-        has none or it is longer than the room kept for prefixes)."""
-        if not split.has_prefix:
-            return None
+    def _prefix(self, split: RowSplit, embeds: torch.Tensor) -> _CachedPrefix | None:
+        """``split``'s prefix (input embeddings ``[P, H]``) in a spare sequence, prefilled on
+        first use; None when it is longer than the room kept for prefixes."""
         cached = self._prefixes.get(split.key)
         if cached is not None:
             self._prefixes.move_to_end(split.key)
             return cached
-        embeds = self.engine.rows.prefix_embeds(split.head, split.branch, split.stub)  # [P, H]
         length = embeds.shape[0]
         if length > self.prefix_tokens:
             return None
@@ -246,27 +262,38 @@ class LlamaCppDecoder:
     def _start(
         self, splits: list[RowSplit], new_tokens: int
     ) -> tuple[list[torch.Tensor], list[int]]:
-        """Set up sequence r for row r (its cached prefix, then its tail prefilled) and
-        return each row's last logits ``[1, V]`` and its length."""
+        """Set up sequence r for row r (its prefix, then its tail prefilled) and return
+        each row's last logits ``[1, V]`` and its length.
+
+        A prefix is always prefilled in a batch of its own, kept or not: llama.cpp's
+        results depend slightly on how a prompt is cut into batches, so this keeps a
+        request's tokens independent of what the cache happens to hold.
+        """
         rows_ = self.engine.rows
-        mem = self.lib.llama_get_memory(self.ctx)
-        feeds, lengths = [], []
-        for seq, split in enumerate(splits):
-            self.lib.llama_memory_seq_rm(mem, seq, -1, -1)
-            cached = self._prefix(split)
-            tail = rows_.embed(split.tail)  # [T, H]
-            if cached is None and split.has_prefix:  # too long to keep: prefill it here
-                tail = torch.cat([rows_.prefix_embeds(split.head, split.branch, split.stub), tail])
-            start = 0 if cached is None else cached.length
-            if cached is not None:
-                self.lib.llama_memory_seq_cp(mem, cached.seq, seq, -1, -1)
-            feeds.append((seq, start, tail))
-            lengths.append(start + tail.shape[0])
+        prefixes = [
+            rows_.prefix_embeds(s.head, s.branch, s.stub) if s.has_prefix else None for s in splits
+        ]  # [P_r, H] each
+        tails = [rows_.embed(s.tail) for s in splits]  # [T_r, H] each
+        lengths = [
+            t.shape[0] + (0 if p is None else p.shape[0])
+            for p, t in zip(prefixes, tails, strict=True)
+        ]
         if max(lengths) + new_tokens > self.n_ctx:  # checked here: llama_decode would only fail
             raise ConfigError(
                 f"prompt plus max_new_tokens must be at most {self.n_ctx} tokens (n_ctx), got "
                 f"{max(lengths)} + {new_tokens}"
             )
+        mem = self.lib.llama_get_memory(self.ctx)
+        feeds = []
+        for seq, (split, prefix, tail) in enumerate(zip(splits, prefixes, tails, strict=True)):
+            self.lib.llama_memory_seq_rm(mem, seq, -1, -1)
+            if prefix is not None:
+                cached = self._prefix(split, prefix)
+                if cached is None:  # too long to keep: this request's own
+                    self._prefill([(seq, 0, prefix)])
+                else:  # shared by reference: the cells gain this sequence's id
+                    self.lib.llama_memory_seq_cp(mem, cached.seq, seq, -1, -1)
+            feeds.append((seq, lengths[seq] - tail.shape[0], tail))
         return self._prefill(feeds), lengths
 
     def _step(self, token: int, positions: list[int]) -> list[torch.Tensor]:
