@@ -48,12 +48,13 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from acd_engine.answer import Answer, GenerationResult, result_of
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
 from acd_engine.gate import routed_config
 from acd_engine.rows import RowSplit
-from acd_engine.step import TokenStep
+from acd_engine.step import TokenStep, continuation_logprob
 
 __all__ = ["LlamaCppDecoder", "LlamaCppOutput"]
 
@@ -160,6 +161,8 @@ class LlamaCppDecoder:
         self.prefix_tokens = n_ctx if prefix_tokens is None else prefix_tokens
         self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
         self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
+        self._prompt_tokens = 0  # the positive row's length in the current request
+        self.gguf = Path(gguf)
         mparams = lib.llama_model_default_params()
         if extra_buffers is None:
             extra_buffers = not _cpu_reports_amx()
@@ -215,25 +218,28 @@ class LlamaCppDecoder:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())[None]
 
-    def _prefill(self, rows: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+    def _prefill(
+        self, rows: list[tuple[int, int, torch.Tensor]], outputs: int = 1
+    ) -> list[torch.Tensor]:
         """Feed each ``(seq, first position, [T, H] input embeddings)`` in one batch and
-        return each row's last logits ``[1, V]``."""
+        return each row's logits at its last ``outputs`` positions, ``[outputs, V]``."""
         b = self.embd_batch
         data = torch.cat([r for _, _, r in rows]).detach().to(torch.float32).contiguous()
         ctypes.memmove(b.embd, data.numpy().ctypes.data, data.numel() * 4)  # [n, H] fp32
-        i, last = 0, []
+        i, wanted = 0, []
         for seq, start, r in rows:
-            for pos in range(start, start + r.shape[0]):
+            end = start + r.shape[0]
+            for pos in range(start, end):
                 b.pos[i] = pos
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = pos == start + r.shape[0] - 1
+                b.logits[i] = pos >= end - outputs
                 i += 1
-            last.append(i - 1)
+            wanted.append(range(i - min(outputs, r.shape[0]), i))
         b.n_tokens = i
         self._decode(b)
         self.prefilled_tokens += i
-        return [self._logits(j) for j in last]
+        return [torch.cat([self._logits(j) for j in js]) for js in wanted]
 
     def _prefix(self, split: RowSplit, embeds: torch.Tensor) -> _CachedPrefix | None:
         """``split``'s prefix (input embeddings ``[P, H]``) in a spare sequence, prefilled on
@@ -260,10 +266,15 @@ class LlamaCppDecoder:
         return cached
 
     def _start(
-        self, splits: list[RowSplit], new_tokens: int
+        self,
+        splits: list[RowSplit],
+        new_tokens: int,
+        extra: list[int] | None = None,
+        outputs: int = 1,
     ) -> tuple[list[torch.Tensor], list[int]]:
-        """Set up sequence r for row r (its prefix, then its tail prefilled) and return
-        each row's last logits ``[1, V]`` and its length.
+        """Set up sequence r for row r (its prefix, then its tail and ``extra`` prefilled)
+        and return each row's logits at its last ``outputs`` positions ``[outputs, V]``
+        and its length.
 
         A prefix is always prefilled in a batch of its own, kept or not: llama.cpp's
         results depend slightly on how a prompt is cut into batches, so this keeps a
@@ -273,7 +284,7 @@ class LlamaCppDecoder:
         prefixes = [
             rows_.prefix_embeds(s.head, s.branch, s.stub) if s.has_prefix else None for s in splits
         ]  # [P_r, H] each
-        tails = [rows_.embed(s.tail) for s in splits]  # [T_r, H] each
+        tails = [rows_.embed(s.tail + (extra or [])) for s in splits]  # [T_r, H] each
         lengths = [
             t.shape[0] + (0 if p is None else p.shape[0])
             for p, t in zip(prefixes, tails, strict=True)
@@ -294,7 +305,7 @@ class LlamaCppDecoder:
                 else:  # shared by reference: the cells gain this sequence's id
                     self.lib.llama_memory_seq_cp(mem, cached.seq, seq, -1, -1)
             feeds.append((seq, lengths[seq] - tail.shape[0], tail))
-        return self._prefill(feeds), lengths
+        return self._prefill(feeds, outputs), lengths
 
     def _step(self, token: int, positions: list[int]) -> list[torch.Tensor]:
         """Decode ``token`` on sequences 0..len(positions)-1; return their logits."""
@@ -320,16 +331,26 @@ class LlamaCppDecoder:
 
         Not thread-safe on its own (the context holds one request); :meth:`generate` locks.
         """
-        engine = self.engine
         # The gate reads a middle layer at prefill, which llama.cpp does not hand out: the
         # engine's own model reads it (one extra prefill forward), then routes as it does.
-        cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
+        cfg = routed_config(cfg, self.engine.gate_verdict(messages, cfg))
+        yield from self._tokens(messages, cfg, constraint)
+
+    def _tokens(
+        self,
+        messages: list[dict[str, str]],
+        cfg: DecodingConfig,
+        constraint: LogitsProcessorList | Any | None,
+    ) -> Iterator[int]:
+        """:meth:`stream` once routed: ``cfg`` is the method the request decodes with."""
+        engine = self.engine
         rendered = engine.render(messages)
         plan = engine.plan(cfg)
         splits = engine.rows.row_splits(rendered, plan, {})
         shared = rendered.plain if plan.positive is None else rendered.tail
         assert shared is not None
         logits, lengths = self._start(splits, cfg.max_new_tokens)
+        self._prompt_tokens = lengths[0]
         if constraint is not None and not isinstance(constraint, LogitsProcessorList):
             constraint = LogitsProcessorList([constraint])
         step = TokenStep(cfg, constraint, torch.device("cpu"))
@@ -360,3 +381,65 @@ class LlamaCppDecoder:
         """
         with self._lock:
             return LlamaCppOutput(list(self.stream(messages, cfg, constraint)))
+
+    # ------------------------------------------------------------------ acd eval's model
+    # With these, a decoder is an ``acd_engine.eval.runner.EvalModel``: ``acd eval``'s runner
+    # measures the llama.cpp path with the same protocol, judge and report as the engine.
+    @property
+    def model_name(self) -> str:
+        """The engine's model name and the GGUF file: a run directory pins it, so records
+        of this path never mix with the engine's own."""
+        return f"{self.engine.model_name} on llama.cpp ({self.gguf.name})"
+
+    @property
+    def pack(self) -> Any:
+        """The engine's prompt pack (and gate), which this decoder decodes with."""
+        return self.engine.pack
+
+    def answer(self, messages: list[dict[str, str]], cfg: DecodingConfig) -> GenerationResult:
+        """One request reported as the engine reports it: text (stop strings applied),
+        tokens, finish reason, usage and the gate's verdict."""
+        engine = self.engine
+        with self._lock:
+            verdict = engine.gate_verdict(messages, cfg)
+            answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
+            for token in self._tokens(messages, routed_config(cfg, verdict), None):
+                answer.push(token)
+                if answer.done:
+                    break
+            last = answer.closing_chunks(self._prompt_tokens, verdict)[-1]
+            return result_of(answer, last, cfg)
+
+    def generate_batch(
+        self, batch: list[list[dict[str, str]]], config: DecodingConfig | None = None
+    ) -> list[GenerationResult]:
+        """Each conversation's :meth:`answer`, one after another (one context)."""
+        cfg = config or self.engine.defaults
+        return [self.answer(messages, cfg) for messages in batch]
+
+    def score_continuations(
+        self,
+        messages: list[dict[str, str]],
+        continuations: list[str],
+        config: DecodingConfig | None = None,
+    ) -> list[float]:
+        """Each continuation's summed log-probability under the method, as
+        :func:`acd_engine.scoring.score_continuations` computes it on the engine: routed by
+        the gate, every token scored from the same filtered contrast the decoder picks from.
+        """
+        engine = self.engine
+        cfg = config or engine.defaults
+        with self._lock:
+            cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
+            splits = engine.rows.row_splits(engine.render(messages), engine.plan(cfg), {})
+            out = []
+            for text in continuations:
+                ids = engine.encode_data(text)
+                if not ids:
+                    out.append(0.0)
+                    continue
+                # the last n + 1 positions: the tail's last token predicts ids[0], and so on
+                logits, _ = self._start(splits, 0, extra=ids, outputs=len(ids) + 1)
+                rows = torch.stack([row[:-1] for row in logits])  # [R, n, V]
+                out.append(continuation_logprob(rows, torch.tensor(ids), cfg))
+            return out

@@ -135,3 +135,34 @@ def test_tight_prefix_room_decodes_as_a_roomy_one(engine, decoder, room):
             assert tight.prefilled_tokens - before > _tails(engine, cfg)
     finally:
         tight.close()
+
+
+def test_answer_reports_as_the_engine_does(engine, decoder):
+    """``answer`` (what acd eval reads) gives the engine's result for the same tokens:
+    text, ids, finish reason, usage and the gate's verdict."""
+    for cfg in (
+        DecodingConfig(method="plain", max_new_tokens=N),
+        DecodingConfig(method="acd", max_new_tokens=N),  # gated by the shipped pack
+    ):
+        ours, theirs = decoder.answer(PROMPT, cfg), engine.generate(PROMPT, cfg)
+        assert ours.token_ids == theirs.token_ids  # checked on this prompt, not assumed
+        # the gate reads the engine's own forward here, in a batch of its own there
+        assert ours.gate_score == pytest.approx(theirs.gate_score, abs=1e-5)
+        assert ours.model_dump(exclude={"gate_score"}) == theirs.model_dump(exclude={"gate_score"})
+    assert decoder.generate_batch([PROMPT], cfg) == [ours]
+
+
+def test_continuation_scores_follow_the_engine(engine, decoder):
+    """Scores from one multi-output prefill: an off-by-one position would score another
+    token; Q4_1 against fp32 leaves only a small difference, and the same ranking."""
+    cfg = DecodingConfig(method="acd", gate=False, plausibility=0.0)
+    answers = [
+        "Mix flour, water, salt and yeast.",
+        "The moon is made of cheese.",
+        "",
+    ]
+    ours = decoder.score_continuations(PROMPT, answers, cfg)
+    theirs = engine.score_continuations(PROMPT, answers, cfg)
+    assert ours[2] == theirs[2] == 0.0
+    assert ours[:2] == pytest.approx(theirs[:2], rel=0.1)
+    assert (ours[0] > ours[1]) == (theirs[0] > theirs[1])
