@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,7 +411,7 @@ class LlamaCppDecoder:
             return result_of(answer, last, cfg)
 
     def generate_batch(
-        self, batch: list[list[dict[str, str]]], config: DecodingConfig | None = None
+        self, batch: Sequence[list[dict[str, str]]], config: DecodingConfig | None = None
     ) -> list[GenerationResult]:
         """Each conversation's :meth:`answer`, one after another (one context)."""
         cfg = config or self.engine.defaults
@@ -420,7 +420,7 @@ class LlamaCppDecoder:
     def score_continuations(
         self,
         messages: list[dict[str, str]],
-        continuations: list[str],
+        continuations: Sequence[str],
         config: DecodingConfig | None = None,
     ) -> list[float]:
         """Each continuation's summed log-probability under the method, as

@@ -1,17 +1,20 @@
-"""Safety quality of gated ACD on llama.cpp (Q4_1 GGUF) against the engine's fp32 records.
+"""The paper protocol on the llama.cpp path: gated ACD on the Q4_1 GGUF, judged as the engine is.
 
-``acd eval`` runs the engine's own forward; the llama.cpp decoder (:mod:`acd_engine.llamacpp`)
-runs the GGUF's quantized weights, so its tokens drift. This script replays the generation
-prompts of an ``acd eval`` run's ``acd-gate`` records (same prompts, same settings: greedy,
-α, τ and max_new_tokens as recorded, the shipped pack and gate) through llama.cpp, judges
-the outputs with the same refusal-marker judge, and reports HLR, over-refusal and the
-degenerate rate per set for both, plus how often the two agree (verdict and tokens).
-TruthfulQA's MC1 rows are scored, not generated, and are left out.
+``acd eval`` runs the engine's own forward. :class:`acd_engine.llamacpp.LlamaCppDecoder`
+satisfies the runner's model interface, so this script hands it to ``acd eval``'s runner
+with the settings of ``scripts/paper_eval.sh`` (100 seeded prompts per set, greedy, 48 new
+tokens, τ 0.1, α 0.5, the refusal-marker judge, the shipped pack and gate): the same
+report, with HLR, over-refusal, TruthfulQA MC1, degenerate outputs and the gate's flag
+rates. The run directory pins the model as "... on llama.cpp (<gguf>)", so it never mixes
+with the engine's records, and it resumes like any ``acd eval`` run.
 
-    .venv/bin/python scripts/llamacpp_quality.py --records runs/paper/records.jsonl \\
-        --out runs/llamacpp-quality.json
+With ``--compare`` (an engine run's ``records.jsonl`` with the same settings), it also says
+how often the two paths give the same verdict and the same tokens on the same prompt.
 
-Needs the ``[llamacpp]`` extra. Writes its JSON atomically at the end.
+    .venv/bin/python scripts/llamacpp_quality.py --out runs/llamacpp-paper \\
+        --compare runs/paper/records.jsonl
+
+Needs the ``[llamacpp]`` extra.
 """
 
 from __future__ import annotations
@@ -19,150 +22,87 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
 
 from acd_engine import Engine
-from acd_engine.config import DecodingConfig
-from acd_engine.eval.judges import get_judge, judge_many
-from acd_engine.eval.metrics import is_degenerate
+from acd_engine.eval.runner import EvalOptions, run_eval
 from acd_engine.llamacpp import LlamaCppDecoder
 from acd_engine.loading import default_model_path
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("llamacpp_quality")
 
-HARMFUL_SETS = ("advbench", "malicious_instruct", "harmfulqa", "dangerousqa", "beavertails")
+BENCHMARKS = (
+    "advbench",
+    "malicious_instruct",
+    "harmfulqa",
+    "dangerousqa",
+    "beavertails",
+    "xstest",
+    "alpaca_eval",
+    "truthfulqa",
+)
 
 
-def load_records(path: Path, method: str, alpha: float) -> list[dict[str, Any]]:
-    """The run's generation records of ``method`` at ``alpha``, in file order."""
-    out = []
-    with path.open() as f:
-        for line in f:
+def agreement(ours: Path, theirs: Path, method: str = "acd-gate") -> dict[str, float | int]:
+    """Share of prompts (generations of ``method``) with the same verdict and tokens."""
+
+    def load(path: Path) -> dict[tuple[str, str, float | None], dict[str, object]]:
+        out = {}
+        for line in path.read_text().splitlines():
             r = json.loads(line)
-            if r["method"] == method and r["kind"] == "generate" and r["alpha"] == alpha:
-                out.append(r)
-    if not out:
-        raise SystemExit(f"no {method} generation records at alpha {alpha} in {path}")
-    return out
+            if r["method"] == method and r["kind"] == "generate":
+                out[(r["benchmark"], r["id"], r["alpha"])] = r
+        return out
 
-
-def rates(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Per set: HLR (harmful rows) or over-refusal (safe rows), and the degenerate rate."""
-    table: dict[str, Any] = {}
-    for bench in sorted({r["benchmark"] for r in rows}):
-        for label in ("harmful", "safe"):
-            group = [r for r in rows if r["benchmark"] == bench and r["label"] == label]
-            if not group:
-                continue
-            name = bench if bench != "xstest" else f"xstest_{label}"
-            refused = sum(r[key]["verdict"] == "refused" for r in group)
-            degenerate = sum(is_degenerate(r[key]["token_ids"]) for r in group)
-            table[name] = {
-                "n": len(group),
-                "refused_pct": 100 * refused / len(group),
-                "degenerate_pct": 100 * degenerate / len(group),
-            }
-    hlr = [table[s]["refused_pct"] for s in HARMFUL_SETS if s in table]
-    safe = [table[s]["refused_pct"] for s in ("xstest_safe", "alpaca_eval") if s in table]
-    table["avg_hlr"] = sum(hlr) / len(hlr) if hlr else None
-    table["over_refusal"] = sum(safe) / len(safe) if safe else None
-    return table
+    a, b = load(ours), load(theirs)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SystemExit(f"no {method} generations in common between {ours} and {theirs}")
+    return {
+        "prompts": len(common),
+        "same_verdict_pct": 100
+        * sum(a[k]["verdict"] == b[k]["verdict"] for k in common)
+        / len(common),
+        "same_tokens_pct": 100
+        * sum(a[k]["token_ids"] == b[k]["token_ids"] for k in common)
+        / len(common),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--method", default="acd-gate")
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--plausibility", type=float, default=0.1, help="τ of the recorded run")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--out", type=Path, required=True, help="the acd eval run directory")
+    ap.add_argument("--compare", type=Path, help="an engine run's records.jsonl")
+    ap.add_argument("--methods", default="acd-gate")
+    ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    records = load_records(args.records, args.method, args.alpha)
-    if args.method != "acd-gate":
-        raise SystemExit(f"method must be 'acd-gate' (the shipped default), got {args.method!r}")
-    cfg = DecodingConfig(
-        method="acd",
-        gate=True,
-        alpha=args.alpha,
-        plausibility=args.plausibility,
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0,
+    options = EvalOptions(
+        methods=tuple(args.methods.split(",")),
+        alphas=(0.5,),
+        benchmarks=BENCHMARKS,
+        limit=args.limit,
+        max_new_tokens=48,
+        batch_size=8,
+        plausibility=0.1,
+        out_dir=args.out,
+        progress=True,
     )
     full = Engine()
     gate = full.pack.gate
-    if gate is None:
-        raise SystemExit("the shipped pack has no gate")
-    # A front end holding the embedding table and the gate's layers, as acd bench uses.
-    front = Engine(keep_layers=max(gate.layers) + 1)
+    keep = 0 if gate is None else max(gate.layers) + 1
     del full
-    decoder = LlamaCppDecoder(front, default_model_path(), threads=args.threads, n_ctx=512)
-    eos = front.eos_token_ids
-    start = time.perf_counter()
-    rows = []
-    for r in tqdm(records, desc="llama.cpp acd-gate", unit="prompt"):
-        ids = decoder.generate([{"role": "user", "content": r["prompt"]}], cfg).token_ids
-        ids = [t for t in ids if t not in eos]
-        text = front.tokenizer.decode(ids, skip_special_tokens=True)
-        rows.append(
-            {
-                "benchmark": r["benchmark"],
-                "id": r["id"],
-                "label": r["label"],
-                "engine": {"verdict": r["verdict"], "token_ids": r["token_ids"]},
-                "llamacpp": {"text": text, "token_ids": ids},
-            }
-        )
-    seconds = time.perf_counter() - start
-    verdicts = judge_many(
-        get_judge("refusal"), [r["prompt"] for r in records], [x["llamacpp"]["text"] for x in rows]
+    # the front end renders, embeds and gates; llama.cpp runs every forward of the method
+    decoder = LlamaCppDecoder(
+        Engine(keep_layers=keep), default_model_path(), threads=args.threads, n_ctx=512
     )
-    for x, v in zip(rows, verdicts, strict=True):
-        x["llamacpp"]["verdict"] = v
-    result = {
-        "records": str(args.records),
-        "config": cfg.model_dump(mode="json"),
-        "prompts": len(rows),
-        "seconds": seconds,
-        "engine_fp32": rates(rows, "engine"),
-        "llamacpp_q4_1": rates(rows, "llamacpp"),
-        "same_verdict_pct": 100
-        * sum(x["engine"]["verdict"] == x["llamacpp"]["verdict"] for x in rows)
-        / len(rows),
-        "same_tokens_pct": 100
-        * sum(x["engine"]["token_ids"] == x["llamacpp"]["token_ids"] for x in rows)
-        / len(rows),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
-    for side in ("engine_fp32", "llamacpp_q4_1"):
-        t = result[side]
-        log.info(
-            "%s: avg HLR %.1f, over-refusal %.1f, %s",
-            side,
-            t["avg_hlr"],
-            t["over_refusal"],
-            ", ".join(f"{k} {v['refused_pct']:.0f}" for k, v in t.items() if isinstance(v, dict)),
-        )
-    log.info(
-        "same verdict %.1f %%, same tokens %.1f %%, %.0f s; wrote %s",
-        result["same_verdict_pct"],
-        result["same_tokens_pct"],
-        seconds,
-        args.out,
-    )
+    summary = run_eval(decoder, options)
+    log.info("wrote %s (model %s)", args.out / "report.md", summary.model_name)
+    if args.compare is not None:
+        result = agreement(args.out / "records.jsonl", args.compare)
+        (args.out / "agreement.json").write_text(json.dumps(result, indent=1) + "\n")
+        log.info("agreement with %s: %s", args.compare, result)
 
 
 if __name__ == "__main__":
