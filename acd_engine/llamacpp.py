@@ -5,23 +5,24 @@ reads them in their quantized GGUF form with hand-written SIMD kernels; PyTorch'
 int8/int4 kernels (:mod:`acd_engine.quantize`) do not come close on the CPUs measured
 (docs/performance.md). This module runs the engine's requests on llama.cpp instead:
 
-* the engine renders the conversation and builds each branch exactly as it does for its
-  own reference path (``RowBuilder.branch_inputs``: template head, the SP/AP soft prompt or
-  manual prompt, the conversation tail), as input *embeddings*;
+* the engine renders the conversation and cuts each branch's row where its fast path does
+  (:meth:`~acd_engine.rows.RowBuilder.row_splits`): a constant prefix (template head, the
+  SP/AP soft prompt or manual prompt, the tail's template stub; for ``plain`` the
+  template's constant start) and the request's own tail, both as input *embeddings*;
 * each branch is one llama.cpp sequence of the same context (seq 0 positive, seq 1
-  negative), prefilled from those embeddings; llama.cpp looks up the GGUF's own token
-  embeddings the same way, so a manual prompt fed as embeddings equals it fed as tokens;
+  negative); llama.cpp looks up the GGUF's own token embeddings the same way, so a manual
+  prompt fed as embeddings equals it fed as tokens;
+* a prefix is prefilled once into a spare sequence and shared with a request's sequence by
+  reference (``llama_memory_seq_cp`` on a unified KV cache, no data copied), so a request
+  prefills only its own tokens, as on the engine's fast path;
 * every step decodes one token on both sequences in one ``llama_decode`` batch, and the
   engine's own :class:`~acd_engine.step.TokenStep` (contrast, constraint, plausibility
   filter, processors, pick) chooses the token from the two rows of logits.
 
-So the method is the engine's, token choice included; only the forward runs elsewhere.
-* each branch's constant prefix (template head, SP/AP soft prompt or manual prompt, the
-  tail's template stub; for ``plain`` the template's constant start: the cut of
-  :meth:`~acd_engine.rows.RowBuilder.row_splits`, the same one the engine's fast path
-  caches) is prefilled once into a spare sequence and copied into a request's sequence by
-  reference (``llama_memory_seq_cp`` on a unified KV cache, no data copied), so a request
-  prefills only its own tokens, as on the engine's fast path.
+So the method is the engine's, token choice included; only the forward runs elsewhere. A
+decoder is also an ``acd eval`` model (:meth:`LlamaCppDecoder.generate_batch`,
+:meth:`LlamaCppDecoder.score_continuations`), so this path is measured with the same
+protocol as the engine (``scripts/llamacpp_quality.py``).
 
 It is a prototype: one request at a time, and a gated request costs one
 extra prefill on the engine's own model up to the gate's layer (the gate reads a middle
