@@ -349,3 +349,25 @@ def test_plain_template_start_is_cached_as_a_prefix(engine):
     rows, shared = request_rows(engine, PROMPT, DecodingConfig(method="plain"))
     assert shared == engine.render(PROMPT).plain
     assert rows[0].prefix_len == len(start) and rows[0].tail == shared[len(start) :]
+
+
+@pytest.mark.parametrize("method", ["plain", "base", "oid", "acd"])
+@pytest.mark.parametrize("system", [None, "Answer in French."])
+def test_row_splits_cut_the_reference_rows_exactly(engine, method, system):
+    """Each row's prefix then tail (``RowBuilder.row_splits``, what the fast path and the
+    llama.cpp decoder prefill) is the reference path's row, embedding for embedding."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": PROMPT}
+    ]
+    rendered = engine.render(messages)
+    plan = engine.plan(DecodingConfig(method=method, gate=False))
+    embeds, mask, _ = engine.rows.branch_inputs(rendered, plan)  # [R, T, H], [R, T]
+    splits = engine.rows.row_splits(rendered, plan, {})
+    assert len(splits) == embeds.shape[0]
+    with torch.inference_mode():
+        for r, split in enumerate(splits):
+            parts = [engine.rows.embed(split.tail)]
+            if split.has_prefix:
+                parts.insert(0, engine.rows.prefix_embeds(split.head, split.branch, split.stub))
+            assert torch.equal(torch.cat(parts), embeds[r][mask[r].bool()])
+            assert split.key == (split.branch.key, tuple(split.head), tuple(split.stub))
