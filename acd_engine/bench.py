@@ -611,7 +611,8 @@ def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, A
             n = sum(len(t) for t in tokens[row.name])
             got["speed"].append(n / wall)
             # after each request's first token: the per-step cost, prefill left out
-            got["decode"].append((n - len(tokens[row.name])) / (wall - clock[0] + start))
+            after_first = max(wall - (clock[0] - start), 1e-9)  # one-token rows: ~0 s
+            got["decode"].append((n - len(tokens[row.name])) / after_first)
             got["ttft"].append(clock[0] - start)
             got["peak"].append(peak)
             got["delta"].append(delta)
