@@ -54,6 +54,7 @@ from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
 from acd_engine.gate import routed_config
+from acd_engine.rendering import Rendered
 from acd_engine.rows import RowSplit
 from acd_engine.step import TokenStep, continuation_logprob
 
@@ -162,7 +163,6 @@ class LlamaCppDecoder:
         self.prefix_tokens = n_ctx if prefix_tokens is None else prefix_tokens
         self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
         self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
-        self._prompt_tokens = 0  # the positive row's length in the current request
         self.gguf = Path(gguf)
         mparams = lib.llama_model_default_params()
         if extra_buffers is None:
@@ -225,8 +225,8 @@ class LlamaCppDecoder:
         """Feed each ``(seq, first position, [T, H] input embeddings)`` in one batch and
         return each row's logits at its last ``outputs`` positions, ``[outputs, V]``."""
         b = self.embd_batch
-        data = torch.cat([r for _, _, r in rows]).detach().to(torch.float32).contiguous()
-        ctypes.memmove(b.embd, data.numpy().ctypes.data, data.numel() * 4)  # [n, H] fp32
+        data = torch.cat([r for _, _, r in rows]).detach().to(torch.float32).contiguous().numpy()
+        ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)  # [n, H] fp32
         i, wanted = 0, []
         for seq, start, r in rows:
             end = start + r.shape[0]
@@ -335,23 +335,18 @@ class LlamaCppDecoder:
         # The gate reads a middle layer at prefill, which llama.cpp does not hand out: the
         # engine's own model reads it (one extra prefill forward), then routes as it does.
         cfg = routed_config(cfg, self.engine.gate_verdict(messages, cfg))
-        yield from self._tokens(messages, cfg, constraint)
+        yield from self._tokens(self.engine.render(messages), cfg, constraint)
 
     def _tokens(
-        self,
-        messages: list[dict[str, str]],
-        cfg: DecodingConfig,
-        constraint: LogitsProcessorList | Any | None,
+        self, rendered: Rendered, cfg: DecodingConfig, constraint: LogitsProcessorList | Any | None
     ) -> Iterator[int]:
-        """:meth:`stream` once routed: ``cfg`` is the method the request decodes with."""
+        """:meth:`stream` once rendered and routed: ``cfg`` is the method it decodes with."""
         engine = self.engine
-        rendered = engine.render(messages)
         plan = engine.plan(cfg)
         splits = engine.rows.row_splits(rendered, plan, {})
         shared = rendered.plain if plan.positive is None else rendered.tail
         assert shared is not None
         logits, lengths = self._start(splits, cfg.max_new_tokens)
-        self._prompt_tokens = lengths[0]
         if constraint is not None and not isinstance(constraint, LogitsProcessorList):
             constraint = LogitsProcessorList([constraint])
         step = TokenStep(cfg, constraint, torch.device("cpu"))
@@ -403,12 +398,15 @@ class LlamaCppDecoder:
         engine = self.engine
         with self._lock:
             verdict = engine.gate_verdict(messages, cfg)
+            routed = routed_config(cfg, verdict)
+            rendered = engine.render(messages)
             answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
-            for token in self._tokens(messages, routed_config(cfg, verdict), None):
+            for token in self._tokens(rendered, routed, None):
                 answer.push(token)
                 if answer.done:
                     break
-            last = answer.closing_chunks(self._prompt_tokens, verdict)[-1]
+            prompt_tokens = engine.rows.prompt_tokens(rendered, engine.plan(routed))
+            last = answer.closing_chunks(prompt_tokens, verdict)[-1]
             return result_of(answer, last, cfg)
 
     def generate_batch(

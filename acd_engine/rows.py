@@ -69,18 +69,21 @@ class RowSplit:
     cut rows here, so both cache exactly the same part.
 
     Attributes:
-        key: The prefix's identity (branch content and both token runs).
         head: Template tokens before the system-slot content.
         branch: The system-slot content.
         stub: Template tokens after it that every request's tail starts with.
         tail: The rest: the request's own tokens, prefilled per request.
     """
 
-    key: tuple[Any, ...]
     head: list[int]
     branch: Branch
     stub: list[int]
     tail: list[int]
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The prefix's identity: the branch content and both template token runs."""
+        return (self.branch.key, tuple(self.head), tuple(self.stub))
 
     @property
     def has_prefix(self) -> bool:
@@ -210,8 +213,7 @@ class RowBuilder:
             else:
                 stub = _leading(rendered.tail, constant("tail", template_kwargs))
                 head, tail = rendered.head, rendered.tail[len(stub) :]
-            key = (branch.key, tuple(head), tuple(stub))
-            splits.append(RowSplit(key, head, branch, stub, tail))
+            splits.append(RowSplit(head, branch, stub, tail))
         return splits
 
     def rows_of(

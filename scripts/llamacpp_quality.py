@@ -25,23 +25,13 @@ import logging
 from pathlib import Path
 
 from acd_engine import Engine
+from acd_engine.eval.registry import BENCHMARKS
 from acd_engine.eval.runner import EvalOptions, run_eval
 from acd_engine.llamacpp import LlamaCppDecoder
 from acd_engine.loading import default_model_path
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("llamacpp_quality")
-
-BENCHMARKS = (
-    "advbench",
-    "malicious_instruct",
-    "harmfulqa",
-    "dangerousqa",
-    "beavertails",
-    "xstest",
-    "alpaca_eval",
-    "truthfulqa",
-)
 
 
 def agreement(ours: Path, theirs: Path, method: str = "acd-gate") -> dict[str, float | int]:
@@ -81,7 +71,7 @@ def main() -> None:
     options = EvalOptions(
         methods=tuple(args.methods.split(",")),
         alphas=(0.5,),
-        benchmarks=BENCHMARKS,
+        benchmarks=tuple(BENCHMARKS),  # the paper's sets, as scripts/paper_eval.sh runs
         limit=args.limit,
         max_new_tokens=48,
         batch_size=8,
@@ -89,10 +79,8 @@ def main() -> None:
         out_dir=args.out,
         progress=True,
     )
-    full = Engine()
-    gate = full.pack.gate
+    gate = Engine(keep_layers=0).pack.gate  # the shipped pack, read without the layers
     keep = 0 if gate is None else max(gate.layers) + 1
-    del full
     # the front end renders, embeds and gates; llama.cpp runs every forward of the method
     decoder = LlamaCppDecoder(
         Engine(keep_layers=keep), default_model_path(), threads=args.threads, n_ctx=512
