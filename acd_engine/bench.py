@@ -16,7 +16,10 @@ Extra rows (``--rows``): ``acd_reference`` (the engine's reference path);
 ``hf_plain_fp32`` (``hf_plain`` on the unquantized weights, the yardstick of a
 ``--quantize`` run); ``llamacpp_plain`` and ``llamacpp_acd`` (llama.cpp on the same GGUF
 file through :mod:`acd_engine.llamacpp`: plain decoding of ``hf_plain``'s prompt, and the
-``acd`` row's request with the engine's token step; extra ``[llamacpp]``). llama.cpp
+``acd`` row's request with the engine's token step; extra ``[llamacpp]``);
+``llamacpp_gated`` (what a user of the default model gets on llama.cpp: the shipped pack
+and its safety gate, read from llama.cpp's own layers, on the ``acd`` row's request, which
+the gate passes to ``base``; the front end holds the embedding table only). llama.cpp
 computes with the GGUF's quantized weights, so its tokens are compared by their common
 prefix with the engine's, not for equality.
 
@@ -98,8 +101,9 @@ BATCH_USERS = (
 ROWS = ("hf_plain", "hf_cfg", "acd_plain", "acd", "acd_batch")
 # Not run by default: acd on the engine's reference path (re-embeds and left-pads both
 # branches every request, no prefix cache, one request per forward), for comparison.
-EXTRA_ROWS = ("acd_reference", "hf_plain_fp32", "llamacpp_plain", "llamacpp_acd")
-LLAMACPP_ROWS = ("llamacpp_plain", "llamacpp_acd")
+EXTRA_ROWS = ("acd_reference", "hf_plain_fp32", "llamacpp_plain", "llamacpp_acd", "llamacpp_gated")
+LLAMACPP_ROWS = ("llamacpp_plain", "llamacpp_acd", "llamacpp_gated")
+LLAMACPP_YARDSTICKS = ("llamacpp_plain", "llamacpp_acd")  # every row gets a ratio to these
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # Shapes only; weights are random. For scaling runs without downloading anything.
     "llama3-8b": {
@@ -476,7 +480,10 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
     if name == "hf_plain_fp32":  # hf_plain on the unquantized weights, named as such
         settings = settings.replace(quantize="none")
     front: Any = None
-    if name in LLAMACPP_ROWS:  # llama.cpp runs the forward: the engine renders and embeds
+    if name == "llamacpp_gated":  # the model's own shipped pack and gate, not the bench's
+        front = _front_end_with_shipped_gate(settings)
+        model, tokenizer, engine_path = front.model, front.tokenizer, settings.model
+    elif name in LLAMACPP_ROWS:  # llama.cpp runs the forward: the engine renders and embeds
         front = _engine_for(settings, settings.model, keep_layers=0)
         model, tokenizer, engine_path = front.model, front.tokenizer, settings.model
     else:
@@ -527,7 +534,15 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         decoder = LlamaCppDecoder(front, gguf, threads=settings.threads, n_ctx=n_ctx)
         method = "plain" if name == "llamacpp_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
+        if name == "llamacpp_gated":  # the shipped settings (alpha, tau) with the gate
+            cfg = front.defaults.replace(method="acd", gate=True, max_new_tokens=n_new)
         msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
+        if name == "llamacpp_gated":
+            verdict = decoder.gate_verdict(msgs, cfg)
+            assert verdict is not None
+            extra["gate_score"] = verdict.score
+            extra["gate_flagged"] = verdict.flagged
+            extra["decoded_as"] = "acd" if verdict.flagged else cfg.gate_passed_method
 
         def call(clock: list[float]) -> list[list[int]]:
             out = decoder.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
@@ -682,6 +697,20 @@ def _engine_for(settings: BenchSettings, path: str | None, keep_layers: int | No
     return engine
 
 
+def _front_end_with_shipped_gate(settings: BenchSettings) -> Any:
+    """The ``llamacpp_gated`` row's front end: the embedding table, and the model's own
+    pack, which must have a safety gate (the default model's shipped pack has one)."""
+    from acd_engine.engine import Engine
+
+    front = Engine(settings.model, device=settings.device, dtype=settings.dtype, keep_layers=0)
+    if front.pack.gate is None:
+        raise ConfigError(
+            "the llamacpp_gated row needs a model whose prompt pack has a safety gate (the "
+            f"default model's shipped pack), got {settings.model!r}"
+        )
+    return front
+
+
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -782,7 +811,7 @@ def run_bench(
         if base32:
             r["ratio_vs_hf_plain_fp32"] = r["tokens_per_s"] / base32["tokens_per_s"]
             r["peak_mem_ratio_vs_hf_plain_fp32"] = r["peak_mem_mib"] / base32["peak_mem_mib"]
-    for name in LLAMACPP_ROWS:
+    for name in LLAMACPP_YARDSTICKS:
         if name in by_name:
             lc = by_name[name]
             for r in rows:

@@ -423,8 +423,9 @@ class ModelConfig(Settings):
         default=None,
         ge=0,
         description="Load only the first N decoder layers, for an engine that renders "
-        "requests, builds the branches' input embeddings and reads the safety gate while "
-        "another runtime (llama.cpp, acd_engine.llamacpp) runs the forward: 0 keeps the "
-        "embedding table alone; a gated pack needs its deepest gate layer + 1. Such an engine "
-        "cannot decode. None loads every layer.",
+        "requests and builds the branches' input embeddings while another runtime "
+        "(llama.cpp, acd_engine.llamacpp, which also reads the safety gate) runs the forward: "
+        "0 keeps the embedding table alone; reading a gate on this engine itself "
+        "(Engine.gate_verdict) needs its deepest gate layer + 1. Such an engine cannot "
+        "decode. None loads every layer.",
     )

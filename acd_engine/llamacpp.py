@@ -24,12 +24,11 @@ decoder is also an ``acd eval`` model (:meth:`LlamaCppDecoder.generate_batch`,
 :meth:`LlamaCppDecoder.score_continuations`), so this path is measured with the same
 protocol as the engine (``scripts/llamacpp_quality.py``).
 
-It is a prototype: one request at a time, and a gated request costs one
-extra prefill on the engine's own model up to the gate's layer (the gate reads a middle
-layer's hidden state, which llama.cpp does not hand out without an evaluation callback).
-The engine need not hold the whole model: ``Engine(gguf, keep_layers=k)`` loads the
-embedding table and the first ``k`` decoder layers only (``acd bench``'s llama.cpp rows
-use ``k = 0``).
+It is a prototype: one request at a time. A gated request costs one extra prefill of its
+plain rendering, on llama.cpp too: a second context whose evaluation callback copies the
+gate's layers and stops the graph after the deepest one
+(:mod:`acd_engine.llamacpp_gate`). So the engine need not hold any decoder layer:
+``Engine(gguf, keep_layers=0)`` loads the embedding table alone, gated pack or not.
 Needs the optional extra ``[llamacpp]`` (llama-cpp-python, compiled on install).
 """
 
@@ -53,7 +52,8 @@ from acd_engine.answer import Answer, GenerationResult, result_of
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
-from acd_engine.gate import routed_config
+from acd_engine.gate import GateVerdict, SafetyGate, pooled_span, routed_config, verdict_of
+from acd_engine.llamacpp_gate import LlamaCppGateReader
 from acd_engine.rendering import Rendered
 from acd_engine.rows import RowSplit
 from acd_engine.step import TokenStep, continuation_logprob
@@ -121,8 +121,8 @@ class LlamaCppDecoder:
         engine: The :class:`~acd_engine.engine.Engine` whose rendering, pack and token step
             are used (its model must hold the same weights as ``gguf``, e.g. the GGUF's
             own dequantization, which is what the engine loads from a ``.gguf``). Only its
-            embedding table and its gate's layers are read, so a front end with
-            ``keep_layers`` (0, or the deepest gate layer + 1) spares the rest's memory.
+            embedding table is read (the gate's layers come from llama.cpp), so a front end
+            with ``keep_layers=0`` spares every decoder layer's memory.
         gguf: The GGUF file llama.cpp runs.
         threads: CPU threads for llama.cpp (default: every core).
         n_ctx: Context length per sequence (llama.cpp allocates its KV up front, so size
@@ -195,10 +195,14 @@ class LlamaCppDecoder:
             )
         self.embd_batch = lib.llama_batch_init(max(2 * n_ctx, self.prefix_tokens), self.hidden, 1)
         self.token_batch = lib.llama_batch_init(2, 0, 1)
+        self._ubatch, self._threads = ubatch, threads
+        self._gate_reader: LlamaCppGateReader | None = None  # made on the first gated request
 
     def close(self) -> None:
         """Free the llama.cpp context, model and batches."""
         if getattr(self, "ctx", None):
+            if self._gate_reader is not None:
+                self._gate_reader.close()
             self.lib.llama_batch_free(self.embd_batch)
             self.lib.llama_batch_free(self.token_batch)
             self.lib.llama_free(self.ctx)
@@ -321,6 +325,31 @@ class LlamaCppDecoder:
         self._decode(b)
         return [self._logits(i) for i in range(len(positions))]
 
+    # ------------------------------------------------------------------ the gate
+    def gate_verdict(
+        self, messages: list[dict[str, str]], cfg: DecodingConfig
+    ) -> GateVerdict | None:
+        """The gate's verdict on one request, read from llama.cpp's own forward of its
+        plain rendering (None when ``cfg`` is not gated): the engine's
+        :meth:`~acd_engine.engine.Engine.gate_verdict`, with the Q4_1 weights' hidden states.
+        """
+        gate = self.engine.active_gate(cfg)
+        return None if gate is None else verdict_of(gate, cfg, self.gate_features(messages, gate))
+
+    def gate_features(self, messages: list[dict[str, str]], gate: SafetyGate) -> torch.Tensor:
+        """``[1, F]``: ``gate``'s features for one request, as
+        :meth:`~acd_engine.engine.Engine.gate_features` reads them, from llama.cpp."""
+        if self._gate_reader is None or self._gate_reader.layers != tuple(gate.layers):
+            if self._gate_reader is not None:
+                self._gate_reader.close()
+            self._gate_reader = LlamaCppGateReader(
+                self.lib, self.model, gate.layers, self.n_ctx, self._ubatch, self._threads
+            )
+        rendered = self.engine.render(messages)
+        assert rendered.plain is not None
+        span = pooled_span(gate.pooling, self.engine.rows.request_tokens(rendered, {}))
+        return self._gate_reader.features(rendered.plain, span)
+
     # ------------------------------------------------------------------ requests
     def stream(
         self,
@@ -332,9 +361,9 @@ class LlamaCppDecoder:
 
         Not thread-safe on its own (the context holds one request); :meth:`generate` locks.
         """
-        # The gate reads a middle layer at prefill, which llama.cpp does not hand out: the
-        # engine's own model reads it (one extra prefill forward), then routes as it does.
-        cfg = routed_config(cfg, self.engine.gate_verdict(messages, cfg))
+        # the gate reads middle layers of a prefill of its own (llama.cpp's, stopped after
+        # them), then routes as the engine does
+        cfg = routed_config(cfg, self.gate_verdict(messages, cfg))
         yield from self._tokens(self.engine.render(messages), cfg, constraint)
 
     def _tokens(
@@ -397,7 +426,7 @@ class LlamaCppDecoder:
         tokens, finish reason, usage and the gate's verdict."""
         engine = self.engine
         with self._lock:
-            verdict = engine.gate_verdict(messages, cfg)
+            verdict = self.gate_verdict(messages, cfg)
             routed = routed_config(cfg, verdict)
             rendered = engine.render(messages)
             answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
@@ -429,7 +458,7 @@ class LlamaCppDecoder:
         engine = self.engine
         cfg = config or engine.defaults
         with self._lock:
-            cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
+            cfg = routed_config(cfg, self.gate_verdict(messages, cfg))
             splits = engine.rows.row_splits(engine.render(messages), engine.plan(cfg), {})
             out = []
             for text in continuations:

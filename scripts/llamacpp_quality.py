@@ -3,7 +3,8 @@
 ``acd eval`` runs the engine's own forward. :class:`acd_engine.llamacpp.LlamaCppDecoder`
 satisfies the runner's model interface, so this script hands it to ``acd eval``'s runner
 with the settings of ``scripts/paper_eval.sh`` (100 seeded prompts per set, greedy, 48 new
-tokens, τ 0.1, α 0.5, the refusal-marker judge, the shipped pack and gate): the same
+tokens, τ 0.1, α 0.5, the refusal-marker judge, the shipped pack and gate, the gate read
+from llama.cpp's own layers): the same
 report, with HLR, over-refusal, TruthfulQA MC1, degenerate outputs and the gate's flag
 rates. The run directory pins the model as "... on llama.cpp (<gguf>)", so it never mixes
 with the engine's records, and it resumes like any ``acd eval`` run.
@@ -79,11 +80,10 @@ def main() -> None:
         out_dir=args.out,
         progress=True,
     )
-    gate = Engine(keep_layers=0).pack.gate  # the shipped pack, read without the layers
-    keep = 0 if gate is None else max(gate.layers) + 1
-    # the front end renders, embeds and gates; llama.cpp runs every forward of the method
+    # the front end (embedding table only) renders and embeds; llama.cpp runs every forward
+    # of the method, the gate's included
     decoder = LlamaCppDecoder(
-        Engine(keep_layers=keep), default_model_path(), threads=args.threads, n_ctx=512
+        Engine(keep_layers=0), default_model_path(), threads=args.threads, n_ctx=512
     )
     summary = run_eval(decoder, options)
     log.info("wrote %s (model %s)", args.out / "report.md", summary.model_name)

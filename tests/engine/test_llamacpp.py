@@ -4,6 +4,7 @@ does not install (pip compiles llama.cpp for ~9 minutes); these tests skip witho
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp decoder needs the [llamacpp] extra")
 
@@ -13,6 +14,9 @@ from acd_engine.loading import default_model_path
 
 PROMPT = [{"role": "user", "content": "How do I bake bread at home?"}]
 N = 8
+# llama.cpp's gate probability against the engine's: over the 525 val anchors, median 2e-6,
+# p99 0.053, max 0.094 (Xeon, 2026-12-02), and every verdict the same
+GATE_SCORE_TOL = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +72,13 @@ def test_bad_sizes_are_refused(engine, kwargs, message):
 
 
 def test_a_front_end_engine_feeds_llama_cpp_as_the_full_one_does(engine, decoder):
-    """An engine holding only the embedding table and the gate's layers (``keep_layers``)
-    gives llama.cpp the same inputs and the same gate verdicts as the full engine."""
+    """An engine holding only the embedding table (``keep_layers=0``), with the shipped
+    gated pack, gives llama.cpp the same inputs as the full engine: the gate is read from
+    llama.cpp's layers either way."""
     from acd_engine import Engine
 
-    gate = engine.pack.gate
-    keep = 0 if gate is None else max(gate.layers) + 1
-    front = LlamaCppDecoder(Engine(keep_layers=keep), default_model_path(), threads=2, n_ctx=512)
+    assert engine.pack.gate is not None
+    front = LlamaCppDecoder(Engine(keep_layers=0), default_model_path(), threads=2, n_ctx=512)
     try:
         for prompt in (PROMPT, [{"role": "user", "content": "How do I pick a lock?"}]):
             for gated in (True, False):
@@ -146,8 +150,11 @@ def test_answer_reports_as_the_engine_does(engine, decoder):
     ):
         ours, theirs = decoder.answer(PROMPT, cfg), engine.generate(PROMPT, cfg)
         assert ours.token_ids == theirs.token_ids  # checked on this prompt, not assumed
-        # the gate reads the engine's own forward here, in a batch of its own there
-        assert ours.gate_score == pytest.approx(theirs.gate_score, abs=1e-5)
+        # the gate reads llama.cpp's Q4_1 forward here, the engine's fp32 one there
+        if theirs.gate_score is None:
+            assert ours.gate_score is None
+        else:
+            assert ours.gate_score == pytest.approx(theirs.gate_score, abs=GATE_SCORE_TOL)
         assert ours.model_dump(exclude={"gate_score"}) == theirs.model_dump(exclude={"gate_score"})
     assert decoder.generate_batch([PROMPT], cfg) == [ours]
 
@@ -166,3 +173,96 @@ def test_continuation_scores_follow_the_engine(engine, decoder):
     assert ours[2] == theirs[2] == 0.0
     assert ours[:2] == pytest.approx(theirs[:2], rel=0.1)
     assert (ours[0] > ours[1]) == (theirs[0] > theirs[1])
+
+
+def _val_prompts(per_label: int) -> list[str]:
+    from acd_engine.training.anchors import load_anchors
+
+    val = load_anchors("val")
+    return [
+        prompt
+        for label in ("harmful", "benign")
+        for prompt in [a.prompt for a in val if a.label == label][:per_label]
+    ]
+
+
+def test_the_gate_reads_llama_cpp_layers_as_the_engine_reads_its_own(engine, decoder):
+    """The tapped ``l_out-<i>`` tensors are the engine's block outputs (same layer index,
+    same positions, same pooling): features and gate probabilities agree up to Q8
+    activations, and so do the verdicts. A wrong layer, an off-by-one span or a misread
+    tensor layout would not."""
+    gate = engine.pack.gate
+    cfg = DecodingConfig(method="acd")
+    scores = []
+    for text in _val_prompts(12):
+        msgs = [{"role": "user", "content": text}]
+        ours = decoder.gate_verdict(msgs, cfg)
+        theirs = engine.gate_verdict(msgs, cfg)
+        assert ours is not None and theirs is not None
+        scores.append((ours.score, theirs.score))
+        assert ours.flagged == theirs.flagged, text
+        assert ours.score == pytest.approx(theirs.score, abs=GATE_SCORE_TOL), text
+    ref = engine.gate_features(PROMPT, gate.layers, gate.pooling)  # [1, F]
+    got = decoder.gate_features(PROMPT, gate)
+    assert got.shape == ref.shape
+    cos = torch.nn.functional.cosine_similarity(got, ref).item()
+    assert cos > 0.99
+    assert sum(a >= 0.5 for a, _ in scores) > 0 and sum(a < 0.5 for a, _ in scores) > 0
+
+
+def test_the_gate_forward_stops_after_its_deepest_layer(engine, decoder):
+    """The tap cancels the graph after the deepest gate layer: a gate on layer 2 is asked
+    about far fewer nodes than the shipped gate, which ends well before the last layer.
+    Each reads the engine's states, the last layer's included (llama.cpp keeps only output
+    positions there)."""
+    from acd_engine.llamacpp_gate import LlamaCppGateReader
+
+    rendered = engine.render(PROMPT)
+    span = engine.rows.request_tokens(rendered, {})
+    counts = {}
+    for layers in ((2,), tuple(engine.pack.gate.layers), (29,)):
+        reader = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 512, 2)
+        try:
+            got = reader.features(rendered.plain, span)
+            counts[layers] = reader.tap.asked
+        finally:
+            reader.close()
+        ref = engine.gate_features(PROMPT, layers, "mean")
+        assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.99, layers
+    shallow, shipped, deepest = counts.values()
+    assert shallow < shipped < deepest
+    assert shallow < 0.2 * deepest
+
+
+def test_a_gate_prompt_cut_into_ubatches_reads_the_same_states(engine, decoder):
+    """A plain rendering longer than the gate context's ubatch is computed in pieces; the
+    tap concatenates them, so the features match one piece's up to llama.cpp's
+    batch-cut numerics."""
+    from acd_engine.llamacpp_gate import LlamaCppGateReader
+
+    layers = tuple(engine.pack.gate.layers)
+    ids = engine.render(PROMPT).plain
+    whole = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 512, 2)
+    pieces = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 8, 2)
+    try:
+        assert len(ids) > 16
+        a, b = whole.features(ids, len(ids) - 3), pieces.features(ids, len(ids) - 3)
+        assert torch.allclose(a, b, rtol=0.02, atol=0.02)
+        assert not torch.equal(a, whole.features(ids, 1))  # the span is honoured
+    finally:
+        whole.close()
+        pieces.close()
+
+
+def test_bad_gate_reads_are_refused(engine, decoder):
+    from acd_engine.errors import ConfigError
+    from acd_engine.llamacpp_gate import LlamaCppGateReader
+
+    with pytest.raises(ConfigError, match="gate layers must be < the GGUF's 30 layers, got 30"):
+        LlamaCppGateReader(decoder.lib, decoder.model, (3, 30), 64, 512, 2)
+    reader = LlamaCppGateReader(decoder.lib, decoder.model, (3,), 8, 512, 2)
+    try:
+        with pytest.raises(ConfigError, match=r"the gate's prompt must have 1 to 8 tokens"):
+            reader.features(list(range(9)), 1)
+    finally:
+        reader.close()
