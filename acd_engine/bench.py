@@ -529,14 +529,15 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         from acd_engine.loading import default_model_path
 
         gguf = settings.model or str(default_model_path())
-        # sized to the request, as a llama.cpp user sizes -c: the KV is allocated up front
-        n_ctx = -(-(max(len(pos_ids), len(neg_ids)) + n_new + 16) // 64) * 64
-        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads, n_ctx=n_ctx)
         method = "plain" if name == "llamacpp_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         if name == "llamacpp_gated":  # the shipped settings (alpha, tau) with the gate
             cfg = front.defaults.replace(method="acd", gate=True, max_new_tokens=n_new)
         msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
+        # sized to the request, as a llama.cpp user sizes -c: the KV is allocated up front
+        longest = max(len(pos_ids), len(neg_ids), _longest_row(front, msgs, cfg))
+        n_ctx = -(-(longest + n_new + 16) // 64) * 64
+        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads, n_ctx=n_ctx)
         if name == "llamacpp_gated":
             verdict = decoder.gate_verdict(msgs, cfg)
             assert verdict is not None
@@ -697,6 +698,22 @@ def _engine_for(settings: BenchSettings, path: str | None, keep_layers: int | No
     return engine
 
 
+def _longest_row(engine: Any, messages: list[dict[str, str]], config: Any) -> int:
+    """The longest branch row ``messages`` may decode with under ``config``: either route
+    of a gated request (the passed method's prompt may be the longer one)."""
+    from acd_engine.gate import passed_config
+
+    rendered = engine.render(messages)
+    rows = engine.rows
+    longest = 0
+    routes = (config, passed_config(config)) if engine.active_gate(config) else (config,)
+    for cfg in routes:
+        for s in rows.row_splits(rendered, engine.plan(cfg), {}):
+            prefix = len(rows.prefix_embeds(s.head, s.branch, s.stub)) if s.has_prefix else 0
+            longest = max(longest, prefix + len(s.tail))
+    return longest
+
+
 def _front_end_with_shipped_gate(settings: BenchSettings) -> Any:
     """The ``llamacpp_gated`` row's front end: the embedding table, and the model's own
     pack, which must have a safety gate (the default model's shipped pack has one)."""
@@ -761,10 +778,34 @@ def _environment(settings: BenchSettings) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch_threads": settings.threads or torch.get_num_threads(),
+        **_cpu(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+CPU_FLAGS_OF_NOTE = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def _cpu() -> dict[str, Any]:
+    """Which CPU the figures came from (ratios differ between CPU types): model name,
+    family/model numbers and the SIMD flags that pick kernels, from Linux /proc/cpuinfo
+    (``platform.processor()`` where that is missing)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cpu_model": platform.processor() or platform.machine()}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name", platform.machine()),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags],
+    }
 
 
 def run_bench(

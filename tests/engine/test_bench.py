@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from acd_engine.bench import ROWS, BenchSettings, bench_command, run_bench
+from acd_engine.bench import CPU_FLAGS_OF_NOTE, ROWS, BenchSettings, bench_command, run_bench
 
 ROW_KEYS = {
     "name",
@@ -53,6 +53,8 @@ def test_all_rows_in_process_report_the_schema(engine):
     assert rows["acd"]["kernels"]["prepacked"] is False  # one request never packs
     s = result["settings"]
     assert s["device"] == "cpu" and s["guidance_scale"] == 2.0 and len(s["load_avg_before"]) == 3
+    # the machine is named next to its figures: the CPU model and the flags that pick kernels
+    assert s["cpu_model"] and set(s["cpu_flags"]) <= set(CPU_FLAGS_OF_NOTE)
 
 
 def test_command_json_with_rows_in_fresh_processes():
