@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -137,6 +137,12 @@ class LlamaCppDecoder:
             sequences' ``n_ctx`` each (default: ``n_ctx``); a prefix longer than this is
             prefilled with its request instead, and older prefixes are dropped (least
             recently used first) to make room.
+        gate_on: Where a gated request's gate is read: ``"llamacpp"`` (default), from
+            llama.cpp's own layers (:mod:`acd_engine.llamacpp_gate`), so the engine may be
+            a ``keep_layers=0`` front end; ``"engine"``, by the engine's PyTorch layers
+            (it must hold the deepest gate layer), which on CPUs with slow multi-token
+            Q4_1 products reads faster at ~230 MiB more memory for the default model
+            (docs/performance.md).
     """
 
     def __init__(
@@ -148,7 +154,11 @@ class LlamaCppDecoder:
         ubatch: int = 512,
         prefix_tokens: int | None = None,
         extra_buffers: bool | None = None,
+        gate_on: Literal["llamacpp", "engine"] = "llamacpp",
     ) -> None:
+        if gate_on not in ("llamacpp", "engine"):
+            raise ConfigError(f"gate_on must be 'llamacpp' or 'engine', got {gate_on!r}")
+        self.gate_on = gate_on
         if n_ctx < 1:
             raise ConfigError(f"n_ctx must be at least 1, got {n_ctx}")
         if prefix_tokens is not None and prefix_tokens < 0:
@@ -333,6 +343,8 @@ class LlamaCppDecoder:
         plain rendering (None when ``cfg`` is not gated): the engine's
         :meth:`~acd_engine.engine.Engine.gate_verdict`, with the Q4_1 weights' hidden states.
         """
+        if self.gate_on == "engine":
+            return self.engine.gate_verdict(messages, cfg)
         gate = self.engine.active_gate(cfg)
         return None if gate is None else verdict_of(gate, cfg, self.gate_features(messages, gate))
 

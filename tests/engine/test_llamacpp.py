@@ -266,3 +266,21 @@ def test_bad_gate_reads_are_refused(engine, decoder):
             reader.features(list(range(9)), 1)
     finally:
         reader.close()
+
+
+def test_gate_on_the_engine_reads_the_engine_s_own_forward(engine):
+    """``gate_on="engine"`` reads the gate with the engine's PyTorch layers: its score is
+    the engine's own, and the tokens are those of the llama.cpp-read gate's route."""
+    from acd_engine.errors import ConfigError
+
+    on_engine = LlamaCppDecoder(engine, default_model_path(), threads=2, gate_on="engine")
+    try:
+        cfg = DecodingConfig(method="acd", max_new_tokens=N)
+        theirs = engine.generate(PROMPT, cfg)
+        ours = on_engine.answer(PROMPT, cfg)
+        assert ours.gate_score == pytest.approx(theirs.gate_score, abs=1e-5)
+        assert ours.token_ids == theirs.token_ids
+    finally:
+        on_engine.close()
+    with pytest.raises(ConfigError, match="gate_on must be 'llamacpp' or 'engine', got 'gpu'"):
+        LlamaCppDecoder(engine, default_model_path(), gate_on="gpu")
