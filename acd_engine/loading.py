@@ -177,20 +177,104 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     return target
 
 
-def _resolve_path(model: str | None) -> tuple[Path, str]:
+def _gguf_layers_to_safetensors(gguf: Path, keep: int) -> Path:
+    """Dequantize only what a ``keep_layers=keep`` engine loads (the embedding table, the
+    first ``keep`` blocks, the final norm and an untied head) into
+    ``cache_dir()/gguf/<hash>-layers<keep>``, one tensor at a time.
+
+    A front end for llama.cpp (:mod:`acd_engine.llamacpp`) needs the embedding table only,
+    while :func:`_gguf_to_safetensors` dequantizes the whole model into memory first: ~32
+    GB for an 8B GGUF, more than a 24 GB machine has. The tensors go through transformers'
+    own GGUF name map and tensor processors (Q/K permutation and the like), so they are the
+    full conversion's, bit for bit. A full conversion already cached is used instead.
+    """
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    digest = _file_sha256(gguf)[:20]
+    full = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    if (full / "config.json").is_file():
+        return full
+    target = full.with_name(f"{full.name}-layers{keep}")
+    if (target / "config.json").is_file():
+        return target
+    logger.info(
+        "converting %s's first %d layers to safetensors (cached at %s)", gguf.name, keep, target
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+        config = AutoConfig.from_pretrained(str(gguf.parent), **kwargs)
+        if keep > config.num_hidden_layers:
+            raise ConfigError(
+                f"keep_layers must be at most the model's {config.num_hidden_layers} layers, "
+                f"got {keep}"
+            )
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only
+        reader = GGUFReader(str(gguf))  # memory-mapped: tensors are read when touched
+        processor = TENSOR_PROCESSORS.get(
+            read_field(reader, "general.architecture")[0], TensorProcessor
+        )(config=parsed["config"])
+        with torch.device("meta"):  # names only, no memory
+            names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), processor)
+        tensors: dict[str, torch.Tensor] = {}
+        for t in reader.tensors:
+            if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= keep:
+                continue
+            result = processor.process(
+                weights=dequantize(t.data, t.tensor_type),
+                name=t.name,
+                tensor_key_mapping=names,
+                parsed_parameters=parsed,
+            )
+            if result.name in names:
+                tensors[names[result.name]] = torch.from_numpy(result.weights.copy()).float()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs).save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_dir(gguf: Path, keep_layers: int | None) -> Path:
+    """The safetensors directory to load ``gguf`` from: all of it, or only what
+    ``keep_layers`` loads."""
+    if keep_layers is None:
+        return _gguf_to_safetensors(gguf)
+    return _gguf_layers_to_safetensors(gguf, keep_layers)
+
+
+def _resolve_path(model: str | None, keep_layers: int | None = None) -> tuple[Path, str]:
     """Return (local directory to load, display name)."""
     if model is None:
         gguf = default_model_path()
-        return _gguf_to_safetensors(gguf), DEFAULT_MODEL_NAME
+        return _gguf_dir(gguf, keep_layers), DEFAULT_MODEL_NAME
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_to_safetensors(path), path.stem
+        return _gguf_dir(path, keep_layers), path.stem
     if path.is_dir() and (path / "config.json").is_file():
         return path, path.name
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _gguf_to_safetensors(ggufs[0]), ggufs[0].stem
+            return _gguf_dir(ggufs[0], keep_layers), ggufs[0].stem
     raise ModelNotFoundError(
         "model must be a local Hugging Face model directory (with config.json) or a .gguf "
         f"file, got '{model}'; this package never downloads: fetch the model once (for "
@@ -291,7 +375,7 @@ def load_model(
     config = config or ModelConfig()
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     with _CACHE_LOCK:
-        path, name = _resolve_path(config.model)
+        path, name = _resolve_path(config.model, config.keep_layers)
         key = _key(
             path, device, dtype, config.trust_remote_code, config.quantize, config.keep_layers
         )

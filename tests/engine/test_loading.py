@@ -133,3 +133,34 @@ def test_keep_layers_out_of_range_is_a_clear_error(tiny_model_dir, keep, message
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         Engine(tiny_model_dir, keep_layers=keep)
+
+
+def test_a_gguf_front_end_dequantizes_only_its_layers_and_equals_the_full_model(
+    engine, tmp_path, monkeypatch
+):
+    """A ``keep_layers`` engine on a GGUF converts only the tensors it loads (an 8B GGUF
+    dequantized whole would not fit in memory), through transformers' own name map and
+    tensor processors: the embedding table and the kept blocks (attention Q/K permutation
+    included) equal the full conversion's bit for bit, and the pack still fits."""
+    import torch
+    from safetensors import safe_open
+
+    from acd_engine import Engine
+    from acd_engine.loading import default_model_path
+
+    keep = 2  # llama.cpp's front end keeps 0; 2 also checks the blocks' tensor processing
+    monkeypatch.setenv("ACD_CACHE_DIR", str(tmp_path))  # no full conversion cached here
+    front = Engine(default_model_path(), keep_layers=keep)
+    (converted,) = (tmp_path / "gguf").iterdir()
+    assert converted.name.endswith(f"-layers{keep}")
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    blocks = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+    assert blocks == set(range(keep))  # nothing deeper was dequantized
+    full = dict(engine.model.named_parameters())
+    ours = dict(front.model.named_parameters())
+    assert set(ours) <= set(full) and "model.embed_tokens.weight" in ours
+    for name, value in ours.items():
+        assert torch.equal(value, full[name]), name
+    assert front.pack.trained and front.pack.id == engine.pack.id  # the fingerprint matched
+    assert front.tokenizer.encode("Hello there") == engine.tokenizer.encode("Hello there")
