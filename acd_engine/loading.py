@@ -2,7 +2,8 @@
 
 Parsing and dequantizing a GGUF takes ~16 s for the 135M default model, while loading the
 same weights from safetensors takes well under 2 s, so every GGUF is converted once into a
-safetensors directory in the user cache, keyed by the GGUF's content hash. Loaded models
+safetensors directory in the user cache, keyed by the GGUF's content hash (an engine with
+``keep_layers``, a front end for llama.cpp, converts only the tensors it loads). Loaded models
 are kept in a process-wide cache keyed by (path, device, dtype, quantization) so any
 number of engines and adapter objects share one copy of the weights.
 """
