@@ -98,6 +98,7 @@ def _cpu_reports_amx() -> bool:
         return False
 
 
+PLAIN = DecodingConfig(method="plain")  # the gate reads the plain rendering's row
 PREFIX_SLOTS = 4  # cached prefixes kept at once: SP and AP, plus base's and plain's
 
 
@@ -357,10 +358,13 @@ class LlamaCppDecoder:
             self._gate_reader = LlamaCppGateReader(
                 self.lib, self.model, gate.layers, self.n_ctx, self._ubatch, self._threads
             )
+        rows = self.engine.rows
         rendered = self.engine.render(messages)
         assert rendered.plain is not None
-        span = pooled_span(gate.pooling, self.engine.rows.request_tokens(rendered, {}))
-        return self._gate_reader.features(rendered.plain, span)
+        span = pooled_span(gate.pooling, rows.request_tokens(rendered, {}))
+        # the plain row's cut: the template's constant start is cached in the gate's context
+        (split,) = rows.row_splits(rendered, self.engine.plan(PLAIN), {})
+        return self._gate_reader.features(rendered.plain, span, prefix=len(split.head))
 
     # ------------------------------------------------------------------ requests
     def stream(

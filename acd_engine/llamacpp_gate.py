@@ -111,9 +111,13 @@ class LlamaCppGateReader:
 
     One llama.cpp context of its own on the decoder's model (weights shared, its own small
     KV cache), with a :class:`LayerTap` as its evaluation callback. Each read prefills the
-    token ids at positions 0.. of its one sequence, pools each layer over the last ``span``
+    request at positions 0.. of sequence 0, pools each layer over the last ``span``
     positions as :func:`acd_engine.gate.capture_pooled_states` does, and clears the
-    sequence. Not thread-safe: the decoder calls it under its lock.
+    sequence. The template's constant start (``prefix`` tokens, the same for every request)
+    is prefilled once into sequence 1 and shared by reference, as the decoder shares its
+    branch prefixes; it always gets a batch of its own, so a read does not depend on what is
+    cached (llama.cpp's numbers depend slightly on how a prompt is cut into batches). Not
+    thread-safe: the decoder calls it under its lock.
     """
 
     def __init__(
@@ -137,10 +141,14 @@ class LlamaCppGateReader:
         # reads it marks every position as an output (the graph stops before the head)
         self.all_outputs = max(layers) == n_layer - 1
         self.tap = LayerTap(lib, layers)
+        self.cached: tuple[int, ...] = ()  # the constant start held in sequence 1
+        self.prefilled_tokens = 0  # positions prefilled so far (the cached start included)
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = n_ctx
+        cparams.kv_unified = True  # sequence 0 shares sequence 1's cells, no copy
+        cparams.n_ctx = 2 * n_ctx  # a request, and a start of at most the same length
+        cparams.n_batch = n_ctx
         cparams.n_ubatch = min(ubatch, n_ctx)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = 2
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
         cparams.cb_eval = self.tap.callback
         cparams.cb_eval_user_data = None
@@ -156,30 +164,46 @@ class LlamaCppGateReader:
             self.lib.llama_free(self.ctx)
             self.ctx = None
 
-    def features(self, ids: Sequence[int], span: int) -> torch.Tensor:
+    def _run(self, seq: int, start: int, ids: Sequence[int]) -> list[np.ndarray]:
+        """Prefill ``ids`` at positions ``start``.. of ``seq``; each gate layer's ``[T, H]``."""
+        b = self.batch
+        for i, token in enumerate(ids):
+            b.token[i] = token
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = self.all_outputs  # else no output row: only the taps are read
+        b.n_tokens = len(ids)
+        self.tap.reset()
+        code = self.lib.llama_decode(self.ctx, b)
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed with code {code} (gate prefill)")
+        self.prefilled_tokens += len(ids)
+        return self.tap.states()
+
+    def features(self, ids: Sequence[int], span: int, prefix: int = 0) -> torch.Tensor:
         """``[1, F]``: each gate layer's output averaged over the last ``span`` of ``ids``,
-        concatenated in the gate's layer order."""
+        concatenated in the gate's layer order. ``ids[:prefix]`` is the template's constant
+        start (cached; it must not reach into the pooled span)."""
         if not 0 < len(ids) <= self.n_ctx:
             raise ConfigError(
                 f"the gate's prompt must have 1 to {self.n_ctx} tokens (n_ctx), got {len(ids)}"
             )
-        b = self.batch
-        for i, token in enumerate(ids):
-            b.token[i] = token
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = self.all_outputs  # else no output row: only the taps are read
-        b.n_tokens = len(ids)
-        self.tap.reset()
+        if not 0 <= prefix <= len(ids) - span:
+            prefix = 0  # no usable start: the whole prompt is the request's
         mem = self.lib.llama_get_memory(self.ctx)
+        start = tuple(ids[:prefix])
         try:
-            code = self.lib.llama_decode(self.ctx, b)
-            if code != 0:
-                raise RuntimeError(f"llama_decode failed with code {code} (gate prefill)")
-            states = self.tap.states()  # [T, H] per layer
+            if start and start != self.cached:
+                self.lib.llama_memory_seq_rm(mem, 1, -1, -1)
+                self.cached = ()
+                self._run(1, 0, start)  # in a batch of its own, cached or not
+                self.cached = start
+            if start:  # shared by reference: the cells gain sequence 0's id
+                self.lib.llama_memory_seq_cp(mem, 1, 0, -1, -1)
+            states = self._run(0, prefix, ids[prefix:])  # [T, H] per layer
         finally:
-            # the layers past the deepest gate layer were cancelled: drop the whole sequence
+            # the layers past the deepest gate layer were cancelled: drop the request
             self.lib.llama_memory_seq_rm(mem, 0, -1, -1)
         pooled = [torch.from_numpy(s[-span:]).mean(0) for s in states]  # [H] each
         return torch.cat(pooled)[None]

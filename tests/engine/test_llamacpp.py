@@ -284,3 +284,32 @@ def test_gate_on_the_engine_reads_the_engine_s_own_forward(engine):
         on_engine.close()
     with pytest.raises(ConfigError, match="gate_on must be 'llamacpp' or 'engine', got 'gpu'"):
         LlamaCppDecoder(engine, default_model_path(), gate_on="gpu")
+
+
+def test_the_gate_caches_the_template_start_and_reads_the_same(engine, decoder):
+    """The plain rendering's constant start is prefilled once (in a batch of its own) and
+    shared: a second read prefills only the request's tokens and gives the first read's
+    features exactly; a read without the cache agrees up to llama.cpp's batch-cut numerics."""
+    from acd_engine.llamacpp import PLAIN
+    from acd_engine.llamacpp_gate import LlamaCppGateReader
+
+    layers = tuple(engine.pack.gate.layers)
+    rendered = engine.render(PROMPT)
+    (split,) = engine.rows.row_splits(rendered, engine.plan(PLAIN), {})
+    ids, start = rendered.plain, len(split.head)
+    span = engine.rows.request_tokens(rendered, {})
+    assert start > 0 and span == len(ids) - start
+    reader = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 512, 2)
+    try:
+        first = reader.features(ids, span, prefix=start)
+        assert reader.prefilled_tokens == len(ids)
+        second = reader.features(ids, span, prefix=start)
+        assert reader.prefilled_tokens == len(ids) + (len(ids) - start)
+        assert torch.equal(first, second)
+        whole = reader.features(ids, span)  # no start cached: one batch
+        assert torch.allclose(first, whole, rtol=0.02, atol=0.02)
+        other = engine.render([{"role": "user", "content": "How do I pick a lock?"}]).plain
+        reader.features(other, len(other) - start, prefix=start)  # the start stays cached
+        assert torch.equal(reader.features(ids, span, prefix=start), first)
+    finally:
+        reader.close()
