@@ -34,6 +34,9 @@ from acd_engine.errors import ConfigError
 __all__ = ["GgmlTensor", "LayerTap", "LlamaCppGateReader"]
 
 GGML_TYPE_F32 = 0
+# KV cells kept for the template's cached start (SmolLM2's is 20 tokens; a longer one is
+# prefilled with each request instead)
+START_ROOM = 64
 
 
 class GgmlTensor(ctypes.Structure):
@@ -145,7 +148,7 @@ class LlamaCppGateReader:
         self.prefilled_tokens = 0  # positions prefilled so far (the cached start included)
         cparams = lib.llama_context_default_params()
         cparams.kv_unified = True  # sequence 0 shares sequence 1's cells, no copy
-        cparams.n_ctx = 2 * n_ctx  # a request, and a start of at most the same length
+        cparams.n_ctx = n_ctx + START_ROOM  # a request, and the cached start
         cparams.n_batch = n_ctx
         cparams.n_ubatch = min(ubatch, n_ctx)
         cparams.n_seq_max = 2
@@ -189,8 +192,8 @@ class LlamaCppGateReader:
             raise ConfigError(
                 f"the gate's prompt must have 1 to {self.n_ctx} tokens (n_ctx), got {len(ids)}"
             )
-        if not 0 <= prefix <= len(ids) - span:
-            prefix = 0  # no usable start: the whole prompt is the request's
+        if not 0 <= prefix <= min(len(ids) - span, START_ROOM):
+            prefix = 0  # no usable start (or too long to keep): all of it is the request's
         mem = self.lib.llama_get_memory(self.ctx)
         start = tuple(ids[:prefix])
         try:

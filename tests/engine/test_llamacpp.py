@@ -313,3 +313,21 @@ def test_the_gate_caches_the_template_start_and_reads_the_same(engine, decoder):
         assert torch.equal(reader.features(ids, span, prefix=start), first)
     finally:
         reader.close()
+
+
+def test_a_start_longer_than_its_room_is_prefilled_with_each_request(engine, decoder, monkeypatch):
+    import acd_engine.llamacpp_gate as gate_module
+
+    monkeypatch.setattr(gate_module, "START_ROOM", 8)
+    rendered = engine.render(PROMPT)
+    ids, span = rendered.plain, engine.rows.request_tokens(rendered, {})
+    reader = gate_module.LlamaCppGateReader(
+        decoder.lib, decoder.model, tuple(engine.pack.gate.layers), 64, 512, 2
+    )
+    try:
+        a = reader.features(ids, span, prefix=len(ids) - span)
+        b = reader.features(ids, span)
+        assert reader.prefilled_tokens == 2 * len(ids) and reader.cached == ()
+        assert torch.equal(a, b)
+    finally:
+        reader.close()
