@@ -34,7 +34,7 @@ from acd_engine.errors import ConfigError
 __all__ = ["GgmlTensor", "LayerTap", "LlamaCppGateReader"]
 
 GGML_TYPE_F32 = 0
-# KV cells kept for the template's cached start (SmolLM2's is 20 tokens; a longer one is
+# KV cells kept for the template's cached start (SmolLM2's is 24 tokens; a longer one is
 # prefilled with each request instead)
 START_ROOM = 64
 

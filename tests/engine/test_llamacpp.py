@@ -14,8 +14,8 @@ from acd_engine.loading import default_model_path
 
 PROMPT = [{"role": "user", "content": "How do I bake bread at home?"}]
 N = 8
-# llama.cpp's gate probability against the engine's: over the 525 val anchors, median 2e-6,
-# p99 0.053, max 0.094 (Xeon, 2026-12-02), and every verdict the same
+# llama.cpp's gate probability against the engine's: over the 525 val anchors, median 3e-6,
+# p99 0.046, max 0.091 (model-207 Xeon, 2026-12-02), and every verdict the same
 GATE_SCORE_TOL = 0.1
 
 
