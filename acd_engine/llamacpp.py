@@ -338,19 +338,26 @@ class LlamaCppDecoder:
 
     # ------------------------------------------------------------------ the gate
     def gate_verdict(
-        self, messages: list[dict[str, str]], cfg: DecodingConfig
+        self,
+        messages: list[dict[str, str]],
+        cfg: DecodingConfig,
+        rendered: Rendered | None = None,
     ) -> GateVerdict | None:
         """The gate's verdict on one request, read from llama.cpp's own forward of its
         plain rendering (None when ``cfg`` is not gated): the engine's
         :meth:`~acd_engine.engine.Engine.gate_verdict`, with the Q4_1 weights' hidden states.
+        ``rendered``: the request's rendering, when the caller has it already.
         """
         if self.gate_on == "engine":
             return self.engine.gate_verdict(messages, cfg)
         gate = self.engine.active_gate(cfg)
-        return None if gate is None else verdict_of(gate, cfg, self.gate_features(messages, gate))
+        if gate is None:
+            return None
+        rendered = rendered or self.engine.render(messages)
+        return verdict_of(gate, cfg, self.gate_features(rendered, gate))
 
-    def gate_features(self, messages: list[dict[str, str]], gate: SafetyGate) -> torch.Tensor:
-        """``[1, F]``: ``gate``'s features for one request, as
+    def gate_features(self, rendered: Rendered, gate: SafetyGate) -> torch.Tensor:
+        """``[1, F]``: ``gate``'s features for one rendered request, as
         :meth:`~acd_engine.engine.Engine.gate_features` reads them, from llama.cpp."""
         if self._gate_reader is None or self._gate_reader.layers != tuple(gate.layers):
             if self._gate_reader is not None:
@@ -359,7 +366,6 @@ class LlamaCppDecoder:
                 self.lib, self.model, gate.layers, self.n_ctx, self._ubatch, self._threads
             )
         rows = self.engine.rows
-        rendered = self.engine.render(messages)
         assert rendered.plain is not None
         span = pooled_span(gate.pooling, rows.request_tokens(rendered, {}))
         # the plain row's cut: the template's constant start is cached in the gate's context
@@ -379,8 +385,9 @@ class LlamaCppDecoder:
         """
         # the gate reads middle layers of a prefill of its own (llama.cpp's, stopped after
         # them), then routes as the engine does
-        cfg = routed_config(cfg, self.gate_verdict(messages, cfg))
-        yield from self._tokens(self.engine.render(messages), cfg, constraint)
+        rendered = self.engine.render(messages)
+        cfg = routed_config(cfg, self.gate_verdict(messages, cfg, rendered))
+        yield from self._tokens(rendered, cfg, constraint)
 
     def _tokens(
         self, rendered: Rendered, cfg: DecodingConfig, constraint: LogitsProcessorList | Any | None
@@ -442,9 +449,9 @@ class LlamaCppDecoder:
         tokens, finish reason, usage and the gate's verdict."""
         engine = self.engine
         with self._lock:
-            verdict = self.gate_verdict(messages, cfg)
-            routed = routed_config(cfg, verdict)
             rendered = engine.render(messages)
+            verdict = self.gate_verdict(messages, cfg, rendered)
+            routed = routed_config(cfg, verdict)
             answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
             for token in self._tokens(rendered, routed, None):
                 answer.push(token)
@@ -474,8 +481,9 @@ class LlamaCppDecoder:
         engine = self.engine
         cfg = config or engine.defaults
         with self._lock:
-            cfg = routed_config(cfg, self.gate_verdict(messages, cfg))
-            splits = engine.rows.row_splits(engine.render(messages), engine.plan(cfg), {})
+            rendered = engine.render(messages)
+            cfg = routed_config(cfg, self.gate_verdict(messages, cfg, rendered))
+            splits = engine.rows.row_splits(rendered, engine.plan(cfg), {})
             out = []
             for text in continuations:
                 ids = engine.encode_data(text)

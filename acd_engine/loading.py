@@ -17,7 +17,8 @@ import os
 import shutil
 import tempfile
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,14 +148,11 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = _file_sha256(gguf)[:20]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
     logger.info("converting %s to safetensors once (cached at %s)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with _staged_dir(target) as tmp:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
         model: Any = AutoModelForCausalLM.from_pretrained(
@@ -167,6 +165,23 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+    return target
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """Where the full conversion of ``gguf`` lives (named by its content hash)."""
+    return cache_dir() / "gguf" / f"{gguf.stem}-{_file_sha256(gguf)[:20]}"
+
+
+@contextmanager
+def _staged_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling of ``target`` to write a conversion into, renamed to ``target``
+    when the block ends without error and removed otherwise, so an interrupted conversion
+    never leaves a half-written cache entry that a later load would trust."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        yield tmp
         try:
             os.replace(tmp, target)  # a folder: acd_engine.atomic writes files, not folders
             fsync_dir(target.parent)
@@ -175,7 +190,6 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _gguf_layers_to_safetensors(gguf: Path, keep: int) -> Path:
@@ -200,8 +214,7 @@ def _gguf_layers_to_safetensors(gguf: Path, keep: int) -> Path:
         read_field,
     )
 
-    digest = _file_sha256(gguf)[:20]
-    full = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    full = _gguf_cache_dir(gguf)
     if (full / "config.json").is_file():
         return full
     target = full.with_name(f"{full.name}-layers{keep}")
@@ -210,9 +223,7 @@ def _gguf_layers_to_safetensors(gguf: Path, keep: int) -> Path:
     logger.info(
         "converting %s's first %d layers to safetensors (cached at %s)", gguf.name, keep, target
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with _staged_dir(target) as tmp:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         config = AutoConfig.from_pretrained(str(gguf.parent), **kwargs)
         if keep > config.num_hidden_layers:
@@ -243,14 +254,6 @@ def _gguf_layers_to_safetensors(gguf: Path, keep: int) -> Path:
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs).save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        except OSError:  # another process won the race; its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

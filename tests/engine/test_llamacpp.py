@@ -203,7 +203,7 @@ def test_the_gate_reads_llama_cpp_layers_as_the_engine_reads_its_own(engine, dec
         assert ours.flagged == theirs.flagged, text
         assert ours.score == pytest.approx(theirs.score, abs=GATE_SCORE_TOL), text
     ref = engine.gate_features(PROMPT, gate.layers, gate.pooling)  # [1, F]
-    got = decoder.gate_features(PROMPT, gate)
+    got = decoder.gate_features(engine.render(PROMPT), gate)
     assert got.shape == ref.shape
     cos = torch.nn.functional.cosine_similarity(got, ref).item()
     assert cos > 0.99
