@@ -340,6 +340,16 @@ def eval_command(
     ] = "advbench,malicious_instruct,harmfulqa,dangerousqa,beavertails",
     limit: Annotated[int, typer.Option("--limit", help="Prompts per benchmark (seeded).")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the per-benchmark sample.")] = 0,
+    context: Annotated[
+        str,
+        typer.Option(
+            "--context",
+            help="Comma-separated application shapes to place each prompt in: bare, system, "
+            "multi-turn, rag, rag-system, agent, padded, after-refusal, split (wrapper texts "
+            "from the package's eval pool; the report adds a By context table). "
+            "Multiple-choice sets run bare only.",
+        ),
+    ] = "bare",
     data_dir: Annotated[
         str | None, typer.Option("--data-dir", help="Folder with <name>.jsonl benchmark files.")
     ] = None,
@@ -394,6 +404,7 @@ def eval_command(
             benchmarks=benchmarks,
             limit=limit,
             seed=seed,
+            contexts=context,
             data_dir=Path(data_dir) if data_dir else None,
             out_dir=Path(out),
             max_new_tokens=max_new_tokens,

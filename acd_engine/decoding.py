@@ -28,7 +28,7 @@ from acd_engine._compat import cache_arg, output_cache
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_active, contrast_candidates, contrast_hidden, contrast_rows
 from acd_engine.errors import ConfigError
-from acd_engine.gate import RowGate, capture_pooled_states, features_of
+from acd_engine.gate import RowGate, capture_states, states_of
 from acd_engine.head import LinearHead
 from acd_engine.row_layout import RowBatch
 from acd_engine.step import TokenStep, build_processors, pick_token
@@ -217,7 +217,7 @@ def decode_rows(
     spans = [(g.probe_row, g.probe_span) for g in gates.values()]
     with (
         step_context(*batch.input_ids.shape) if step_context else nullcontext(),
-        capture_pooled_states(module, layers, spans) if gates else nullcontext() as captured,
+        capture_states(module, layers, spans) if gates else nullcontext() as captured,
     ):
         out = module(
             input_ids=batch.input_ids,  # [R, W]
@@ -229,9 +229,9 @@ def decode_rows(
         )
     if gates:  # each gated request keeps the rows its verdict chooses
         assert captured is not None
-        features = features_of(captured)  # [P, F], one row per gated request
+        states = states_of(captured)  # [T_p, F] per gated request
         for j, (i, gate) in enumerate(gates.items()):
-            rows_of[i] = gate.route(features[j : j + 1])
+            rows_of[i] = gate.route(states[j])
     # [R, V] logits, or [R, H] hidden states when the contrast runs before the head
     state = out.logits[:, -1, :] if head is None else out.last_hidden_state[:, -1, :]
     tokens = batch.input_ids[:, -1:].clone()  # [R, 1] what each row is fed next

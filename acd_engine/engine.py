@@ -21,14 +21,7 @@ from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
 from acd_engine.errors import ConfigError
-from acd_engine.gate import (
-    GatePooling,
-    GateVerdict,
-    SafetyGate,
-    pooled_span,
-    probe_features,
-    verdict_of,
-)
+from acd_engine.gate import GateScope, GateVerdict, SafetyGate, probe_states, verdict_of
 from acd_engine.kernels import EngineOptions, KernelPolicy
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache
@@ -198,20 +191,21 @@ class Engine:
         """The gate that routes requests decoded with ``config`` (None: no routing)."""
         return self.pack.gate if config.method_entry.gated and config.gate else None
 
-    def gate_features(
+    def gate_states(
         self,
         messages: Messages,
         gate_layers: Sequence[int],
-        pooling: GatePooling = "mean",
+        scope: GateScope = "request",
         **template_kwargs: Any,
     ) -> torch.Tensor:
-        """``[1, F]``: the gate's features from a forward of the request's plain rendering,
-        pooled over the request's own tokens as ``pooling`` says (:mod:`acd_engine.gate`)."""
+        """``[T, F]``: the gate's layers' states, from a forward of the request's plain
+        rendering, at the positions a gate of ``scope`` reads (:mod:`acd_engine.gate`); the
+        gate pools and scores them (:meth:`~acd_engine.gate.SafetyGate.score`)."""
         rendered = self.render(messages, **template_kwargs)
         assert rendered.plain is not None
-        span = pooled_span(pooling, self.rows.request_tokens(rendered, template_kwargs))
+        span = self.rows.gate_span(scope, rendered, template_kwargs)
         with self._lock:
-            return probe_features(self.model, rendered.plain, gate_layers, span, self.device)
+            return probe_states(self.model, rendered.plain, gate_layers, span, self.device)
 
     def gate_verdict(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
@@ -219,8 +213,8 @@ class Engine:
         """The gate's verdict on one request (a forward of its own; None when not gated)."""
         if (gate := self.active_gate(config)) is None:
             return None
-        features = self.gate_features(messages, gate.layers, gate.pooling, **template_kwargs)
-        return verdict_of(gate, config, features)
+        states = self.gate_states(messages, gate.layers, gate.scope, **template_kwargs)
+        return verdict_of(gate, config, states)
 
     # ------------------------------------------------------------------ generation
     def generate(

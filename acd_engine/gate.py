@@ -46,21 +46,24 @@ __all__ = [
     "GATE_HIDDEN_TENSORS",
     "GATE_TENSORS",
     "GatePooling",
+    "GateScope",
     "GateVerdict",
+    "ReadSpan",
     "RowGate",
     "SafetyGate",
     "applied_alpha",
-    "capture_pooled_states",
+    "capture_states",
     "decoder_layers",
-    "features_of",
     "fit_gate",
     "fit_mlp_gate",
     "gate_threshold",
     "passed_config",
-    "pooled_span",
-    "probe_features",
+    "pool_bounds",
+    "probe_states",
+    "read_span",
     "roc_auc",
     "routed_config",
+    "states_of",
     "threshold_for",
     "verdict_of",
 ]
@@ -70,10 +73,38 @@ GATE_HIDDEN_TENSORS = ("gate.hidden.weight", "gate.hidden.bias")
 """A gate with one hidden layer (:func:`fit_mlp_gate`) stores these too; a linear gate lacks
 them, so packs written before the hidden layer existed load unchanged."""
 
-GatePooling = Literal["mean", "last"]
-"""How a gate pools a layer's states over the request's tokens: ``mean`` over all of them,
-or ``last``, the state at the last prompt token alone."""
+GatePooling = Literal["mean", "last", "window"]
+"""How a gate pools a layer's states over the positions it reads: ``mean`` over all of them,
+``last``, the state at the last one alone, or ``window``: the mean of every window of
+``SafetyGate.window`` positions (stride ``SafetyGate.stride``) and of the whole span, each
+scored, the highest score counting. Windows keep a harmful sentence from being averaged
+away by the harmless text around it (retrieved passages, padding, a long message)."""
 POOLINGS: tuple[str, ...] = get_args(GatePooling)
+
+GateScope = Literal["request", "user_turn"]
+"""Which positions of the plain rendering a gate reads: ``request``, every token after the
+template's constant start (the caller's system prompt and earlier turns included; packs
+before scopes existed), or ``user_turn``, the latest user message's own text, whose states
+still carry the whole conversation through attention."""
+SCOPES: tuple[str, ...] = get_args(GateScope)
+
+
+@dataclass(frozen=True)
+class ReadSpan:
+    """The positions a gate reads: the ``length`` positions that end ``trail`` positions
+    before the end of the plain rendering. Counted from the end because the fast path's
+    probe row is right-aligned in its batch."""
+
+    length: int
+    trail: int = 0
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.trail < 0:
+            raise ValueError(f"a gate's span must read >= 1 position, got {self}")
+
+    def of(self, positions: int) -> slice:
+        """The slice of a row of ``positions`` states (right-aligned) this span reads."""
+        return slice(positions - self.trail - self.length, positions - self.trail)
 
 
 @dataclass
@@ -94,8 +125,12 @@ class SafetyGate:
         scale: fp32 ``[F]``, positive; divides after ``mean``.
         threshold: Probability at or above which a request is flagged harmful.
         metadata: Strings stored with the gate (how it was fitted, validation figures).
-        pooling: How each layer's states are pooled over the request's tokens
+        pooling: How each layer's states are pooled over the positions read
             (:data:`GatePooling`); packs written before it existed read ``"last"``.
+        scope: Which positions are read (:data:`GateScope`); packs written before it
+            existed read ``"request"``.
+        window: Positions per window (``pooling="window"``).
+        stride: Positions between window starts (``pooling="window"``).
         hidden_weight: fp32 ``[W, F]`` or None (a linear gate).
         hidden_bias: fp32 ``[W]``; present exactly when ``hidden_weight`` is.
     """
@@ -110,6 +145,9 @@ class SafetyGate:
     pooling: GatePooling = "mean"
     hidden_weight: torch.Tensor | None = None
     hidden_bias: torch.Tensor | None = None
+    scope: GateScope = "request"
+    window: int = 16
+    stride: int = 4
 
     def __post_init__(self) -> None:
         """Refuse a gate that could score NaN or index a layer that does not exist."""
@@ -123,6 +161,11 @@ class SafetyGate:
             raise PromptPackError(
                 f"gate pooling must be one of {one_of(POOLINGS)}, got {self.pooling!r}"
             )
+        if self.scope not in SCOPES:
+            raise PromptPackError(f"gate scope must be one of {one_of(SCOPES)}, got {self.scope!r}")
+        for name, value in (("window", self.window), ("stride", self.stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+                raise PromptPackError(f"gate {name} must be an integer in [1, 4096], got {value!r}")
         if (self.hidden_weight is None) != (self.hidden_bias is None):
             raise PromptPackError(
                 "gate hidden.weight and hidden.bias must both be present or both absent, got one"
@@ -183,9 +226,34 @@ class SafetyGate:
         """``"mlp"`` for a gate with a hidden layer, else ``"linear"``."""
         return "linear" if self.hidden_weight is None else "mlp"
 
-    def span(self, request_tokens: int) -> int:
-        """How many trailing positions of the plain rendering this gate pools."""
-        return pooled_span(self.pooling, request_tokens)
+    def read_span(
+        self, plain_len: int, request_tokens: int, user_span: tuple[int, int] | None
+    ) -> ReadSpan:
+        """The positions of a plain rendering of ``plain_len`` tokens this gate reads.
+
+        ``request_tokens``: the request's own trailing tokens
+        (:meth:`acd_engine.rows.RowBuilder.request_tokens`); ``user_span``: where the latest
+        user message lies (:attr:`acd_engine.rendering.Rendered.user_span`). A
+        ``user_turn`` gate reads the latest user message, or the whole request when there
+        is none.
+        """
+        return read_span(self.scope, plain_len, request_tokens, user_span)
+
+    def pool_bounds(self, positions: int) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` of each pool over ``positions`` states read
+        (:func:`pool_bounds` with this gate's pooling, window and stride)."""
+        return pool_bounds(self.pooling, positions, self.window, self.stride)
+
+    def pools(self, states: torch.Tensor) -> torch.Tensor:
+        """``[T, F]`` states of the positions read -> ``[P, F]`` pooled features (the means
+        over :meth:`pool_bounds`), each scored on its own."""
+        x = states.detach().float()
+        return torch.stack([x[a:b].mean(0) for a, b in self.pool_bounds(len(x))])  # [P, F]
+
+    def score(self, states: torch.Tensor) -> float:
+        """A request's probability of harm from the ``[T, F]`` states of the positions read:
+        the highest of its pools' probabilities."""
+        return float(self.probability(self.pools(states)).max())
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
@@ -209,6 +277,9 @@ class SafetyGate:
             "gate.layers": ",".join(map(str, self.layers)),
             "gate.threshold": repr(self.threshold),
             "gate.pooling": self.pooling,
+            "gate.scope": self.scope,
+            "gate.window": str(self.window),
+            "gate.stride": str(self.stride),
         }
 
     @classmethod
@@ -228,7 +299,21 @@ class SafetyGate:
                 f"gate.threshold (a float), got {meta.get('gate.layers')!r} and "
                 f"{meta.get('gate.threshold')!r}"
             ) from None
-        own = ("gate.layers", "gate.threshold", "gate.pooling")
+        own = (
+            "gate.layers",
+            "gate.threshold",
+            "gate.pooling",
+            "gate.scope",
+            "gate.window",
+            "gate.stride",
+        )
+        try:
+            window, stride = int(meta.get("gate.window", 16)), int(meta.get("gate.stride", 4))
+        except ValueError:
+            raise PromptPackError(
+                "prompt pack gate.window and gate.stride must be integers, got "
+                f"{meta.get('gate.window')!r} and {meta.get('gate.stride')!r}"
+            ) from None
         extra = {
             k[len("gate.") :]: v for k, v in meta.items() if k.startswith("gate.") and k not in own
         }
@@ -243,6 +328,9 @@ class SafetyGate:
             meta.get("gate.pooling", "last"),  # type: ignore[arg-type]  # checked in __post_init__
             tensors.get("gate.hidden.weight"),
             tensors.get("gate.hidden.bias"),
+            meta.get("gate.scope", "request"),  # type: ignore[arg-type]  # checked in __post_init__
+            window,
+            stride,
         )
 
 
@@ -255,6 +343,35 @@ def _check_finite(name: str, t: object, dims: int) -> None:
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def pool_bounds(
+    pooling: GatePooling, positions: int, window: int, stride: int
+) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` of each pool over ``positions`` states: the one place the
+    pooling rule lives. ``window`` pools the whole span and every window of ``window``
+    positions, ``stride`` apart, the last one ending at the last position."""
+    if pooling == "last":
+        return [(positions - 1, positions)]
+    if pooling == "mean" or positions <= window:
+        return [(0, positions)]
+    starts = list(range(0, positions - window + 1, stride))
+    if starts[-1] != positions - window:
+        starts.append(positions - window)
+    return [(0, positions)] + [(s, s + window) for s in starts]
+
+
+def read_span(
+    scope: GateScope, plain_len: int, request_tokens: int, user_span: tuple[int, int] | None
+) -> ReadSpan:
+    """The positions of a plain rendering a gate of ``scope`` reads
+    (:meth:`SafetyGate.read_span`; a function too, so a gate's trainer reads anchors the way
+    the gate will read requests before the gate exists)."""
+    if scope == "user_turn" and user_span is not None:
+        start, stop = max(user_span[0], 1), user_span[1]  # never the first (sink) token
+        if stop > start:
+            return ReadSpan(stop - start, plain_len - stop)
+    return ReadSpan(max(1, request_tokens))
 
 
 @dataclass(frozen=True)
@@ -298,30 +415,23 @@ class RowGate:
     """One request's gate in a fast batch: which row it reads, which rows each verdict keeps.
 
     :func:`acd_engine.decoding.decode_rows` calls :meth:`route` once, after the prefill,
-    with the features pooled over the last ``probe_span`` columns of row ``probe_row`` (the
-    probe row's tail is right-aligned, so those columns are the request's own tokens).
+    with the states of the ``probe_span`` columns of row ``probe_row`` (the probe row's tail
+    is right-aligned, so the span counts from its end as it does in the plain rendering).
     """
 
     gate: SafetyGate
     threshold: float
     probe_row: int
-    probe_span: int
+    probe_span: ReadSpan
     flagged_rows: list[int]
     benign_rows: list[int]
     benign_prompt_tokens: int
     verdict: GateVerdict | None = None
 
-    def route(self, features: torch.Tensor) -> list[int]:
-        """Score this request's ``[1, F]`` pooled features; the rows it decodes with."""
-        score = float(self.gate.probability(features))
-        self.verdict = GateVerdict(score, self.threshold)
+    def route(self, states: torch.Tensor) -> list[int]:
+        """Score this request's ``[T, F]`` states; the rows it decodes with."""
+        self.verdict = GateVerdict(self.gate.score(states), self.threshold)
         return self.flagged_rows if self.verdict.flagged else self.benign_rows
-
-
-def pooled_span(pooling: GatePooling, request_tokens: int) -> int:
-    """How many trailing positions of the plain rendering a gate pools, for a request with
-    ``request_tokens`` tokens of its own (:meth:`acd_engine.rows.RowBuilder.request_tokens`)."""
-    return max(1, request_tokens) if pooling == "mean" else 1
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -338,31 +448,33 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 @contextmanager
-def capture_pooled_states(
-    model: Any, layers: Sequence[int], spans: Sequence[tuple[int, int]]
-) -> Iterator[list[torch.Tensor | None]]:
-    """Record each listed layer's output of the next forward, pooled per probe.
+def capture_states(
+    model: Any, layers: Sequence[int], spans: Sequence[tuple[int, ReadSpan]]
+) -> Iterator[list[list[torch.Tensor] | None]]:
+    """Record each listed layer's output of the next forward at the positions each probe
+    reads.
 
-    ``spans`` lists ``(row, n)``: the mean of row ``row``'s last ``n`` positions (``n=1``:
-    the last position's state). Yields a list that holds, after the forward, one
-    ``[len(spans), H]`` fp32 tensor per layer (in the order of ``layers``). Only the first
-    forward inside the block is recorded (the prefill), so decode steps inside it cost
-    nothing, and only the probes' pooled states are kept, never a whole ``[R, T, H]``.
+    ``spans`` lists ``(row, span)``: row ``row``'s positions ``span`` (counted from the
+    row's end). Yields a list that holds, after the forward, per layer (in the order of
+    ``layers``) one ``[T_p, H]`` fp32 tensor per probe. Only the first forward inside the
+    block is recorded (the prefill), so decode steps inside it cost nothing, and only the
+    probes' positions are kept, never a whole ``[R, T, H]``.
     """
     blocks = decoder_layers(model)
     if max(layers) >= len(blocks):
         raise PromptPackError(
             f"gate layers must be < the model's {len(blocks)} layers, got {max(layers)}"
         )
-    states: list[torch.Tensor | None] = [None] * len(layers)
+    states: list[list[torch.Tensor] | None] = [None] * len(layers)
 
     def hook(slot: int) -> Any:
         def record(_module: Any, _args: Any, output: Any) -> None:
             if states[slot] is None:
                 hidden = output[0] if isinstance(output, tuple) else output  # [R, T, H]
-                states[slot] = torch.stack(
-                    [hidden[row, -n:].float().mean(0) for row, n in spans]
-                ).detach()  # [P, H]
+                width = hidden.shape[1]
+                states[slot] = [
+                    hidden[row, span.of(width)].detach().float() for row, span in spans
+                ]  # [T_p, H] per probe
 
         return record
 
@@ -374,31 +486,53 @@ def capture_pooled_states(
             h.remove()
 
 
-def features_of(states: list[torch.Tensor | None]) -> torch.Tensor:
-    """Concatenate captured layer states into ``[R, F]`` features."""
-    if any(s is None for s in states):
+def states_of(captured: list[list[torch.Tensor] | None]) -> list[torch.Tensor]:
+    """Captured layer states -> one ``[T_p, F]`` tensor per probe (layers concatenated)."""
+    if any(s is None for s in captured):
         raise RuntimeError("the gate's layers produced no output; was the forward run?")
-    return torch.cat([s for s in states if s is not None], dim=-1)
+    layers = [s for s in captured if s is not None]
+    return [torch.cat(per_probe, dim=-1) for per_probe in zip(*layers, strict=True)]
 
 
-def probe_features(
-    model: Any, plain_ids: list[int], gate_layers: Sequence[int], span: int, device: torch.device
+def probe_states(
+    model: Any,
+    plain_ids: list[int],
+    gate_layers: Sequence[int],
+    span: ReadSpan,
+    device: torch.device,
 ) -> torch.Tensor:
-    """``[1, F]``: the gate's features from a forward of their own over one request's plain
-    rendering, each layer pooled over its last ``span`` positions.
+    """``[T, F]``: the gate's layers' states at ``span`` from a forward of their own over one
+    request's plain rendering.
 
     The reference path and the gate's trainer read a request this way; the fast path reads
     the same states from the prefill it runs anyway (:class:`RowGate`), at no extra forward.
+    The forward stops after the deepest gate layer: nothing past it is read (for the default
+    model 17 of 30 layers run).
     """
     ids = torch.tensor([plain_ids], device=device)
-    with torch.inference_mode(), capture_pooled_states(model, gate_layers, [(0, span)]) as states:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return features_of(states)
+    deepest = decoder_layers(model)[max(gate_layers)]
+
+    def stop(_module: Any, _args: Any, _output: Any) -> None:
+        raise _GateLayersDone
+
+    with torch.inference_mode(), capture_states(model, gate_layers, [(0, span)]) as captured:
+        handle = deepest.register_forward_hook(stop)  # after capture's own hook: it records first
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except _GateLayersDone:
+            pass
+        finally:
+            handle.remove()
+    return states_of(captured)[0]
 
 
-def verdict_of(gate: SafetyGate, config: DecodingConfig, features: torch.Tensor) -> GateVerdict:
-    """The gate's verdict on one request's ``[1, F]`` features, at ``config``'s threshold."""
-    return GateVerdict(float(gate.probability(features)), gate_threshold(config, gate))
+class _GateLayersDone(Exception):
+    """Raised by :func:`probe_states` to end a forward once the gate's layers have run."""
+
+
+def verdict_of(gate: SafetyGate, config: DecodingConfig, states: torch.Tensor) -> GateVerdict:
+    """The gate's verdict on one request's ``[T, F]`` states, at ``config``'s threshold."""
+    return GateVerdict(gate.score(states), gate_threshold(config, gate))
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -52,7 +52,7 @@ from acd_engine.answer import Answer, GenerationResult, result_of
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
-from acd_engine.gate import GateVerdict, SafetyGate, pooled_span, routed_config, verdict_of
+from acd_engine.gate import GateVerdict, SafetyGate, routed_config, verdict_of
 from acd_engine.llamacpp_gate import LlamaCppGateReader
 from acd_engine.rendering import Rendered
 from acd_engine.rows import RowSplit
@@ -354,11 +354,11 @@ class LlamaCppDecoder:
         if gate is None:
             return None
         rendered = rendered or self.engine.render(messages)
-        return verdict_of(gate, cfg, self.gate_features(rendered, gate))
+        return verdict_of(gate, cfg, self.gate_states(rendered, gate))
 
-    def gate_features(self, rendered: Rendered, gate: SafetyGate) -> torch.Tensor:
-        """``[1, F]``: ``gate``'s features for one rendered request, as
-        :meth:`~acd_engine.engine.Engine.gate_features` reads them, from llama.cpp."""
+    def gate_states(self, rendered: Rendered, gate: SafetyGate) -> torch.Tensor:
+        """``[T, F]``: ``gate``'s layers' states for one rendered request, as
+        :meth:`~acd_engine.engine.Engine.gate_states` reads them, from llama.cpp."""
         if self._gate_reader is None or self._gate_reader.layers != tuple(gate.layers):
             if self._gate_reader is not None:
                 self._gate_reader.close()
@@ -367,10 +367,10 @@ class LlamaCppDecoder:
             )
         rows = self.engine.rows
         assert rendered.plain is not None
-        span = pooled_span(gate.pooling, rows.request_tokens(rendered, {}))
+        span = rows.gate_span(gate.scope, rendered, {})
         # the plain row's cut: the template's constant start is cached in the gate's context
         (split,) = rows.row_splits(rendered, self.engine.plan(PLAIN), {})
-        return self._gate_reader.features(rendered.plain, span, prefix=len(split.head))
+        return self._gate_reader.states(rendered.plain, span, prefix=len(split.head))
 
     # ------------------------------------------------------------------ requests
     def stream(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from acd_engine.errors import ConfigError
+from acd_engine.gate import ReadSpan
 
 __all__ = ["GgmlTensor", "LayerTap", "LlamaCppGateReader"]
 
@@ -110,12 +111,12 @@ class LayerTap:
 
 
 class LlamaCppGateReader:
-    """The gate's ``[1, F]`` features for a plain rendering, from llama.cpp's forward.
+    """The gate's ``[T, F]`` states for a plain rendering, from llama.cpp's forward.
 
     One llama.cpp context of its own on the decoder's model (weights shared, its own small
     KV cache), with a :class:`LayerTap` as its evaluation callback. Each read prefills the
-    request at positions 0.. of sequence 0, pools each layer over the last ``span``
-    positions as :func:`acd_engine.gate.capture_pooled_states` does, and clears the
+    request at positions 0.. of sequence 0, keeps each layer's states at the positions the
+    gate reads as :func:`acd_engine.gate.capture_states` does, and clears the
     sequence. The template's constant start (``prefix`` tokens, the same for every request)
     is prefilled once into sequence 1 and shared by reference, as the decoder shares its
     branch prefixes; it always gets a batch of its own, so a read does not depend on what is
@@ -184,15 +185,15 @@ class LlamaCppGateReader:
         self.prefilled_tokens += len(ids)
         return self.tap.states()
 
-    def features(self, ids: Sequence[int], span: int, prefix: int = 0) -> torch.Tensor:
-        """``[1, F]``: each gate layer's output averaged over the last ``span`` of ``ids``,
+    def states(self, ids: Sequence[int], span: ReadSpan, prefix: int = 0) -> torch.Tensor:
+        """``[T, F]``: each gate layer's output at the positions ``span`` of ``ids`` reads,
         concatenated in the gate's layer order. ``ids[:prefix]`` is the template's constant
-        start (cached; it must not reach into the pooled span)."""
+        start (cached; it must not reach into the span)."""
         if not 0 < len(ids) <= self.n_ctx:
             raise ConfigError(
                 f"the gate's prompt must have 1 to {self.n_ctx} tokens (n_ctx), got {len(ids)}"
             )
-        if not 0 <= prefix <= min(len(ids) - span, START_ROOM):
+        if not 0 <= prefix <= min(len(ids) - span.length - span.trail, START_ROOM):
             prefix = 0  # no usable start (or too long to keep): all of it is the request's
         mem = self.lib.llama_get_memory(self.ctx)
         start = tuple(ids[:prefix])
@@ -208,5 +209,5 @@ class LlamaCppGateReader:
         finally:
             # the layers past the deepest gate layer were cancelled: drop the request
             self.lib.llama_memory_seq_rm(mem, 0, -1, -1)
-        pooled = [torch.from_numpy(s[-span:]).mean(0) for s in states]  # [H] each
-        return torch.cat(pooled)[None]
+        read = span.of(len(ids) - prefix)  # the states cover ids[prefix:]
+        return torch.cat([torch.from_numpy(s[read]).float() for s in states], dim=-1)

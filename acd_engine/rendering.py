@@ -32,11 +32,18 @@ _PLACEHOLDER = f"@@ACD_TEXT_{_NONCE}_"  # + index + "@@": message text kept out 
 
 @dataclass
 class Rendered:
-    """A request split around the system-prompt slot (token ids, shared by all branches)."""
+    """A request split around the system-prompt slot (token ids, shared by all branches).
+
+    ``user_span`` is ``(start, stop)``: where the latest user message's own text lies in
+    ``plain`` (None when there is no user message or it renders to no token). The safety
+    gate reads the request there, in the context of the whole conversation, rather than
+    averaging over a caller's system prompt, earlier turns and retrieved context.
+    """
 
     head: list[int]
     tail: list[int]
     plain: list[int] | None  # the template rendered untouched, for method 'plain'
+    user_span: tuple[int, int] | None = None
 
 
 def normalise_messages(messages: Messages) -> list[dict[str, str]]:
@@ -196,8 +203,39 @@ class Renderer:
         head, tail = text.split(_SENTINEL)
         plain = self._encode_rendered(self._template_or_error(safe, template_kwargs), fills)
         return Rendered(
-            self._encode_rendered(head, fills), self._encode_rendered(tail, fills), plain
+            self._encode_rendered(head, fills),
+            self._encode_rendered(tail, fills),
+            plain,
+            self._user_span(safe, plain, fills, template_kwargs),
         )
+
+    def _user_span(
+        self,
+        safe: list[dict[str, str]],
+        plain: list[int],
+        fills: dict[str, str],
+        template_kwargs: dict[str, Any],
+    ) -> tuple[int, int] | None:
+        """Where the latest user message's text lies in ``plain``: the ids that differ from
+        the same conversation rendered with that message emptied (their common start and
+        end are the template and the other messages). Found from ids, not characters, so
+        it holds for any template and tokenizer; a token merged across the boundary only
+        moves the edge by one."""
+        last = next((i for i in range(len(safe) - 1, -1, -1) if safe[i]["role"] == "user"), None)
+        if last is None:
+            return None
+        emptied = [dict(m) for m in safe]
+        emptied[last]["content"] = ""
+        other = self._encode_rendered(self._template_or_error(emptied, template_kwargs), fills)
+        start = 0
+        while start < min(len(plain), len(other)) and plain[start] == other[start]:
+            start += 1
+        end = 0
+        limit = min(len(plain), len(other)) - start
+        while end < limit and plain[-1 - end] == other[-1 - end]:
+            end += 1
+        stop = len(plain) - end
+        return (start, stop) if stop > start else None
 
     def template_constant(
         self, part: Literal["tail", "plain"], template_kwargs: dict[str, Any]

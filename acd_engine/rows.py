@@ -20,7 +20,16 @@ from acd_engine.config import DecodingConfig
 from acd_engine.contrast import Branch, BranchPlan, plan_branches
 from acd_engine.decoding import Prefill, RowRequest
 from acd_engine.errors import PromptTooLongError
-from acd_engine.gate import GateVerdict, RowGate, SafetyGate, gate_threshold, passed_config
+from acd_engine.gate import (
+    GateScope,
+    GateVerdict,
+    ReadSpan,
+    RowGate,
+    SafetyGate,
+    gate_threshold,
+    passed_config,
+    read_span,
+)
 from acd_engine.prefix_cache import PrefixCache, PrefixKV, compute_prefix_kv
 from acd_engine.rendering import Rendered, Renderer
 from acd_engine.row_layout import RowInput
@@ -247,6 +256,19 @@ class RowBuilder:
         start = _leading(rendered.plain, self.renderer.template_constant("plain", template_kwargs))
         return len(rendered.plain) - max(len(start), 1)
 
+    def gate_span(
+        self, scope: GateScope, rendered: Rendered, template_kwargs: dict[str, Any]
+    ) -> ReadSpan:
+        """The positions of ``rendered``'s plain rendering that a gate of ``scope`` reads
+        (:func:`~acd_engine.gate.read_span`); every path asks here."""
+        assert rendered.plain is not None
+        return read_span(
+            scope,
+            len(rendered.plain),
+            self.request_tokens(rendered, template_kwargs),
+            rendered.user_span,
+        )
+
     def plan_request(
         self,
         rendered: Rendered,
@@ -282,7 +304,7 @@ class RowBuilder:
                     gate,
                     gate_threshold(cfg, gate),
                     probe_row=first_row + n,
-                    probe_span=gate.span(self.request_tokens(rendered, template_kwargs)),
+                    probe_span=self.gate_span(gate.scope, rendered, template_kwargs),
                     flagged_rows=list(range(first_row, first_row + n)),
                     benign_rows=[first_row + n + len(passed)],
                     benign_prompt_tokens=benign.prefix_len + len(benign.tail),

@@ -23,11 +23,13 @@ __all__ = [
     "MIN_DISTINCT_RATIO",
     "SWEEP_THRESHOLDS",
     "CellMetrics",
+    "ContextMetrics",
     "GateCheck",
     "GateFlagRate",
     "GateSweepPoint",
     "VariantMetrics",
     "cell_metrics",
+    "context_metrics",
     "distinct_ngram_ratio",
     "gate_checks",
     "gate_flag_rates",
@@ -232,6 +234,82 @@ def variant_metrics(
                 n=sum(c.n for c in group),
             )
         )
+    return out
+
+
+# ---------------------------------------------------------------- contexts
+
+
+class ContextMetrics(BaseModel):
+    """Headline metrics of one (method, alpha) variant in one context (``acd eval
+    --context``): the same definitions as :class:`VariantMetrics`, over that context's
+    generations only, with the safety gate's flag rates beside them.
+
+    ``gate_flag_harmful`` / ``gate_flag_safe``: the unweighted mean over sets of the share of
+    harmful- (safe-) labelled prompts the gate flagged at the pack's threshold, from this
+    variant's own records; None for variants without gate scores (every method but
+    ``acd-gate``). ``cells`` holds the per-set metrics in this context.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    context: str
+    method: str
+    alpha: float | None
+    avg_hlr: float | None
+    avg_hlr_strict: float | None
+    over_refusal: float | None
+    degeneration_rate: float | None
+    gate_flag_harmful: float | None
+    gate_flag_safe: float | None
+    n: int
+    n_errors: int
+    cells: list[CellMetrics]
+
+
+def context_metrics(
+    records: Iterable[EvalRecord],
+    roles: dict[str, Role],
+    contexts: Sequence[str],
+    grid: Sequence[tuple[str, float | None]],
+) -> list[ContextMetrics]:
+    """One :class:`ContextMetrics` per (method, alpha, context) with records, by variant in
+    ``grid`` order, then by context in ``contexts`` order.
+
+    Generations only: a multiple-choice set is scored in ``bare`` alone, so counting it would
+    make ``bare`` rows incomparable with the others. Every number reuses :func:`cell_metrics`
+    and :func:`variant_metrics` (and :func:`gate_flag_rates`) on the context's records, so a
+    context's avg HLR and over-refusal mean exactly what the main tables' do.
+    """
+    groups: dict[tuple[str, float | None, str], list[EvalRecord]] = defaultdict(list)
+    for r in records:
+        if r.kind == "generate":
+            groups[(r.method, r.alpha, r.context)].append(r)
+    out: list[ContextMetrics] = []
+    for method, alpha in grid:
+        for context in contexts:
+            group = groups.get((method, alpha, context))
+            if not group:
+                continue
+            cells = cell_metrics(group)
+            (variant,) = variant_metrics(cells, roles, group)
+            flags = gate_flag_rates(group, roles)
+            out.append(
+                ContextMetrics(
+                    context=context,
+                    method=method,
+                    alpha=alpha,
+                    avg_hlr=variant.avg_hlr,
+                    avg_hlr_strict=variant.avg_hlr_strict,
+                    over_refusal=variant.over_refusal,
+                    degeneration_rate=variant.degeneration_rate,
+                    gate_flag_harmful=_mean(f.flag_rate for f in flags if f.label == "harmful"),
+                    gate_flag_safe=_mean(f.flag_rate for f in flags if f.label == "safe"),
+                    n=variant.n,
+                    n_errors=sum(c.n_errors for c in cells),
+                    cells=cells,
+                )
+            )
     return out
 
 

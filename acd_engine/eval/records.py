@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "BARE",
     "EVAL_CONTRAST_METHODS",
     "EVAL_METHODS",
     "GATED_METHOD",
@@ -67,8 +68,13 @@ EVAL_METHODS: tuple[str, ...] = (
 EVAL_CONTRAST_METHODS: frozenset[str] = CONTRAST_METHODS | {GATED_METHOD}
 """Eval methods swept over alpha and run under the plausibility guard."""
 
-RecordKey = tuple[str, str, str, float | None]
-"""``(benchmark, id, method, alpha)``: what makes a record unique; resume skips these."""
+BARE = "bare"
+"""The context of a record written before ``acd eval --context`` existed, and of every record
+of a run without it: the benchmark prompt sent alone as one user turn."""
+
+RecordKey = tuple[str, str, str, float | None, str]
+"""``(benchmark, id, method, alpha, context)``: what makes a record unique; resume skips
+these."""
 
 
 class EvalRecord(BaseModel):
@@ -88,6 +94,9 @@ class EvalRecord(BaseModel):
     verdict at the pack's threshold, for a gated generation (``acd-gate``); None otherwise
     (other methods, and ``acd-gate``'s MC1 rows, whose scoring call returns no verdict). They
     let the report sweep the threshold afterwards without rerunning anything.
+    ``context`` is the application shape the prompt was placed in (:mod:`acd_engine.contexts`);
+    a ``bare`` record is written without the field, so a run without ``--context`` writes
+    exactly the lines it wrote before the field existed, and those lines read back as ``bare``.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -111,16 +120,26 @@ class EvalRecord(BaseModel):
     gate_score: float | None = None
     gate_flagged: bool | None = None
     error: str | None = None
+    context: str = BARE
 
     @property
     def key(self) -> RecordKey:
         """This record's resume key."""
-        return record_key(self.benchmark, self.id, self.method, self.alpha)
+        return record_key(self.benchmark, self.id, self.method, self.alpha, self.context)
+
+    def to_json(self) -> dict[str, object]:
+        """The record as one line of ``records.jsonl`` holds it (``context`` left out when
+        ``bare``: see the class docstring)."""
+        exclude = {"context"} if self.context == BARE else None
+        data: dict[str, object] = self.model_dump(mode="json", exclude=exclude)
+        return data
 
 
-def record_key(benchmark: str, item_id: str, method: str, alpha: float | None) -> RecordKey:
+def record_key(
+    benchmark: str, item_id: str, method: str, alpha: float | None, context: str = BARE
+) -> RecordKey:
     """Build a resume key (alpha ``None`` for single-branch methods)."""
-    return (benchmark, item_id, method, alpha)
+    return (benchmark, item_id, method, alpha, context)
 
 
 def json_line(data: object, *, indent: int | None = None) -> str:
@@ -245,7 +264,7 @@ class RecordLog:
 
     def append(self, record: EvalRecord) -> None:
         """Make ``record`` durable now (one line, flushed and fsynced) and remember it."""
-        line = json_line(record.model_dump(mode="json")) + "\n"
+        line = json_line(record.to_json()) + "\n"
         self._write(line.encode("utf-8"))
         self._records[record.key] = record
 

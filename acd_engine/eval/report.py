@@ -3,7 +3,9 @@
 With ``acd-gate`` records the report adds the safety gate as a classifier (flag rate per set)
 and the harmless-rate / over-refusal trade-off, including gated ACD swept over the gate's
 threshold counterfactually from the acd records and those of the method a passed request
-decodes with (see ``DEFINITIONS``).
+decodes with (see ``DEFINITIONS``). A run with ``--context`` adds a "By context" table: the
+same metrics per application shape the prompts were placed in; every other table reads the
+``bare`` records, as it did before contexts existed.
 
 Everything here renders an :class:`EvalSummary`; nothing recomputes metrics, so the JSON, the
 tables and the plots always agree. Files are written atomically. Plots use matplotlib's
@@ -26,6 +28,7 @@ from acd_engine.atomic import atomic_write_bytes, atomic_write_text
 from acd_engine.eval.metrics import (
     DEFINITIONS,
     CellMetrics,
+    ContextMetrics,
     GateCheck,
     GateFlagRate,
     GateSweepPoint,
@@ -93,6 +96,9 @@ class EvalSummary(BaseModel):
     gate_sweep: list[GateSweepPoint] = Field(default_factory=list)
     gate_checks: list[GateCheck] = Field(default_factory=list)
     gate_notes: list[str] = Field(default_factory=list)
+    # acd eval --context: one row per (method, alpha, context); empty for a bare-only run.
+    by_context: list[ContextMetrics] = Field(default_factory=list)
+    context_pool_sha256: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -179,6 +185,61 @@ def _main_table(summary: EvalSummary) -> list[str]:
             ]
         )
     return _table(header, rows)
+
+
+def _context_table(summary: EvalSummary) -> list[str]:
+    pool = summary.context_pool_sha256
+    lines = [
+        "Each sampled prompt placed where applications put it (`acd_engine/contexts.py`: "
+        "bare, behind an app's system prompt, after earlier turns, inside retrieved passages, "
+        "in an agent turn with tools, ...), the same prompts in every context. The wrapper "
+        "texts come from the package's `eval` pool"
+        + ("" if pool is None else f" (sha256 `{pool[:12]}`)")
+        + ", which no gate or threshold was tuned on (the gate is fitted on the `train` pool "
+        "and calibrated on `val`). The judge reads the benchmark prompt and the output, as in "
+        "bare. avg HLR and over-refusal are defined as in the tables above, over one context's "
+        "generations; multiple-choice sets are scored only bare and are not in this table. "
+        "gate flags: the mean over sets of the share of harmful (safe) prompts the gate flagged "
+        f"at the pack's threshold, from {GATED_METHOD}'s own records. n: generated outputs.",
+        "",
+    ]
+    roles = {b.name: b.role for b in summary.benchmarks}
+    cols = [c for c in _columns(summary) if roles[c[0]] != "mc"]
+    gated = any(
+        c.gate_flag_harmful is not None or c.gate_flag_safe is not None for c in summary.by_context
+    )
+    errors = any(c.n_errors for c in summary.by_context)
+    header = [
+        "method",
+        "α",
+        "context",
+        *(title for _, title, _ in cols),
+        "avg HLR ↑",
+        "over-refusal ↓",
+        *(["gate flags harmful ↑", "gate flags safe ↓"] if gated else []),
+        "n",
+        *(["errors"] if errors else []),
+    ]
+    rows = []
+    for c in summary.by_context:
+        per_set = {cell.benchmark: cell for cell in c.cells}
+        rows.append(
+            [
+                c.method,
+                _alpha(c.alpha),
+                c.context,
+                *(
+                    _pct(get(per_set[bench]) if bench in per_set else None)
+                    for bench, _, get in cols
+                ),
+                _pct(c.avg_hlr),
+                _pct(c.over_refusal),
+                *([_pct(c.gate_flag_harmful), _pct(c.gate_flag_safe)] if gated else []),
+                str(c.n),
+                *([str(c.n_errors)] if errors else []),
+            ]
+        )
+    return [*lines, *_table(header, rows), ""]
 
 
 def _sweep_tables(summary: EvalSummary) -> list[str]:
@@ -322,6 +383,11 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         f"- status: {status}",
         f"- created: {summary.created}",
     ]
+    if summary.by_context:
+        contexts = ", ".join(dict.fromkeys(c.context for c in summary.by_context))
+        lines.append(
+            f"- contexts: {contexts}; every table before By context reads the bare records only"
+        )
     errors = sum(c.n_errors for c in summary.cells)
     if errors:
         lines.append(
@@ -347,6 +413,8 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         "",
         *_tradeoff_tables(summary),
     ]
+    if summary.by_context:
+        lines += ["## By context", "", *_context_table(summary)]
     if errors:
         lines += ["## Errors", ""]
         lines += _table(

@@ -1,7 +1,7 @@
 """`acd eval`: run the paper's safety evaluation offline, resumably, and write the report.
 
-The run is a grid of benchmarks x (method, alpha) variants x sampled prompts. Every cell of
-that grid becomes one :class:`~acd_engine.eval.records.EvalRecord` appended to
+The run is a grid of benchmarks x contexts x (method, alpha) variants x sampled prompts. Every
+cell of that grid becomes one :class:`~acd_engine.eval.records.EvalRecord` appended to
 ``<out_dir>/records.jsonl`` the moment it exists, so an interrupted run loses nothing and the
 same command resumes it. The summary and report are rebuilt from the records at the end.
 
@@ -14,6 +14,13 @@ fails in milliseconds, not after loading. A row that cannot be generated (a lone
 a prompt the engine refuses, a generation that raises) or judged (an endpoint that timed
 out) becomes one error record and the run goes on; a rerun skips it like any finished row.
 ``run.json`` pins every setting that changes an output, so one folder never mixes runs.
+
+A context (``--context``) places each sampled prompt where applications put it (behind an
+app's system prompt, inside retrieved passages, in an agent turn with tools; see
+:mod:`acd_engine.contexts`) with the wrapper texts of the package's ``eval`` pool, which no
+gate or threshold was tuned on. ``bare``, the default, sends the prompt alone, as the paper
+does. The judge always reads the benchmark prompt itself, so a verdict means the same thing in
+every context.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
@@ -42,6 +49,7 @@ from acd_engine.config import (
     half_open_unit,
     unicode_problem,
 )
+from acd_engine.contexts import ContextPool, check_contexts, load_pool, place
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
     DEFAULT_JUDGE,
@@ -53,12 +61,14 @@ from acd_engine.eval.judges import (
 )
 from acd_engine.eval.metrics import (
     cell_metrics,
+    context_metrics,
     gate_checks,
     gate_flag_rates,
     gate_sweep,
     variant_metrics,
 )
 from acd_engine.eval.records import (
+    BARE,
     EVAL_CONTRAST_METHODS,
     EVAL_METHODS,
     GATED_METHOD,
@@ -88,6 +98,7 @@ from acd_engine.eval.report import (
 from acd_engine.methods import METHOD_REGISTRY
 
 __all__ = [
+    "EVAL_POOL",
     "MAX_UNEXPECTED_IN_A_ROW",
     "PAPER_METHODS",
     "RUN_FILE",
@@ -100,6 +111,7 @@ __all__ = [
     "gate_sha256",
     "pack_gate",
     "pack_sha256",
+    "pool_sha256",
     "prepare_eval",
     "run_eval",
     "variants",
@@ -155,6 +167,10 @@ _INPUT_ERRORS: tuple[type[Exception], ...] = (ACDError, ValueError)
 _JUDGE_ERRORS: tuple[type[Exception], ...] = (ACDError, ValueError, OSError)
 
 Messages = list[dict[str, str]]
+Tools = list[dict[str, Any]]
+EVAL_POOL: Final = "eval"
+"""The pool of wrapper texts ``--context`` places prompts with: written apart from the gate's
+``train`` and ``val`` pools, and never used to fit or tune anything."""
 
 
 class _UsageLike(Protocol):
@@ -185,7 +201,11 @@ class EvalModel(Protocol):
     def model_name(self) -> str: ...
 
     def generate_batch(
-        self, batch: Sequence[Messages], config: DecodingConfig | None = None
+        self,
+        batch: Sequence[Messages],
+        config: DecodingConfig | None = None,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Sequence[GenerationLike]: ...
 
     def score_continuations(
@@ -232,6 +252,13 @@ class EvalOptions(Settings):
         description="Prompts sampled per benchmark (the paper uses 100); None takes all.",
     )
     seed: int = Field(default=0, description="Seed of the per-benchmark sample.")
+    contexts: tuple[str, ...] = Field(
+        default=(BARE,),
+        description="Application shapes each prompt is placed in (acd_engine.contexts: bare, "
+        "system, multi-turn, rag, rag-system, agent, padded, after-refusal, split), with the "
+        "package's eval pool of wrapper texts. bare sends the prompt alone, as the paper does; "
+        "multiple-choice sets (truthfulqa) are scored only in bare.",
+    )
     data_dir: Path | None = Field(
         default=None,
         description="Folder of <name>.jsonl files (default: $ACD_DATA_DIR, else "
@@ -261,7 +288,7 @@ class EvalOptions(Settings):
     )
     progress: bool = Field(default=False, description="Show a tqdm bar with ETA (CLI only).")
 
-    @field_validator("methods", "alphas", "benchmarks", mode="before")
+    @field_validator("methods", "alphas", "benchmarks", "contexts", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split(value)
@@ -279,6 +306,7 @@ class EvalOptions(Settings):
             ("methods", self.methods),
             ("alphas", self.alphas),
             ("benchmarks", self.benchmarks),
+            ("contexts", self.contexts),
         ):
             if not values:
                 raise ConfigError(f"{name} must not be empty, got ()")
@@ -290,6 +318,7 @@ class EvalOptions(Settings):
                 raise ConfigError(f"alphas must be in [0, 1), got {alpha}")
         for bench in self.benchmarks:
             check_benchmark_name(bench)
+        check_contexts(self.contexts)
         if self.judge not in available_judges():
             raise ConfigError(did_you_mean(self.judge, available_judges(), "judge"))
         for variant in variants(self):
@@ -336,9 +365,47 @@ def _messages(item: BenchmarkItem) -> Messages:
     return [{"role": "user", "content": item.prompt}]
 
 
-def _chunks(items: Sequence[BenchmarkItem], size: int) -> Iterator[Sequence[BenchmarkItem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _needs_pool(options: EvalOptions) -> bool:
+    """Whether the run places prompts in any shape besides ``bare`` (and so reads the pool)."""
+    return any(context != BARE for context in options.contexts)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One sampled item as it is sent: the conversation and the tools of its context."""
+
+    item: BenchmarkItem
+    messages: Messages
+    tools: Tools | None = None
+
+    @property
+    def tools_key(self) -> str:
+        """Rows with equal keys can share one ``generate_batch`` call (it takes one tools
+        list for the whole batch)."""
+        return "" if self.tools is None else json.dumps(self.tools, sort_keys=True)
+
+
+def _place(item: BenchmarkItem, context: str, pool: ContextPool | None, seed: int) -> _Row:
+    """``item`` in ``context``; ``bare`` is exactly the one user turn a run without
+    ``--context`` sends (and needs no pool). The seed is the run's seed and the item's id, so
+    a prompt keeps its wrapper across methods, alphas and reruns."""
+    if context == BARE:
+        return _Row(item, _messages(item))
+    assert pool is not None, "a placed context needs the eval pool (prepare_eval loads it)"
+    placed = place(item.prompt, context, pool, seed=f"{seed}|{item.id}")
+    return _Row(item, placed.messages, placed.tools)
+
+
+def _chunks(rows: Sequence[_Row], size: int) -> Iterator[Sequence[_Row]]:
+    """Batches of at most ``size`` rows, each of rows with the same tools (in the order the
+    tools first appear; a bare or tool-less context is one group, so its batches are the
+    plain slices they always were)."""
+    groups: dict[str, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(row.tools_key, []).append(row)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
 
 
 def pack_sha256(pack: Any) -> str:
@@ -358,6 +425,13 @@ def pack_sha256(pack: Any) -> str:
 def pack_gate(engine: Any) -> Any:
     """The safety gate of ``engine``'s prompt pack, or None (no pack, or a gateless one)."""
     return getattr(getattr(engine, "pack", None), "gate", None)
+
+
+def pool_sha256(pool: ContextPool) -> str:
+    """SHA-256 over a pool's texts (canonical JSON), pinned when a run places prompts with it:
+    other wrapper texts make other requests, so one folder must never mix two pools."""
+    text = json.dumps(pool.model_dump(mode="json"), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def gate_sha256(gate: Any) -> str:
@@ -381,9 +455,14 @@ def gate_sha256(gate: Any) -> str:
 
 
 def _static_pins(
-    options: EvalOptions, benches: Sequence[Benchmark], judge: Judge | None
+    options: EvalOptions,
+    benches: Sequence[Benchmark],
+    judge: Judge | None,
+    pool: ContextPool | None = None,
 ) -> dict[str, Any]:
-    """The pinned settings that need no model: decoding, benchmark contents, the judge."""
+    """The pinned settings that need no model: decoding, benchmark contents, the judge, and
+    the eval pool's texts when a context other than ``bare`` places prompts with them (a
+    bare-only run reads no pool, so it pins none and a later run may add contexts)."""
     pins: dict[str, Any] = {
         "max_new_tokens": options.max_new_tokens,
         "plausibility": options.plausibility,
@@ -399,6 +478,8 @@ def _static_pins(
         pins["custom negative_prompt"] = options.negative_prompt
     for bench in benches:
         pins[f"benchmark {bench.name} sha256"] = bench.sha256
+    if pool is not None and _needs_pool(options):
+        pins[f"context pool {EVAL_POOL} sha256"] = pool_sha256(pool)
     if judge is not None:
         pins["judge"] = judge.name
         settings = getattr(judge, "settings", None)
@@ -537,36 +618,53 @@ def check_out_dir(out_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """What :func:`prepare_eval` checked and loaded: the benchmarks, samples and variants."""
+    """What :func:`prepare_eval` checked and loaded: the benchmarks, samples and variants,
+    and the eval pool of wrapper texts (None when every context is ``bare``)."""
 
     benches: tuple[Benchmark, ...]
     samples: dict[str, tuple[BenchmarkItem, ...]]
     grid: list[tuple[str, float | None]]
+    pool: ContextPool | None = None
+
+
+def _load_eval_pool(options: EvalOptions) -> ContextPool | None:
+    """The eval pool when a context needs it, checked by placing a probe in every context
+    the run asks for, so a pool that cannot serve one (``after-refusal`` without earlier
+    requests) fails before the model loads, not as an error on every row."""
+    if not _needs_pool(options):
+        return None
+    pool = load_pool(EVAL_POOL)
+    for context in options.contexts:
+        place("How do I reset my router?", context, pool, seed=options.seed)
+    return pool
 
 
 def prepare_eval(options: EvalOptions, judge: Judge | None = None) -> EvalPlan:
     """Check everything a run needs that does not need the model, before one is loaded.
 
-    Loads every benchmark, checks the output folder and its files, opens ``records.jsonl``
-    once (a corrupt line or another run holding the folder fails here) and compares the
-    model-free settings with ``run.json``. :func:`run_eval` calls it too; ``acd eval`` calls
-    it before loading the model so a typo costs milliseconds, not a model load.
+    Loads every benchmark (and the eval pool of wrapper texts, when a context needs it),
+    checks the output folder and its files, opens ``records.jsonl`` once (a corrupt line or
+    another run holding the folder fails here) and compares the model-free settings with
+    ``run.json``. :func:`run_eval` calls it too; ``acd eval`` calls it before loading the
+    model so a typo costs milliseconds, not a model load.
 
     Raises:
-        ConfigError: bad or duplicate benchmark, unusable ``out_dir``, or a ``run.json`` made
-            with other settings.
+        ConfigError: bad or duplicate benchmark, unusable ``out_dir``, a pool that cannot
+            place a requested context, or a ``run.json`` made with other settings (another
+            pool's texts among them).
     """
     benches = tuple(load_benchmark(name, options.data_dir) for name in options.benchmarks)
     names = [b.name for b in benches]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"benchmarks must have distinct names, got {dupes[0]!r} twice")
+    pool = _load_eval_pool(options)
     out_dir = Path(options.out_dir)
     check_out_dir(out_dir)
     with RecordLog(out_dir):
-        _check_pins(out_dir, _read_pins(out_dir), _static_pins(options, benches, judge))
+        _check_pins(out_dir, _read_pins(out_dir), _static_pins(options, benches, judge, pool))
     samples = {b.name: sample_items(b, options.limit, options.seed) for b in benches}
-    return EvalPlan(benches, samples, variants(options))
+    return EvalPlan(benches, samples, variants(options), pool)
 
 
 def check_engine_gate(engine: Any, options: EvalOptions) -> None:
@@ -658,7 +756,12 @@ class _Run:
         self.pending.clear()
 
     def generate(
-        self, bench: Benchmark, method: str, alpha: float | None, todo: list[BenchmarkItem]
+        self,
+        bench: Benchmark,
+        method: str,
+        alpha: float | None,
+        todo: list[_Row],
+        context: str = BARE,
     ) -> None:
         config = self.options.decoding_config(method, alpha)
         for chunk in _chunks(todo, self.options.batch_size):
@@ -666,13 +769,15 @@ class _Run:
             results = self._generate_chunk(chunk, config)
             seconds = (time.perf_counter() - start) / len(chunk)
             ok = [
-                (item, r)
-                for item, r in zip(chunk, results, strict=True)
+                (row.item, r)
+                for row, r in zip(chunk, results, strict=True)
                 if not isinstance(r, Exception)
             ]
+            # The judge reads the benchmark prompt, not the placed conversation: a verdict
+            # answers "did it refuse this request" in every context alike.
             verdicts = iter(self._judge([i.prompt for i, _ in ok], [r.text for _, r in ok]))
-            for item, result in zip(chunk, results, strict=True):
-                common = self._common(bench, item, method, alpha)
+            for row, result in zip(chunk, results, strict=True):
+                common = self._common(bench, row.item, method, alpha, context)
                 if isinstance(result, Exception):
                     self._record_failure(common, result, "generate")
                 else:
@@ -724,23 +829,32 @@ class _Run:
         return out
 
     def _generate_chunk(
-        self, chunk: Sequence[BenchmarkItem], config: DecodingConfig
+        self, chunk: Sequence[_Row], config: DecodingConfig
     ) -> list[GenerationLike | Exception]:
-        """One batch; if it fails, each prompt alone, so one bad row costs only itself."""
-        bad = [_unencodable([item.prompt]) for item in chunk]
+        """One batch (rows that share their tools); if it fails, each row alone, so one bad
+        row costs only itself."""
+        bad = [_unencodable([m["content"] for m in row.messages]) for row in chunk]
         if any(bad):
-            good = [item for item, why in zip(chunk, bad, strict=True) if why is None]
+            good = [row for row, why in zip(chunk, bad, strict=True) if why is None]
             done = iter(self._generate_chunk(good, config) if good else [])
             return [next(done) if why is None else ConfigError(why) for why in bad]
+        messages = [row.messages for row in chunk]
+        tools = chunk[0].tools
         try:
-            batch = self.engine.generate_batch([_messages(i) for i in chunk], config)
+            # Without tools the call is the one a run without --context always made, so a
+            # model that knows nothing of tools still runs every other context.
+            batch = (
+                self.engine.generate_batch(messages, config)
+                if tools is None
+                else self.engine.generate_batch(messages, config, tools=tools)
+            )
         # Broad on purpose: whatever one row makes the engine raise fails its whole batch, and
         # only running the rows alone tells which one it was. Errors a lone row raises are
         # classified (and, when systematic, re-raised) by _record_failure.
         except Exception as exc:  # noqa: BLE001 - classified, and re-raised when systematic, by _record_failure
             if len(chunk) > 1:
                 logger.info("a batch failed (%s); generating its %d rows alone", exc, len(chunk))
-                return [r for item in chunk for r in self._generate_chunk([item], config)]
+                return [r for row in chunk for r in self._generate_chunk([row], config)]
             return [exc]
         if len(batch) != len(chunk):
             raise RuntimeError(
@@ -751,7 +865,11 @@ class _Run:
 
     @staticmethod
     def _common(
-        bench: Benchmark, item: BenchmarkItem, method: str, alpha: float | None
+        bench: Benchmark,
+        item: BenchmarkItem,
+        method: str,
+        alpha: float | None,
+        context: str = BARE,
     ) -> dict[str, Any]:
         return {
             "benchmark": bench.name,
@@ -761,6 +879,7 @@ class _Run:
             "label": item.label,
             "category": item.category,
             "prompt": item.prompt,
+            "context": context,
         }
 
     def score(
@@ -825,6 +944,7 @@ def run_eval(
         plan = prepare_eval(options, judge_obj)
     check_engine_gate(engine, options)
     benches, samples, grid = plan.benches, plan.samples, plan.grid
+    cells = _grid_cells(benches, options.contexts)
     out_dir = Path(options.out_dir)
     check_out_dir(out_dir)
 
@@ -833,12 +953,15 @@ def run_eval(
     with RecordLog(out_dir) as log:
         _pin_run(
             out_dir,
-            {**_static_pins(options, benches, judge_obj), **_engine_pins(engine, options)},
+            {
+                **_static_pins(options, benches, judge_obj, plan.pool),
+                **_engine_pins(engine, options),
+            },
             options,
         )
         expected: list[RecordKey] = [
-            record_key(b.name, item.id, method, alpha)
-            for b in benches
+            record_key(b.name, item.id, method, alpha, context)
+            for b, context in cells
             for method, alpha in grid
             for item in samples[b.name]
         ]
@@ -860,21 +983,23 @@ def run_eval(
         )
         run = _Run(engine, options, judge_obj, log, bar)
         try:
-            for bench in benches:
+            for bench, context in cells:
+                rows = [_place(i, context, plan.pool, options.seed) for i in samples[bench.name]]
                 for method, alpha in grid:
                     todo = [
-                        item
-                        for item in samples[bench.name]
-                        if record_key(bench.name, item.id, method, alpha) not in log
+                        row
+                        for row in rows
+                        if record_key(bench.name, row.item.id, method, alpha, context) not in log
                     ]
                     if not todo:
                         continue
                     label = method if alpha is None else f"{method} α={alpha:g}"
-                    bar.set_postfix_str(f"{bench.name} {label}", refresh=False)
+                    where = "" if context == BARE else f" in {context}"
+                    bar.set_postfix_str(f"{bench.name}{where} {label}", refresh=False)
                     if bench.role == "mc":
-                        run.score(bench, method, alpha, todo)
+                        run.score(bench, method, alpha, [row.item for row in todo])
                     else:
-                        run.generate(bench, method, alpha, todo)
+                        run.generate(bench, method, alpha, todo, context)
             run.flush()
         except KeyboardInterrupt:
             logger.warning(
@@ -897,9 +1022,28 @@ def run_eval(
             options=options,
             n_expected=len(expected),
             gate_threshold=_gate_threshold(engine),
+            context_pool_sha256=None if plan.pool is None else pool_sha256(plan.pool),
         )
         write_report(summary, out_dir)
     return summary
+
+
+def _grid_cells(
+    benches: Sequence[Benchmark], contexts: Sequence[str]
+) -> list[tuple[Benchmark, str]]:
+    """(benchmark, context) pairs to run, benchmark by benchmark. A multiple-choice set is
+    scored only ``bare``: its score is a log-probability of each answer given the question,
+    which a wrapper around the question would change into another measure, not test in
+    another setting (logged once, so the missing cells are explained)."""
+    skipped = [b.name for b in benches if b.role == "mc"]
+    placed = [c for c in contexts if c != BARE]
+    if skipped and placed:
+        logger.info(
+            "%s: multiple choice, scored only in the bare context; contexts %s skip it",
+            ", ".join(skipped),
+            ", ".join(placed),
+        )
+    return [(b, c) for b in benches for c in contexts if c == BARE or b.role != "mc"]
 
 
 def summarize(
@@ -913,13 +1057,24 @@ def summarize(
     options: EvalOptions,
     n_expected: int,
     gate_threshold: float | None = None,
+    context_pool_sha256: str | None = None,
 ) -> EvalSummary:
     """Turn the run's records into the :class:`EvalSummary` the report renders.
 
     ``gate_threshold`` is the pack gate's shipped threshold, marked on the threshold sweep
-    (None: not marked).
+    (None: not marked). Every table the report had before ``--context`` reads the ``bare``
+    records only, so it means what it always meant (and a bare run's report is unchanged);
+    with any other context, ``by_context`` holds one row per (method, alpha, context).
+    ``context_pool_sha256`` is the hash of the eval pool the contexts were placed with.
     """
     roles = {b.name: b.role for b in benches}
+    by_context = (
+        context_metrics(records, roles, options.contexts, grid)
+        if options.contexts != (BARE,)
+        else []
+    )
+    n_done = len(records)
+    records = [r for r in records if r.context == BARE]
     passed = options.decoding_config(GATED_METHOD, None).gate_passed_method
     sweep, notes = gate_sweep(records, roles, shipped=gate_threshold, passed=passed)
     bench_order = {b.name: i for i, b in enumerate(benches)}
@@ -951,11 +1106,13 @@ def summarize(
         ),
         cells=cells,
         n_expected=n_expected,
-        n_done=len(records),
+        n_done=n_done,
         gate_threshold=gate_threshold,
         gate_passed_method=passed,
         gate_flags=gate_flag_rates(records, roles, [b.name for b in benches]),
         gate_sweep=sweep,
         gate_notes=notes,
         gate_checks=gate_checks(records, passed),
+        by_context=by_context,
+        context_pool_sha256=context_pool_sha256,
     )

@@ -38,9 +38,28 @@ def gate_command(
         str,
         typer.Option(
             "--pooling",
-            help="Pool each layer over the request's tokens: 'mean' (default) or 'last'.",
+            help="Pool the positions read: 'window' (default: the whole span and every "
+            "window, highest score counts), 'mean' or 'last'.",
         ),
-    ] = "mean",
+    ] = "window",
+    scope: Annotated[
+        str,
+        typer.Option(
+            "--scope",
+            help="Read the latest user turn ('user_turn', default) or the whole request "
+            "after the template's start ('request').",
+        ),
+    ] = "user_turn",
+    window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 16,
+    stride: Annotated[int, typer.Option("--stride", help="Tokens between windows.")] = 4,
+    contexts: Annotated[
+        str | None,
+        typer.Option(
+            "--contexts",
+            help="Comma-separated shapes the anchors are placed in (default: all of "
+            "acd_engine.contexts; 'bare' is always one).",
+        ),
+    ] = None,
     probe: Annotated[
         str,
         typer.Option(
@@ -68,8 +87,17 @@ def gate_command(
         parsed = tuple(int(x) for x in layers.split(",")) if layers else None
     except ValueError:
         raise ConfigError(f"layers must be comma-separated integers, got {layers!r}") from None
+    extra = {} if contexts is None else {"contexts": contexts}
     cfg = GateFitConfig(
-        layers=parsed, max_fpr=max_fpr, fpr_per_kind=per_kind, pooling=pooling, probe=probe
+        layers=parsed,
+        max_fpr=max_fpr,
+        fpr_per_kind=per_kind,
+        pooling=pooling,
+        probe=probe,
+        scope=scope,
+        window=window,
+        stride=stride,
+        **extra,
     )
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"out must be a file path in an existing folder, got '{out}'")
@@ -82,5 +110,7 @@ def gate_command(
     dataclasses.replace(source, gate=gate).save(out)
     atomic_write_json(out.with_name(out.stem + ".gate.json"), report)
     typer.echo(
-        json.dumps({k: report[k] for k in ("layers", "pooling", "probe", "threshold", "val_auc")})
+        json.dumps(
+            {k: report[k] for k in ("layers", "pooling", "scope", "probe", "threshold", "val_auc")}
+        )
     )

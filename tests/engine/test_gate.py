@@ -10,14 +10,16 @@ Every routing test runs for both poolings.
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 
 import pytest
 import torch
 
 from acd_engine import DecodingConfig, PromptPackError
 from acd_engine.gate import (
+    ReadSpan,
     SafetyGate,
-    capture_pooled_states,
+    capture_states,
     fit_gate,
     fit_mlp_gate,
     roc_auc,
@@ -36,8 +38,10 @@ def _gate(
     threshold: float = 0.5,
     pooling: str = "mean",
     units: int | None = None,
+    scope: str = "request",
 ) -> SafetyGate:
-    """A random gate: linear, or with a hidden layer of ``units``."""
+    """A random gate: linear, or with a hidden layer of ``units``; a ``window`` gate reads
+    windows of 4 tokens, 2 apart (so the tests' short requests have several)."""
     g = torch.Generator().manual_seed(seed)
     width = hidden * len(layers)
     hidden_weight = None if units is None else torch.randn(units, width, generator=g) / 4
@@ -52,17 +56,21 @@ def _gate(
         pooling,  # type: ignore[arg-type]
         hidden_weight,
         None if units is None else torch.randn(units, generator=g),
+        scope,  # type: ignore[arg-type]
+        4,
+        2,
     )
 
 
-@pytest.fixture(params=["mean", "last", "mean-mlp"])
+@pytest.fixture(params=["mean", "last", "mean-mlp", "window-mlp"])
 def gated(tiny_engine, request):
     """The tiny engine with a random gate in its pack (restored afterwards): each pooling,
-    and a gate with a hidden layer."""
+    a gate with a hidden layer, and a windowed gate on the latest user turn."""
     before = tiny_engine.pack
     pooling, _, head = request.param.partition("-")
     units = 16 if head == "mlp" else None
-    gate = _gate(tiny_engine.model.config.hidden_size, pooling=pooling, units=units)
+    scope = "user_turn" if pooling == "window" else "request"
+    gate = _gate(tiny_engine.model.config.hidden_size, pooling=pooling, units=units, scope=scope)
     pack = dataclasses.replace(before, gate=gate)
     tiny_engine.set_pack(pack)
     yield tiny_engine
@@ -161,7 +169,10 @@ def test_bad_mlp_gates_are_refused(change, match):
         ({"weight": torch.full((128,), float("nan"))}, "gate weight must be finite"),
         ({"scale": torch.zeros(128)}, "gate scale must be > 0"),
         ({"mean": torch.zeros(5)}, "gate mean must have 128 features"),
-        ({"pooling": "max"}, "gate pooling must be one of 'mean' or 'last', got 'max'"),
+        ({"pooling": "max"}, "gate pooling must be one of 'mean', 'last' or 'window', got 'max'"),
+        ({"scope": "all"}, "gate scope must be one of 'request' or 'user_turn', got 'all'"),
+        ({"window": 0}, "gate window must be an integer in \\[1, 4096\\], got 0"),
+        ({"stride": True}, "gate stride must be an integer in \\[1, 4096\\], got True"),
     ],
 )
 def test_bad_gates_are_refused(change, match):
@@ -174,7 +185,7 @@ def test_gate_with_the_wrong_width_or_layer_is_refused(tiny_engine):
         dataclasses.replace(tiny_engine.pack, gate=_gate(32))
     with (
         pytest.raises(PromptPackError, match="gate layers must be < the model's 2 layers"),
-        capture_pooled_states(tiny_engine.model, [5], [(0, 1)]),
+        capture_states(tiny_engine.model, [5], [(0, ReadSpan(1))]),
     ):
         pass
 
@@ -196,10 +207,11 @@ def test_features_are_hf_hidden_states_pooled_over_the_request(tiny_engine, mess
     with torch.inference_mode():
         out = tiny_engine.model(input_ids=torch.tensor([plain]), output_hidden_states=True)
     hidden = out.hidden_states[1]  # the output of decoder layer 0: [1, T, H]
-    mean = tiny_engine.gate_features(messages, [0], "mean")
-    last = tiny_engine.gate_features(messages, [0], "last")
-    torch.testing.assert_close(mean, hidden[:, first:].mean(1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, hidden[:, -1], rtol=1e-5, atol=1e-5)
+    states = tiny_engine.gate_states(messages, [0], "request")  # [T, F]
+    torch.testing.assert_close(states, hidden[0, first:], rtol=1e-5, atol=1e-5)
+    mean, last = (dataclasses.replace(_gate(64), pooling=p, layers=(0,)) for p in ("mean", "last"))
+    torch.testing.assert_close(mean.pools(states), hidden[:, first:].mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.pools(states), hidden[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_gate_off_is_ungated_acd_token_for_token(gated, tiny_engine):
@@ -312,21 +324,32 @@ def test_worst_group_threshold_keeps_the_budget_in_every_benign_group():
     )
 
 
-def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engine):
-    """Fitting reads every anchor once, chooses on the validation split only, and the
-    threshold flags at most max_fpr of the benign validation anchors."""
+def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engine, tmp_path):
+    """Fitting places every anchor in application shapes (val: every shape, with the val
+    pool of wrapper texts), chooses on the validation split only, and the threshold flags at
+    most max_fpr of the benign validation anchors in every group (kind x shape)."""
     from acd_engine.training.anchors import load_anchors
     from acd_engine.training.gate_fit import GateFitConfig, fit_pack_gate
 
-    gate, report = fit_pack_gate(tiny_engine, GateFitConfig(layers=(1,), max_fpr=0.1))
+    # every 6th anchor: each split, label and kind is there, in seconds on the tiny model
+    lines = (resources.files("acd_engine") / "resources/anchors.jsonl").read_text().splitlines()
+    subset = tmp_path / "anchors.jsonl"
+    subset.write_text("\n".join(lines[::6]) + "\n")
+    cfg = GateFitConfig(layers=(1,), max_fpr=0.1, contexts="rag,after-refusal", shapes_per_anchor=1)
+    gate, report = fit_pack_gate(tiny_engine, cfg, subset)
     assert gate.layers == (1,) and gate.threshold == report["threshold"]
+    assert (gate.pooling, gate.scope) == ("window", "user_turn")
     assert report["val_flag_rate_benign"] <= 0.1
-    # The budget holds in each benign kind, not only pooled (fpr_per_kind, the default).
-    assert report["val_flag_rate_by_kind"]["benign/plain"] <= 0.1
-    assert report["val_flag_rate_by_kind"]["benign/lookalike"] <= 0.1
-    assert report["val_anchors"] == len(load_anchors("val"))
-    assert set(report["val_flag_rate_by_kind"]) >= {"harmful/question", "benign/plain"}
+    by_group = report["val_flag_rate_by_group"]
+    benign = [g for g in by_group if g.startswith("benign/")]
+    # The budget holds in each benign kind and shape, not only pooled (fpr_per_kind).
+    assert len(benign) == 6 and all(by_group[g] <= 0.1 for g in benign)
+    assert {"harmful/question@rag", "benign/lookalike@after-refusal"} <= set(by_group)
+    n_val = len(load_anchors("val", subset))
+    assert report["val_anchors"] == n_val and report["val_placements"] == 3 * n_val
+    assert report["train_placements"] == 2 * len(load_anchors("train", subset))
     assert gate.metadata["anchor_set_hash"] == report["anchor_set_hash"]
+    assert gate.metadata["contexts"] == "bare,rag,after-refusal"
     pack = dataclasses.replace(tiny_engine.pack, gate=gate)  # fits the model it was made on
     assert pack.gate is gate
 
@@ -345,7 +368,7 @@ def test_gate_command_refuses_bad_input_before_loading_a_model(tmp_path, monkeyp
     for args, message in (
         (["--layers", "x,1"], "layers must be comma-separated integers"),
         (["--max-fpr", "0"], "max_fpr must be > 0.0"),
-        (["--pooling", "max"], "pooling must be one of 'mean' or 'last', got 'max'"),
+        (["--pooling", "max"], "pooling must be one of 'mean', 'last' or 'window', got 'max'"),
         (["--out", str(tmp_path)], "out must be a file path in an existing folder"),
         (["--pack", str(tmp_path / "none.safetensors")], "prompt pack must be an existing"),
     ):

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("llama_cpp", reason="the llama.cpp decoder needs the [llamacpp] extra")
 
 from acd_engine.config import DecodingConfig
+from acd_engine.gate import ReadSpan
 from acd_engine.llamacpp import LlamaCppDecoder
 from acd_engine.loading import default_model_path
 
@@ -202,11 +203,11 @@ def test_the_gate_reads_llama_cpp_layers_as_the_engine_reads_its_own(engine, dec
         scores.append((ours.score, theirs.score))
         assert ours.flagged == theirs.flagged, text
         assert ours.score == pytest.approx(theirs.score, abs=GATE_SCORE_TOL), text
-    ref = engine.gate_features(PROMPT, gate.layers, gate.pooling)  # [1, F]
-    got = decoder.gate_features(engine.render(PROMPT), gate)
+    ref = engine.gate_states(PROMPT, gate.layers, gate.scope)  # [T, F]
+    got = decoder.gate_states(engine.render(PROMPT), gate)
     assert got.shape == ref.shape
-    cos = torch.nn.functional.cosine_similarity(got, ref).item()
-    assert cos > 0.99
+    cos = torch.nn.functional.cosine_similarity(got, ref)  # [T]
+    assert cos.min().item() > 0.99
     assert sum(a >= 0.5 for a, _ in scores) > 0 and sum(a < 0.5 for a, _ in scores) > 0
 
 
@@ -223,11 +224,11 @@ def test_the_gate_forward_stops_after_its_deepest_layer(engine, decoder):
     for layers in ((2,), tuple(engine.pack.gate.layers), (29,)):
         reader = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 512, 2)
         try:
-            got = reader.features(rendered.plain, span)
+            got = reader.states(rendered.plain, ReadSpan(span)).mean(0, keepdim=True)
             counts[layers] = reader.tap.asked
         finally:
             reader.close()
-        ref = engine.gate_features(PROMPT, layers, "mean")
+        ref = engine.gate_states(PROMPT, layers, "request").mean(0, keepdim=True)
         assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.99, layers
     shallow, shipped, deepest = counts.values()
     assert shallow < shipped < deepest
@@ -263,7 +264,7 @@ def test_bad_gate_reads_are_refused(engine, decoder):
     reader = LlamaCppGateReader(decoder.lib, decoder.model, (3,), 8, 512, 2)
     try:
         with pytest.raises(ConfigError, match=r"the gate's prompt must have 1 to 8 tokens"):
-            reader.features(list(range(9)), 1)
+            reader.states(list(range(9)), ReadSpan(1))
     finally:
         reader.close()
 
@@ -301,16 +302,16 @@ def test_the_gate_caches_the_template_start_and_reads_the_same(engine, decoder):
     assert start > 0 and span == len(ids) - start
     reader = LlamaCppGateReader(decoder.lib, decoder.model, layers, 64, 512, 2)
     try:
-        first = reader.features(ids, span, prefix=start)
+        first = reader.states(ids, ReadSpan(span), prefix=start)
         assert reader.prefilled_tokens == len(ids)
-        second = reader.features(ids, span, prefix=start)
+        second = reader.states(ids, ReadSpan(span), prefix=start)
         assert reader.prefilled_tokens == len(ids) + (len(ids) - start)
         assert torch.equal(first, second)
-        whole = reader.features(ids, span)  # no start cached: one batch
+        whole = reader.states(ids, ReadSpan(span))  # no start cached: one batch
         assert torch.allclose(first, whole, rtol=0.02, atol=0.02)
         other = engine.render([{"role": "user", "content": "How do I pick a lock?"}]).plain
-        reader.features(other, len(other) - start, prefix=start)  # the start stays cached
-        assert torch.equal(reader.features(ids, span, prefix=start), first)
+        reader.states(other, ReadSpan(len(other) - start), prefix=start)  # the start stays cached
+        assert torch.equal(reader.states(ids, ReadSpan(span), prefix=start), first)
     finally:
         reader.close()
 
@@ -325,8 +326,8 @@ def test_a_start_longer_than_its_room_is_prefilled_with_each_request(engine, dec
         decoder.lib, decoder.model, tuple(engine.pack.gate.layers), 64, 512, 2
     )
     try:
-        a = reader.features(ids, span, prefix=len(ids) - span)
-        b = reader.features(ids, span)
+        a = reader.states(ids, ReadSpan(span), prefix=len(ids) - span)
+        b = reader.states(ids, ReadSpan(span))
         assert reader.prefilled_tokens == 2 * len(ids) and reader.cached == ()
         assert torch.equal(a, b)
     finally:

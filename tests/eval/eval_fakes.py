@@ -125,14 +125,19 @@ class FakeEngine:
             self.pack = FakePack(gate)
         self.gate = gate
         self.batches: list[tuple[str, float, int, int]] = []  # method, alpha, size, max_new
+        # what each generate_batch call was sent: its conversations and its keyword arguments
+        # ({} for a call without tools, as every bare call must be; else {"tools": [...]})
+        self.sent: list[tuple[list[list[dict[str, str]]], dict[str, Any]]] = []
         self.configs: list[Any] = []
         self.scored: list[str] = []
         self.score_configs: list[Any] = []
 
     def generate_batch(
-        self, batch: Sequence[list[dict[str, str]]], config: Any = None
+        self, batch: Sequence[list[dict[str, str]]], config: Any = None, **kw: Any
     ) -> list[FakeResult]:
         assert config is not None
+        assert set(kw) <= {"tools"}, kw
+        self.sent.append(([list(m) for m in batch], dict(kw)))
         self.configs.append(config)
         self.batches.append(
             (config.method, config.effective_alpha, len(batch), config.max_new_tokens)
