@@ -349,16 +349,24 @@ def pool_bounds(
     pooling: GatePooling, positions: int, window: int, stride: int
 ) -> list[tuple[int, int]]:
     """The ``(start, stop)`` of each pool over ``positions`` states: the one place the
-    pooling rule lives. ``window`` pools the whole span and every window of ``window``
-    positions, ``stride`` apart, the last one ending at the last position."""
+    pooling rule lives. ``window`` pools the whole span, then every window of ``window`` and
+    of ``window // 2`` positions shorter than the span, ``stride`` apart, the last of each
+    size ending at the last position. Two sizes, because a request is read best by a pool
+    about its own length: a short harmful question inside a long window is diluted by the
+    text around it, a long one is cut by a short window."""
     if pooling == "last":
         return [(positions - 1, positions)]
-    if pooling == "mean" or positions <= window:
-        return [(0, positions)]
-    starts = list(range(0, positions - window + 1, stride))
-    if starts[-1] != positions - window:
-        starts.append(positions - window)
-    return [(0, positions)] + [(s, s + window) for s in starts]
+    bounds = [(0, positions)]
+    if pooling == "mean":
+        return bounds
+    for size in dict.fromkeys((window, window // 2)):
+        if not 1 < size < positions:
+            continue
+        starts = list(range(0, positions - size + 1, stride))
+        if starts[-1] != positions - size:
+            starts.append(positions - size)
+        bounds += [(s, s + size) for s in starts]
+    return bounds
 
 
 def read_span(

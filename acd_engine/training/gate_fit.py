@@ -210,19 +210,21 @@ def pool_examples(
 ) -> list[tuple[int, int, float]]:
     """``(start, stop, label)`` of each pool of one example that the probe is fitted on.
 
-    A harmful example's pool is a positive when it covers at least half of the request or
-    of itself with the request's tokens, a negative when it ends before the request starts
-    (benign context), and left out otherwise; every pool of a benign example is a
+    A harmful example gives the mean over its request's own tokens as a positive, and each
+    pool that is mostly request and holds most of it (three quarters of the request, half
+    of the pool) as well; a pool that ends before the request starts is a negative (benign
+    context), and the rest are left out: a window over a role-play frame alone, or a long
+    span that dilutes the request, is neither. Every pool of a benign example is a
     negative."""
-    out = []
     lo, hi = request
+    if not harmful:
+        return [(a, b, 0.0) for a, b in bounds]
+    out = [(lo, hi, 1.0)] if hi > lo else []
     for a, b in bounds:
-        if not harmful:
-            out.append((a, b, 0.0))
-            continue
         overlap = max(0, min(b, hi) - max(a, lo))
-        if hi > lo and overlap >= 0.5 * min(b - a, hi - lo):
-            out.append((a, b, 1.0))
+        if hi > lo and overlap >= 0.75 * (hi - lo) and overlap >= 0.5 * (b - a):
+            if (a, b) != (lo, hi):
+                out.append((a, b, 1.0))
         elif b <= lo:
             out.append((a, b, 0.0))
     return out
@@ -332,9 +334,11 @@ def fit_on_states(train: PlacedStates, layers: Sequence[int], cfg: GateFitConfig
     labels: list[float] = []
     for p, x, request in zip(train.placed, train.states, train.requests, strict=True):
         bounds = pool_bounds(cfg.pooling, len(x), cfg.window, cfg.stride)
-        pools = pool_examples(bounds, request, p.anchor.label == "harmful")
-        if len(pools) > cfg.max_pools:
-            pools = rng.sample(pools, cfg.max_pools)
+        harmful = p.anchor.label == "harmful"
+        pools = pool_examples(bounds, request, harmful)
+        if len(pools) > cfg.max_pools:  # a harmful example keeps its request's own mean
+            keep = 1 if harmful and pools[0][2] == 1.0 else 0
+            pools = pools[:keep] + rng.sample(pools[keep:], cfg.max_pools - keep)
         for a, b, label in pools:
             rows.append(x[a:b].float().mean(0))
             labels.append(label)

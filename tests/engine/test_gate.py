@@ -434,7 +434,14 @@ def test_user_span_is_the_latest_user_message(tiny_engine, name):
 
 def test_pool_bounds_cover_the_span_and_end_at_its_end():
     bounds = dataclasses.replace(_gate(4), pooling="window", window=4, stride=3).pool_bounds(12)
-    assert bounds == [(0, 12), (0, 4), (3, 7), (6, 10), (8, 12)]  # the whole span, then windows
+    # the whole span, then windows of 4 and of 2, 3 apart, the last of each ending at 12
+    assert bounds == [(0, 12), (0, 4), (3, 7), (6, 10), (8, 12)] + [
+        (0, 2),
+        (3, 5),
+        (6, 8),
+        (9, 11),
+        (10, 12),
+    ]
     short = dataclasses.replace(_gate(4), pooling="window", window=16).pool_bounds(9)
     assert short == [(0, 9)]  # a span no longer than a window is one mean, as pooling="mean"
     assert dataclasses.replace(_gate(4), pooling="last").pool_bounds(5) == [(4, 5)]
@@ -456,9 +463,11 @@ def test_window_score_is_the_highest_window_of_hf_hidden_states(tiny_engine):
     with torch.inference_mode():
         out = tiny_engine.model(input_ids=torch.tensor([rendered.plain]), output_hidden_states=True)
     turn = out.hidden_states[1][0, start:stop]  # layer 0's output on the user turn: [T, H]
-    pools = [turn.mean(0)] + [turn[s : s + 4].mean(0) for s in range(0, len(turn) - 3, 2)]
-    if (len(turn) - 4) % 2:
-        pools.append(turn[-4:].mean(0))
+    pools = [turn.mean(0)]
+    for size in (4, 2):  # windows of `window` and `window // 2` tokens, 2 apart
+        pools += [turn[s : s + size].mean(0) for s in range(0, len(turn) - size + 1, 2)]
+        if (len(turn) - size) % 2:
+            pools.append(turn[-size:].mean(0))
     expected = float(gate.probability(torch.stack(pools)).max())
     states = tiny_engine.gate_states(messages, gate.layers, gate.scope)
     assert gate.score(states) == pytest.approx(expected, abs=1e-5)
