@@ -435,15 +435,10 @@ def test_user_span_is_the_latest_user_message(tiny_engine, name):
 def test_pool_bounds_cover_the_span_and_end_at_its_end():
     bounds = dataclasses.replace(_gate(4), pooling="window", window=4, stride=3).pool_bounds(12)
     # the whole span, then windows of 4 and of 2, 3 apart, the last of each ending at 12
-    assert bounds == [(0, 12), (0, 4), (3, 7), (6, 10), (8, 12)] + [
-        (0, 2),
-        (3, 5),
-        (6, 8),
-        (9, 11),
-        (10, 12),
-    ]
-    short = dataclasses.replace(_gate(4), pooling="window", window=16).pool_bounds(9)
-    assert short == [(0, 9)]  # a span no longer than a window is one mean, as pooling="mean"
+    fours, twos = [(0, 4), (3, 7), (6, 10), (8, 12)], [(0, 2), (3, 5), (6, 8), (9, 11), (10, 12)]
+    assert bounds == [(0, 12), *fours, *twos]
+    short = dataclasses.replace(_gate(4), pooling="window", window=16).pool_bounds(8)
+    assert short == [(0, 8)]  # no window shorter than the span: one mean, as pooling="mean"
     assert dataclasses.replace(_gate(4), pooling="last").pool_bounds(5) == [(4, 5)]
 
 
