@@ -35,7 +35,7 @@ from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig
 from acd_engine.decoding import decode
 from acd_engine.errors import ConfigError
-from acd_engine.gate import routed_config
+from acd_engine.gate import decoded_rendering, routed_config
 from acd_engine.rendering import Messages, template_kwargs
 
 if TYPE_CHECKING:
@@ -184,8 +184,9 @@ def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
         (call,) = calls
         verdict = engine.gate_verdict(call.messages, cfg, **kwargs)
         run = routed_config(cfg, verdict)
+        decoded = decoded_rendering(engine.render(call.messages, **kwargs), verdict)
         prefill, n_prompt, run = engine.rows.reference_prefill(
-            engine.render(call.messages, **kwargs), engine.plan(run), run, call.constraint
+            decoded, engine.plan(run), run, call.constraint
         )
         steps, limits = lone_request(decode(engine.model, prefill, run)), [run.max_new_tokens]
         facts = [lambda: (n_prompt, verdict)]

@@ -41,6 +41,7 @@ import torch
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptPackError
 from acd_engine.methods import one_of
+from acd_engine.rendering import Rendered
 
 __all__ = [
     "GATE_HIDDEN_TENSORS",
@@ -53,6 +54,7 @@ __all__ = [
     "SafetyGate",
     "applied_alpha",
     "capture_states",
+    "decoded_rendering",
     "decoder_layers",
     "fit_gate",
     "fit_mlp_gate",
@@ -392,6 +394,22 @@ class GateVerdict:
     @property
     def flagged(self) -> bool:
         return self.score >= self.threshold
+
+
+def decoded_rendering(rendered: Rendered, verdict: GateVerdict | None) -> Rendered:
+    """What a request decodes on once the gate has read it: a flagged request's latest user
+    message alone (:attr:`~acd_engine.rendering.Rendered.alone`), anything else as sent.
+
+    Why: the safeguarding prompt was optimised on single requests, and after a caller's
+    system prompt and earlier turns the model tends to continue the conversation instead of
+    refusing (a flagged request behind a history echoed or answered it on our anchors). A
+    refusal needs no history, and a conversation built to steer the model (many earlier
+    turns, a role-play set up before the request) cannot steer it. The gate still reads the
+    request in its whole context; a request it passes keeps the whole conversation.
+    """
+    if verdict is not None and verdict.flagged and rendered.alone is not None:
+        return rendered.alone
+    return rendered
 
 
 def applied_alpha(config: DecodingConfig, flagged: bool | None) -> float:

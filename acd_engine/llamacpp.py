@@ -52,7 +52,7 @@ from acd_engine.answer import Answer, GenerationResult, result_of
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
-from acd_engine.gate import GateVerdict, SafetyGate, routed_config, verdict_of
+from acd_engine.gate import GateVerdict, SafetyGate, decoded_rendering, routed_config, verdict_of
 from acd_engine.llamacpp_gate import LlamaCppGateReader
 from acd_engine.rendering import Rendered
 from acd_engine.rows import RowSplit
@@ -386,8 +386,9 @@ class LlamaCppDecoder:
         # the gate reads middle layers of a prefill of its own (llama.cpp's, stopped after
         # them), then routes as the engine does
         rendered = self.engine.render(messages)
-        cfg = routed_config(cfg, self.gate_verdict(messages, cfg, rendered))
-        yield from self._tokens(rendered, cfg, constraint)
+        verdict = self.gate_verdict(messages, cfg, rendered)
+        cfg = routed_config(cfg, verdict)
+        yield from self._tokens(decoded_rendering(rendered, verdict), cfg, constraint)
 
     def _tokens(
         self, rendered: Rendered, cfg: DecodingConfig, constraint: LogitsProcessorList | Any | None
@@ -452,6 +453,7 @@ class LlamaCppDecoder:
             rendered = engine.render(messages)
             verdict = self.gate_verdict(messages, cfg, rendered)
             routed = routed_config(cfg, verdict)
+            rendered = decoded_rendering(rendered, verdict)
             answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
             for token in self._tokens(rendered, routed, None):
                 answer.push(token)
@@ -482,8 +484,11 @@ class LlamaCppDecoder:
         cfg = config or engine.defaults
         with self._lock:
             rendered = engine.render(messages)
-            cfg = routed_config(cfg, self.gate_verdict(messages, cfg, rendered))
-            splits = engine.rows.row_splits(rendered, engine.plan(cfg), {})
+            verdict = self.gate_verdict(messages, cfg, rendered)
+            cfg = routed_config(cfg, verdict)
+            splits = engine.rows.row_splits(
+                decoded_rendering(rendered, verdict), engine.plan(cfg), {}
+            )
             out = []
             for text in continuations:
                 ids = engine.encode_data(text)

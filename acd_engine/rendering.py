@@ -38,12 +38,17 @@ class Rendered:
     ``plain`` (None when there is no user message or it renders to no token). The safety
     gate reads the request there, in the context of the whole conversation, rather than
     averaging over a caller's system prompt, earlier turns and retrieved context.
+
+    ``alone`` is the latest user message rendered by itself (same template arguments), when
+    the conversation holds more than that: a request the gate flags is decoded on it
+    (:func:`acd_engine.gate.decoded_rendering`).
     """
 
     head: list[int]
     tail: list[int]
     plain: list[int] | None  # the template rendered untouched, for method 'plain'
     user_span: tuple[int, int] | None = None
+    alone: Rendered | None = None
 
 
 def normalise_messages(messages: Messages) -> list[dict[str, str]]:
@@ -202,11 +207,18 @@ class Renderer:
             )
         head, tail = text.split(_SENTINEL)
         plain = self._encode_rendered(self._template_or_error(safe, template_kwargs), fills)
+        users = [m for m in msgs if m["role"] == "user"]
+        alone = None
+        if users and len(msgs) > 1:
+            alone = self.render(
+                [{"role": "user", "content": users[-1]["content"]}], **template_kwargs
+            )
         return Rendered(
             self._encode_rendered(head, fills),
             self._encode_rendered(tail, fills),
             plain,
             self._user_span(safe, plain, fills, template_kwargs),
+            alone,
         )
 
     def _user_span(

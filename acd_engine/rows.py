@@ -289,7 +289,10 @@ class RowBuilder:
         system prompt (:class:`~acd_engine.gate.RowGate`).
         """
         with torch.inference_mode():
-            rows, shared = self.rows_of(rendered, plan, template_kwargs)
+            # a gated request's contrast rows are what a flagged request decodes: its latest
+            # user message alone (gate.decoded_rendering)
+            flagged = rendered if gate is None else (rendered.alone or rendered)
+            rows, shared = self.rows_of(flagged, plan, template_kwargs)
             n = len(rows)  # the method's own rows; a gated request's extra rows follow
             row_gate = None
             if gate is not None:

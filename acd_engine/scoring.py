@@ -15,7 +15,7 @@ import torch
 
 from acd_engine._compat import cache_arg
 from acd_engine.config import DecodingConfig
-from acd_engine.gate import routed_config
+from acd_engine.gate import decoded_rendering, routed_config
 from acd_engine.kernels import StepContext
 from acd_engine.row_layout import RowInput, lay_out_rows
 from acd_engine.step import continuation_logprob
@@ -97,11 +97,13 @@ def score_continuations(
     prefixes come from the prefix cache and up to ``max_batch_requests`` continuations
     share one forward.
     """
-    cfg = routed_config(cfg, engine.gate_verdict(messages, cfg))
+    verdict = engine.gate_verdict(messages, cfg)
+    cfg = routed_config(cfg, verdict)
+    rendered = decoded_rendering(engine.render(messages), verdict)
     conts = [engine.encode_data(c) for c in continuations]
     if not engine.kernels.use_fast_path():
-        embeds, mask, _ = engine.branch_inputs(messages, cfg)
+        embeds, mask, _ = engine.rows.branch_inputs(rendered, engine.plan(cfg))
         return score_reference(engine.model, embeds, mask, conts, cfg)
-    rows, _ = engine.rows.rows_of(engine.render(messages), engine.plan(cfg), {})
+    rows, _ = engine.rows.rows_of(rendered, engine.plan(cfg), {})
     kernel = engine.kernels.step_context(static=False)
     return score_rows(engine.model, rows, conts, cfg, engine.options.max_batch_requests, kernel)

@@ -485,12 +485,32 @@ def test_every_path_reads_the_same_verdict_for_a_conversation(gated, monkeypatch
     for score in (fast.gate_score, batch.gate_score, streamed.score):
         assert score == pytest.approx(s, abs=1e-5)
     assert batch.token_ids == fast.token_ids
-    flagged, passed = (s / 2, "acd"), ((1 + s) / 2, cfg.gate_passed_method)
-    for threshold, method in (flagged, passed) if not kwargs else ():  # it takes no tools
+    alone = [next(m for m in reversed(messages) if m["role"] == "user")]
+    flagged, passed = (s / 2, "acd", alone), ((1 + s) / 2, cfg.gate_passed_method, messages)
+    for threshold, method, decoded in (flagged, passed) if not kwargs else ():  # no tools
         scored = gated.score_continuations(messages, [" yes", " no"], cfg, gate_threshold=threshold)
-        plain = gated.score_continuations(messages, [" yes", " no"], cfg, method=method, gate=False)
+        plain = gated.score_continuations(decoded, [" yes", " no"], cfg, method=method, gate=False)
         assert scored == pytest.approx(plain, abs=1e-5)
     monkeypatch.setattr(gated, "fast_path", False)
     reference = gated.generate(messages, cfg, **kwargs)
     assert reference.gate_score == pytest.approx(s, abs=1e-5)
     assert reference.token_ids == fast.token_ids
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_a_flagged_conversation_is_refused_on_its_latest_request_alone(gated, monkeypatch, fast):
+    """A flagged request decodes SP - alpha*AP on its latest user message alone (the
+    safeguarding prompt was optimised on single requests; a history cannot steer the
+    refusal), exactly as ungated ACD on that message; a passed one keeps the whole
+    conversation, exactly as its passed method on it."""
+    monkeypatch.setattr(gated, "fast_path", fast)
+    messages = CONVERSATIONS["multi-turn"]
+    cfg = DecodingConfig(method="acd", max_new_tokens=N)
+    flagged = gated.generate(messages, cfg, gate_threshold=1e-9)
+    alone = gated.generate(A, cfg, gate=False)
+    assert flagged.gate_flagged and flagged.token_ids == alone.token_ids
+    assert flagged.usage.prompt_tokens == alone.usage.prompt_tokens
+    passed = gated.generate(messages, cfg, gate_threshold=1 - 1e-9)
+    whole = gated.generate(messages, cfg, method=cfg.gate_passed_method)
+    assert not passed.gate_flagged and passed.token_ids == whole.token_ids
+    assert passed.usage.prompt_tokens == whole.usage.prompt_tokens > alone.usage.prompt_tokens
