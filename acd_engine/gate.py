@@ -536,13 +536,13 @@ def probe_states(
     model 17 of 30 layers run).
     """
     ids = torch.tensor([plain_ids], device=device)
-    deepest = decoder_layers(model)[max(gate_layers)]
 
     def stop(_module: Any, _args: Any, _output: Any) -> None:
         raise _GateLayersDone
 
     with torch.inference_mode(), capture_states(model, gate_layers, [(0, span)]) as captured:
-        handle = deepest.register_forward_hook(stop)  # after capture's own hook: it records first
+        # registered after capture's own hooks (which checked the layers exist): they record first
+        handle = decoder_layers(model)[max(gate_layers)].register_forward_hook(stop)
         try:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         except _GateLayersDone:
