@@ -140,6 +140,9 @@ class GateFitConfig(Settings):
     def _contexts(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in value if v not in CONTEXTS]
+        if bad:
+            raise ValueError(f"must name shapes from {', '.join(CONTEXTS)}; {bad[0]!r} is none")
         return ("bare", *[v for v in check_contexts(list(value)) if v != "bare"])
 
 

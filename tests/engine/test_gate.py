@@ -369,6 +369,8 @@ def test_gate_command_refuses_bad_input_before_loading_a_model(tmp_path, monkeyp
         (["--layers", "x,1"], "layers must be comma-separated integers"),
         (["--max-fpr", "0"], "max_fpr must be > 0.0"),
         (["--pooling", "max"], "pooling must be one of 'mean', 'last' or 'window', got 'max'"),
+        (["--contexts", "rag,bogus"], "contexts must name shapes from bare, system"),
+        (["--scope", "all"], "scope must be one of 'request' or 'user_turn', got 'all'"),
         (["--out", str(tmp_path)], "out must be a file path in an existing folder"),
         (["--pack", str(tmp_path / "none.safetensors")], "prompt pack must be an existing"),
     ):
