@@ -44,6 +44,7 @@ __all__ = [
     "Quantize",
     "Settings",
     "check_text",
+    "comma_list",
     "format_errors",
     "half_open_unit",
     "unicode_problem",
@@ -126,6 +127,16 @@ def check_text(text: str, name: str, error: type[Exception] = ConfigError) -> st
     if problem is not None:
         raise error(f"{name} {UNICODE_RULE}, {problem}")
     return text
+
+
+def comma_list(value: Any) -> Any:
+    """A list option as the CLI passes it (``"plain,base"``) or as a list: a tuple without
+    blanks or repeats, in order; anything else unchanged, for the field's own check."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return tuple(dict.fromkeys(value))
+    return value
 
 
 def half_open_unit(v: float) -> float:

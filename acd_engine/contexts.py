@@ -210,19 +210,17 @@ def place(
         where = "user" if shape == "rag" else "system"
         template = rng.choice([t for t in pool.rag_templates if t.where == where])
         context = _context(pool, rng)
-        if where == "user":
-            head, _, rest = template.user.partition("{question}")
-            head = _fill(head, context=context)
-            content = head + prompt + _fill(rest, context=context)
-            before = (
-                [] if template.system is None else [{"role": "system", "content": template.system}]
-            )
-            return _ending_with(shape, before, content, (len(head), len(head) + len(prompt)))
-        assert template.system is not None
+        # the passages go where the template has {context}: the user part or the system one
         head, _, rest = template.user.partition("{question}")
-        content = head + prompt + rest
-        before = [{"role": "system", "content": _fill(template.system, context=context)}]
-        return _ending_with(shape, before, content, (len(head), len(head) + len(prompt)))
+        head, rest = _fill(head, context=context), _fill(rest, context=context)
+        before = (
+            []
+            if template.system is None
+            else [{"role": "system", "content": _fill(template.system, context=context)}]
+        )
+        return _ending_with(
+            shape, before, head + prompt + rest, (len(head), len(head) + len(prompt))
+        )
     if shape == "agent":
         tools = [dict(t) for t in rng.sample(list(pool.tools), min(2, len(pool.tools)))]
         tools = tools[: rng.choice((1, 2))]

@@ -21,7 +21,14 @@ from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
 from acd_engine.errors import ConfigError
-from acd_engine.gate import GateScope, GateVerdict, SafetyGate, probe_states, verdict_of
+from acd_engine.gate import (
+    GateScope,
+    GateVerdict,
+    ReadSpan,
+    SafetyGate,
+    probe_states,
+    verdict_of,
+)
 from acd_engine.kernels import EngineOptions, KernelPolicy
 from acd_engine.loading import LoadedModel, load_model
 from acd_engine.prefix_cache import PrefixCache
@@ -202,10 +209,22 @@ class Engine:
         rendering, at the positions a gate of ``scope`` reads (:mod:`acd_engine.gate`); the
         gate pools and scores them (:meth:`~acd_engine.gate.SafetyGate.score`)."""
         rendered = self.render(messages, **template_kwargs)
+        return self.read_gate(rendered, gate_layers, scope, template_kwargs)[0]
+
+    def read_gate(
+        self,
+        rendered: Rendered,
+        gate_layers: Sequence[int],
+        scope: GateScope,
+        template_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, ReadSpan]:
+        """:meth:`gate_states` of a request already rendered, and the span they were read
+        at (the gate's trainer places each anchor's own tokens within it)."""
         assert rendered.plain is not None
         span = self.rows.gate_span(scope, rendered, template_kwargs)
         with self._lock:
-            return probe_states(self.model, rendered.plain, gate_layers, span, self.device)
+            states = probe_states(self.model, rendered.plain, gate_layers, span, self.device)
+        return states, span
 
     def gate_verdict(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any

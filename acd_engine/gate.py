@@ -228,19 +228,6 @@ class SafetyGate:
         """``"mlp"`` for a gate with a hidden layer, else ``"linear"``."""
         return "linear" if self.hidden_weight is None else "mlp"
 
-    def read_span(
-        self, plain_len: int, request_tokens: int, user_span: tuple[int, int] | None
-    ) -> ReadSpan:
-        """The positions of a plain rendering of ``plain_len`` tokens this gate reads.
-
-        ``request_tokens``: the request's own trailing tokens
-        (:meth:`acd_engine.rows.RowBuilder.request_tokens`); ``user_span``: where the latest
-        user message lies (:attr:`acd_engine.rendering.Rendered.user_span`). A
-        ``user_turn`` gate reads the latest user message, or the whole request when there
-        is none.
-        """
-        return read_span(self.scope, plain_len, request_tokens, user_span)
-
     def pool_bounds(self, positions: int) -> list[tuple[int, int]]:
         """The ``(start, stop)`` of each pool over ``positions`` states read
         (:func:`pool_bounds` with this gate's pooling, window and stride)."""
@@ -374,9 +361,15 @@ def pool_bounds(
 def read_span(
     scope: GateScope, plain_len: int, request_tokens: int, user_span: tuple[int, int] | None
 ) -> ReadSpan:
-    """The positions of a plain rendering a gate of ``scope`` reads
-    (:meth:`SafetyGate.read_span`; a function too, so a gate's trainer reads anchors the way
-    the gate will read requests before the gate exists)."""
+    """The positions of a plain rendering of ``plain_len`` tokens a gate of ``scope`` reads.
+
+    ``request_tokens``: the request's own trailing tokens
+    (:meth:`acd_engine.rows.RowBuilder.request_tokens`); ``user_span``: where the latest user
+    message lies (:attr:`acd_engine.rendering.Rendered.user_span`). A ``user_turn`` gate
+    reads the latest user message, or the whole request when there is none. It takes the
+    scope, not a gate, so a gate's trainer reads anchors the way the gate will read
+    requests before the gate exists.
+    """
     if scope == "user_turn" and user_span is not None:
         start, stop = max(user_span[0], 1), user_span[1]  # never the first (sink) token
         if stop > start:

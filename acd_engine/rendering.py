@@ -51,6 +51,14 @@ class Rendered:
     alone: Rendered | None = None
 
 
+def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def normalise_messages(messages: Messages) -> list[dict[str, str]]:
     """Checked copies of ``messages`` (a user string becomes one user turn)."""
     if isinstance(messages, str):
@@ -239,14 +247,9 @@ class Renderer:
         emptied = [dict(m) for m in safe]
         emptied[last]["content"] = ""
         other = self._encode_rendered(self._template_or_error(emptied, template_kwargs), fills)
-        start = 0
-        while start < min(len(plain), len(other)) and plain[start] == other[start]:
-            start += 1
-        end = 0
-        limit = min(len(plain), len(other)) - start
-        while end < limit and plain[-1 - end] == other[-1 - end]:
-            end += 1
-        stop = len(plain) - end
+        start = _common_start(plain, other)
+        # the common end, never reaching back into the common start of either
+        stop = len(plain) - _common_start(plain[start:][::-1], other[start:][::-1])
         return (start, stop) if stop > start else None
 
     def template_constant(
@@ -270,8 +273,5 @@ class Renderer:
                 first, second = (getattr(self.render(w), part) or [] for w in ("Hi", "Why"))
             except MessagesError:  # a template that cannot place the slot: nothing shared
                 first, second = [], []
-            common = 0
-            while common < min(len(first), len(second)) and first[common] == second[common]:
-                common += 1
-            self.constants[part] = first[:common]
+            self.constants[part] = first[: _common_start(first, second)]
         return self.constants[part]

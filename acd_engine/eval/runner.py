@@ -45,6 +45,7 @@ from acd_engine.config import (
     UNICODE_RULE,
     DecodingConfig,
     Settings,
+    comma_list,
     did_you_mean,
     half_open_unit,
     unicode_problem,
@@ -216,15 +217,6 @@ class EvalModel(Protocol):
     ) -> list[float]: ...
 
 
-def _split(value: Any) -> Any:
-    """Let the CLI pass ``"plain,base"`` as well as a list; drop blanks and repeats."""
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, list | tuple):
-        return tuple(dict.fromkeys(value))
-    return value
-
-
 class EvalOptions(Settings):
     """Everything ``acd eval`` takes besides the model.
 
@@ -291,7 +283,7 @@ class EvalOptions(Settings):
     @field_validator("methods", "alphas", "benchmarks", "contexts", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
-        return _split(value)
+        return comma_list(value)
 
     @field_validator("plausibility")
     @classmethod

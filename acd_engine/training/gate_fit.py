@@ -45,8 +45,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from acd_engine.config import Settings
-from acd_engine.contexts import CONTEXTS, Placed, check_contexts, load_pool, place
+from acd_engine.config import Settings, comma_list
+from acd_engine.contexts import CONTEXTS, Placed, load_pool, place
 from acd_engine.gate import (
     GatePooling,
     GateScope,
@@ -54,7 +54,6 @@ from acd_engine.gate import (
     decoder_layers,
     fit_mlp_gate,
     pool_bounds,
-    probe_states,
     roc_auc,
     threshold_for,
 )
@@ -138,12 +137,11 @@ class GateFitConfig(Settings):
     @field_validator("contexts", mode="before")
     @classmethod
     def _contexts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        value = comma_list(value)
         bad = [v for v in value if v not in CONTEXTS]
         if bad:
             raise ValueError(f"must name shapes from {', '.join(CONTEXTS)}; {bad[0]!r} is none")
-        return ("bare", *[v for v in check_contexts(list(value)) if v != "bare"])
+        return ("bare", *[v for v in value if v != "bare"])
 
 
 @dataclass(frozen=True)
@@ -195,8 +193,7 @@ def read_placed(
     kwargs = template_kwargs(placed.tools)
     rendered = engine.render(placed.messages, **kwargs)
     assert rendered.plain is not None
-    span = engine.rows.gate_span(scope, rendered, kwargs)
-    states = probe_states(engine.model, rendered.plain, layers, span, engine.device)
+    states, span = engine.read_gate(rendered, layers, scope, kwargs)
     first = len(rendered.plain) - span.trail - span.length  # the span's first position
     content = placed.messages[-1]["content"]
     where = rendered.user_span[0] if rendered.user_span else first
