@@ -50,7 +50,9 @@ def gate_command(
             "after the template's start ('request').",
         ),
     ] = "user_turn",
-    window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 16,
+    window: Annotated[
+        int, typer.Option("--window", help="Tokens per long window (and half as many).")
+    ] = 32,
     stride: Annotated[int, typer.Option("--stride", help="Tokens between windows.")] = 4,
     contexts: Annotated[
         str | None,

@@ -116,7 +116,13 @@ class GateFitConfig(Settings):
         description="Read the latest user turn ('user_turn', default) or every token after "
         "the template's start ('request', the gates before contexts).",
     )
-    window: int = Field(default=16, ge=1, le=4096, description="Tokens per window.")
+    window: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Tokens per long window (windows of half as many are read too); 32 "
+        "flagged more harmful val placements in the weakest shape than 16 or 48 (docs/opo.md).",
+    )
     stride: int = Field(default=4, ge=1, le=4096, description="Tokens between window starts.")
     contexts: tuple[str, ...] = Field(
         default=CONTEXTS,
