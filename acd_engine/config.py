@@ -148,9 +148,17 @@ def half_open_unit(v: float) -> float:
 
 
 class Settings(BaseModel):
-    """Base for every settings object: immutable, unknown keys refused, clean errors."""
+    """Base for every settings object: immutable, unknown keys refused, clean errors.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    No float setting anywhere takes NaN or infinity (``lr must be a finite number, got
+    inf``): range checks written as ``not v > 0`` or ``gt=0`` let ``inf`` through, and a
+    non-finite learning rate, temperature or weight only fails later, after a model has
+    loaded, as NaN losses or scores. Refusing them here covers every subclass at once.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -199,7 +207,6 @@ class DecodingConfig(Settings):
         default=0.0,
         ge=0.0,
         le=MAX_TEMPERATURE,
-        allow_inf_nan=False,
         description="0 decodes greedily; > 0 samples from softmax(z / T). Values in "
         f"(0, {MIN_TEMPERATURE}) are refused: z / T overflows float32 and gives NaN.",
     )
@@ -207,7 +214,6 @@ class DecodingConfig(Settings):
         default=1.0,
         gt=0.0,
         le=1.0,
-        allow_inf_nan=False,
         description="Nucleus sampling mass; 1 disables it. Only used when temperature > 0.",
     )
     top_k: int = Field(
@@ -218,7 +224,6 @@ class DecodingConfig(Settings):
     )
     repetition_penalty: float = Field(
         default=1.0,
-        allow_inf_nan=False,
         description=(
             "CTRL-style penalty (>1 discourages repeats) on tokens already in the conversation "
             f"or the answer; 1 disables it. Applied after the contrast. In [{MIN_PENALTY}, "

@@ -12,6 +12,8 @@ from acd_engine.training.config import TrainConfig
     ("field", "value", "message"),
     [
         ("lr", -1, "lr must be > 0, got -1"),
+        ("lr", float("inf"), "lr must be a finite number, got inf"),
+        ("grad_clip", float("nan"), "grad_clip must be a finite number, got nan"),
         ("epochs", 0, "epochs must be >= 1, got 0"),
         ("val_alpha", 1.5, "val_alpha must be in [0, 1), got 1.5"),
         ("init", "random", "init must be one of 'manual' or 'short', got 'random'"),
