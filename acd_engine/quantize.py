@@ -30,6 +30,7 @@ import torch
 
 from acd_engine.config import Quantize
 from acd_engine.errors import ConfigError
+from acd_engine.install import pip_install_extra
 
 __all__ = [
     "INT4_GROUP",
@@ -58,7 +59,7 @@ def _torchao() -> Any:
         import torchao.quantization as quantization
     except ImportError as exc:
         raise ConfigError(
-            "quantize needs torchao: pip install 'acd[quant]' (or pip install torchao)"
+            f"quantize needs torchao: {pip_install_extra('quant')} (or pip install torchao)"
         ) from exc
     finally:
         ao_logger.setLevel(level)

