@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -1078,7 +1078,7 @@ def summarize(
     return EvalSummary(
         model_name=model_name,
         judge=judge,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         options=options.model_dump(mode="json"),
         benchmarks=[
             BenchmarkInfo(
