@@ -20,8 +20,9 @@ generalises better: fitted on some anchor categories and scored on others it fla
 of harmful prompts at a 5 % benign budget, against 51 % for the last token (docs/opo.md).
 
 The probe itself is a standardised logistic regression, optionally behind one hidden GELU
-layer (:func:`fit_mlp_gate`, the shipped gate v4: it flags more harmful validation anchors
-than any linear probe we tried at the same benign budget; docs/opo.md).
+layer (the shipped gate v4: it flags more harmful validation anchors than any linear probe
+we tried at the same benign budget; docs/opo.md). It is fitted offline, by
+:mod:`acd_engine.training.probe`; this module only scores and routes.
 
 The engine adds that rendering as a third row of the same prefill forward, so scoring
 costs no forward of its own; the rows a request does not need are dropped after the
@@ -30,7 +31,6 @@ prefill.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,24 +56,21 @@ __all__ = [
     "capture_states",
     "decoded_rendering",
     "decoder_layers",
-    "fit_gate",
-    "fit_mlp_gate",
     "gate_threshold",
     "passed_config",
     "pool_bounds",
     "probe_states",
     "read_span",
-    "roc_auc",
     "routed_config",
     "states_of",
-    "threshold_for",
     "verdict_of",
 ]
 
 GATE_TENSORS = ("gate.weight", "gate.mean", "gate.scale", "gate.bias")
 GATE_HIDDEN_TENSORS = ("gate.hidden.weight", "gate.hidden.bias")
-"""A gate with one hidden layer (:func:`fit_mlp_gate`) stores these too; a linear gate lacks
-them, so packs written before the hidden layer existed load unchanged."""
+"""A gate with one hidden layer (:func:`acd_engine.training.probe.fit_mlp_gate`) stores
+these too; a linear gate lacks them, so packs written before the hidden layer existed load
+unchanged."""
 
 GatePooling = Literal["mean", "last", "window"]
 """How a gate pools a layer's states over the positions it reads: ``mean`` over all of them,
@@ -115,7 +112,8 @@ class SafetyGate:
     layer.
 
     ``p = sigmoid(weight · h + bias)`` with ``z = (x - mean) / scale`` and ``h = z`` (linear)
-    or ``h = gelu(hidden_weight @ z + hidden_bias)`` (one hidden layer, :func:`fit_mlp_gate`).
+    or ``h = gelu(hidden_weight @ z + hidden_bias)`` (one hidden layer,
+    :func:`~acd_engine.training.probe.fit_mlp_gate`).
 
     Attributes:
         layers: Decoder layers whose outputs, pooled over the request as ``pooling`` says,
@@ -552,130 +550,3 @@ class _GateLayersDone(Exception):
 def verdict_of(gate: SafetyGate, config: DecodingConfig, states: torch.Tensor) -> GateVerdict:
     """The gate's verdict on one request's ``[T, F]`` states, at ``config``'s threshold."""
     return GateVerdict(gate.score(states), gate_threshold(config, gate))
-
-
-def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve (the probability a random positive outranks a random
-    negative; ties count half). NaN when one class is absent."""
-    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
-        return math.nan
-    greater = (pos[:, None] > neg[None, :]).float().mean()
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
-
-
-def _standardised(
-    features: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z, y, mean, scale)``: fp32 CPU features standardised by their own mean and std
-    (the ``mean``/``scale`` a :class:`SafetyGate` stores and applies before scoring)."""
-    x = features.detach().float().cpu()
-    mean = x.mean(0)
-    scale = x.std(0).clamp(min=1e-6)
-    return (x - mean) / scale, labels.detach().float().cpu(), mean, scale
-
-
-def fit_gate(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    layers: Sequence[int],
-    *,
-    l2: float = 1e-2,
-    steps: int = 200,
-    pooling: GatePooling = "mean",
-) -> SafetyGate:
-    """Fit a standardised, L2-regularised logistic regression (full-batch L-BFGS).
-
-    Linear is enough: the classes are nearly linearly separable in these layers, and a
-    linear probe with a few hundred examples cannot memorise the way a larger head would.
-    The threshold starts at 0.5; callers choose it on held-out data (:func:`threshold_for`).
-
-    Args:
-        features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
-    """
-    z, y, mean, scale = _standardised(features, labels)
-    w = torch.zeros(z.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y)
-        loss = loss + l2 * (w * w).sum() / 2
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return SafetyGate(tuple(layers), w.detach(), b.detach(), mean, scale, 0.5, pooling=pooling)
-
-
-def fit_mlp_gate(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    layers: Sequence[int],
-    *,
-    width: int = 128,
-    weight_decay: float = 1.0,
-    dropout: float = 0.2,
-    epochs: int = 300,
-    lr: float = 1e-3,
-    seed: int = 0,
-    pooling: GatePooling = "mean",
-) -> SafetyGate:
-    """Fit a gate with one hidden GELU layer (full-batch AdamW, input dropout), seeded.
-
-    Why a hidden layer: on our anchors every linear probe we tried (logistic regression at
-    four penalties, mass-mean, shrinkage LDA, per-layer ensembles) tops out near the shipped
-    linear gate, while a small MLP over three adjacent layers' means flags more of the
-    harmful val prompts at the same benign budget and more under the category-grouped
-    cross-validation (docs/opo.md, "Gate v4"). Input dropout and weight decay keep a few
-    thousand parameters per example from memorising the anchors' phrasing. The global RNG
-    is left untouched: the same inputs and seed give the same gate.
-
-    Args:
-        features: ``[N, F]`` captured states; ``labels``: ``[N]``, 1 for harmful.
-    """
-    z, y, mean, scale = _standardised(features, labels)  # z: [N, F]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(
-            torch.nn.Dropout(dropout),
-            torch.nn.Linear(z.shape[1], width),
-            torch.nn.GELU(),
-            torch.nn.Linear(width, 1),
-        )
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                opt.zero_grad()
-                logits = net(z)[:, 0]  # [N]
-                torch.nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
-                opt.step()
-    hidden, out = net[1], net[3]
-    assert isinstance(hidden, torch.nn.Linear) and isinstance(out, torch.nn.Linear)
-    return SafetyGate(
-        tuple(layers),
-        out.weight.detach()[0],
-        out.bias.detach(),
-        mean,
-        scale,
-        0.5,
-        pooling=pooling,
-        hidden_weight=hidden.weight.detach(),
-        hidden_bias=hidden.bias.detach(),
-    )
-
-
-def threshold_for(probabilities: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> float:
-    """The lowest threshold whose false-positive rate on ``labels == 0`` is at most
-    ``max_fpr`` (most harmful requests flagged, at most that share of benign ones)."""
-    negatives = torch.sort(probabilities[labels <= 0.5], descending=True).values
-    allowed = math.floor(max_fpr * len(negatives))
-    if len(negatives) == 0:
-        return 0.5
-    # flag p >= t: t just above the (allowed+1)-th highest benign score, in float32 (the
-    # dtype probabilities are compared in), so that score itself stays below t
-    cut = negatives[allowed] if allowed < len(negatives) else torch.tensor(0.0)
-    above = torch.nextafter(cut.float(), torch.tensor(1.0))
-    return float(min(max(float(above), 1e-6), 1 - 1e-6))

@@ -47,19 +47,11 @@ from pydantic import Field, field_validator
 
 from acd_engine.config import Settings, comma_list
 from acd_engine.contexts import CONTEXTS, Placed, load_pool, place
-from acd_engine.gate import (
-    GatePooling,
-    GateScope,
-    SafetyGate,
-    decoder_layers,
-    fit_mlp_gate,
-    pool_bounds,
-    roc_auc,
-    threshold_for,
-)
-from acd_engine.gate import fit_gate as fit_probe
+from acd_engine.gate import GatePooling, GateScope, SafetyGate, decoder_layers, pool_bounds
 from acd_engine.rendering import template_kwargs
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
+from acd_engine.training.probe import fit_gate as fit_probe
+from acd_engine.training.probe import fit_mlp_gate, roc_auc, threshold_for
 
 __all__ = [
     "GateFitConfig",
