@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := langchain,llamaindex,eval,serve,quant,dev
 
-.PHONY: install demo test lint typecheck pytest fuzz bench redteam clean
+.PHONY: install demo test lint typecheck pytest fuzz fuzz-short bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test: lint typecheck pytest
 # (tests/fuzz/conftest.py: profile "fuzz"); minutes, so not part of `make test`.
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
+
+# The same properties with make test's case counts but fresh random cases each run (profile
+# "fuzz-short"): about a minute, run by .ci/run, so a case that breaks `make fuzz` shows in CI.
+fuzz-short: install
+	HYPOTHESIS_PROFILE=fuzz-short $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
 
 bench: install
 	$(BIN)/acd bench --json
