@@ -1,4 +1,4 @@
-"""`acd`: generate, compare, chat (and the long jobs: train, eval, bench).
+"""`acd`: generate, compare, chat (and the long jobs: train, eval, bench; data for eval).
 
 Heavy modules (torch, transformers) are imported inside the commands so ``acd --help``
 answers instantly.
@@ -351,7 +351,10 @@ def eval_command(
         ),
     ] = "bare",
     data_dir: Annotated[
-        str | None, typer.Option("--data-dir", help="Folder with <name>.jsonl benchmark files.")
+        str | None,
+        typer.Option(
+            "--data-dir", help="Folder with <name>.jsonl benchmark files (acd data fetch)."
+        ),
     ] = None,
     out: Annotated[
         str, typer.Option("--out", help="Output folder; rerun with the same folder to resume.")
@@ -433,6 +436,67 @@ def eval_command(
             get_engine(model, pack=pack, quantize=quantize), options, judge=judge_obj, plan=plan
         )
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
+
+    run_command(go)
+
+
+data_app = typer.Typer(
+    help="Benchmark data for acd eval: fetch the public sets from their sources, verified.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dir",
+        help="Folder of <name>.jsonl files, the one acd eval --data-dir reads (default: "
+        "$ACD_DATA_DIR, else ../shared/data/benchmarks when there, else "
+        "~/.local/share/acd/benchmarks).",
+    ),
+]
+
+
+@data_app.command("fetch")
+def data_fetch_command(
+    sets: Annotated[
+        str, typer.Option("--sets", help="Comma-separated set names, or all (acd data list).")
+    ] = "all",
+    data_dir: DataDirOpt = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option("--mirror", help="Fetch <URL>/<raw file name> instead of the sources."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Network timeout, seconds.")] = 60.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Download, verify (sha256) and convert the benchmark sets; skip those already there."""
+    setup_logging(verbose)
+
+    def go() -> None:
+        from pathlib import Path
+
+        from acd_engine.eval.datasets import EVAL_ONLY, describe_fetch, fetch_datasets
+
+        folder = Path(data_dir) if data_dir else None
+        for result in fetch_datasets(sets, folder, mirror=mirror, timeout=timeout):
+            typer.echo(describe_fetch(result))
+            folder = result.path.parent
+        typer.echo(f"acd eval reads them with --data-dir {folder}\n{EVAL_ONLY}")
+
+    run_command(go)
+
+
+@data_app.command("list")
+def data_list_command(data_dir: DataDirOpt = None) -> None:
+    """Each set in the data folder: present, missing or corrupt (checksum); licence; path."""
+
+    def go() -> None:
+        from pathlib import Path
+
+        from acd_engine.eval.datasets import data_status, describe_status
+
+        folder, how, statuses = data_status(Path(data_dir) if data_dir else None)
+        typer.echo("\n".join(describe_status(folder, how, statuses)))
 
     run_command(go)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ACDError",
     "ConfigError",
+    "DownloadError",
     "MessagesError",
     "ModelNotFoundError",
     "PromptPackError",
@@ -23,6 +24,11 @@ class ACDError(Exception):
 
 class ConfigError(ACDError, ValueError):
     """A setting is out of range or unknown; the message names the field and the fix."""
+
+
+class DownloadError(ACDError, RuntimeError):
+    """A benchmark file could not be downloaded, or did not match the checksum the package
+    holds for it; the message names the set and the URL, and nothing half-done was kept."""
 
 
 class MessagesError(ACDError, ValueError):

@@ -3,6 +3,7 @@
 No data set ships with the package (several are CC BY-NC or unlicensed, see
 ``shared/data/README.md``); every benchmark is read at run time from a ``data_dir`` holding
 ``<name>.jsonl`` files in the shared schema, or from any JSONL file in that schema given by path.
+``acd data fetch`` (:mod:`acd_engine.eval.datasets`) fills such a folder from the sets' sources.
 
 Sampling follows the paper's protocol (a fixed, seeded sample of 100 prompts per set) with one
 twist that makes runs extendable: the sample is the first ``limit`` items of a seeded
@@ -17,6 +18,8 @@ import json
 import logging
 import os
 import random
+import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,10 +36,14 @@ __all__ = [
     "BenchmarkItem",
     "BenchmarkSpec",
     "Role",
+    "check_benchmark_data",
     "check_benchmark_name",
+    "choose_data_dir",
+    "fetch_hint",
     "load_benchmark",
     "resolve_data_dir",
     "sample_items",
+    "user_data_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,25 +184,73 @@ def check_benchmark_name(name: str) -> None:
         raise ConfigError(did_you_mean(name, choices, "benchmark"))
 
 
-def resolve_data_dir(data_dir: Path | None = None) -> Path:
-    """Find the folder of benchmark files: the argument, else ``$ACD_DATA_DIR``, else the
-    shared folder next to the repository (``../shared/data/benchmarks`` from the cwd).
+def user_data_dir() -> Path:
+    """Where ``acd data fetch`` puts the benchmarks by default outside a checkout:
+    ``$XDG_DATA_HOME/acd/benchmarks``, else ``~/.local/share/acd/benchmarks``."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "acd" / "benchmarks"
 
-    Raises:
-        ConfigError: when the chosen folder does not exist, saying how to pass another one.
+
+def choose_data_dir(data_dir: Path | None = None) -> tuple[Path, str]:
+    """The folder of benchmark files and where that choice came from, unchecked: the
+    argument, else ``$ACD_DATA_DIR``, else the shared folder next to a checkout
+    (``../shared/data/benchmarks`` from the cwd) when it is there, else :func:`user_data_dir`.
+
+    ``acd eval``, ``acd data fetch`` and ``acd data list`` all choose through this, so a
+    fetch without ``--dir`` fills the folder a later eval without ``--data-dir`` reads.
     """
     if data_dir is not None:
-        where, how = Path(data_dir), "--data-dir"
-    elif os.environ.get(DATA_DIR_ENV):
-        where, how = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
-    else:
-        where, how = _DEFAULT_DATA_DIR, "the default"
+        return Path(data_dir), "--data-dir"
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    if _DEFAULT_DATA_DIR.is_dir():
+        return _DEFAULT_DATA_DIR, "the default"
+    return user_data_dir(), "the default"
+
+
+def fetch_hint(folder: Path, names: Iterable[str] | None = None) -> str:
+    """``run: acd data fetch --sets a,b --dir FOLDER``: the command that fills ``folder``
+    (every set when ``names`` is ``None``), quoted so it can be pasted into a shell."""
+    sets = f" --sets {','.join(names)}" if names is not None else ""
+    return f"run: acd data fetch{sets} --dir {shlex.quote(str(folder))}"
+
+
+def resolve_data_dir(data_dir: Path | None = None, names: Iterable[str] | None = None) -> Path:
+    """The folder of benchmark files (see :func:`choose_data_dir`), which must exist.
+
+    Raises:
+        ConfigError: when the chosen folder does not exist, naming the command that fills
+            it (with ``names``, the sets to fetch) and how to pass another one.
+    """
+    where, how = choose_data_dir(data_dir)
     if not where.is_dir():
         raise ConfigError(
             f"data_dir must be a folder of benchmark .jsonl files, got '{where}' (from {how}); "
-            f"pass --data-dir /path/to/shared/data/benchmarks or set {DATA_DIR_ENV}"
+            f"{fetch_hint(where, names)}, or pass --data-dir /path/to/benchmarks or set "
+            f"{DATA_DIR_ENV}"
         )
     return where.resolve()
+
+
+def check_benchmark_data(names: Iterable[str], data_dir: Path | None = None) -> None:
+    """Fail once, naming every missing set and the command that fetches them, when a
+    registered benchmark among ``names`` has no file in the data folder (paths are left to
+    :func:`load_benchmark`; with none registered the folder is not needed at all).
+
+    Raises:
+        ConfigError: ``benchmark files must be in 'DIR', got advbench, xstest missing; run:
+            acd data fetch --sets advbench,xstest --dir DIR``.
+    """
+    registered = [n for n in names if not _is_path(n) and n in BENCHMARKS]
+    if not registered:
+        return
+    folder = resolve_data_dir(data_dir, registered)
+    missing = [n for n in registered if not (folder / f"{n}.jsonl").exists()]
+    if missing:
+        raise ConfigError(
+            f"benchmark files must be in '{folder}', got {', '.join(missing)} missing; "
+            f"{fetch_hint(folder, missing)}"
+        )
 
 
 def load_benchmark(name: str, data_dir: Path | None = None) -> Benchmark:
@@ -213,8 +268,9 @@ def load_benchmark(name: str, data_dir: Path | None = None) -> Benchmark:
         path = Path(name)
         hint = ""
     else:
-        path = resolve_data_dir(data_dir) / f"{name}.jsonl"
-        hint = "; is --data-dir the shared/data/benchmarks folder?"
+        folder = resolve_data_dir(data_dir, [name])
+        path = folder / f"{name}.jsonl"
+        hint = f"; {fetch_hint(folder, [name])}"
     if path.is_dir():
         raise ConfigError(f"benchmark file must be a file, got the folder '{path}'")
     if not path.is_file():

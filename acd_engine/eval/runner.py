@@ -84,6 +84,7 @@ from acd_engine.eval.registry import (
     BENCHMARKS,
     Benchmark,
     BenchmarkItem,
+    check_benchmark_data,
     check_benchmark_name,
     load_benchmark,
     sample_items,
@@ -253,8 +254,9 @@ class EvalOptions(Settings):
     )
     data_dir: Path | None = Field(
         default=None,
-        description="Folder of <name>.jsonl files (default: $ACD_DATA_DIR, else "
-        "../shared/data/benchmarks).",
+        description="Folder of <name>.jsonl files, as `acd data fetch` writes them (default: "
+        "$ACD_DATA_DIR, else ../shared/data/benchmarks when there, else "
+        "~/.local/share/acd/benchmarks).",
     )
     out_dir: Path = Field(
         default=Path("runs/eval"),
@@ -645,6 +647,7 @@ def prepare_eval(options: EvalOptions, judge: Judge | None = None) -> EvalPlan:
             place a requested context, or a ``run.json`` made with other settings (another
             pool's texts among them).
     """
+    check_benchmark_data(options.benchmarks, options.data_dir)  # every missing set at once
     benches = tuple(load_benchmark(name, options.data_dir) for name in options.benchmarks)
     names = [b.name for b in benches]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -12,10 +12,13 @@ from acd_engine.errors import ConfigError
 from acd_engine.eval.registry import (
     BENCHMARKS,
     DATA_DIR_ENV,
+    check_benchmark_data,
     check_benchmark_name,
+    choose_data_dir,
     load_benchmark,
     resolve_data_dir,
     sample_items,
+    user_data_dir,
 )
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
@@ -69,18 +72,27 @@ def test_resolve_data_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     shared.mkdir(parents=True)
     monkeypatch.chdir(repo)
     assert resolve_data_dir() == shared.resolve()
+    # Outside a checkout: the per-user folder `acd data fetch` fills by default.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert choose_data_dir() == (tmp_path / "xdg" / "acd" / "benchmarks", "the default")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert user_data_dir() == Path.home() / ".local" / "share" / "acd" / "benchmarks"
 
 
 def test_resolve_data_dir_errors_say_how_to_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as exc:
         resolve_data_dir()
     msg = str(exc.value)
-    assert msg.startswith("data_dir must be a folder of benchmark .jsonl files, got ")
-    assert "--data-dir" in msg and DATA_DIR_ENV in msg
+    user = tmp_path / "xdg" / "acd" / "benchmarks"
+    assert msg.startswith(f"data_dir must be a folder of benchmark .jsonl files, got '{user}' ")
+    assert f"run: acd data fetch --dir {user}, or pass --data-dir" in msg
+    assert DATA_DIR_ENV in msg
     with pytest.raises(ConfigError, match="from --data-dir"):
         resolve_data_dir(tmp_path / "missing")
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nope"))
@@ -108,6 +120,22 @@ def test_load_registered_and_roles(data_dir: Path) -> None:
 def test_registered_name_missing_from_data_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"benchmark file must exist, got '.*beavertails.jsonl'"):
         load_benchmark("beavertails", tmp_path)
+    with pytest.raises(ConfigError, match=r"; run: acd data fetch --sets beavertails --dir /"):
+        load_benchmark("beavertails", tmp_path)
+
+
+def test_check_benchmark_data_names_every_missing_set_once(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "advbench.jsonl", [{"id": "a", "prompt": "p", "label": "harmful"}])
+    check_benchmark_data(["advbench", str(tmp_path / "mine.jsonl")], tmp_path)
+    check_benchmark_data(["some/file.jsonl"], tmp_path / "absent")  # no registered set: no folder
+    spaced = tmp_path / "my data"
+    spaced.mkdir()
+    with pytest.raises(ConfigError) as exc:
+        check_benchmark_data(["advbench", "xstest"], spaced)
+    assert str(exc.value) == (
+        f"benchmark files must be in '{spaced}', got advbench, xstest missing; "
+        f"run: acd data fetch --sets advbench,xstest --dir '{spaced}'"
+    )
 
 
 def test_load_by_path_is_named_by_stem(tmp_path: Path) -> None:
