@@ -29,6 +29,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -434,8 +435,8 @@ def fetch_datasets(
     manifest = load_manifest() if manifest is None else manifest
     names = select_sets(sets, manifest)
     _check_mirror(mirror)
-    if not timeout > 0:
-        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"timeout must be a finite number of seconds > 0, got {timeout}")
     folder, _ = choose_data_dir(data_dir)
     if any(_status(n, manifest[n], folder).state != "present" for n in names):
         try:

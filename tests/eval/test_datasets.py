@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -336,8 +338,9 @@ def test_fetch_refuses_bad_options_before_any_download(tmp_path: Path) -> None:
     manifest = synthetic_manifest("http://127.0.0.1:9")
     with pytest.raises(ConfigError, match=r"^mirror must be an http://, https:// or file://"):
         list(fetch_datasets("advbench", tmp_path, manifest=manifest, mirror="mirror.local"))
-    with pytest.raises(ConfigError, match=r"^timeout must be > 0 seconds, got 0"):
-        list(fetch_datasets("advbench", tmp_path, manifest=manifest, timeout=0))
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"^timeout must be a finite number of seconds > 0"):
+            list(fetch_datasets("advbench", tmp_path, manifest=manifest, timeout=bad))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"^dir must be a folder that can be written, got "):
@@ -352,6 +355,17 @@ def one_error_line(res) -> str:
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     return lines[0]
+
+
+def test_the_data_commands_are_listed_and_load_nothing_until_run() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0 and "data" in res.stdout
+    code = (
+        "import sys, acd_engine.cli\n"
+        "assert 'acd_engine.eval.datasets' not in sys.modules\n"
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_commands_fetch_list_and_name_licences(
