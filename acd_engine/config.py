@@ -11,6 +11,7 @@ alone. Pydantic's own wording is translated into that style in :func:`format_err
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from typing import Any, Literal, Self, get_args
 
 from pydantic import (
@@ -55,6 +56,9 @@ MAX_INT = 2**31 - 1  # token counts and top_k
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+# OpenAI's ranges for its presence/frequency penalties and logit_bias values.
+MAX_OPENAI_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
 
 # Method, METHODS and CONTRAST_METHODS come from the method registry (acd_engine.methods);
 # they stay importable from here, where they always were.
@@ -62,6 +66,15 @@ MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 
 def _fmt_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _token_id(key: Any) -> int | None:
+    """A token id from an int or a decimal string (a JSON object's key), else None."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        key = int(key)
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key <= MAX_INT:
+        return key
+    return None
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> str:
@@ -230,6 +243,36 @@ class DecodingConfig(Settings):
             f"{MAX_PENALTY}]: beyond that the scaled logits overflow or every token ties."
         ),
     )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-MAX_OPENAI_PENALTY,
+        le=MAX_OPENAI_PENALTY,
+        description=(
+            "OpenAI's presence penalty: subtracted once from the score of every token that "
+            "already appears in the answer so far (the prompt is not counted); > 0 favours "
+            "new tokens. Applied after the contrast, with repetition_penalty. 0 disables it."
+        ),
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-MAX_OPENAI_PENALTY,
+        le=MAX_OPENAI_PENALTY,
+        description=(
+            "OpenAI's frequency penalty: subtracted from a token's score once for every time "
+            "it appears in the answer so far (the prompt is not counted); > 0 discourages "
+            "repeats. Applied after the contrast, with repetition_penalty. 0 disables it."
+        ),
+    )
+    logit_bias: tuple[tuple[int, float], ...] = Field(
+        default=(),
+        description=(
+            "OpenAI's logit_bias: token id -> a value in [-100, 100] added to that token's "
+            'score after the contrast (a mapping such as {"1234": -100}; kept as sorted '
+            "pairs). -100 all but bans a token, 100 all but forces it, but never past the "
+            "grammar of a tool call or response_format, nor the plausibility filter: a token "
+            "they removed stays removed. Empty disables it."
+        ),
+    )
     seed: int | None = Field(
         default=None,
         ge=0,
@@ -357,6 +400,36 @@ class DecodingConfig(Settings):
         if not MIN_PENALTY <= v <= MAX_PENALTY:
             raise ValueError(f"must be in [{MIN_PENALTY}, {MAX_PENALTY}]")
         return v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, v: Any) -> Any:
+        """A mapping (JSON's keys are strings: ``{"1234": -100}``) or pairs, as sorted
+        ``(token id, bias)`` pairs: a tuple keeps the config hashable and its dump stable."""
+        if v is None:
+            return ()
+        if isinstance(v, Mapping):
+            v = list(v.items())
+        if not isinstance(v, list | tuple):
+            raise ValueError("must map token ids to biases")
+        top = f"{MAX_LOGIT_BIAS:g}"
+        rule = f"must map token ids (integers >= 0) to biases in [-{top}, {top}]"
+        pairs: dict[int, float] = {}
+        for pair in v:
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise ValueError(f"{rule}, got {pair!r}")
+            key, value = pair
+            token = _token_id(key)
+            if token is None:
+                raise ValueError(f"{rule}, got key {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{rule}, got {value!r} for token {token}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:  # NaN fails this too
+                raise ValueError(f"{rule}, got {value} for token {token}")
+            if token in pairs:
+                raise ValueError(f"{rule}, got token {token} twice")
+            pairs[token] = float(value)
+        return tuple(sorted(pairs.items()))
 
     @model_validator(mode="after")
     def _request_prompts(self) -> DecodingConfig:

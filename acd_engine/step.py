@@ -1,7 +1,8 @@
 """The token step: from one request's branch outputs to its next token, in one fixed order.
 
 contrast (:mod:`acd_engine.contrast`) -> constraint (a grammar mask) -> plausibility filter
--> transformers' processors (repetition penalty, temperature, top-k, top-p) -> pick (argmax
+-> OpenAI's logit bias and presence/frequency penalties (:class:`AnswerPenalties`) ->
+transformers' processors (repetition penalty, temperature, top-k, top-p) -> pick (argmax
 or one seeded draw). The reference decoder and the fast decoder both choose every token
 through :class:`TokenStep`, and ``Engine.score_continuations`` scores through
 :func:`filtered_scores`, the same first three stages without the sampler's, so a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -27,8 +29,10 @@ from acd_engine.contrast import (
     contrast_rows,
     plausibility_filter,
 )
+from acd_engine.errors import ConfigError
 
 __all__ = [
+    "AnswerPenalties",
     "TokenStep",
     "build_processors",
     "continuation_logprob",
@@ -38,9 +42,57 @@ __all__ = [
 ]
 
 
+class AnswerPenalties(LogitsProcessor):
+    """OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty``, as OpenAI
+    defines them: ``score[j] += bias[j] - frequency * count[j] - presence * (count[j] > 0)``.
+
+    ``count`` is over the answer so far, never the prompt (OpenAI's and vLLM's rule; the
+    prompt-wide penalty is ``repetition_penalty``). Every decoder calls its token step
+    before it appends the first token, so the first call's ``input_ids`` are the prompt
+    alone and their length marks where the answer starts: one instance per request, which
+    :class:`TokenStep` builds. Finite additions leave a ``-inf`` score ``-inf``, so nothing
+    here revives a token the grammar or the plausibility filter removed.
+
+    Raises:
+        ConfigError: A ``logit_bias`` token id is not in the model's vocabulary.
+    """
+
+    def __init__(self, cfg: DecodingConfig) -> None:
+        self.presence = cfg.presence_penalty
+        self.frequency = cfg.frequency_penalty
+        self.bias = cfg.logit_bias
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[-1]
+        vocab = scores.shape[-1]
+        if self.bias:
+            top = self.bias[-1][0]  # pairs are sorted by token id
+            if top >= vocab:
+                raise ConfigError(
+                    f"logit_bias must name token ids below the model's vocabulary size "
+                    f"{vocab}, got {top}"
+                )
+            ids = torch.tensor([t for t, _ in self.bias], device=scores.device)
+            values = torch.tensor([b for _, b in self.bias], device=scores.device)
+            scores = scores.index_add(-1, ids, values.to(scores.dtype).expand(len(scores), -1))
+        answer = input_ids[0, self.start :]
+        if (self.presence or self.frequency) and answer.numel():
+            counts = torch.bincount(answer, minlength=vocab)[:vocab].to(scores.dtype)
+            scores = (
+                scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+            )
+        return scores
+
+
 def build_processors(cfg: DecodingConfig) -> LogitsProcessorList:
-    """transformers' processors, in generate's order, applied after the contrast."""
+    """The request's processors, applied after the contrast: OpenAI's bias and penalties
+    (vLLM's order: before the repetition penalty), then transformers' in generate's order.
+    A new list per request: :class:`AnswerPenalties` remembers where its answer starts."""
     procs = LogitsProcessorList()
+    if cfg.logit_bias or cfg.presence_penalty or cfg.frequency_penalty:
+        procs.append(AnswerPenalties(cfg))
     if cfg.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if cfg.temperature > 0:

@@ -24,6 +24,7 @@ from acd_engine.gate import applied_alpha
 __all__ = [
     "DECODING_PARAMS",
     "ENGINE_PARAMS",
+    "MAPPING_PARAMS",
     "PARAM_TO_FIELD",
     "Param",
     "build_config",
@@ -58,6 +59,9 @@ DECODING_PARAMS: tuple[Param, ...] = (
     Param("top_p", "top_p"),
     Param("top_k", "top_k"),
     Param("repetition_penalty", "repetition_penalty"),
+    Param("presence_penalty", "presence_penalty"),
+    Param("frequency_penalty", "frequency_penalty"),
+    Param("logit_bias", "logit_bias"),
     Param("seed", "seed"),
     Param("stop", "stop"),
     Param("plausibility", "plausibility"),
@@ -72,18 +76,25 @@ DECODING_PARAMS: tuple[Param, ...] = (
 #: Keywords that pick the engine (``get_engine``'s arguments) rather than a decoding field.
 ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "quantize", "pack")
 
+#: Keywords adapters take as a mapping (OpenAI's ``logit_bias``: token id -> bias), which
+#: ``DecodingConfig`` keeps as sorted pairs so that it stays hashable.
+MAPPING_PARAMS: tuple[str, ...] = ("logit_bias",)
+
 #: Adapter keyword -> ``DecodingConfig`` field.
 PARAM_TO_FIELD: dict[str, str] = {p.name: p.field for p in DECODING_PARAMS}
 _FIELD_TO_PARAM: dict[str, str] = {p.field: p.name for p in DECODING_PARAMS}
 
 
 def param_default(name: str) -> Any:
-    """The engine's default for adapter keyword ``name`` (``stop`` as a list).
+    """The engine's default for adapter keyword ``name`` (``stop`` as a list,
+    ``logit_bias`` as a dict).
 
     Adapters use it as their field default, so ``ChatACD().alpha`` shows the value the
     engine will actually apply instead of an opaque ``None``.
     """
     default = DecodingConfig.model_fields[PARAM_TO_FIELD[name]].default
+    if name in MAPPING_PARAMS:
+        return dict(default)
     return list(default) if isinstance(default, tuple) else default
 
 

@@ -140,6 +140,17 @@ class ChatACD(BaseChatModel):
         default=param_default("repetition_penalty"),
         description=param_description("repetition_penalty"),
     )
+    presence_penalty: float = Field(
+        default=param_default("presence_penalty"),
+        description=param_description("presence_penalty"),
+    )
+    frequency_penalty: float = Field(
+        default=param_default("frequency_penalty"),
+        description=param_description("frequency_penalty"),
+    )
+    logit_bias: dict[int, float] = Field(
+        default=param_default("logit_bias"), description=param_description("logit_bias")
+    )
     seed: int | None = Field(default=param_default("seed"), description=param_description("seed"))
     stop: list[str] | None = Field(default=None, description=param_description("stop"))
     plausibility: float = Field(

@@ -332,3 +332,13 @@ def test_a_start_longer_than_its_room_is_prefilled_with_each_request(engine, dec
         assert torch.equal(a, b)
     finally:
         reader.close()
+
+
+def test_openai_logit_bias_applies_on_llama_cpp(decoder):
+    """llama.cpp chooses through the engine's token step, OpenAI's adjustments included."""
+    forced = DecodingConfig(method="plain", max_new_tokens=N, logit_bias={1234: 100})
+    assert decoder.generate(PROMPT, forced).token_ids == [1234] * N
+    plain = decoder.generate(PROMPT, DecodingConfig(method="plain", max_new_tokens=N))
+    first = plain.token_ids[0]
+    banned = DecodingConfig(method="plain", max_new_tokens=N, logit_bias={first: -100})
+    assert first not in decoder.generate(PROMPT, banned).token_ids
