@@ -961,7 +961,7 @@ def bench_command(
             rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
             isolate=isolate,
             compile_step=compile_step,
-            quantize=quantize,  # type: ignore[arg-type]  # validated by BenchSettings
+            quantize=quantize,
             tokenizer=tokenizer,
         )
     except ConfigError as exc:

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, cast
 
 import typer
 from typer.core import TyperGroup
@@ -46,6 +46,14 @@ def _click_class(name: str) -> type[Exception]:
 _CLICK_ERROR = _click_class("ClickException")
 
 
+class _ClickError(Protocol):
+    """What this module calls on a :data:`_CLICK_ERROR` (found by name, so typed loosely)."""
+
+    def show(self) -> None: ...
+
+    def format_message(self) -> str: ...
+
+
 class OneLineErrors(TyperGroup):
     """The app's click group: usage and user errors of every command become one line.
 
@@ -53,12 +61,13 @@ class OneLineErrors(TyperGroup):
     a traceback with exit code 1. Running click in non-standalone mode hands both to us.
     """
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
         try:
@@ -67,17 +76,19 @@ class OneLineErrors(TyperGroup):
                 prog_name=prog_name,
                 complete_var=complete_var,
                 standalone_mode=False,
+                windows_expand_args=windows_expand_args,
                 **extra,
             )
         except typer.Abort:  # Ctrl-C or EOF at a prompt
             typer.echo("aborted", err=True)
             code = 1
-        except _CLICK_ERROR as exc:  # usage: missing argument, bad int, no such option
+        except _CLICK_ERROR as caught:  # usage: missing argument, bad int, no such option
+            exc = cast(_ClickError, caught)  # _CLICK_ERROR is click's ClickException
             if type(exc).__name__ == "NoArgsIsHelpError":  # `acd` alone: show the help
-                exc.show()  # type: ignore[attr-defined]
+                exc.show()
                 code = USER_ERROR_EXIT
             else:
-                code = echo_error(exc.format_message())  # type: ignore[attr-defined]
+                code = echo_error(exc.format_message())
         except user_error_types() as exc:
             code = echo_error(exc)
         if not standalone_mode:

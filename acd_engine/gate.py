@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 
@@ -78,14 +78,25 @@ GatePooling = Literal["mean", "last", "window"]
 ``SafetyGate.window`` positions (stride ``SafetyGate.stride``) and of the whole span, each
 scored, the highest score counting. Windows keep a harmful sentence from being averaged
 away by the harmless text around it (retrieved passages, padding, a long message)."""
-POOLINGS: tuple[str, ...] = get_args(GatePooling)
+POOLINGS: tuple[GatePooling, ...] = get_args(GatePooling)
 
 GateScope = Literal["request", "user_turn"]
 """Which positions of the plain rendering a gate reads: ``request``, every token after the
 template's constant start (the caller's system prompt and earlier turns included; packs
 before scopes existed), or ``user_turn``, the latest user message's own text, whose states
 still carry the whole conversation through attention."""
-SCOPES: tuple[str, ...] = get_args(GateScope)
+SCOPES: tuple[GateScope, ...] = get_args(GateScope)
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(name: str, value: object, choices: tuple[_Choice, ...]) -> _Choice:
+    """``value`` as one of ``choices`` (a ``Literal``'s values), or the pack error saying
+    which are allowed; typed, so a string read from a pack file becomes the literal."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise PromptPackError(f"gate {name} must be one of {one_of(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -157,12 +168,8 @@ class SafetyGate:
             )
         if not 0.0 < self.threshold < 1.0:
             raise PromptPackError(f"gate threshold must be in (0, 1), got {self.threshold}")
-        if self.pooling not in POOLINGS:
-            raise PromptPackError(
-                f"gate pooling must be one of {one_of(POOLINGS)}, got {self.pooling!r}"
-            )
-        if self.scope not in SCOPES:
-            raise PromptPackError(f"gate scope must be one of {one_of(SCOPES)}, got {self.scope!r}")
+        self.pooling = _choice("pooling", self.pooling, POOLINGS)
+        self.scope = _choice("scope", self.scope, SCOPES)
         for name, value in (("window", self.window), ("stride", self.stride)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
                 raise PromptPackError(f"gate {name} must be an integer in [1, 4096], got {value!r}")
@@ -312,10 +319,10 @@ class SafetyGate:
             tensors["gate.scale"],
             threshold,
             extra,
-            meta.get("gate.pooling", "last"),  # type: ignore[arg-type]  # checked in __post_init__
+            _choice("pooling", meta.get("gate.pooling", "last"), POOLINGS),
             tensors.get("gate.hidden.weight"),
             tensors.get("gate.hidden.bias"),
-            meta.get("gate.scope", "request"),  # type: ignore[arg-type]  # checked in __post_init__
+            _choice("scope", meta.get("gate.scope", "request"), SCOPES),
             window,
             stride,
         )

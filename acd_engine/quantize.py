@@ -24,7 +24,7 @@ import ctypes
 import gc
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -163,6 +163,13 @@ def quantize_model(
     return done
 
 
+class _Traceable(Protocol):
+    """torch's traceable tensor subclass protocol, which torchao's quantized weights
+    implement: the names of the plain tensors a subclass holds, and its metadata."""
+
+    def __tensor_flatten__(self) -> tuple[list[str], Any]: ...
+
+
 def quantized_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters and buffers hold, quantized ones at their packed size."""
     total = 0
@@ -172,7 +179,7 @@ def quantized_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(id(tensor))
         if is_quantized(tensor):
-            inner, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+            inner, _ = cast(_Traceable, tensor).__tensor_flatten__()  # a torchao subclass
             total += sum(
                 t.numel() * t.element_size()
                 for name in inner

@@ -12,6 +12,8 @@ scores is one more stage here, not an edit in each decoder.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import (
     LogitsProcessor,
@@ -38,6 +40,7 @@ __all__ = [
     "continuation_logprob",
     "filtered_scores",
     "pick_token",
+    "run_processors",
     "sampler",
 ]
 
@@ -105,6 +108,15 @@ def build_processors(cfg: DecodingConfig) -> LogitsProcessorList:
     return procs
 
 
+def run_processors(
+    procs: LogitsProcessorList, ids: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
+    """``procs(ids, scores)``. transformers types ``input_ids`` as the legacy
+    ``torch.LongTensor`` class, which no torch op returns; ``ids`` holds int64 token ids,
+    which is all the processors read."""
+    return procs(cast(torch.LongTensor, ids), scores)
+
+
 def sampler(cfg: DecodingConfig, device: torch.device) -> torch.Generator | None:
     """The request's seeded generator (None for greedy decoding, which draws nothing)."""
     if cfg.temperature == 0:
@@ -142,7 +154,7 @@ def filtered_scores(
     """
     if constraint:
         assert ids is not None
-        scores = constraint(ids, scores)  # type: ignore[arg-type]
+        scores = run_processors(constraint, ids, scores)
     return plausibility_filter(scores, pos, cfg.plausibility)  # [B, V] fp32
 
 
@@ -187,7 +199,7 @@ class TokenStep:
     def choose(self, scores: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``[1, 1]`` token from contrasted fp32 scores ``[1, V]`` and positive logits."""
         scores = filtered_scores(scores, pos, self.cfg, ids, self.constraint)
-        scores = self.procs(ids, scores)  # type: ignore[arg-type]
+        scores = run_processors(self.procs, ids, scores)
         return pick_token(scores, self.cfg.temperature, self.gen)
 
     def choose_rows(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

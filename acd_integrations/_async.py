@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,7 +27,11 @@ class _Failed:
     exc: BaseException
 
 
-_DONE = object()
+class _Done:
+    """The worker's last item: its iterator is exhausted, closed or failed."""
+
+
+_DONE = _Done()
 
 
 async def arun_in_thread(fn: Callable[[threading.Event], T]) -> T:
@@ -42,7 +46,9 @@ async def arun_in_thread(fn: Callable[[threading.Event], T]) -> T:
         raise
 
 
-async def aiter_in_thread(make_iter: Callable[[threading.Event], Iterator[T]]) -> AsyncIterator[T]:
+async def aiter_in_thread(
+    make_iter: Callable[[threading.Event], Iterator[T]],
+) -> AsyncGenerator[T, None]:
     """Iterate ``make_iter(cancel)`` in a worker thread, yielding items on the event loop.
 
     Items cross over through an unbounded queue, so the worker never waits for a slow
@@ -51,10 +57,10 @@ async def aiter_in_thread(make_iter: Callable[[threading.Event], Iterator[T]]) -
     token and its iterator is closed.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    queue: asyncio.Queue[T | _Failed | _Done] = asyncio.Queue()
     cancel = threading.Event()
 
-    def put(item: object) -> None:
+    def put(item: T | _Failed | _Done) -> None:
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the loop is gone: nobody is listening any more
@@ -81,10 +87,10 @@ async def aiter_in_thread(make_iter: Callable[[threading.Event], Iterator[T]]) -
     try:
         while True:
             item = await queue.get()
-            if item is _DONE:
+            if isinstance(item, _Done):
                 return
             if isinstance(item, _Failed):
                 raise item.exc
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         cancel.set()

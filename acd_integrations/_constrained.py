@@ -269,7 +269,7 @@ class GrammarConstraint(LogitsProcessor):
                 self.error = self._matcher.get_error() or f"token {token} is not allowed"
                 logger.warning("grammar constraint stopped generation: %s", self.error)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         self._advance(input_ids)
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         if self.error is not None or self._matcher.is_error():
@@ -278,7 +278,7 @@ class GrammarConstraint(LogitsProcessor):
             bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
             mask = np.unpackbits(bits, bitorder="little")[: min(self._vocab, scores.shape[-1])]
             allowed[: mask.shape[0]] = torch.from_numpy(mask.astype(bool)).to(scores.device)
-        return scores.masked_fill(~allowed, float("-inf"))  # type: ignore[return-value]
+        return scores.masked_fill(~allowed, float("-inf"))
 
 
 _STRUCTURAL = frozenset('"{}[],:')
@@ -316,7 +316,7 @@ class LoopGuard(LogitsProcessor):
         self._structural = structural
         self._start: int | None = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if self._start is None:
             self._start = int(input_ids.shape[-1])
         gen = input_ids[0, self._start :].tolist()
@@ -330,7 +330,7 @@ class LoopGuard(LogitsProcessor):
             return scores
         out = scores.clone()
         out[0, sorted(banned)] = float("-inf")
-        return out if bool(torch.isfinite(out).any()) else scores  # type: ignore[return-value]
+        return out if bool(torch.isfinite(out).any()) else scores
 
 
 def constraint_for(

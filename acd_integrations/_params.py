@@ -154,7 +154,7 @@ def build_config(
     try:
         if base is None:
             return DecodingConfig(**kwargs)
-        return base.replace(**kwargs)  # type: ignore[return-value]
+        return base.replace(**kwargs)
     except ConfigError as exc:
         raise ConfigError(_rename_fields(str(exc))) from None
 

@@ -371,7 +371,7 @@ class ChatACD(BaseChatModel):
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
-                tool_call_chunks=chunks,  # type: ignore[arg-type]
+                tool_call_chunks=chunks,
                 usage_metadata=usage,
                 response_metadata=meta,
                 chunk_position="last",
@@ -461,7 +461,7 @@ class ChatACD(BaseChatModel):
         finally:
             # Close now (not whenever the loop finalises it): this sets the engine's
             # cancel event, so decoding stops before the next token.
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
 
     # -- tools and structured output -------------------------------------------------------
     def bind_tools(
@@ -535,7 +535,7 @@ class ChatACD(BaseChatModel):
                 [schema], tool_choice=name, ls_structured_output_format=ls_format, **kwargs
             )
             parser = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
                 if is_pydantic
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
@@ -553,9 +553,7 @@ class ChatACD(BaseChatModel):
             )
             llm = self.bind(response_format=fmt, ls_structured_output_format=ls_format, **kwargs)
             parser = (
-                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-                if is_pydantic
-                else JsonOutputParser()
+                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
             )
         final = _final_only(parser)
         if not include_raw:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal, Protocol, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from acd_engine.config import did_you_mean
 from acd_engine.errors import ConfigError
@@ -376,16 +376,18 @@ class RefusalMarkerJudge:
 # --------------------------------------------------------------------------------- registry
 
 
-def _hf_judge(**options: object) -> Judge:
+# The options are the user's, passed through as given: the judge's constructor checks each
+# value (ConfigError) and Python refuses an unknown name, so nothing is typed here.
+def _hf_judge(**options: Any) -> Judge:
     from acd_engine.eval.model_judges import HFModelJudge
 
-    return HFModelJudge(**options)  # type: ignore[arg-type]
+    return HFModelJudge(**options)
 
 
-def _openai_judge(**options: object) -> Judge:
+def _openai_judge(**options: Any) -> Judge:
     from acd_engine.eval.model_judges import EndpointJudge
 
-    return EndpointJudge(**options)  # type: ignore[arg-type]
+    return EndpointJudge(**options)
 
 
 # "hf" and "openai" import nothing until asked for (acd_engine.eval.model_judges).

@@ -388,7 +388,7 @@ def gate_flag_rates(
         GateFlagRate(
             benchmark=bench,
             role=roles.get(bench, "harmful" if label == "harmful" else "safe"),
-            label=label,  # type: ignore[arg-type]
+            label=label,
             n=len(groups[(bench, label)]),
             n_flagged=sum(groups[(bench, label)]),
             flag_rate=_rate(groups[(bench, label)]),
@@ -423,7 +423,7 @@ def gate_sweep(
     grid) and notes saying what could not be computed and why. ``passed`` is the method a
     request the gate passes decodes with (the run's ``gate_passed_method``).
     """
-    scores = _gate_scores(records)
+    scores = {k: r.gate_score for k, r in _gate_scores(records).items() if r.gate_score is not None}
     passed_records = _by_prompt(records, passed).get(None, {})
     acd = _by_prompt(records, "acd")
     missing = [
@@ -451,7 +451,7 @@ def gate_sweep(
             )
             continue
         for t in grid:
-            flagged = [scores[k].gate_score >= t for k in keys]  # type: ignore[operator]
+            flagged = [scores[k] >= t for k in keys]
             picked = [
                 (acd[alpha][k] if f else passed_records[k]).model_copy(
                     update={"method": GATED_METHOD, "alpha": alpha}

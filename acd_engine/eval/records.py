@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -31,10 +32,8 @@ from acd_engine.config import CONTRAST_METHODS, METHODS
 from acd_engine.errors import ConfigError
 from acd_engine.eval.verdicts import Verdict
 
-try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected.
+if sys.platform != "win32":  # POSIX only; on Windows two concurrent runs go undetected
     import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "BARE",
@@ -177,7 +176,7 @@ class RecordLog:
     def __enter__(self) -> RecordLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+b")
-        if fcntl is not None:
+        if sys.platform != "win32":
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -723,7 +723,7 @@ class _Run:
     pending: list[EvalRecord] = field(default_factory=list)
 
     def _record_failure(self, common: dict[str, Any], exc: Exception, kind: str) -> None:
-        record = EvalRecord(**common, kind=kind, error=_describe_error(exc))  # type: ignore[arg-type]
+        record = EvalRecord(**common, kind=kind, error=_describe_error(exc))
         if isinstance(exc, _INPUT_ERRORS):
             logger.warning("%s: %s (recorded as an error)", common["id"], record.error)
             self.log.append(record)

@@ -42,11 +42,12 @@ from acd_engine.eval.judges import Judge, get_judge
 from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.config import SHORT_OPPOSITE_PROMPT, SHORT_SAFE_PROMPT, TrainConfig
-from acd_engine.training.data import OPOSplits
+from acd_engine.training.data import OPOExample, OPOSplits
 from acd_engine.training.evaluate import evaluate_anchors, selection_key, validation_subset
 from acd_engine.training.losses import (
     IGNORE_INDEX,
     OBJECTIVES,
+    Objective,
     Split,
     position_weights,
     sequence_losses,
@@ -180,12 +181,13 @@ def encode_splits(engine: Any, splits: OPOSplits, cfg: TrainConfig) -> list[Enco
         eos = min(engine.eos_token_ids)
     out: list[EncodedExample] = []
     cache: dict[str, tuple[list[int], list[int]]] = {}
-    for split, examples in (
+    groups: tuple[tuple[Split, list[OPOExample]], ...] = (
         ("hr", splits.hr),
         ("ha", splits.ha),
         ("s", splits.s),
         ("br", splits.br),
-    ):
+    )
+    for split, examples in groups:
         # A refusal opening is trained only on its first tokens, and never on an EOS.
         limit = min(cfg.target_tokens, cfg.refusal_opening_tokens) if split == "br" else None
         for ex in examples:
@@ -199,7 +201,7 @@ def encode_splits(engine: Any, splits: OPOSplits, cfg: TrainConfig) -> list[Enco
             resp = resp[: limit or cfg.target_tokens]
             if not resp:
                 continue
-            out.append(EncodedExample(tuple(head), tuple(tail), tuple(resp), split))  # type: ignore[arg-type]
+            out.append(EncodedExample(tuple(head), tuple(tail), tuple(resp), split))
     return out
 
 
@@ -388,7 +390,7 @@ class OPOTrainer:
         dev, dtype = emb.weight.device, emb.weight.dtype
         rows: list[torch.Tensor] = []
         targets: list[tuple[int, list[int]]] = []  # (first scored position, token ids)
-        objectives: list[str] = []
+        objectives: list[Objective] = []
         weights: list[float] = []
         for prompt_name, soft in (("sp", sp), ("ap", ap)):
             for ex in batch:
@@ -422,7 +424,7 @@ class OPOTrainer:
         per_row = sequence_losses(
             logits,
             labels,
-            objectives,  # type: ignore[arg-type]
+            objectives,
             self.cfg.ul_min_prob,
             positions,
         )

@@ -541,7 +541,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         try:
             first = await events.__anext__()
         except Exception as exc:  # nothing sent yet: a plain error response still fits  # noqa: BLE001
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             server.release()
             return error_response(_as_api_error(exc), endpoint, start)
         chat = endpoint == "chat"
@@ -601,7 +601,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
                     server.metrics.requests.labels(endpoint, status).inc()
                 # Last: under a cancelled scope this await may be interrupted, but closing
                 # sets the engine's cancel event before it can be.
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
