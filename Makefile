@@ -9,7 +9,7 @@ EXTRAS := langchain,llamaindex,eval,serve,quant,dev
 # The tested versions of everything the install below brings (make constraints writes it).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short bench redteam clean
+.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short browser-test bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,19 @@ fuzz: install
 # "fuzz-short"): about a minute, run by .ci/run, so a case that breaks `make fuzz` shows in CI.
 fuzz-short: install
 	HYPOTHESIS_PROFILE=fuzz-short $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
+
+# acd serve's playground page (the page at /) driven in a real headless Chromium against the
+# real default model: Debian's chromium and chromium-driver, installed here when missing
+# (apt-get, as root or through sudo). ACD_BROWSER_TESTS=1 makes a missing browser a failure,
+# not a skip. Add ACD_PLAYGROUND_SCREENSHOT=docs/playground.png to retake the docs' picture.
+browser-test: install
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+	ACD_BROWSER_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m browser \
+		tests/integrations/server/test_playground_browser.py
 
 bench: install
 	$(BIN)/acd bench --json

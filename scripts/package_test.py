@@ -321,7 +321,8 @@ def free_port() -> int:
 
 
 def check_serve(home: Path, env: dict[str, str]) -> str:
-    """``acd serve`` on loopback answers one chat completion; stopped afterwards."""
+    """``acd serve`` on loopback answers one chat completion and its playground page at ``/``;
+    stopped afterwards."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (home / "serve.log").open("w")
@@ -370,6 +371,11 @@ def check_serve(home: Path, env: dict[str, str]) -> str:
         text = reply["choices"][0]["message"]["content"]
         if not isinstance(text, str) or not text or reply["acd"]["method"] != "acd":
             raise Failed(f"acd serve answered {reply!r}")
+        # The playground page is package data: a wheel without it would answer / with a 500.
+        with urllib.request.urlopen(f"{base}/", timeout=30) as r:
+            page = r.read().decode()
+        if "<title>acd playground</title>" not in page:
+            raise Failed(f"acd serve's / is not the playground page: {page[:200]!r}")
         return text
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +53,7 @@ from acd_integrations._async import aiter_in_thread, arun_in_thread
 from acd_integrations._calls import AdapterCall, CallDelta, CallOutcome, prepare_call
 from acd_integrations._params import PARAM_TO_FIELD, build_config
 from acd_integrations.server.metrics import ServerMetrics
+from acd_integrations.server.playground import playground_page
 from acd_integrations.server.protocol import (
     ACD_FIELDS,
     ApiError,
@@ -399,6 +400,12 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         return JSONResponse(
             error_body(message, "invalid_request_error", None, code), status_code=exc.status_code
         )
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        # The playground: a static page of the package that uses only the public API below.
+        page = playground_page()
+        return HTMLResponse(page.html, headers=page.headers)
 
     @app.get("/health")
     async def health() -> Response:
