@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from transformers import LogitsProcessorList
 
@@ -33,18 +33,49 @@ from acd_engine.answer import (
 )
 from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig
+from acd_engine.contrast import BranchPlan
 from acd_engine.decoding import decode
 from acd_engine.errors import ConfigError
-from acd_engine.gate import decoded_rendering, routed_config
-from acd_engine.rendering import Messages, template_kwargs
+from acd_engine.gate import GateVerdict, SafetyGate, decoded_rendering, routed_config
+from acd_engine.kernels import EngineOptions, KernelPolicy
+from acd_engine.rendering import Messages, Rendered, template_kwargs
+from acd_engine.rows import RowBuilder
 
-if TYPE_CHECKING:
-    from acd_engine.engine import Engine
-
-__all__ = ["AnyEvent", "Call", "CallRunner", "calls_of", "coalesce_key", "decode_calls"]
-__all__ += ["run_coalesced", "stream_in_thread", "text_deltas"]
+__all__ = ["AnyEvent", "Call", "CallEngine", "CallRunner", "calls_of", "coalesce_key"]
+__all__ += ["decode_calls", "run_coalesced", "stream_in_thread", "text_deltas"]
 
 logger = logging.getLogger(__name__)
+
+
+class CallEngine(Protocol):
+    """What running a call reads from its engine: the model, its parts, and the request
+    steps the engine owns (render, plan, gate).
+
+    :class:`~acd_engine.engine.Engine` is one. The request path takes this instead of the
+    engine, so the engine, which imports this module, is never imported back: the arrows
+    point one way, from the engine down to the path it runs.
+    """
+
+    @property
+    def model(self) -> Any: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    @property
+    def kernels(self) -> KernelPolicy: ...
+    @property
+    def rows(self) -> RowBuilder: ...
+    @property
+    def options(self) -> EngineOptions: ...
+
+    def check_decodes(self) -> None: ...
+    def render(self, messages: Messages, **template_kwargs: Any) -> Rendered: ...
+    def plan(self, config: DecodingConfig) -> BranchPlan: ...
+    def active_gate(self, config: DecodingConfig) -> SafetyGate | None: ...
+    def gate_verdict(
+        self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
+    ) -> GateVerdict | None: ...
 
 
 class AnyEvent:
@@ -123,7 +154,7 @@ class CallRunner:
         lock: The engine's lock; held while anything decodes.
     """
 
-    def __init__(self, engine: Engine, lock: threading.RLock) -> None:
+    def __init__(self, engine: CallEngine, lock: threading.RLock) -> None:
         self.engine = engine
         self.lock = lock
         self.coalescer: Coalescer[GenerationResult] = Coalescer(
@@ -160,7 +191,7 @@ class CallRunner:
         return [r for s in range(0, len(calls), k) for r in self.decode_group(calls[s : s + k])]
 
 
-def decode_calls(engine: Engine, calls: list[Call]) -> list[GenerationResult]:
+def decode_calls(engine: CallEngine, calls: list[Call]) -> list[GenerationResult]:
     """Decode ``calls`` (same config and tools) together, the engine's lock held; each
     call's chunks go to its sink as they are ready.
 

@@ -9,21 +9,46 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from acd_engine._compat import cache_arg
 from acd_engine.config import DecodingConfig
-from acd_engine.gate import decoded_rendering, routed_config
-from acd_engine.kernels import StepContext
+from acd_engine.contrast import BranchPlan
+from acd_engine.gate import GateVerdict, decoded_rendering, routed_config
+from acd_engine.kernels import EngineOptions, KernelPolicy, StepContext
+from acd_engine.rendering import Messages, Rendered
 from acd_engine.row_layout import RowInput, lay_out_rows
+from acd_engine.rows import RowBuilder
 from acd_engine.step import continuation_logprob
 
-if TYPE_CHECKING:
-    from acd_engine.engine import Engine
+__all__ = ["ScoringEngine", "score_continuations", "score_reference", "score_rows"]
 
-__all__ = ["score_continuations", "score_reference", "score_rows"]
+
+class ScoringEngine(Protocol):
+    """What scoring reads from its engine: the model, its parts, and the request steps the
+    engine owns (render, plan, the gate's verdict, text as data).
+
+    :class:`~acd_engine.engine.Engine` is one; this module never imports it, so the engine
+    sits above what it runs.
+    """
+
+    @property
+    def model(self) -> Any: ...
+    @property
+    def kernels(self) -> KernelPolicy: ...
+    @property
+    def rows(self) -> RowBuilder: ...
+    @property
+    def options(self) -> EngineOptions: ...
+
+    def encode_data(self, text: str) -> list[int]: ...
+    def render(self, messages: Messages, **template_kwargs: Any) -> Rendered: ...
+    def plan(self, config: DecodingConfig) -> BranchPlan: ...
+    def gate_verdict(
+        self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
+    ) -> GateVerdict | None: ...
 
 
 def score_rows(
@@ -88,7 +113,7 @@ def score_reference(
 
 
 def score_continuations(
-    engine: Engine, messages: Any, continuations: Sequence[str], cfg: DecodingConfig
+    engine: ScoringEngine, messages: Messages, continuations: Sequence[str], cfg: DecodingConfig
 ) -> list[float]:
     """Each continuation's score on the engine's path (its lock held).
 
