@@ -11,7 +11,7 @@ So a stream's concatenated deltas and a batch's texts are always the text a lone
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -69,6 +69,18 @@ class GenerationResult(BaseModel):
         default=None,
         description="Whether the gate flagged the request (decoded with SP - alpha * AP) "
         "rather than passing it to DecodingConfig.gate_passed_method.",
+    )
+    pack: str | None = Field(
+        default=None,
+        description="The prompt pack the method read: its file name and id, 'none (manual "
+        "prompts)' when the model has no trained pack (acd then equals oid), 'unused' for a "
+        "method that reads none (acd_engine.pack_info). None: not reported.",
+    )
+    gate: str | None = Field(
+        default=None,
+        description="The safety gate that routed the request: its layers and threshold, or "
+        "'none' (no gate in the pack, gate=False, or a method the gate does not route). "
+        "None: not reported.",
     )
 
 
@@ -170,9 +182,15 @@ class Answer:
         return [StreamChunk(rest, []), last] if rest else [last]
 
 
-def result_of(answer: Answer, last: StreamChunk, config: DecodingConfig) -> GenerationResult:
-    """A request's result from its answer and its stream's last chunk (finish reason,
-    usage, gate verdict): one place decides what a result reports."""
+def result_of(
+    answer: Answer,
+    last: StreamChunk,
+    config: DecodingConfig,
+    report: Mapping[str, str] | None = None,
+) -> GenerationResult:
+    """A request's result from its answer, its stream's last chunk (finish reason, usage,
+    gate verdict) and the engine's ``pack_report`` (``{"pack": ..., "gate": ...}``): one
+    place decides what a result reports."""
     assert last.finish_reason is not None and last.usage is not None
     verdict = last.gate
     flagged = None if verdict is None else verdict.flagged
@@ -185,6 +203,8 @@ def result_of(answer: Answer, last: StreamChunk, config: DecodingConfig) -> Gene
         alpha=applied_alpha(config, flagged),
         gate_score=None if verdict is None else verdict.score,
         gate_flagged=flagged,
+        pack=None if report is None else report["pack"],
+        gate=None if report is None else report["gate"],
     )
 
 

@@ -76,6 +76,7 @@ class CallEngine(Protocol):
     def gate_verdict(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
     ) -> GateVerdict | None: ...
+    def pack_report(self, config: DecodingConfig) -> dict[str, str]: ...
 
 
 class AnyEvent:
@@ -225,7 +226,8 @@ def decode_calls(engine: CallEngine, calls: list[Call]) -> list[GenerationResult
     sinks: list[Sink | None] = [call.out for call in calls]
     cancels: list[CancelFlag | None] = [call.cancel for call in calls]
     lasts = run_answers(steps, finished, answers, limits, cancels, sinks, facts)
-    return [result_of(a, last, cfg) for a, last in zip(answers, lasts, strict=True)]
+    report = engine.pack_report(cfg)
+    return [result_of(a, last, cfg, report) for a, last in zip(answers, lasts, strict=True)]
 
 
 def run_coalesced(

@@ -25,6 +25,7 @@ from acd_engine.cli_common import (
     ModelOpt,
     PackOpt,
     QuantizeOpt,
+    RequirePackOpt,
     VerboseOpt,
     echo_error,
     run_command,
@@ -172,6 +173,7 @@ def generate(
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
+    require_pack: RequirePackOpt = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the GenerationResult as one JSON object.")
     ] = False,
@@ -197,7 +199,7 @@ def generate(
             gate_passed_method=gate_passed_method,
         )
         messages = _messages(prompt, system)
-        engine = get_engine(model, pack=pack, quantize=quantize)
+        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
         result = engine.generate(messages, cfg)
         if as_json:
             typer.echo(json.dumps(result.model_dump(), ensure_ascii=False))
@@ -219,6 +221,7 @@ def compare(
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
+    require_pack: RequirePackOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -231,6 +234,7 @@ def compare(
 
         from acd_engine.config import DecodingConfig
         from acd_engine.engine import get_engine
+        from acd_engine.pack_info import NO_PACK
 
         for i, prompt in enumerate(prompts):
             _text(prompt, f"prompts[{i}]")
@@ -245,7 +249,7 @@ def compare(
             )
             for m in names
         ]
-        engine = get_engine(model, pack=pack, quantize=quantize)
+        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
         console = Console(stderr=False, width=max(Console().width, 120))
         rows: list[dict[str, Any]] = []
         for prompt in prompts:
@@ -269,6 +273,8 @@ def compare(
                         else f"passed: {cfg.gate_passed_method}"
                     )
                     label += f"\ngate {out.gate_score:.2f} ({route})"
+                if out.pack == NO_PACK:  # acd without a trained pack is oid: say so
+                    label += f"\npack {NO_PACK}"
                 table.add_row(label, f"{tps:.1f}", out.text.strip() or "[dim](empty)[/dim]")
             if not as_json:
                 console.print(table)
@@ -294,6 +300,7 @@ def chat(
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
+    require_pack: RequirePackOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat with streaming output. Empty line or Ctrl-D quits."""
@@ -307,7 +314,7 @@ def chat(
             method=method, alpha=alpha, max_new_tokens=max_new_tokens, temperature=temperature
         )
         history: list[dict[str, str]] = _messages("", system)[:-1]
-        engine = get_engine(model, pack=pack, quantize=quantize)
+        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
         typer.echo(f"{engine.model_name} · method {cfg.method} · empty line quits")
         while True:
             try:
@@ -531,6 +538,14 @@ def serve_command(
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
+    require_pack: Annotated[
+        bool,
+        typer.Option(
+            "--require-pack",
+            help="Refuse what needs a trained prompt pack the model lacks: the load fails "
+            "when the default method needs one; a request that picks one gets 400.",
+        ),
+    ] = False,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -570,6 +585,7 @@ def serve_command(
     serve(
         model=model,
         pack=pack,
+        require_pack=require_pack,
         host=host,
         port=port,
         api_key=api_key,
@@ -583,6 +599,31 @@ def serve_command(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
+
+
+pack_app = typer.Typer(help="Prompt packs: what a pack file is for.", no_args_is_help=True)
+app.add_typer(pack_app, name="pack")
+
+
+@pack_app.command("info")
+def pack_info_command(
+    pack: Annotated[str, typer.Argument(help="A prompt pack .safetensors file.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print everything the pack holds as one JSON object.")
+    ] = False,
+) -> None:
+    """What a pack is for: model, soft prompts, gate, validation figures, training."""
+    setup_logging(False)
+
+    def go() -> None:
+        from acd_engine.pack_info import format_pack_info, pack_info
+
+        info = pack_info(_text(pack, "pack"))
+        typer.echo(
+            json.dumps(info, ensure_ascii=False, indent=2) if as_json else format_pack_info(info)
+        )
+
+    run_command(go)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ModelOpt",
     "PackOpt",
     "QuantizeOpt",
+    "RequirePackOpt",
     "VerboseOpt",
     "echo_error",
     "fail",
@@ -48,6 +49,14 @@ QuantizeOpt = Annotated[
 ]
 PackOpt = Annotated[
     str | None, typer.Option("--pack", help="Prompt pack .safetensors for method acd.")
+]
+RequirePackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--require-pack",
+        help="Refuse method acd when the model has no trained prompt pack, instead of "
+        "warning and decoding on the manual prompts (= oid, no safety gate).",
+    ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
 

@@ -20,7 +20,7 @@ from acd_engine.answer import GenerationResult, StreamChunk, Usage, eos_token_id
 from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_deltas
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
-from acd_engine.errors import ConfigError
+from acd_engine.errors import ConfigError, PromptPackError
 from acd_engine.gate import (
     GateScope,
     GateVerdict,
@@ -31,6 +31,7 @@ from acd_engine.gate import (
 )
 from acd_engine.kernels import EngineOptions, KernelPolicy
 from acd_engine.loading import LoadedModel, load_model
+from acd_engine.pack_info import NO_PACK, pack_report
 from acd_engine.prefix_cache import PrefixCache
 from acd_engine.prompts import PromptPack, model_fingerprint, resolve_pack
 from acd_engine.rendering import Messages, Rendered, Renderer, template_kwargs
@@ -57,7 +58,14 @@ class Engine:
             there). An engine with ``keep_layers`` is a front end for another runtime: it
             renders, embeds and gates requests but refuses to decode them.
         pack: Prompt pack for ``method="acd"``: a path, a :class:`PromptPack`, or None for
-            the pack shipped for this model (else the manual-prompt initialisation).
+            the pack shipped for this model (else the manual-prompt initialisation, which
+            makes ``acd`` the same as ``oid``, with no safety gate: the first call that
+            needs a pack logs a WARNING saying so, once per engine).
+        require_pack: Refuse (:class:`~acd_engine.errors.PromptPackError`) a call whose
+            method needs a trained pack when this engine has none, instead of warning and
+            decoding on the manual prompts. Checked on the first such call, not here: an
+            engine without a pack is a legitimate one for ``plain``, ``base``, ``nid`` or
+            ``oid`` (and a call may pick its method itself), so only a call can tell.
         defaults: Decoding settings used when a call passes none.
         fast_path, compile_step: Shortcuts for the :class:`EngineOptions` fields.
         options: How forwards run (:class:`EngineOptions`); never changes a greedy token.
@@ -70,6 +78,7 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         pack: str | Path | PromptPack | None = None,
+        require_pack: bool = False,
         trust_remote_code: bool = False,
         quantize: str = "none",
         keep_layers: int | None = None,
@@ -95,6 +104,8 @@ class Engine:
         self.defaults = defaults or DecodingConfig()
         self._pack_source = pack
         self._pack: PromptPack | None = None
+        self.require_pack = require_pack
+        self._pack_warned = False
         self._lock = threading.RLock()
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.renderer = Renderer(self.tokenizer, self.model_name)
@@ -125,6 +136,55 @@ class Engine:
         """Swap the prompt pack (checked against this model) for later requests."""
         with self._lock:
             self._pack = resolve_pack(pack, self.loaded, self.fingerprint)
+            self._pack_source = pack
+            self._pack_warned = False
+
+    def pack_for(self, config: DecodingConfig, *, require: bool = False) -> PromptPack | None:
+        """The pack ``config``'s method reads, or None for a method that reads none.
+
+        The one place a call meets the pack (:meth:`plan` and :meth:`active_gate` ask here),
+        so it is also where an untrained pack is reported: the first call logs a WARNING
+        with the fix, once per engine (a front end's requests would repeat it endlessly),
+        and with ``require`` or :attr:`require_pack` the call is refused instead. A pack
+        handed in as a :class:`PromptPack` object is the caller's own choice (``acd train``
+        validates its candidates this way) and is not warned about; it is still refused.
+
+        Raises:
+            PromptPackError: The method needs a trained pack, this engine has none, and a
+                trained pack is required.
+        """
+        if not config.method_entry.uses_pack:
+            return None
+        pack = self.pack
+        if pack.trained:
+            return pack
+        if require or self.require_pack:
+            raise PromptPackError(
+                f"pack must be a trained prompt pack for method {config.method!r} when "
+                f"require_pack is set, got {NO_PACK} for {self.model_name}; train one with "
+                "`acd train --model PATH --out PACK` and pass it (pack=PACK, --pack PACK)"
+            )
+        with self._lock:
+            warn = not self._pack_warned and not isinstance(self._pack_source, PromptPack)
+            self._pack_warned = True
+        if warn:
+            logger.warning(
+                "method %r has no trained prompt pack for %s: it decodes with soft prompts "
+                "initialised from the manual prompts (the same as method 'oid') and no safety "
+                "gate. Train a pack with `acd train --model PATH --out PACK` and pass it "
+                "(pack=PACK, --pack PACK); require_pack=True (--require-pack) refuses instead",
+                config.method,
+                self.model_name,
+            )
+        return pack
+
+    def pack_report(self, config: DecodingConfig) -> dict[str, str]:
+        """``{"pack": ..., "gate": ...}``: what every front end reports about the pack and
+        gate a request decoded with (:func:`acd_engine.pack_info.pack_report`):
+        ``none (manual prompts)`` / ``none`` when there is no trained pack."""
+        if not config.method_entry.uses_pack:
+            return pack_report(None, None)
+        return pack_report(self.pack, self.active_gate(config), config.gate_threshold)
 
     def set_options(self, **changes: Any) -> None:
         """Change :class:`EngineOptions` fields (validated) for later requests; what the
@@ -168,7 +228,7 @@ class Engine:
 
     def plan(self, config: DecodingConfig) -> BranchPlan:
         """The branches ``config`` runs (for inspection and tests)."""
-        return plan_branches(config, self.pack if config.method_entry.uses_pack else None)
+        return plan_branches(config, self.pack_for(config))
 
     def count_tokens(
         self,
@@ -196,7 +256,10 @@ class Engine:
     # ------------------------------------------------------------------ the safety gate
     def active_gate(self, config: DecodingConfig) -> SafetyGate | None:
         """The gate that routes requests decoded with ``config`` (None: no routing)."""
-        return self.pack.gate if config.method_entry.gated and config.gate else None
+        if not (config.method_entry.gated and config.gate):
+            return None
+        pack = self.pack_for(config)
+        return None if pack is None else pack.gate
 
     def gate_states(
         self,
@@ -322,16 +385,19 @@ def get_engine(
     device: str = "auto",
     dtype: str = "auto",
     pack: str | Path | None = None,
+    require_pack: bool = False,
     trust_remote_code: bool = False,
     quantize: str = "none",
     keep_layers: int | None = None,
 ) -> Engine:
-    """The process-wide engine for these settings: created once, shared by all callers."""
+    """The process-wide engine for these settings: created once, shared by all callers
+    (with ``require_pack`` a second engine over the same loaded weights)."""
     key = (
         model and str(model),
         device,
         dtype,
         pack and str(pack),
+        require_pack,
         trust_remote_code,
         quantize,
         keep_layers,
@@ -344,6 +410,7 @@ def get_engine(
                 device=device,
                 dtype=dtype,
                 pack=pack,
+                require_pack=require_pack,
                 trust_remote_code=trust_remote_code,
                 quantize=quantize,
                 keep_layers=keep_layers,

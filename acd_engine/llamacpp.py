@@ -462,7 +462,7 @@ class LlamaCppDecoder:
                     break
             prompt_tokens = engine.rows.prompt_tokens(rendered, engine.plan(routed))
             last = answer.closing_chunks(prompt_tokens, verdict)[-1]
-            return result_of(answer, last, cfg)
+            return result_of(answer, last, cfg, engine.pack_report(cfg))
 
     def generate_batch(
         self, batch: Sequence[list[dict[str, str]]], config: DecodingConfig | None = None

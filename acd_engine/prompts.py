@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,6 +187,8 @@ class PromptPack:
         metadata: Free-form string metadata (prompt texts, training settings, anchor hash).
         gate: The safety gate fitted on this model's hidden states (:mod:`acd_engine.gate`),
             or None; ``method="acd"`` routes each request by it unless ``gate=False``.
+        origin: The file name it was loaded from (:meth:`load`), or None for a pack built
+            in memory; results name the pack by it (:mod:`acd_engine.pack_info`).
     """
 
     sp: torch.Tensor
@@ -193,6 +196,7 @@ class PromptPack:
     fingerprint: dict[str, str]
     metadata: dict[str, str] = field(default_factory=dict)
     gate: SafetyGate | None = None
+    origin: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         """Validate everything here, so a pack that would break decoding can never exist.
@@ -289,7 +293,18 @@ class PromptPack:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the pack atomically and durably, so a crash never leaves half a file."""
+        """Write the pack atomically and durably, so a crash never leaves half a file.
+
+        The first save stamps ``created`` (UTC, ISO 8601) and ``created_with`` (``acd
+        <version>``) into the metadata (this object's too, so it equals what a load reads
+        back), and later saves of the same pack (``acd gate`` refitting its gate) keep
+        them, so ``acd pack info`` can say when the soft prompts were made. Packs written
+        before these keys existed load unchanged, without them.
+        """
+        from acd_engine import __version__
+
+        self.metadata.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+        self.metadata.setdefault("created_with", f"acd {__version__}")
         meta = {
             **self.metadata,
             "format_version": PACK_FORMAT_VERSION,
@@ -360,6 +375,7 @@ class PromptPack:
                 fingerprint=fingerprint,
                 metadata=meta,
                 gate=gate,
+                origin=path.name,
             )
         except PromptPackError as exc:
             raise PromptPackError(f"{exc} in '{path}'") from None

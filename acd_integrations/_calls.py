@@ -148,7 +148,8 @@ class CallOutcome:
         invalid_tool_calls: Calls the model attempted but got wrong.
         finish_reason: ``"tool_calls"`` when a call was made, else the engine's reason.
         usage: Prompt and completion tokens.
-        metadata: Method, applied alpha and the gate's verdict (``result_metadata``).
+        metadata: Method, applied alpha, pack and gate, and the gate's verdict
+            (``result_metadata``).
     """
 
     text: str
@@ -214,7 +215,9 @@ class AdapterCall:
             invalid_tool_calls=invalid,
             finish_reason="tool_calls" if calls else finish_reason,
             usage=usage,
-            metadata=result_metadata(self.config, gate_score, gate_flagged),
+            metadata=result_metadata(
+                self.config, gate_score, gate_flagged, self.engine.pack_report(self.config)
+            ),
         )
 
     def generate(self, cancel: threading.Event | None = None) -> CallOutcome:
@@ -286,6 +289,7 @@ def prepare_call(
     parallel_tool_calls: bool = False,
     response_format: Mapping[str, Any] | None = None,
     answer_after_tool_result: bool = False,
+    require_pack: bool = False,
 ) -> AdapterCall:
     """Resolve one adapter call: config, tool mode, grammar and the messages to render.
 
@@ -301,11 +305,18 @@ def prepare_call(
         response_format: OpenAI ``response_format`` (not together with tools).
         answer_after_tool_result: With ``tool_choice`` auto, answer in prose when the last
             message is a tool result (small models otherwise call the same tool in a loop).
+        require_pack: Refuse a method that needs a trained pack the engine lacks, whatever
+            the engine's own ``require_pack`` (the server's ``--require-pack`` over an
+            engine it was handed).
 
     Raises:
         ConfigError: A bad setting, tool choice, response format or schema.
+        PromptPackError: The method needs a trained pack and one is required.
     """
     config = build_config(decoding, base=base, owner=owner)
+    # Before anything is generated, so a refusal is an error response rather than a broken
+    # stream, and the no-pack warning is logged by the call that meets it first.
+    engine.pack_for(config, require=require_pack)
     specs = normalise_tools(list(tools))
     raw = [dict(m) for m in messages]
     if specs and response_format:

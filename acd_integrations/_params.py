@@ -74,7 +74,7 @@ DECODING_PARAMS: tuple[Param, ...] = (
 )
 
 #: Keywords that pick the engine (``get_engine``'s arguments) rather than a decoding field.
-ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "quantize", "pack")
+ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "quantize", "pack", "require_pack")
 
 #: Keywords adapters take as a mapping (OpenAI's ``logit_bias``: token id -> bias), which
 #: ``DecodingConfig`` keeps as sorted pairs so that it stays hashable.
@@ -171,14 +171,21 @@ def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def result_metadata(
-    config: DecodingConfig, gate_score: float | None, gate_flagged: bool | None
+    config: DecodingConfig,
+    gate_score: float | None,
+    gate_flagged: bool | None,
+    report: Mapping[str, str],
 ) -> dict[str, Any]:
-    """What both adapters report about how an answer was decoded: the method, the alpha
-    actually applied (0 when the safety gate passed the request to its single branch) and
-    the gate's score and verdict when the request was gated."""
+    """What every front end reports about how an answer was decoded: the method, the alpha
+    actually applied (0 when the safety gate passed the request to its single branch), the
+    pack and gate it decoded with (``report``, the engine's ``pack_report``: ``none (manual
+    prompts)`` / ``none`` when the model has no trained pack) and the gate's score and
+    verdict when the request was gated."""
     meta: dict[str, Any] = {
         "method": config.method,
         "alpha": applied_alpha(config, gate_flagged),
+        "pack": report["pack"],
+        "gate": report["gate"],
     }
     if gate_score is not None:
         meta["gate_score"] = gate_score

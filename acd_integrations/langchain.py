@@ -15,7 +15,8 @@ here is LangChain plumbing:
   (``break``, task cancelled) the engine's ``cancel`` event is set and decoding stops
   before the next token.
 * ``usage_metadata`` and ``response_metadata`` (finish_reason, model_name, method,
-  alpha); the last stream chunk carries both and ``chunk_position="last"``.
+  alpha, pack, gate, and the gate's score and verdict when it routed the request); the
+  last stream chunk carries both and ``chunk_position="last"``.
 * per-call overrides (``llm.invoke(msgs, alpha=0.3)``, ``llm.bind(method="base")``),
   validated with the engine's own messages.
 * ``bind_tools`` and ``with_structured_output``, made reliable on small models by
@@ -124,6 +125,12 @@ class ChatACD(BaseChatModel):
     )
     pack: str | None = Field(
         default=None, description="Prompt pack (SP/AP) file for method='acd'; None: shipped."
+    )
+    require_pack: bool = Field(
+        default=False,
+        description="Refuse a call whose method needs a trained prompt pack (acd) when the "
+        "model has none, instead of warning once and decoding on the manual prompts "
+        "(then acd equals oid, with no safety gate).",
     )
     # -- decoding: one field per row of the shared table ---------------------------------
     method: Method = Field(default=param_default("method"), description=param_description("method"))
@@ -252,6 +259,7 @@ class ChatACD(BaseChatModel):
             dtype=self.dtype,
             quantize=self.quantize,
             pack=self.pack,
+            require_pack=self.require_pack,
         )
 
     # -- token counting ------------------------------------------------------------------------

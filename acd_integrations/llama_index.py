@@ -125,6 +125,12 @@ class ACDLLM(FunctionCallingLLM):
     pack: str | None = Field(
         default=None, description="Prompt pack .safetensors for method 'acd' (default: shipped)."
     )
+    require_pack: bool = Field(
+        default=False,
+        description="Refuse a call whose method needs a trained prompt pack (acd) when the "
+        "model has none, instead of warning once and decoding on the manual prompts "
+        "(then acd equals oid, with no safety gate).",
+    )
     method: str = _d("method")
     alpha: float = _d("alpha")
     max_tokens: int = _d("max_tokens")
@@ -165,6 +171,7 @@ class ACDLLM(FunctionCallingLLM):
             dtype=self.dtype,
             quantize=self.quantize,
             pack=self.pack,
+            require_pack=self.require_pack,
         )
 
     def _decoding_values(self) -> dict[str, Any]:
@@ -222,7 +229,9 @@ class ACDLLM(FunctionCallingLLM):
         )
 
     def _response(self, outcome: CallOutcome) -> ChatResponse:
-        """The final message: text, parsed tool calls, usage, finish reason, gate verdict."""
+        """The final message: text, parsed tool calls, usage, finish reason; ``raw`` adds
+        the method, alpha, pack and gate (``none (manual prompts)`` / ``none`` without a
+        trained pack) and the gate's verdict."""
         blocks: list[Any] = [
             ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
             for c in outcome.tool_calls

@@ -34,11 +34,13 @@ Everything that is tuned is tuned on the anchors' validation split, never on a b
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -444,6 +446,11 @@ def fit_pack_gate(
         "fpr_per_kind": str(cfg.fpr_per_kind),
         "contexts": ",".join(cfg.contexts),
         "anchor_set_hash": report["anchor_set_hash"],
+        # When and how it was fitted, for `acd pack info`: packs fitted before these were
+        # stored simply lack them.
+        "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
+        "val_placements": str(report["val_placements"]),
+        "settings": json.dumps(report["settings"], sort_keys=True),
     }
     gate = dataclasses.replace(gate, metadata=meta)
     logger.info(

@@ -46,6 +46,7 @@ from acd_engine.errors import (
     ACDError,
     ConfigError,
     MessagesError,
+    PromptPackError,
     PromptTooLongError,
 )
 from acd_engine.loading import load_model
@@ -90,6 +91,16 @@ class ServerOptions(BaseModel):
         default=None, description="Local HF model dir or .gguf file; None: the embedded model."
     )
     pack: str | None = Field(default=None, description="Prompt pack for method 'acd'.")
+    require_pack: bool = Field(
+        default=False,
+        description="Refuse what needs a trained prompt pack the model lacks, instead of "
+        "warning once and decoding 'acd' on the manual prompts (then 'acd' equals 'oid', "
+        "with no safety gate). The load fails when the default method needs one (an "
+        "operator's contradiction: every default request would be refused, so /health says "
+        "so before traffic arrives, as for a model that fails to load); a request that "
+        "picks such a method itself is answered 400 (it asked for what this server will not "
+        "give; other methods still work).",
+    )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto', 'float32', 'bfloat16', 'float16'.")
     quantize: Quantize = Field(
@@ -142,6 +153,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, MessagesError):
         return ApiError(400, str(exc), param="messages")
+    if isinstance(exc, PromptPackError):  # per request, only the method chosen meets the pack
+        return ApiError(400, str(exc), param="method")
     if isinstance(exc, ACDError | ValueError):  # ConfigError and pydantic's: bad input
         return ApiError(400, str(exc), param=_param_of(str(exc)))
     logger.error("request failed", exc_info=exc)
@@ -179,13 +192,19 @@ class _Server:
                     ),
                     device_map=self.options.device_map,
                 )
-            self.engine = get_engine(
+            engine = get_engine(
                 self.options.model,
                 device=self.options.device,
                 dtype=self.options.dtype,
                 pack=self.options.pack,
+                require_pack=self.options.require_pack,
                 quantize=self.options.quantize,
             )
+            # Resolves the pack now, in this thread; refuses a default method that needs a
+            # trained pack the model lacks when one is required; else warns about it once.
+            # Before the engine is published, so no request is served in between.
+            engine.pack_for(self.base, require=self.options.require_pack)
+            self.engine = engine
         except (ACDError, OSError) as exc:  # reported by /health and every request
             self.load_error = str(exc)
             logger.error("the model failed to load: %s", exc)
@@ -302,7 +321,12 @@ class _Server:
                 prompt = prompt[0]
             messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
             return prepare_call(
-                engine, messages, base=self.base, decoding=decoding, owner="request"
+                engine,
+                messages,
+                base=self.base,
+                decoding=decoding,
+                owner="request",
+                require_pack=self.options.require_pack,
             )
         messages = [
             {**m, "role": "system"} if m.get("role") == "developer" else m for m in req.messages
@@ -320,6 +344,7 @@ class _Server:
             tool_choice=req.tool_choice,
             parallel_tool_calls=bool(req.parallel_tool_calls),
             response_format=fmt,
+            require_pack=self.options.require_pack,
         )
 
 

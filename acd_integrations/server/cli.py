@@ -34,6 +34,7 @@ def serve(
     replicas: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    require_pack: bool = False,
 ) -> None:
     """Validate the options, then serve until interrupted.
 
@@ -43,6 +44,7 @@ def serve(
     options = ServerOptions(
         model=model,
         pack=pack,
+        require_pack=require_pack,
         device=device,
         device_map=device_map,
         quantize=quantize,

@@ -24,8 +24,11 @@ def test_generate_json_has_the_result_fields(engine):
         "alpha",
         "gate_score",
         "gate_flagged",
+        "pack",
+        "gate",
     }
     assert out["method"] == "oid" and len(out["token_ids"]) <= 4
+    assert (out["pack"], out["gate"]) == ("unused", "none")  # oid reads no pack
 
 
 def test_bad_alpha_exits_nonzero_with_the_message_on_stderr():

@@ -94,6 +94,10 @@ def test_cli_stops_resumes_and_writes_pack_and_report(cli_run, small_anchors_pat
     assert pack.gate.threshold == report["gate"]["threshold"]
     assert pack.gate.metadata["anchor_set_hash"] == anchor_set_hash(small_anchors_path)
     assert report["gate"]["seconds"] > 0
+    # when and how, for `acd pack info`: the pack's first save, the gate's fit and settings
+    assert pack.gate.metadata["fitted"] <= pack.metadata["created"]  # ISO 8601 UTC sorts as text
+    assert json.loads(pack.gate.metadata["settings"]) == report["gate"]["settings"]
+    assert pack.gate.metadata["val_placements"] == str(report["gate"]["val_placements"])
 
 
 def test_pack_round_trip_and_other_model_refused(cli_run, tiny_engine, engine, tmp_path):

@@ -55,7 +55,12 @@ def test_stream_equals_plain_answer_and_reports_usage(client, model_id):
     text = plain.choices[0].message.content
     assert text and plain.usage.completion_tokens > 0
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
-    assert plain.model_extra["acd"] == {"method": "plain", "alpha": 0.0}
+    assert plain.model_extra["acd"] == {
+        "method": "plain",
+        "alpha": 0.0,
+        "pack": "unused",
+        "gate": "none",
+    }
     chunks = list(
         _ask(
             client,
@@ -87,6 +92,8 @@ def test_acd_fields_change_the_answer_to_a_harmful_prompt(client, model_id):
     plain = _ask(client, model_id, HARMFUL, max_tokens=24, extra_body={"method": "plain"})
     acd = _ask(client, model_id, HARMFUL, max_tokens=24, extra_body={"method": "acd", "alpha": 0.5})
     assert acd.model_extra["acd"]["method"] == "acd"
+    assert acd.model_extra["acd"]["pack"].startswith("smollm2-135m-instruct.safetensors (id ")
+    assert acd.model_extra["acd"]["gate"].startswith("layers ")  # the shipped pack's gate
     assert acd.choices[0].message.content != plain.choices[0].message.content
     # The same fields nested in "extra_body" (as curl users send them) mean the same.
     nested = httpx.post(
