@@ -257,6 +257,7 @@ def format_pack_info(info: dict[str, Any]) -> str:
         if "fitted" in stored:
             out += _wrap("  fitted", str(stored.pop("fitted")))
         settings = stored.pop("settings", None)
+        stored.pop("probe", None)  # the probe's form, read from the gate itself above
         if stored:
             out += _wrap("  stored", ", ".join(f"{k} {v}" for k, v in stored.items()))
         if isinstance(settings, dict):
