@@ -9,7 +9,7 @@ EXTRAS := langchain,llamaindex,eval,serve,quant,dev
 # The tested versions of everything the install below brings (make constraints writes it).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short browser-test bench redteam clean
+.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short browser-test ray-test constraints-ray loadtest bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,30 @@ browser-test: install
 	fi
 	ACD_BROWSER_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m browser \
 		tests/integrations/server/test_playground_browser.py
+
+# acd serve --ray for real (tests/integrations/server/test_ray_serve.py, with the Ray-free
+# tests of app_from_env, run_ray and the proxy middleware): the ray extra into .venv (a
+# ~100 MB wheel; constraints-ray.txt pins what it adds to the tested set), then a local Ray
+# with two replicas of the default model on loopback, driven by the openai client. About a
+# minute and a half on 2 cores; not in `make test` (Ray runs processes of its own).
+RAY_CONSTRAINTS := constraints-ray.txt
+RAY_STAMP       := $(VENV)/.ray-stamp
+
+$(RAY_STAMP): $(STAMP) $(RAY_CONSTRAINTS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -c $(RAY_CONSTRAINTS) -e ".[ray]"
+	touch $(RAY_STAMP)
+
+ray-test: $(RAY_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 ACD_RAY_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/integrations/server/test_ray_serve.py tests/integrations/server/test_ray_env.py \
+		tests/integrations/server/test_ray_proxy.py
+
+# After a deliberate upgrade of Ray, once `make ray-test` passes: pin what the ray extra adds.
+constraints-ray: $(RAY_STAMP)
+	{ echo "# What the ray extra adds to constraints.txt (make ray-test, deploy/Dockerfile), pinned."; \
+	  echo "# Regenerate after a deliberate upgrade, once make ray-test passes: make constraints-ray"; \
+	  $(BIN)/python scripts/freeze_constraints.py --extras ray | grep -v '^#' | grep -vxF -f $(CONSTRAINTS); \
+	} > $(RAY_CONSTRAINTS).tmp && mv $(RAY_CONSTRAINTS).tmp $(RAY_CONSTRAINTS)
 
 bench: install
 	$(BIN)/acd bench --json

@@ -1,13 +1,18 @@
 """``acd serve --ray``: the same FastAPI app as Ray Serve replicas (extra ``[ray]``).
 
-Each replica is a Ray actor that builds its own app with :func:`create_app` (late-bound
-``@serve.ingress``: the app, its engine and its metrics are created on the replica, never
-pickled), so each replica loads its own engine and answers ``/health`` 503 until then.
+Each replica is a Ray actor that builds its own app with :func:`create_app` (built on the
+replica by :class:`ReplicaApp`: the app, its engine and its metrics are never pickled), so
+each replica loads its own engine and answers ``/health`` 503 until then.
 Ray's proxy spreads requests over the replicas; each response names its replica in the
 ``x-acd-replica`` header.
 
-``app_from_env`` is the import path for a Ray Serve config file (KubeRay ``RayService``):
-it reads the model and defaults from ``ACD_*`` environment variables.
+``--max-concurrency`` bounds each replica, and as many requests again may wait in Ray's
+proxy; one more is answered as without Ray: 429 with ``Retry-After`` in OpenAI's error
+shape (:func:`build_application`, :mod:`acd_integrations.ray_proxy`).
+
+``app_from_env`` is the import path for a Ray Serve config file (KubeRay ``RayService``): it
+reads every ``acd serve`` flag from an ``ACD_*`` environment variable (:data:`SERVE_ENV`),
+parsed by the ``acd serve`` command itself, so types, defaults and checks are the CLI's.
 """
 
 from __future__ import annotations
@@ -17,25 +22,121 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI
 
+from acd_engine.errors import ConfigError
+from acd_integrations.ray_proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from acd_integrations.server.app import ServerOptions, create_app
 
-__all__ = ["ACDReplica", "app_from_env", "build_application", "run_ray"]
+__all__ = [
+    "DEFAULTS_ENV",
+    "IGNORED_ENV",
+    "SERVE_ENV",
+    "ACDReplica",
+    "EnvSettings",
+    "ReplicaApp",
+    "app_from_env",
+    "build_application",
+    "run_ray",
+    "settings_from_env",
+]
 
 logger = logging.getLogger(__name__)
 
+#: Every ``acd serve`` flag a Ray Serve config file sets, by the command's parameter name:
+#: the environment variable :func:`app_from_env` reads it from (``ACD_`` and the flag's long
+#: name). A value is what the flag takes on the command line; a switch takes 1/true/yes/on
+#: or 0/false/no/off; a repeatable flag takes a comma list; an empty variable counts as
+#: unset. ``tests/integrations/server/test_ray_env.py`` fails when a flag of ``acd serve``
+#: is in neither table, or its variable sets something else than the flag.
+SERVE_ENV: dict[str, str] = {
+    "model": "ACD_MODEL",
+    "quantize": "ACD_QUANTIZE",
+    "pack": "ACD_PACK",
+    "require_pack": "ACD_REQUIRE_PACK",
+    "api_key": "ACD_API_KEY",
+    "max_concurrency": "ACD_MAX_CONCURRENCY",
+    "max_body_bytes": "ACD_MAX_BODY_BYTES",
+    "sse_keepalive": "ACD_SSE_KEEPALIVE",
+    "cors_origin": "ACD_CORS_ORIGIN",
+    "method": "ACD_METHOD",
+    "alpha": "ACD_ALPHA",
+    "max_tokens": "ACD_MAX_TOKENS",
+    "device": "ACD_DEVICE",
+    "device_map": "ACD_DEVICE_MAP",
+    "replicas": "ACD_REPLICAS",
+    "num_cpus": "ACD_NUM_CPUS_PER_REPLICA",
+    "num_gpus": "ACD_NUM_GPUS_PER_REPLICA",
+}
+
+#: ``acd serve`` flags no variable sets, with the reason; a variable named for one is
+#: logged as ignored rather than silently dropped.
+IGNORED_ENV: dict[str, tuple[str, str]] = {
+    "host": ("ACD_HOST", "the address is Ray Serve's: http_options.host of the config file"),
+    "port": ("ACD_PORT", "the port is Ray Serve's: http_options.port of the config file"),
+    "ray": ("ACD_RAY", "app_from_env always builds the Ray Serve application"),
+}
+
+#: Request defaults beyond the flags: a JSON object in adapter names, such as
+#: ``{"temperature": 0.7, "gate_threshold": 0.9}``. ``ACD_METHOD``, ``ACD_ALPHA`` and
+#: ``ACD_MAX_TOKENS`` win over the same keys here.
+DEFAULTS_ENV = "ACD_DEFAULTS"
+
+# How `acd serve` turns its flags into ServerOptions (acd_engine/cli.py serve_command, then
+# server/cli.py serve), repeated here; test_ray_env.py holds the two equal for every flag.
+# These flags become the request defaults; these shape the deployment, not a replica's app;
+# these are named otherwise in ServerOptions. A flag left unset (None) takes the option's
+# own default.
+_REQUEST_DEFAULT_FLAGS = ("method", "alpha", "max_tokens")
+_DEPLOYMENT_FLAGS = ("replicas", "num_cpus", "num_gpus")
+_OPTION_NAMES = {"cors_origin": "cors_origins"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
 
 class ACDReplica:
-    """One replica: its own engine and app, built on the replica from plain options."""
+    """One replica (Ray Serve wraps this class with :class:`ReplicaApp` as its ingress)."""
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = ServerOptions(**options)
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.options)
+
+class ReplicaApp:
+    """The ASGI app of the ingress: builds the real app on the replica, when first used.
+
+    ``@serve.ingress(app)`` pickles ``app`` in the driver and unpickles it on each replica.
+    The real app cannot travel that way (its metrics hold locks, its engine a model), and
+    older Ray releases (2.46 among them) have no hook to build one on the replica. This
+    stand-in carries plain options and builds the app on the replica, the first time Ray
+    touches it there (Ray's replica adds its exception handlers to the app, then runs its
+    lifespan startup, which starts loading the engine); so each replica loads its own
+    engine and answers ``/health`` 503 until then. Everything else is the real app's.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        self._app: FastAPI | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_options": self._options, "_app": None}  # never a built app
+
+    def _built(self) -> FastAPI:
+        if self._app is None:
+            self._app = create_app(ServerOptions(**self._options))
+        return self._app
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names this object lacks; private ones (pickling's probes, our own fields
+        # before unpickling sets them) are never the app's.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._built(), name)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._built()(scope, receive, send)
 
 
 def build_application(
@@ -47,6 +148,13 @@ def build_application(
     autoscaling_config: dict[str, Any] | None = None,
 ) -> Any:
     """A bound Ray Serve application of ``replicas`` (or autoscaled) ACD replicas.
+
+    The queue bound: Ray's router sends a replica at most ``max_ongoing_requests`` =
+    ``options.max_concurrency`` requests (the app's own bound, so a replica never refuses
+    what Ray sent it while another one is free); the rest wait in Ray's proxy for a free
+    replica, at most ``max_queued_requests`` = ``options.max_concurrency`` of them (per
+    proxy: one per node). One more is refused by Ray, and ``acd_integrations.ray_proxy``
+    turns that refusal into the 429 with ``Retry-After`` that ``acd serve`` documents.
 
     Args:
         options: The server options every replica uses (host and port are Ray's, not these).
@@ -61,14 +169,16 @@ def build_application(
         "name": "ACDReplica",
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": options.max_concurrency,
+        "max_queued_requests": options.max_concurrency,
     }
     if autoscaling_config is not None:
         deployment_options["autoscaling_config"] = autoscaling_config
     else:
         deployment_options["num_replicas"] = replicas
-    ingress = serve.ingress()(ACDReplica)
+    plain = options.model_dump()
+    ingress = serve.ingress(ReplicaApp(plain))(ACDReplica)
     deployment = serve.deployment(**deployment_options)(ingress)
-    return deployment.bind(options.model_dump())
+    return deployment.bind(plain)
 
 
 def run_ray(
@@ -80,11 +190,18 @@ def run_ray(
     autoscaling_config: dict[str, Any] | None = None,
     blocking: bool = True,
 ) -> None:
-    """Start a local Ray (or join ``RAY_ADDRESS``) and serve on ``options.host:port``."""
+    """Start a local Ray (or join ``RAY_ADDRESS``) and serve on ``options.host:port``.
+
+    A local Ray's proxy gets :mod:`acd_integrations.ray_proxy` (a full queue is a 429);
+    a cluster's nodes need ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` in their own
+    environment. With ``blocking`` it waits until Ctrl-C or SIGTERM, then shuts Serve and
+    Ray down.
+    """
     import ray
     from ray import serve
 
     if not ray.is_initialized():
+        _use_proxy_callback(os.environ)  # before ray.init: Ray's processes inherit it
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": options.host, "port": options.port})
     app = build_application(
@@ -103,32 +220,141 @@ def run_ray(
     # Our own wait, not serve.run(blocking=True): on Ctrl-C or SIGTERM (what Kubernetes
     # and process managers send) we shut Serve and the local Ray down in order ourselves,
     # so no replica or raylet outlives the command.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         logger.info("acd serve --ray: shutting down")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
         ray.shutdown()
+
+
+def _use_proxy_callback(environ: Any) -> None:
+    """Name ACD's proxy middleware for Ray's proxies, unless the operator named their own."""
+    current = environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    if current != PROXY_CALLBACK:
+        logger.warning(
+            "%s=%s: Ray's proxy runs that instead of %s, so a full queue is answered with "
+            "Ray's own 503, not 429",
+            PROXY_CALLBACK_ENV,
+            current,
+            PROXY_CALLBACK,
+        )
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def app_from_env() -> Any:
-    """The application for a Ray Serve config file: options from ``ACD_*`` variables.
+class EnvSettings(NamedTuple):
+    """What ``acd serve --ray`` with the variables' flags would run: options and layout."""
 
-    ``ACD_MODEL``, ``ACD_PACK``, ``ACD_DEVICE``, ``ACD_MAX_CONCURRENCY`` and
-    ``ACD_DEFAULTS`` (a JSON object such as ``{"method": "acd", "alpha": 0.5}``).
+    options: ServerOptions
+    replicas: int
+    num_cpus: float
+    num_gpus: float
+
+
+def settings_from_env(environ: Mapping[str, str]) -> EnvSettings:
+    """The options ``acd serve --ray`` builds from the flags that ``environ`` names.
+
+    The variables become the command's flags and are parsed by the ``acd serve`` command
+    itself, so an unset variable takes the CLI's default and a bad value fails with the
+    CLI's check, named by its variable.
+
+    Raises:
+        ConfigError: A bad value (``ACD_PORT``-like variables are logged and ignored).
     """
-    options = ServerOptions(
-        model=os.environ.get("ACD_MODEL") or None,
-        pack=os.environ.get("ACD_PACK") or None,
-        device=os.environ.get("ACD_DEVICE", "auto"),
-        max_concurrency=int(os.environ.get("ACD_MAX_CONCURRENCY", "32")),
-        defaults=json.loads(os.environ.get("ACD_DEFAULTS", "{}")),
+    import typer
+
+    from acd_engine.cli import app as cli_app
+
+    serve_command: Any = typer.main.get_command(cli_app).commands["serve"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in serve_command.params}
+    argv: list[str] = []
+    given: set[str] = set()
+    for name, var in SERVE_ENV.items():
+        raw = environ.get(var, "").strip()
+        if raw:
+            argv += _flag_tokens(params[name], var, raw)
+            given.add(name)
+    for var, reason in IGNORED_ENV.values():
+        if environ.get(var, "").strip():
+            logger.warning("ignoring %s: %s", var, reason)
+    try:
+        ctx = serve_command.make_context("acd serve", argv)
+    except _usage_error() as exc:
+        bad = getattr(exc, "param", None)
+        var = SERVE_ENV.get(getattr(bad, "name", "") or "", "the ACD_* variables")
+        message = getattr(exc, "format_message", lambda: str(exc))()  # click names the flag
+        raise ConfigError(f"{var}: {message}") from None
+    values: dict[str, Any] = dict(ctx.params)
+    defaults = _json_defaults(environ)
+    for name in _REQUEST_DEFAULT_FLAGS:
+        value = values.pop(name)
+        if name in given or name not in defaults:
+            defaults[name] = value
+    layout = {name: values.pop(name) for name in _DEPLOYMENT_FLAGS}
+    values.pop("ray")
+    if layout["replicas"] < 1:  # the check server/cli.py makes for --replicas
+        raise ConfigError(f"{SERVE_ENV['replicas']} must be >= 1, got {layout['replicas']}")
+    fields = {_OPTION_NAMES.get(k, k): v for k, v in values.items() if v is not None}
+    return EnvSettings(ServerOptions(**fields, defaults=defaults), **layout)
+
+
+def _usage_error() -> type[Exception]:
+    """click's ``UsageError`` (a bad or unknown flag), found through typer's public
+    ``BadParameter``: typer 0.29 vendors click, older releases use ``click`` itself."""
+    import typer
+
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _flag_tokens(param: Any, var: str, raw: str) -> list[str]:
+    """The command-line tokens for one variable's value."""
+    flag = max(param.opts, key=len)  # the long name
+    if param.is_flag:
+        value = raw.lower()
+        if value in _TRUE:
+            return [flag]
+        if value in _FALSE:
+            return [max(param.secondary_opts, key=len)] if param.secondary_opts else []
+        choices = ", ".join(_TRUE + _FALSE)
+        raise ConfigError(f"{var} must be one of {choices}, got {raw!r}")
+    if param.multiple:  # a list flag: comma-separated in one variable
+        return [token for item in raw.split(",") if item.strip() for token in (flag, item.strip())]
+    return [flag, raw]
+
+
+def _json_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    raw = environ.get(DEFAULTS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r}")
+    return value
+
+
+def app_from_env() -> Any:
+    """The application for a Ray Serve config file: ``acd serve`` flags from ``ACD_*``.
+
+    Each flag's variable is in :data:`SERVE_ENV` (``ACD_MODEL``, ``ACD_PACK``,
+    ``ACD_DEVICE_MAP``, ``ACD_QUANTIZE``, ``ACD_API_KEY``, ``ACD_MAX_CONCURRENCY``,
+    ``ACD_METHOD``...); :data:`DEFAULTS_ENV` adds request defaults. ``num_replicas`` and
+    ``ray_actor_options`` in the config file override ``ACD_REPLICAS`` and the per-replica
+    CPUs and GPUs.
+    """
+    settings = settings_from_env(os.environ)
+    return build_application(
+        settings.options,
+        replicas=settings.replicas,
+        num_cpus=settings.num_cpus,
+        num_gpus=settings.num_gpus,
     )
-    return build_application(options)
