@@ -7,6 +7,7 @@ warning test builds an engine of its own, since the warning is once per engine.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -161,3 +162,26 @@ def test_pack_report_is_what_results_carry(engine, tiny_model_dir):
     tiny = Engine(tiny_model_dir)
     assert tiny.pack_report(cfg) == {"pack": "none (manual prompts)", "gate": "none"}
     assert tiny.pack_report(cfg.replace(method="base")) == {"pack": "unused", "gate": "none"}
+
+
+def test_cli_require_pack_refuses_in_one_line_and_json_says_no_pack(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from acd_engine.cli import app
+
+    runner = CliRunner()
+    model = ["--model", str(tiny_model_dir), "-n", "2"]
+    refused = runner.invoke(app, ["generate", "Hi", *model, "--require-pack"])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {REFUSAL}")  # one line, no trace
+    assert "Traceback" not in refused.stderr
+    based = runner.invoke(app, ["generate", "Hi", *model, "--require-pack", "-m", "base"])
+    assert based.exit_code == 0, based.output
+    loose = runner.invoke(app, ["generate", "Hi", *model, "--json"])
+    assert loose.exit_code == 0, loose.output
+    out = json.loads(loose.stdout.strip().splitlines()[-1])
+    assert (out["pack"], out["gate"]) == ("none (manual prompts)", "none")
+    compared = runner.invoke(app, ["compare", "Hi", "--methods", "oid,acd", *model])
+    assert compared.exit_code == 0, compared.output
+    assert compared.stdout.count("pack none (manual prompts)") == 1  # the acd row only
