@@ -315,6 +315,6 @@ def test_langchain_chat_with_message_history_answers_after_a_refused_turn(engine
     assert reply.response_metadata["gate_flagged"] is False, reply.response_metadata
     # ... and decoded with the whole conversation, where this 135M model often copies its
     # own earlier refusal (base refuses 42 % of benign requests after a refused turn on the
-    # eval pool, docs/eval/contexts): measured, not yet fixed
+    # eval pool, docs/results/eval/contexts): measured, not yet fixed
     if JUDGE.judge(kitten, reply.text) == "refused":
         pytest.xfail(f"the model copied its earlier refusal: {reply.text!r}")

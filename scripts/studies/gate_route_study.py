@@ -8,7 +8,7 @@ equalities are oracle-tested, greedy). Then applies OPO's selection rule to the 
 (``training.evaluate.selection_key``): the most harmful refusal subject to over-refusal
 <= base + 5 points, else the lowest over-refusal.
 
-    python scripts/gate_route_study.py OUT.json [--max-new-tokens 48] [--limit N]
+    python scripts/studies/gate_route_study.py OUT.json [--max-new-tokens 48] [--limit N]
 
 Resumable: answers already in OUT.json are kept.
 """

@@ -13,8 +13,8 @@ benchmarks are never read):
   of harmful prompts flagged at a 5 %-per-benign-kind threshold, averaged over two fold
   assignments.
 
-Usage: ``python scripts/gate_pooling_study.py [--out study.json]`` (about 10 minutes on a
-2-core CPU with the default model: two forwards per anchor).
+Usage: ``python scripts/studies/gate_pooling_study.py [--out study.json]`` (about 10 minutes
+on a 2-core CPU with the default model: two forwards per anchor).
 """
 
 from __future__ import annotations

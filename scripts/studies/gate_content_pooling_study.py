@@ -7,7 +7,8 @@ mean over the content tokens alone, scored exactly as ``gate_pooling_study.py`` 
 (``val`` and grouped-category ``cv`` flag shares at 5 % per benign kind). Result on the
 1,627 anchors (docs/opo.md): no gain, so the engine keeps one mean.
 
-Usage: ``python scripts/gate_content_pooling_study.py`` (about 5 minutes on a 2-core CPU).
+Usage: ``python scripts/studies/gate_content_pooling_study.py`` (about 5 minutes on a 2-core
+CPU).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ wins depends on the CPU's instructions (AVX-512 VNNI, AMX) and the PyTorch build
 on the machine in question and compare within one run. It needs the ``[quant]`` extra
 (torchao) and a machine that is otherwise idle.
 
-    .venv/bin/python scripts/quant_kernels.py --out runs/quant-kernels.json
+    .venv/bin/python scripts/studies/quant_kernels.py --out runs/quant-kernels.json
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ Each way runs in a fresh process (its own peak RSS): load, one warm-up request, 
 ``--reps`` timed requests of the bench's user turn with the shipped pack and gate (the
 default method), and ``--reps`` gate reads alone. Prints one JSON line per way.
 
-    .venv/bin/python scripts/llamacpp_gate_cost.py --reps 5
+    .venv/bin/python scripts/studies/llamacpp_gate_cost.py --reps 5
 
-Needs the ``[llamacpp]`` extra. A one-off comparison for docs/performance.md, not a test.
+Needs the ``[llamacpp]`` extra. A one-off comparison for
+docs/results/performance-history.md, not a test.
 """
 
 from __future__ import annotations

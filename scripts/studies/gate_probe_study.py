@@ -25,8 +25,8 @@ question-style harmful prompts flagged. The rule, fixed before the run: the cand
 the highest ``(val + cv) / 2`` wins, and it replaces the shipped gate only if it beats the
 shipped gate's own val share on the same val prompts.
 
-Usage: ``python scripts/gate_probe_study.py [--out study.json]`` (a few minutes on a 2-core
-CPU: one forward per anchor, features cached in ``runs/gate-probe-features.pt``).
+Usage: ``python scripts/studies/gate_probe_study.py [--out study.json]`` (a few minutes on a
+2-core CPU: one forward per anchor, features cached in ``runs/gate-probe-features.pt``).
 """
 
 from __future__ import annotations
