@@ -53,7 +53,7 @@ async def main() -> None:
     print("FunctionAgent:", await run_function_agent(question))
     try:
         print("ReActAgent:", await run_react_agent(question))
-    except Exception as exc:  # a 135M model often breaks the ReAct text format
+    except Exception as exc:  # noqa: BLE001 - a 135M model often breaks the ReAct text format
         print(f"ReActAgent failed on the small default model: {type(exc).__name__}: {exc}")
 
 

@@ -1,4 +1,4 @@
-"""The garak red-team recipe for ``acd serve`` (issue 18): config, benign control, summary.
+"""The garak red-team recipe for ``acd serve``: config, benign control, summary.
 
 Not part of the installed ``acd`` package (``pyproject.toml`` packages only ``acd_engine`` and
 ``acd_integrations``): it is a recipe run from a checkout by ``scripts/redteam.sh``. Its
