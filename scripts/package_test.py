@@ -85,6 +85,16 @@ SNIPPET_CHECKS = {
     """,
 }
 
+# Run inside the new venv: each README snippet with its check, in a namespace of its own. One
+# process for all of them, as one application would be: the model loads once.
+SNIPPET_RUNNER = """
+import json, sys, time
+for name, source in json.loads(open(sys.argv[1]).read()).items():
+    start = time.monotonic()
+    exec(compile(source, f"README.md[{name}]", "exec"), {"__name__": "__main__"})
+    print(f"README snippet '{name}' ran and passed its check ({time.monotonic() - start:.0f} s)")
+"""
+
 # Run inside the new venv: where the code, its data and torch come from.
 PROVENANCE = """
 import hashlib, importlib.metadata as md, importlib.resources as res, json, sys
@@ -320,6 +330,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def fetch(request: str | urllib.request.Request, timeout: float) -> str:
+    """The body of a 2xx answer; :class:`Failed` with the status and body of any other."""
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return str(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        url = request if isinstance(request, str) else request.full_url
+        raise Failed(f"{url} answered {exc.code}: {exc.read().decode()[:2000]}") from None
+
+
 def check_serve(home: Path, env: dict[str, str]) -> str:
     """``acd serve`` on loopback answers one chat completion and its playground page at ``/``;
     stopped afterwards."""
@@ -366,14 +386,12 @@ def check_serve(home: Path, env: dict[str, str]) -> str:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=120) as r:
-            reply = json.load(r)
+        reply = json.loads(fetch(request, timeout=120))
         text = reply["choices"][0]["message"]["content"]
         if not isinstance(text, str) or not text or reply["acd"]["method"] != "acd":
             raise Failed(f"acd serve answered {reply!r}")
         # The playground page is package data: a wheel without it would answer / with a 500.
-        with urllib.request.urlopen(f"{base}/", timeout=30) as r:
-            page = r.read().decode()
+        page = fetch(f"{base}/", timeout=30)
         if "<title>acd playground</title>" not in page:
             raise Failed(f"acd serve's / is not the playground page: {page[:200]!r}")
         return text
@@ -433,13 +451,17 @@ def main() -> int:
         if not result.get("text") or result.get("method") != "acd":
             raise Failed(f"acd generate printed {out!r}")
         step(f"acd generate: {result['text']!r}")
-        for name, code in snippets.items():
-            source = code + "\n# --- check (scripts/package_test.py) ---\n"
-            source += textwrap.dedent(SNIPPET_CHECKS[name])
-            path = home / f"readme_{name.replace('-', '_')}.py"
-            path.write_text(source)
-            run([python, path], cwd=home, env=env)
-            step(f"README snippet '{name}'")
+        sources = {
+            name: f"{code}\n# --- check (scripts/package_test.py) ---\n"
+            f"{textwrap.dedent(SNIPPET_CHECKS[name])}"
+            for name, code in snippets.items()
+        }
+        (home / "readme_snippets.json").write_text(json.dumps(sources, indent=1))
+        (home / "run_readme_snippets.py").write_text(SNIPPET_RUNNER)
+        ran = run([python, "run_readme_snippets.py", "readme_snippets.json"], cwd=home, env=env)
+        for line in ran.splitlines():
+            if line.startswith("README snippet"):
+                step(line)
         answer = check_serve(home, env)
         step(f"acd serve answered {answer!r}")
     except (Failed, subprocess.TimeoutExpired) as exc:
