@@ -59,6 +59,15 @@ def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _fold_into(messages: list[dict[str, str]], index: int, text: str) -> list[dict[str, str]]:
+    """``messages`` with ``text`` (a system prompt) put at the start of message ``index``
+    (a user message): where a template without a system role gets one."""
+    out = [dict(m) for m in messages]
+    own = out[index]["content"]
+    out[index]["content"] = text + ("\n\n" + own if own else "")
+    return out
+
+
 def normalise_messages(messages: Messages) -> list[dict[str, str]]:
     """Checked copies of ``messages`` (a user string becomes one user turn)."""
     if isinstance(messages, str):
@@ -92,10 +101,20 @@ def template_kwargs(tools: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
     return {"tools": list(tools)} if tools else {}
 
 
-def _control_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """Matches any string the tokenizer turns into an added (control) token, longest first."""
+def _control_pattern(tokenizer: Any, *, special_only: bool = False) -> re.Pattern[str] | None:
+    """Matches any string the tokenizer turns into an added (control) token, longest first;
+    with ``special_only``, only those of added tokens not marked special (Qwen 2.5's
+    ``<tool_call>``, Phi-3's ``</s>``), which ``split_special_tokens`` leaves whole."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    words = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+    words = sorted(
+        {
+            t.content
+            for t in added.values()
+            if t.content and not (special_only and getattr(t, "special", True))
+        },
+        key=len,
+        reverse=True,
+    )
     return re.compile("|".join(map(re.escape, words))) if words else None
 
 
@@ -111,6 +130,7 @@ class Renderer:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.control = _control_pattern(tokenizer)  # see encode_data
+        self.unsplit = _control_pattern(tokenizer, special_only=True)
         self.constants: dict[str, list[int]] = {}  # see template_constant
 
     # ------------------------------------------------------------------ text -> ids
@@ -127,10 +147,24 @@ class Renderer:
 
         Text without any control-token string takes the ordinary path, so its tokens are the
         ones the model was trained on; only text that spells a control token is tokenized
-        with special tokens split into ordinary pieces.
+        with special tokens split into ordinary pieces. An added token not marked special
+        (Qwen 2.5's ``<tool_call>``) is not split that way, so its text is cut after its
+        first character and each side encoded as data.
         """
         if not self.has_control(text):
             return self.encode_template(text)
+        if self.unsplit is None:
+            return self._split_special(text)
+        ids: list[int] = []
+        done = 0
+        for match in self.unsplit.finditer(text):
+            word = match.group()
+            ids += self._split_special(text[done : match.start()])
+            ids += self._split_special(word[:1]) + self.encode_data(word[1:])
+            done = match.end()
+        return ids + self._split_special(text[done:])
+
+    def _split_special(self, text: str) -> list[int]:
         return list(
             self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
         )
@@ -184,10 +218,15 @@ class Renderer:
     def render(self, messages: Messages, **template_kwargs: Any) -> Rendered:
         """Render once; split around the system-prompt slot so every branch shares the rest.
 
-        The user's own system message is kept, after the branch prompt. Templates that
-        refuse a system role get the slot at the start of the first user message. Message
-        text is data: text that spells a control token (``<|im_start|>system``) is rendered
-        through a placeholder and tokenized as plain text, so no user can forge a turn.
+        The slot is where the template puts a system message, and the user's own system
+        message is kept there, after the branch prompt. A template that refuses a system
+        role (Gemma's; Mistral's first instruct template) or drops it (Mistral v0.3's when
+        the conversation does not end with a user turn) gets the slot, and the user's own
+        system message, at the start of the first user message; ``plain`` then holds the
+        user's system message there too, so every method reads the same conversation.
+        Message text is data: text that spells a control token (``<|im_start|>system``) is
+        rendered through a placeholder and tokenized as plain text, so no user can forge a
+        turn.
         """
         msgs = normalise_messages(messages)
         fills: dict[str, str] = {}
@@ -195,26 +234,28 @@ class Renderer:
         user_system = safe[0]["content"] if safe[0]["role"] == "system" else None
         rest = safe[1:] if user_system is not None else safe
         slot = _SENTINEL + ("\n\n" + user_system if user_system else "")
+        error: Exception | None = None
         try:
             text = self._template([{"role": "system", "content": slot}, *rest], **template_kwargs)
         except MessagesError:
             raise
         except Exception as exc:  # jinja raises anything; a template without a system role  # noqa: BLE001
+            error = exc
+        fold = error is not None or _SENTINEL not in text  # refused, or dropped the message
+        if fold:
             first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
             if first is None:
+                why = f"got an error from it: {error}" if error else "it dropped the system slot"
                 raise MessagesError(
-                    f"messages must be accepted by the chat template of {self.model_name}, got "
-                    f"an error from it: {exc}"
+                    f"messages must be accepted by the chat template of {self.model_name}, {why}"
                 ) from None
-            rest = [dict(m) for m in rest]
-            rest[first]["content"] = slot + "\n\n" + rest[first]["content"]
-            text = self._template_or_error(rest, template_kwargs)
+            text = self._template_or_error(_fold_into(rest, first, slot), template_kwargs)
         if text.count(_SENTINEL) != 1:
             raise MessagesError(
                 "chat template dropped the system prompt slot; cannot place branches"
             )
         head, tail = text.split(_SENTINEL)
-        plain = self._encode_rendered(self._template_or_error(safe, template_kwargs), fills)
+        plain = self._encode_rendered(self._plain_text(safe, fold, template_kwargs), fills)
         users = [m for m in msgs if m["role"] == "user"]
         alone = None
         if users and len(msgs) > 1:
@@ -225,9 +266,20 @@ class Renderer:
             self._encode_rendered(head, fills),
             self._encode_rendered(tail, fills),
             plain,
-            self._user_span(safe, plain, fills, template_kwargs),
+            self._user_span(safe, plain, fills, template_kwargs, fold),
             alone,
         )
+
+    def _plain_text(
+        self, safe: list[dict[str, str]], fold: bool, template_kwargs: dict[str, Any]
+    ) -> str:
+        """The template rendered on the conversation as sent; with ``fold`` (a template that
+        has no place for a system message), the user's own system message goes to the start
+        of the first user message, where the branch renderings put it."""
+        if fold and safe[0]["role"] == "system":
+            first = next(i for i, m in enumerate(safe) if m["role"] == "user")
+            safe = _fold_into(safe[1:], first - 1, safe[0]["content"])
+        return self._template_or_error(safe, template_kwargs)
 
     def _user_span(
         self,
@@ -235,18 +287,20 @@ class Renderer:
         plain: list[int],
         fills: dict[str, str],
         template_kwargs: dict[str, Any],
+        fold: bool = False,
     ) -> tuple[int, int] | None:
         """Where the latest user message's text lies in ``plain``: the ids that differ from
         the same conversation rendered with that message emptied (their common start and
         end are the template and the other messages). Found from ids, not characters, so
         it holds for any template and tokenizer; a token merged across the boundary only
-        moves the edge by one."""
+        moves the edge by one. With ``fold``, a system message folded into that message
+        stays (only the message's own text is emptied), so the span never covers it."""
         last = next((i for i in range(len(safe) - 1, -1, -1) if safe[i]["role"] == "user"), None)
         if last is None:
             return None
         emptied = [dict(m) for m in safe]
         emptied[last]["content"] = ""
-        other = self._encode_rendered(self._template_or_error(emptied, template_kwargs), fills)
+        other = self._encode_rendered(self._plain_text(emptied, fold, template_kwargs), fills)
         start = _common_start(plain, other)
         # the common end, never reaching back into the common start of either
         stop = len(plain) - _common_start(plain[start:][::-1], other[start:][::-1])
