@@ -554,6 +554,26 @@ def serve_command(
     max_concurrency: Annotated[
         int, typer.Option("--max-concurrency", help="Requests admitted at once; then 429.")
     ] = 32,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option("--max-body-bytes", help="Largest request body (default 4 MiB); then 413."),
+    ] = None,
+    sse_keepalive: Annotated[
+        float | None,
+        typer.Option(
+            "--sse-keepalive",
+            help="Seconds a stream may wait without an event before a keep-alive comment "
+            "(default 15).",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Let browser pages of this origin call the API (repeat, or a comma list; "
+            "'*': any). Off by default.",
+        ),
+    ] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Default method.")] = "acd",
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Default alpha in [0, 1).")] = 0.5,
     max_tokens: Annotated[
@@ -591,6 +611,9 @@ def serve_command(
         api_key=api_key,
         max_concurrency=max_concurrency,
         defaults={"method": method, "alpha": alpha, "max_tokens": max_tokens},
+        max_body_bytes=max_body_bytes,
+        sse_keepalive=sse_keepalive,
+        cors_origins=cors_origin or (),
         device=device,
         device_map=device_map,
         quantize=quantize,

@@ -10,7 +10,12 @@ llguidance constraint for ``response_format``. What is here is HTTP:
   decodes them together;
 * a disconnected client cancels its generation: for a stream Starlette cancels the
   response task, for a plain request a watcher polls ``is_disconnected``; either way the
-  engine's ``cancel`` event is set and decoding stops before the next token;
+  engine's ``cancel`` event is set and decoding stops before the next token. Every wait
+  after admission (preparing, queued for the engine, a stream's first token) is watched
+  the same way, so a client that leaves while queued frees its slot at once;
+* bodies past ``max_body_bytes`` are 413 before they are read, streams carry
+  ``Cache-Control: no-cache`` and keep-alive comments, and CORS is off unless origins are
+  given (:mod:`acd_integrations.server.transport`);
 * admission is bounded (``max_concurrency``): one request past it gets 429 with
   ``Retry-After`` instead of a queue that grows without limit;
 * errors always come back in OpenAI's shape ``{"error": {message, type, param, code}}``;
@@ -36,11 +41,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acd_engine import __version__
-from acd_engine.config import DecodingConfig, ModelConfig, Quantize, format_errors
+from acd_engine.config import DecodingConfig, ModelConfig, Quantize, comma_list, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import (
     ACDError,
@@ -57,11 +62,24 @@ from acd_integrations.server.metrics import ServerMetrics
 from acd_integrations.server.playground import playground_page
 from acd_integrations.server.protocol import (
     ACD_FIELDS,
+    OPENAI_SAMPLING_FIELDS,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
     ignored_fields,
+)
+from acd_integrations.server.transport import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_SSE_KEEPALIVE_S,
+    KEEPALIVE,
+    SSE_HEADERS,
+    ClientGone,
+    EventWaiter,
+    add_cors,
+    check_origins,
+    read_body,
+    until_gone,
 )
 
 __all__ = ["ServerOptions", "create_app"]
@@ -79,13 +97,12 @@ _PARAMS = (
     "response_format",
 )
 _PARAM_RE = re.compile(r"\b(" + "|".join(sorted(_PARAMS, key=len, reverse=True)) + r")\b")
-_DISCONNECT_POLL_S = 0.25
 
 
 class ServerOptions(BaseModel):
     """How ``acd serve`` runs: which model, where it listens, and the request defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str | None = Field(
         default=None, description="Local HF model dir or .gguf file; None: the embedded model."
@@ -126,11 +143,45 @@ class ServerOptions(BaseModel):
     served_model_name: str | None = Field(
         default=None, description="The model id clients send; default: the engine's model name."
     )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1,
+        description="Largest request body read; a larger one is answered 413 before it is "
+        "read (Content-Length) or at the first chunk past the limit (chunked). The default, "
+        "4 MiB, holds a full 128k-token context of escaped non-ASCII text with tools.",
+    )
+    sse_keepalive: float = Field(
+        default=DEFAULT_SSE_KEEPALIVE_S,
+        gt=0,
+        le=3600,
+        description="Seconds a stream may go without an event (queued, or a long prefill) "
+        "before the server sends an SSE comment (': keep-alive'), so proxies and load "
+        "balancers do not close it as idle.",
+    )
+    cors_origins: tuple[str, ...] = Field(
+        default=(),
+        description="Browser origins allowed to call the API (CORS), such as "
+        "'http://localhost:3000', or '*' for any; empty (the default): no CORS headers, so "
+        "browsers refuse pages of other origins.",
+    )
     defaults: dict[str, Any] = Field(
         default_factory=dict,
         description="Decoding defaults in adapter names (method, alpha, max_tokens...); each "
         "request may override them.",
     )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_list(cls, value: Any) -> Any:
+        """Repeated flags, comma lists, or both (``--cors-origin a,b --cors-origin c``)."""
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        return comma_list(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_origins(value)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -282,7 +333,8 @@ class _Server:
             )
         values: dict[str, Any] = {}
         set_fields = req.model_fields_set
-        for name in ("temperature", "top_p", "seed", "max_tokens", *ACD_FIELDS):
+        sampling = ("temperature", "top_p", "seed", "max_tokens", *OPENAI_SAMPLING_FIELDS)
+        for name in (*sampling, *ACD_FIELDS):
             if name in set_fields:
                 values[name] = getattr(req, name)
         if getattr(req, "max_completion_tokens", None) is not None:
@@ -293,7 +345,7 @@ class _Server:
             values["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
         extra = req.extra_body or {}
         for name, value in extra.items():
-            if name in ACD_FIELDS:
+            if name in ACD_FIELDS or name in OPENAI_SAMPLING_FIELDS:
                 values.setdefault(name, value)
             else:
                 logger.info("ignoring extra_body field %r", name)
@@ -488,8 +540,9 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         try:
             server.authorize(request)
             server.ready_engine()
+            raw = await read_body(request, options.max_body_bytes)  # 413 past the limit
             try:
-                body = await request.json()
+                body = json.loads(raw)
             except ValueError as exc:
                 raise ApiError(400, f"the request body must be JSON, got: {exc}") from None
             if not isinstance(body, dict):
@@ -505,8 +558,15 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
             server.check_model(req.model)
             server.admit()
             admitted = True
-            # Preparing may compile a grammar (a first one takes about a second): a thread.
-            call = await asyncio.to_thread(server.prepare, req)
+            # Preparing may compile a grammar (a first one takes about a second) or wait for
+            # the engine: a thread, which a client that leaves meanwhile does not wait for.
+            call = await until_gone(
+                request, asyncio.ensure_future(asyncio.to_thread(server.prepare, req))
+            )
+        except ClientGone:  # admitted, then left: its slot is free at once
+            server.release()
+            server.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         except Exception as exc:  # bad input is a 4xx; anything else a logged 500 (a bug)  # noqa: BLE001
             if admitted:
                 server.release()
@@ -515,10 +575,13 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         meta = {"id": response_id, "created": int(time.time()), "model": server.model_id}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await stream(call, endpoint, meta, include_usage, start)
+            return await stream(request, call, endpoint, meta, include_usage, start)
         try:
-            outcome = await generate_watched(request, call)
-        except _ClientGone:
+            # In a thread; a client that leaves (queued or decoding) cancels it.
+            outcome = await until_gone(
+                request, asyncio.ensure_future(arun_in_thread(call.generate))
+            )
+        except ClientGone:
             server.release()
             server.metrics.requests.labels(endpoint, "499").inc()
             return Response(status_code=499)
@@ -555,23 +618,30 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         m.completion_tokens.inc(outcome.usage.completion_tokens)
         m.latency.labels(endpoint).observe(time.perf_counter() - start)
 
-    async def generate_watched(request: Request, call: AdapterCall) -> CallOutcome:
-        """``call.generate`` in a thread; a client that goes away cancels it."""
-        task = asyncio.ensure_future(arun_in_thread(call.generate))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()  # sets the engine's cancel event: it stops at the next token
-                raise _ClientGone
-
     async def stream(
-        call: AdapterCall, endpoint: str, meta: dict[str, Any], include_usage: bool, start: float
+        request: Request,
+        call: AdapterCall,
+        endpoint: str,
+        meta: dict[str, Any],
+        include_usage: bool,
+        start: float,
     ) -> Response:
-        events = aiter_in_thread(call.stream)
+        """``call`` as server-sent events.
+
+        Until the first event (the request may wait for the engine, then prefill) the client
+        is watched: one that leaves frees its slot at once, not at its first token. A first
+        event within ``sse_keepalive`` keeps an error a plain error response; past that
+        the stream starts with keep-alive comments, and an error comes in the stream.
+        """
+        events: EventWaiter[CallDelta | CallOutcome] = EventWaiter(aiter_in_thread(call.stream))
+        keepalive = options.sse_keepalive
         try:
-            first = await events.__anext__()
+            first = await events.next_watched(request, keepalive)
+        except ClientGone:  # it left while queued or prefilling: its slot is free now
+            await events.aclose()
+            server.release()
+            server.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         except Exception as exc:  # nothing sent yet: a plain error response still fits  # noqa: BLE001
             await events.aclose()
             server.release()
@@ -589,21 +659,32 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
         async def body() -> AsyncIterator[bytes]:
             outcome: CallOutcome | None = None
             status = "200"
+            started = False
             try:
-                if chat:
-                    yield chunk({"role": "assistant", "content": ""})
-                event: CallDelta | CallOutcome | None = first
-                while event is not None:
-                    if isinstance(event, CallDelta):
-                        yield chunk({"content": event.text} if chat else event.text)
+                event = first
+                while True:
+                    if not isinstance(event, CallDelta | CallOutcome):
+                        yield KEEPALIVE  # nothing for sse_keepalive: queued, or a long prefill
                     else:
-                        outcome = event
-                        if outcome.tool_calls and chat:
-                            calls = [{"index": i, **c} for i, c in enumerate(_tool_calls(outcome))]
-                            yield chunk({"tool_calls": calls})
-                        elif outcome.invalid_tool_calls and not outcome.text:
-                            yield chunk({"content": outcome.raw_text} if chat else outcome.raw_text)
-                    event = await anext(events, None)
+                        if chat and not started:
+                            yield chunk({"role": "assistant", "content": ""})
+                        started = True
+                        if isinstance(event, CallDelta):
+                            yield chunk({"content": event.text} if chat else event.text)
+                        else:
+                            outcome = event
+                            if outcome.tool_calls and chat:
+                                calls = [
+                                    {"index": i, **c} for i, c in enumerate(_tool_calls(outcome))
+                                ]
+                                yield chunk({"tool_calls": calls})
+                            elif outcome.invalid_tool_calls and not outcome.text:
+                                raw = outcome.raw_text
+                                yield chunk({"content": raw} if chat else raw)
+                    try:
+                        event = await events.next(keepalive)
+                    except StopAsyncIteration:
+                        break
                 assert outcome is not None  # the core always ends with its outcome
                 yield chunk({} if chat else "", outcome.finish_reason, acd=outcome.metadata)
                 if include_usage:
@@ -635,7 +716,7 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
                 # sets the engine's cancel event before it can be.
                 await events.aclose()
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -645,6 +726,8 @@ def create_app(options: ServerOptions | None = None, *, engine: Engine | None = 
     async def completions(request: Request) -> Response:
         return await handle(request, CompletionRequest)
 
+    # Last, so outermost: a preflight is answered before routing and the API key check.
+    add_cors(app, options.cors_origins)
     return app
 
 
@@ -666,10 +749,6 @@ class _ReplicaHeader:
             await send(message)
 
         await self.app(scope, receive, send_named)
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 def run_server(

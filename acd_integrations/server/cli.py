@@ -7,6 +7,7 @@ Kept apart from ``acd_engine.cli`` so the engine's CLI imports no web framework:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from acd_engine.errors import ConfigError
@@ -34,6 +35,9 @@ def serve(
     replicas: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    max_body_bytes: int | None = None,
+    sse_keepalive: float | None = None,
+    cors_origins: Sequence[str] = (),
     require_pack: bool = False,
 ) -> None:
     """Validate the options, then serve until interrupted.
@@ -53,6 +57,16 @@ def serve(
         api_key=api_key,
         max_concurrency=max_concurrency,
         defaults=defaults,
+        cors_origins=tuple(cors_origins),
+        # None: the option's own default (acd_integrations.server.transport)
+        **{
+            name: value
+            for name, value in (
+                ("max_body_bytes", max_body_bytes),
+                ("sse_keepalive", sse_keepalive),
+            )
+            if value is not None
+        },
     )
     if replicas < 1:
         raise ConfigError(f"replicas must be >= 1, got {replicas}")

@@ -1,8 +1,10 @@
 """The OpenAI wire format the server speaks: request bodies, ACD fields, error bodies.
 
 Request models accept unknown fields (``extra="allow"``) because OpenAI clients send
-fields this server has no use for (``frequency_penalty``, ``metadata``...); vLLM ignores
-and logs them, and so does this server (:func:`ignored_fields`). Values are typed loosely
+fields this server has no use for (``metadata``, ``service_tier``...); vLLM ignores and logs
+them, and so does this server (:func:`ignored_fields`). Sampling fields that change the
+answer are never among them: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``
+are applied (:data:`OPENAI_SAMPLING_FIELDS`), ``n``, ``best_of`` and ``logprobs`` refused. Values are typed loosely
 here on purpose: ranges are checked by ``DecodingConfig`` itself, so a bad ``alpha`` gets
 the engine's own message (``alpha must be in [0, 1), got 1.5``), the same one the Python
 API and both adapters give.
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ACD_FIELDS",
+    "OPENAI_SAMPLING_FIELDS",
     "ApiError",
     "ChatCompletionRequest",
     "CompletionRequest",
@@ -41,6 +44,11 @@ ACD_FIELDS: tuple[str, ...] = (
     "gate_threshold",
     "gate_passed_method",
 )
+
+
+#: OpenAI's sampling fields beyond temperature and top_p that the engine applies as OpenAI
+#: defines them (``DecodingConfig``): never accepted and then dropped.
+OPENAI_SAMPLING_FIELDS: tuple[str, ...] = ("presence_penalty", "frequency_penalty", "logit_bias")
 
 
 class ApiError(Exception):
@@ -102,6 +110,10 @@ class _Common(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    # Validated by DecodingConfig (its ranges and messages), as the ACD fields below are.
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
     n: int | None = Field(default=None, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
