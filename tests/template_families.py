@@ -15,11 +15,14 @@ Shared by ``tests/engine/test_template_families.py`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import typer
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEMPLATES = Path(__file__).resolve().parent / "data" / "templates"
@@ -307,3 +310,56 @@ def build_family(family: Family, path: Path) -> Path:
     tok.save_pretrained(path)
     (path / "family.json").write_text(json.dumps({"family": family.name, "source": family.source}))
     return path
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Width-32 models run fastest on one thread, and far faster than on two when the
+    machine is busy (threads wait on each other at every tiny matmul)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def few_anchors(path: Path) -> Path:
+    """4 harmful + 4 benign train anchors and 2 + 2 val anchors from the packaged set,
+    written to ``path``: enough for one epoch of OPO and a gate fit on a tiny model."""
+    from acd_engine.training.anchors import load_anchors
+
+    every = load_anchors("all")
+    picked = [
+        a
+        for label in ("harmful", "benign")
+        for split, n in (("train", 4), ("val", 2))
+        for a in [a for a in every if a.label == label and a.split == split][:n]
+    ]
+    path.write_text("".join(json.dumps(a.model_dump()) + "\n" for a in picked), encoding="utf-8")
+    return path
+
+
+def train_tiny_pack(model_dir: Path, folder: Path) -> tuple[Path, Any]:
+    """One epoch of ``acd train`` (which fits the gate too) on a tiny model, through the
+    command line; returns the pack's path and typer's result (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from acd_engine.training.command import train_command
+
+    app = typer.Typer()
+    app.command("train")(train_command)
+    app.command("noop")(lambda: None)  # keeps "train" a subcommand, as in the real CLI
+    out = folder / "pack.safetensors"
+    args = ["train", "--model", str(model_dir), "--out", str(out)]
+    args += ["--anchors", str(few_anchors(folder / "anchors.jsonl"))]
+    args += ["--cache-dir", str(folder / "cache"), "--epochs", "1", "--n-virtual", "4"]
+    args += ["--batch-size", "4", "--lr", "0.01"]
+    settings = {
+        "gen_max_new_tokens": 4,
+        "target_tokens": 6,
+        "val_max_new_tokens": 3,
+        "examples_per_epoch": 8,
+        "refusal_end": "open",  # a random model's noise has no sentence end to cut at
+    }
+    return out, CliRunner().invoke(app, [*args, "--set", json.dumps(settings)])

@@ -14,17 +14,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import typer
-from template_families import FAMILIES, Family, build_family
-from typer.testing import CliRunner
+from template_families import FAMILIES, Family, build_family, one_torch_thread, train_tiny_pack
 
 from acd_engine import DecodingConfig, Engine, MessagesError
 from acd_engine.contexts import CONTEXTS, load_pool, place
 from acd_engine.methods import METHODS
 from acd_engine.prompts import SAFE_PROMPT, PromptPack
-from acd_engine.training.anchors import load_anchors
-from acd_engine.training.command import train_command
 
 HI = [{"role": "user", "content": "hi"}]
 CHAT = [
@@ -105,13 +100,9 @@ def test_every_family_has_its_expected_renderings():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-32 models run fastest on one thread, and far faster than on two when the
-    machine is busy (threads wait on each other for every tiny matmul)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def _families(flag: str) -> list[str]:
@@ -280,41 +271,10 @@ def test_the_gate_reads_the_request_in_every_application_shape(fam, shape):
 
 
 # ---------------------------------------------------------------- acd train + gate
-app = typer.Typer()
-app.command("train")(train_command)
-app.command("noop")(lambda: None)  # keeps "train" a subcommand, as in the real CLI
-
-
-@pytest.fixture(scope="session")
-def few_anchors(tmp_path_factory):
-    """4 harmful + 4 benign train anchors and 2 + 2 val anchors from the packaged set."""
-    every = load_anchors("all")
-    picked = [
-        a
-        for label in ("harmful", "benign")
-        for split, n in (("train", 4), ("val", 2))
-        for a in [a for a in every if a.label == label and a.split == split][:n]
-    ]
-    path = tmp_path_factory.mktemp("anchors") / "anchors.jsonl"
-    path.write_text("".join(json.dumps(a.model_dump()) + "\n" for a in picked), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
-def trained(family_dir, few_anchors, tmp_path_factory):
+def trained(family_dir, tmp_path_factory):
     """One epoch of `acd train` (with its gate fit) on the family's tiny model."""
-    out = tmp_path_factory.mktemp("pack") / "pack.safetensors"
-    args = ["train", "--model", str(family_dir), "--out", str(out)]
-    args += ["--anchors", str(few_anchors), "--cache-dir", str(out.parent / "cache")]
-    args += ["--epochs", "1", "--n-virtual", "4", "--batch-size", "4", "--lr", "0.01"]
-    settings = {
-        "gen_max_new_tokens": 4,
-        "target_tokens": 6,
-        "val_max_new_tokens": 3,
-        "examples_per_epoch": 8,
-        "refusal_end": "open",  # random models' noise has no sentence end
-    }
-    return out, CliRunner().invoke(app, [*args, "--set", json.dumps(settings)])
+    return train_tiny_pack(family_dir, tmp_path_factory.mktemp("pack"))
 
 
 def test_one_epoch_of_acd_train_fits_its_gate(fam, trained):
