@@ -76,6 +76,13 @@ hostile_config = st.fixed_dictionaries(
         "top_p": numbers,
         "top_k": numbers,
         "repetition_penalty": numbers,
+        "presence_penalty": numbers,
+        "frequency_penalty": numbers,
+        "logit_bias": st.one_of(
+            st.dictionaries(st.one_of(numbers, text), numbers, max_size=3),
+            st.lists(st.lists(numbers, max_size=3), max_size=3),
+            anything,
+        ),
         "seed": st.one_of(st.none(), numbers),
         "plausibility": numbers,
         "contrast_tokens": st.one_of(st.none(), numbers),
@@ -98,6 +105,13 @@ def valid_config(draw: st.DrawFn) -> dict[str, Any]:
         "top_p": draw(st.sampled_from([1e-9, 0.5, 1.0])),
         "top_k": draw(st.sampled_from([0, 1, 2**31 - 1])),
         "repetition_penalty": draw(st.sampled_from([0.01, 1.0, 100.0])),
+        "presence_penalty": draw(st.sampled_from([-2.0, 0.0, 2.0])),
+        "frequency_penalty": draw(st.sampled_from([-2.0, 0.0, 0.5, 2.0])),
+        "logit_bias": draw(  # token ids of the tiny model (the default tokenizer's 49152)
+            st.dictionaries(
+                st.integers(0, 49151), st.sampled_from([-100, -1.5, 0, 100]), max_size=3
+            )
+        ),
         "seed": draw(st.one_of(st.none(), st.integers(0, 2**64 - 1))),
         "plausibility": draw(st.sampled_from([0.0, 0.1, 0.999])),
         "contrast_tokens": draw(st.sampled_from([None, 0, 1, 2**31 - 1])),
