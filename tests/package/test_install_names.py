@@ -28,8 +28,9 @@ WRONG = "acd"  # the unrelated project's name on the index
 
 # An install command and the rest of it, up to what ends a shell command or a code span.
 INSTALL = re.compile(r"\b(?:pip3?\s+install|pipx\s+install|uv\s+add|poetry\s+add)\b([^\n`;&|)]*)")
-# ``acd[extra,...]`` in prose or a command; ``acd[alpha]`` (a Python subscript) is no extra.
-EXTRA_SPEC = re.compile(r"(?<![\w.-])acd\[([^\]\n]*)\]")
+# ``acd[extra,...]`` in prose or a command; ``acd[alpha]`` (a Python subscript) is no extra,
+# and ``/src/acd[serve]`` is a local folder (a checkout) with extras.
+EXTRA_SPEC = re.compile(r"(?<![\w./-])acd\[([^\]\n]*)\]")
 
 
 def wrong_install_lines(text: str) -> list[str]:
@@ -93,6 +94,8 @@ def test_the_scan_finds_the_wrong_name(line):
         "keys = [k for k in acd[alpha] if k in passed]",
         "acd serve --ray  # then pip install nothing",
         "image: my-registry/acd:latest",
+        'RUN python -m pip install -c /tmp/acd/constraints.txt "/tmp/acd[serve,ray]"',
+        "pip install -e './acd[dev]'",
     ],
 )
 def test_the_scan_passes_our_name_and_other_uses_of_acd(line):
