@@ -27,11 +27,14 @@ __all__ = [
     "NO_PACK",
     "UNUSED_PACK",
     "describe_pack",
+    "format_duration",
     "format_pack_info",
+    "format_phases",
     "gate_label",
     "pack_info",
     "pack_label",
     "pack_report",
+    "shape_rates",
 ]
 
 NO_PACK = "none (manual prompts)"
@@ -95,6 +98,7 @@ _KNOWN_METADATA = (
     "anchor_set_hash",
     "recommended_alpha",
     "recommended_plausibility",
+    "run",
 )
 
 
@@ -117,8 +121,10 @@ def describe_pack(pack: PromptPack, path: str | os.PathLike[str] | None = None) 
     packs written before they were stored), ``model`` (the fingerprint), ``methods`` (the
     registered methods that read it), ``prompts`` (SP/AP sizes, init, manual texts),
     ``recommended`` (alpha, plausibility), ``gate`` (None, or its reading and stored
-    figures), ``training`` (settings, selected epoch, anchor hash, validation figures) and
-    ``other`` (metadata this version does not know).
+    figures), ``training`` (settings, selected epoch, anchor hash, validation figures),
+    ``run`` (None in packs written before it was stored: how ``acd train`` made the pack,
+    its device, dtype, each phase's wall seconds and what it calibrated) and ``other``
+    (metadata this version does not know).
     """
     meta = dict(pack.metadata)
     gate: dict[str, Any] | None = None
@@ -170,6 +176,7 @@ def describe_pack(pack: PromptPack, path: str | os.PathLike[str] | None = None) 
             "anchor_set_hash": meta.get("anchor_set_hash"),
             "val": _value(meta["val"]) if "val" in meta else None,
         },
+        "run": _value(meta["run"]) if "run" in meta else None,
         "other": {k: v for k, v in sorted(meta.items()) if k not in _KNOWN_METADATA},
     }
 
@@ -183,6 +190,45 @@ def pack_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _percent(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
+
+
+def format_duration(seconds: float) -> str:
+    """``"<1 s"``, ``"42 s"``, ``"7.5 min"``, ``"2.1 h"``: how ``acd train`` and ``acd pack
+    info`` write a phase's wall time."""
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def shape_rates(by_shape: Any) -> dict[str, str]:
+    """A gate's validation flag rate per shape (``{"harmful@bare": 0.9, "benign@rag":
+    0.02, ...}``) as one line per label: ``{"flags harmful": "bare 90.0%, ...", ...}``.
+    Anything else (a hand-edited value) gives no line."""
+    if not isinstance(by_shape, dict):
+        return {}
+    out: dict[str, list[str]] = {}
+    for key, rate in by_shape.items():
+        label, _, shape = str(key).partition("@")
+        out.setdefault(f"flags {label}", []).append(f"{shape} {_percent(rate)}")
+    return {label: ", ".join(parts) for label, parts in out.items()}
+
+
+def format_phases(phases: Any) -> str:
+    """``sampling 11.2 min, training 6.1 min, gate not run``: a run's wall time per phase
+    (None: not run by the invocation that wrote the pack)."""
+    if not isinstance(phases, dict):
+        return "not recorded"
+    order = ["sampling", "training", "gate"]
+    parts = []
+    for name in sorted(phases, key=lambda n: (order.index(n) if n in order else 3, n)):
+        seconds = phases[name]
+        took = format_duration(seconds) if isinstance(seconds, int | float) else "not run"
+        parts.append(f"{name} {took}")
+    return ", ".join(parts)
 
 
 def _wrap(label: str, text: str) -> list[str]:
@@ -254,6 +300,8 @@ def format_pack_info(info: dict[str, Any]) -> str:
             figures.append(f"benign budget {_percent(stored.pop('max_fpr'))}{per}")
         if figures:
             out += _wrap("  val", "; ".join(figures))
+        for label, rates in shape_rates(stored.pop("val_flag_rate_by_shape", None)).items():
+            out += _wrap(f"  {label.removeprefix('flags ')}", f"flags {rates}")
         if "fitted" in stored:
             out += _wrap("  fitted", str(stored.pop("fitted")))
         settings = stored.pop("settings", None)
@@ -274,6 +322,13 @@ def format_pack_info(info: dict[str, Any]) -> str:
             figures.append(
                 "refusal by kind " + ", ".join(f"{k} {_percent(v)}" for k, v in by_kind.items())
             )
+        over = [
+            f"{kind} {_percent(1.0 - val[f'{kind}_answer'])}"
+            for kind in ("plain", "lookalike")
+            if isinstance(val.get(f"{kind}_answer"), int | float)
+        ]
+        if over:
+            figures.append("over-refusal by kind " + ", ".join(over))
         if "n_harmful" in val or "n_benign" in val:
             figures.append(f"{val.get('n_harmful')} harmful / {val.get('n_benign')} benign")
         out += _wrap("val", "acd ungated on the anchors' val split: " + "; ".join(figures))
@@ -282,6 +337,16 @@ def format_pack_info(info: dict[str, Any]) -> str:
         out += _wrap("training", ", ".join(f"{k}={v}" for k, v in settings.items()))
     if training["anchor_set_hash"]:
         out += _wrap("anchor set", str(training["anchor_set_hash"]))
+    run = info.get("run")
+    if isinstance(run, dict):
+        where = f"{run.get('command', 'acd train')} on {run.get('device')} ({run.get('dtype')})"
+        if run.get("finished"):
+            where += f", finished {run['finished']}"
+        resumed = {"gate": "; resumed at the gate", "training": "; resumed training"}
+        took = format_phases(run.get("phases")) + resumed.get(str(run.get("resumed")), "")
+        out += _wrap("run", f"{where}: {took}")
+        if run.get("calibration"):
+            out += _wrap("calibrated", str(run["calibration"]))
     for key, value in info["other"].items():
         out += _wrap(key, str(value))
     return "\n".join(out)

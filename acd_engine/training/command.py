@@ -1,5 +1,12 @@
 """``acd train``: the typer command function (registered by the CLI as ``train``).
 
+One command from a model folder to a pack with its gate: it samples the model's own
+responses, trains SP/AP, fits the safety gate and calibrates its threshold on the validation
+split (:func:`~acd_engine.training.run.train_pack`). Before the expensive part it prints how
+long each phase will take, measured on the model and device at hand, and at the end what
+the pack is worth (:mod:`acd_engine.training.summary`). ``--no-gate`` stops after training;
+``acd gate`` refits only the gate.
+
 torch and transformers are imported inside the function so ``acd --help`` stays instant.
 
 Every input is checked before the model loads (:func:`check_inputs`): a bad ``--set``, an
@@ -28,6 +35,7 @@ OPTION_FIELDS: dict[str, tuple[str, Any]] = {
     "--n-virtual": ("n_virtual", None),
     "--init": ("init", "short"),
     "--samples": ("samples", 1),
+    "--sample-batch-size": ("gen_batch_size", 24),
     "--batch-size": ("batch_size", 8),
     "--seed": ("seed", 0),
     "--alpha": ("val_alpha", 0.5),
@@ -64,7 +72,8 @@ def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, A
 
     Args:
         settings: The ``--set`` text (``None``: no extra settings).
-        options: The command's values keyed by option name (``"--epochs"``: 1, ...).
+        options: The command's values keyed by option name (``"--epochs"``: 1, ...); an
+            option left out counts as given at its default.
 
     Raises:
         ConfigError: For text that is not a JSON object, strings UTF-8 cannot hold, or a key
@@ -72,7 +81,8 @@ def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, A
     """
     from acd_engine.errors import ConfigError
 
-    fields = {field: options[opt] for opt, (field, _) in OPTION_FIELDS.items()}
+    given = {opt: options.get(opt, default) for opt, (_, default) in OPTION_FIELDS.items()}
+    fields = {field: given[opt] for opt, (field, _) in OPTION_FIELDS.items()}
     if not settings:
         return fields
     try:
@@ -90,10 +100,10 @@ def parse_settings(settings: str | None, options: dict[str, Any]) -> dict[str, A
     if bad is not None:
         raise ConfigError(f"--set must hold valid Unicode text, got {bad[:80]!r}")
     for opt, (field, default) in OPTION_FIELDS.items():
-        if field in extra and options[opt] != default:
+        if field in extra and given[opt] != default:
             raise ConfigError(
                 f"--set {field} must not repeat {opt}, got both {extra[field]!r} and "
-                f"{options[opt]!r}; give it once"
+                f"{given[opt]!r}; give it once"
             )
     return {**fields, **extra}
 
@@ -144,6 +154,14 @@ def train_command(
     samples: Annotated[
         int, typer.Option("--samples", help="Responses per instruction and prompt.")
     ] = 1,
+    sample_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--sample-batch-size",
+            help="Conversations sampled together (raise it on a GPU; part of the data's "
+            "identity, so a resume must keep it).",
+        ),
+    ] = 24,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and data order.")] = 0,
     val_alpha: Annotated[
@@ -183,11 +201,23 @@ def train_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")
     ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto | cpu | cuda | mps (auto: CUDA when present).")
+    ] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, else float32); "
+            "the soft prompts train in float32 whatever the model's dtype.",
+        ),
+    ] = "auto",
     gate: Annotated[
         bool,
         typer.Option(
             "--gate/--no-gate",
-            help="Fit the safety gate on the anchors and store it in the pack (default on).",
+            help="Fit the safety gate on the anchors, calibrate its threshold on the "
+            "validation split and store it in the pack (default on; acd gate refits it).",
         ),
     ] = True,
     gate_max_fpr: Annotated[
@@ -196,7 +226,8 @@ def train_command(
     ] = 0.05,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train the SP/AP soft prompts (Opposite Prompt Optimisation) and write a prompt pack."""
+    """Train the SP/AP soft prompts (Opposite Prompt Optimisation) and the safety gate for a
+    model, and write its prompt pack: one command from a model folder to a pack."""
     setup_logging(verbose)
 
     from acd_engine.errors import ACDError
@@ -205,12 +236,15 @@ def train_command(
         import torch
         from tqdm.auto import tqdm
 
+        from acd_engine.config import ModelConfig
         from acd_engine.engine import get_engine
         from acd_engine.errors import ConfigError
         from acd_engine.training.config import TrainConfig
         from acd_engine.training.data import default_cache_dir
+        from acd_engine.training.estimate import RunEstimate, format_estimate
         from acd_engine.training.gate_fit import GateFitConfig
-        from acd_engine.training.run import check_outputs, report_path, train_pack
+        from acd_engine.training.run import check_outputs, report_path, train_pack, trained_path
+        from acd_engine.training.summary import format_summary
 
         values = parse_settings(
             settings,
@@ -220,6 +254,7 @@ def train_command(
                 "--n-virtual": n_virtual,
                 "--init": init,
                 "--samples": samples,
+                "--sample-batch-size": sample_batch_size,
                 "--batch-size": batch_size,
                 "--seed": seed,
                 "--alpha": val_alpha,
@@ -231,6 +266,7 @@ def train_command(
         gate_cfg = GateFitConfig(max_fpr=gate_max_fpr) if gate else None
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
+        ModelConfig(model=model, device=device, dtype=dtype)  # a bad --device fails here
         check_inputs(anchors, cfg.judge)
         check_outputs(
             out,
@@ -238,11 +274,20 @@ def train_command(
             checkpoint=checkpoint,
             cache_dir=cache_dir or default_cache_dir(),
             resume=resume,
+            trained=trained_path(out) if gate else None,
         )
         if threads is not None:
             torch.set_num_threads(threads)
-        engine = get_engine(model)
+        engine = get_engine(model, device=device, dtype=dtype)
         bars: dict[str, Any] = {}
+
+        def on_estimate(estimate: RunEstimate) -> None:
+            typer.echo(format_estimate(estimate))
+
+        def on_gate(n: int) -> None:
+            if "gate" not in bars:
+                bars["gate"] = tqdm(desc="gate: reading", unit="placement", file=sys.stderr)
+            bars["gate"].update(n)
 
         def on_data(n: int) -> None:
             if "data" not in bars:
@@ -274,6 +319,8 @@ def train_command(
                 anchors_path=anchors,
                 checkpoint=checkpoint,
                 gate=gate_cfg,
+                gate_progress=on_gate,
+                estimate=on_estimate,
             )
         finally:
             for bar in bars.values():
@@ -281,12 +328,8 @@ def train_command(
         rep = result.report
         where = report or report_path(out)
         if result.completed:
-            val = rep.get("val") or {}
-            typer.echo(
-                f"wrote {out} (epoch {rep['selected_epoch']}, {rep['train_seconds']:.0f}s training; "
-                f"val refusal {val.get('harmful_refusal')}, over-refusal {val.get('over_refusal')}); "
-                f"report {where}"
-            )
+            typer.echo(format_summary(rep["summary"]))
+            typer.echo(f"report {where}; acd pack info {out} shows the pack")
         else:
             typer.echo(
                 f"stopped after {rep['steps']} steps; continue with --resume; report {where}"

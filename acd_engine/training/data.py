@@ -64,13 +64,16 @@ __all__ = [
     "OPOExample",
     "OPOSplits",
     "build_splits",
+    "cache_path",
     "default_cache_dir",
     "fallback_affirmative",
     "fallback_refusal",
     "generate_responses",
     "load_or_generate",
+    "pending_samples",
     "refusal_opening",
     "repair_tail",
+    "time_sampling",
 ]
 
 logger = logging.getLogger(__name__)
@@ -276,6 +279,14 @@ def _cache_key(engine: Any, cfg: TrainConfig, anchors_hash: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def cache_path(
+    engine: Any, cfg: TrainConfig, cache_dir: Path | None = None, anchors_hash: str | None = None
+) -> Path:
+    """The JSONL file the responses of this model, data settings and anchor set go to."""
+    key = _cache_key(engine, cfg, anchors_hash or anchor_set_hash())
+    return (cache_dir or default_cache_dir()) / f"opo-responses-{key}.jsonl"
+
+
 def _parse_record(line: bytes) -> dict[str, Any] | None:
     """One cache line as a record, or ``None`` if it is torn, not UTF-8, or not a record."""
     try:
@@ -394,9 +405,7 @@ def generate_responses(
         One record per (anchor, source, sample) with ``response`` and ``finished``, and the
         cache file path.
     """
-    cache_dir = cache_dir or default_cache_dir()
-    key = _cache_key(engine, cfg, anchors_hash or anchor_set_hash())
-    path = cache_dir / f"opo-responses-{key}.jsonl"
+    path = cache_path(engine, cfg, cache_dir, anchors_hash)
     meta = {
         "fingerprint": engine.fingerprint,
         "data": cfg.data_settings(),
@@ -458,6 +467,47 @@ def generate_responses(
     if todo:
         logger.info("sampled %d responses in %.0fs", len(todo), time.perf_counter() - start)
     return [done[(a.id, src, k)] for a, src, k in _work(anchors, cfg)], path
+
+
+def pending_samples(
+    engine: Any,
+    anchors: Sequence[Anchor],
+    cfg: TrainConfig,
+    cache_dir: Path | None = None,
+    anchors_hash: str | None = None,
+) -> tuple[int, int, int]:
+    """``(answers, refusal continuations, cached)``: the responses :func:`generate_responses`
+    would still sample (the two kinds decode different lengths) and how many it would read
+    from the cache. Reads the cache, writes nothing."""
+    done = _read_cache(cache_path(engine, cfg, cache_dir, anchors_hash))
+    todo = [(src, a.id, k) for a, src, k in _work(anchors, cfg) if (a.id, src, k) not in done]
+    refusals = sum(src == REFUSAL_SOURCE for src, _, _ in todo)
+    return len(todo) - refusals, refusals, len(_work(anchors, cfg)) - len(todo)
+
+
+def time_sampling(
+    engine: Any, anchors: Sequence[Anchor], cfg: TrainConfig, new_tokens: int = 3
+) -> tuple[float, float]:
+    """``(prefill, per token)``: seconds :func:`_sample_batch` takes for one full batch
+    (``gen_batch_size`` rows of the training anchors under the safe prompt, the longest
+    source) to prefill, and for each further token, measured on this model and device.
+
+    One warm-up row first (a device's first call sets up its kernels), then one token, then
+    ``1 + new_tokens``; the difference is the decode steps'. A batch stops early only if
+    every row ends, so the per-token figure errs low only when a model answers in a word.
+    """
+    rows = [anchors[i % len(anchors)] for i in range(cfg.gen_batch_size)]
+    ids = [_prompt_ids(engine, a.prompt, "safe") for a in rows]
+    _sample_batch(engine, ids[:1], cfg.replace(gen_max_new_tokens=1), cfg.seed)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        _sample_batch(engine, ids, cfg.replace(gen_max_new_tokens=n), cfg.seed)
+        return time.perf_counter() - start
+
+    prefill = timed(1)
+    longer = timed(1 + new_tokens)
+    return prefill, max(longer - prefill, 0.0) / new_tokens
 
 
 # ------------------------------------------------------------------------------ splitting

@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,7 +202,9 @@ def read_placed(
     lo = where + (len(encode(content[:a])) if a else 0) - first
     hi = where + len(encode(content[:b])) - first
     lo, hi = max(0, min(lo, span.length)), max(0, min(hi, span.length))
-    return states.to(torch.float16), (lo, max(lo, hi))
+    # Kept on the CPU: thousands of placements are held at once (gigabytes for a large
+    # model), and the probe is fitted there anyway (training/probe.py).
+    return states.to("cpu", torch.float16), (lo, max(lo, hi))
 
 
 def pool_examples(
@@ -238,7 +240,7 @@ def anchor_features(
     rows = []
     for a in anchors:
         x = engine.gate_states(a.prompt, layers, "request")  # [T, F]
-        rows.append(x[-1] if pooling == "last" else x.mean(0))
+        rows.append((x[-1] if pooling == "last" else x.mean(0)).cpu())
     return torch.stack(rows)
 
 
@@ -308,15 +310,22 @@ class PlacedStates:
 
 
 def read_all(
-    engine: Any, placed: Sequence[PlacedAnchor], layers: Sequence[int], scope: GateScope
+    engine: Any,
+    placed: Sequence[PlacedAnchor],
+    layers: Sequence[int],
+    scope: GateScope,
+    progress: Callable[[int], None] | None = None,
 ) -> PlacedStates:
-    """:func:`read_placed` for every placed anchor, logged as it goes (minutes on a CPU)."""
+    """:func:`read_placed` for every placed anchor, logged as it goes (minutes on a CPU);
+    ``progress`` is called with 1 after each."""
     states, requests = [], []
     start = time.perf_counter()
     for i, p in enumerate(placed):
         x, span = read_placed(engine, p.placed, layers, scope)
         states.append(x)
         requests.append(span)
+        if progress is not None:
+            progress(1)
         if (i + 1) % 500 == 0:
             logger.info(
                 "gate: read %d/%d placed anchors (%.0f s)",
@@ -399,10 +408,16 @@ def calibrate(
 
 
 def fit_pack_gate(
-    engine: Any, config: GateFitConfig | None = None, anchors_path: Path | None = None
+    engine: Any,
+    config: GateFitConfig | None = None,
+    anchors_path: Path | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[SafetyGate, dict[str, Any]]:
     """Fit the gate for ``engine``'s model on the anchors placed in application shapes;
-    return it and a report."""
+    return it and a report. ``progress`` is called with 1 after each placement is read.
+
+    The report's ``read_seconds`` is the part spent reading hidden states (the layer search
+    and every placement), the part :mod:`acd_engine.training.estimate` predicts."""
     cfg = config or GateFitConfig()
     start = time.perf_counter()
     train = load_anchors("train", anchors_path)
@@ -416,8 +431,9 @@ def fit_pack_gate(
         len(placed_train),
         len(placed_val),
     )
-    train_states = read_all(engine, placed_train, layers, cfg.scope)
-    val_states = read_all(engine, placed_val, layers, cfg.scope)
+    train_states = read_all(engine, placed_train, layers, cfg.scope, progress)
+    val_states = read_all(engine, placed_val, layers, cfg.scope, progress)
+    read_seconds = time.perf_counter() - start
     gate = fit_on_states(train_states, layers, cfg)
     gate, figures = calibrate(gate, val_states, cfg)
     report: dict[str, Any] = {
@@ -435,6 +451,7 @@ def fit_pack_gate(
         "val_placements": len(placed_val),
         "anchor_set_hash": anchor_set_hash(anchors_path),
         "settings": cfg.model_dump(mode="json"),
+        "read_seconds": round(read_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
     meta = {
@@ -451,6 +468,9 @@ def fit_pack_gate(
         "fitted": datetime.now(UTC).isoformat(timespec="seconds"),
         "val_placements": str(report["val_placements"]),
         "settings": json.dumps(report["settings"], sort_keys=True),
+        # The flag rate in each application shape (harmful@rag, benign@agent, ...): where
+        # the one threshold holds and where it is weakest, for `acd pack info`.
+        "val_flag_rate_by_shape": json.dumps(report["val_flag_rate_by_shape"]),
     }
     gate = dataclasses.replace(gate, metadata=meta)
     logger.info(

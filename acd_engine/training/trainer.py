@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "init_pack",
     "read_checkpoint",
     "resume_settings",
+    "split_quotas",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,23 @@ def _fit(init: torch.Tensor, n: int | None) -> torch.Tensor:
     return init.repeat(reps, 1)[:n].clone()
 
 
+def split_quotas(sizes: Mapping[str, int], examples_per_epoch: int | None) -> dict[Split, int]:
+    """Examples of each non-empty split per epoch: all of them, or equal shares of the budget.
+
+    A share never exceeds its split (an epoch repeats no example); the trainer's split
+    weights make up for unequal shares. A function of the sizes alone, so the time estimate
+    of a run (:mod:`acd_engine.training.estimate`) counts steps exactly as training takes
+    them.
+    """
+    present = [s for s in _SPLITS if sizes.get(s)]
+    if examples_per_epoch is None:
+        return {s: sizes[s] for s in present}
+    if not present:
+        return {}
+    share, extra = divmod(max(examples_per_epoch, len(present)), len(present))
+    return {s: min(share + (1 if i < extra else 0), sizes[s]) for i, s in enumerate(present)}
+
+
 def init_pack(engine: Any, cfg: TrainConfig) -> PromptPack:
     """The untrained SP/AP: embeddings of the init texts, fitted to ``cfg.n_virtual``."""
     safe, opposite = (
@@ -246,7 +264,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 16 else text[:12] + "..."
 
 
-def check_checkpoint(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
+def check_checkpoint(
+    path: Path, state: dict[str, Any], expected: dict[str, Any], *, what: str = "checkpoint"
+) -> None:
     """Refuse to resume ``state`` unless it was made with ``expected``'s identity and settings.
 
     Args:
@@ -258,6 +278,9 @@ def check_checkpoint(path: Path, state: dict[str, Any], expected: dict[str, Any]
 
     Raises:
         ConfigError: naming the first difference and the way out.
+
+    ``what`` names the file in messages: the trained pack that ``acd train`` keeps for its
+    gate phase is checked by the same rule (:func:`acd_engine.training.run.train_pack`).
     """
     for key, label in _IDENTITY:
         if key not in expected:
@@ -268,32 +291,32 @@ def check_checkpoint(path: Path, state: dict[str, Any], expected: dict[str, Any]
         if theirs == ours:
             continue
         if key == "fingerprint" and isinstance(theirs, dict):
-            what = ", ".join(
-                f"{k} (checkpoint {theirs.get(k)!r}, now {ours.get(k)!r})"
+            differ = ", ".join(
+                f"{k} ({what} {theirs.get(k)!r}, now {ours.get(k)!r})"
                 for k in sorted(set(theirs) | set(ours))
                 if theirs.get(k) != ours.get(k)
             )
             raise ConfigError(
-                f"checkpoint '{path}' was made with another model: {what} differ; use a new "
-                "--out or delete the checkpoint"
+                f"{what} '{path}' was made with another model: {differ} differ; use a new "
+                f"--out or delete the {what}"
             )
         was = "(not recorded)" if theirs is None else _short(theirs)
         raise ConfigError(
-            f"checkpoint '{path}' was made with {label} {was}, got {_short(ours)}; use a new "
-            "--out or delete the checkpoint"
+            f"{what} '{path}' was made with {label} {was}, got {_short(ours)}; use a new "
+            f"--out or delete the {what}"
         )
     if "settings" in expected:
         raw = state.get("settings")
         theirs = json.loads(raw) if isinstance(raw, str) else {}
         ours = expected["settings"]
         diffs = [
-            f"{k} (checkpoint {theirs.get(k)!r}, now {ours[k]!r})"
+            f"{k} ({what} {theirs.get(k)!r}, now {ours[k]!r})"
             for k in ours
             if theirs.get(k) != ours[k]
         ]
         if diffs:
             raise ConfigError(
-                f"resume must use the checkpoint's settings; differs: {', '.join(diffs)}. "
+                f"resume must use the {what}'s settings; differs: {', '.join(diffs)}. "
                 f"Rerun with those settings or delete {path}"
             )
 
@@ -335,7 +358,9 @@ class OPOTrainer:
             s: [i for i, e in enumerate(self.examples) if e.split == s] for s in _SPLITS
         }
         present = [s for s in _SPLITS if self.by_split[s]]
-        self.quota = self._quotas(present)
+        self.quota = split_quotas(
+            {s: len(self.by_split[s]) for s in _SPLITS}, cfg.examples_per_epoch
+        )
         per_epoch = sum(self.quota.values())
         # Each split contributes equally (mean of per-split means), whatever its share of
         # an epoch.
@@ -344,20 +369,10 @@ class OPOTrainer:
             for s in _SPLITS
         }
 
-    def _quotas(self, present: list[Split]) -> dict[Split, int]:
-        """Examples of each split per epoch: all of them, or equal shares of the budget.
-
-        A share never exceeds its split (an epoch repeats no example); the split weights
-        make up for unequal shares.
-        """
-        n = self.cfg.examples_per_epoch
-        if n is None:
-            return {s: len(self.by_split[s]) for s in present}
-        share, extra = divmod(max(n, len(present)), len(present))
-        return {
-            s: min(share + (1 if i < extra else 0), len(self.by_split[s]))
-            for i, s in enumerate(present)
-        }
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch (the last batch may be short)."""
+        return math.ceil(sum(self.quota.values()) / self.cfg.batch_size)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Example indices of one epoch, in training order: a pure function of (seed, epoch).
@@ -469,6 +484,38 @@ class OPOTrainer:
         return state
 
     # ------------------------------------------------------------------ training
+    def _soft_prompts(self, base: PromptPack) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        """SP and AP as trainable fp32 tensors on the device of the model's embeddings, with
+        the model frozen (eval mode, no gradients).
+
+        fp32 whatever the model's dtype, as PEFT keeps its virtual tokens: a bf16 model's
+        rows get a bf16 copy per batch (:meth:`_batch_loss`), and the gradient flows back
+        into the fp32 prompts, so AdamW's small updates are not rounded away. On the
+        embeddings' device, so a GPU run moves no tensor to the CPU per step.
+        """
+        model = self.engine.model
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        device = model.get_input_embeddings().weight.device
+        sp = torch.nn.Parameter(base.sp.to(device, torch.float32).clone())
+        ap = torch.nn.Parameter(base.ap.to(device, torch.float32).clone())
+        return sp, ap
+
+    def measure_step(self) -> float:
+        """Seconds of one training step's forward and backward on the first batch of epoch
+        0, on this model and device, leaving no trace (no optimiser step, no checkpoint):
+        what :mod:`acd_engine.training.estimate` multiplies by the number of steps."""
+        sp, ap = self._soft_prompts(init_pack(self.engine, self.cfg))
+        batch = [self.examples[i] for i in self.epoch_order(0)[: self.cfg.batch_size]]
+        start = time.perf_counter()
+        with torch.enable_grad():
+            loss, _, _ = self._batch_loss(batch, sp, ap)
+            loss.backward()
+        assert sp.grad is not None
+        float(sp.grad.norm())  # waits for an asynchronous device to finish the backward
+        return time.perf_counter() - start
+
     def _val_set(self) -> list[Anchor]:
         anchors = self.val_anchors if self.val_anchors is not None else load_anchors("val")
         return validation_subset(anchors, self.cfg.val_per_kind)
@@ -531,14 +578,9 @@ class OPOTrainer:
         """
         cfg = self.cfg
         base = init_pack(self.engine, cfg)
-        model = self.engine.model
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        sp = torch.nn.Parameter(base.sp.clone())
-        ap = torch.nn.Parameter(base.ap.clone())
+        sp, ap = self._soft_prompts(base)
         opt = torch.optim.AdamW([sp, ap], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_batches = math.ceil(sum(self.quota.values()) / cfg.batch_size)
+        n_batches = self.steps_per_epoch
         state: dict[str, Any] = {
             "epoch": 0,
             "batch": 0,
@@ -589,8 +631,8 @@ class OPOTrainer:
             self._save_checkpoint(
                 checkpoint,
                 {
-                    "sp": sp.detach().clone(),
-                    "ap": ap.detach().clone(),
+                    "sp": sp.detach().cpu().clone(),
+                    "ap": ap.detach().cpu().clone(),
                     "optimizer": opt.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "state": json.dumps(meta),
@@ -598,8 +640,8 @@ class OPOTrainer:
                     "fingerprint": json.dumps(identity["fingerprint"], sort_keys=True),
                     "anchors_hash": identity["anchors_hash"],
                     "data_hash": identity["data_hash"],
-                    "best_sp": None if best is None else best["sp"],
-                    "best_ap": None if best is None else best["ap"],
+                    "best_sp": None if best is None else best["sp"].cpu(),
+                    "best_ap": None if best is None else best["ap"].cpu(),
                 },
             )
 
