@@ -83,6 +83,11 @@ class RunEstimate:
         return {**asdict(self), "total": self.total}
 
 
+def _ms(seconds: float) -> str:
+    """A measured unit's time: ``"12 ms"`` below a second, else ``"1.42 s"``."""
+    return f"{1000 * seconds:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def _about(seconds: float) -> str:
     text = format_duration(seconds)
     return text if text.startswith("<") else "~" + text
@@ -157,8 +162,8 @@ def _sampling(
         "sampling",
         seconds,
         f"{answers + refusals:,} responses to sample ({cached:,} cached) in "
-        f"{n_answers + n_refusals:,} batches of {size}; a batch prefills in {prefill:.2f} s "
-        f"and samples a token in {per_token:.3f} s",
+        f"{n_answers + n_refusals:,} batches of {size}; a batch prefills in {_ms(prefill)} "
+        f"and samples a token in {_ms(per_token)}",
     )
 
 
@@ -207,10 +212,10 @@ def _training(
         batched_answers(engine, prompts, dcfg, pack=init_pack(engine, cfg), batch_size=VAL_BATCH)
         per_batch = time.perf_counter() - start
     work = (
-        f"{steps:,} steps of {cfg.batch_size} examples at {step:.2f} s ({cfg.epochs} x "
-        f"~{per_epoch} steps); {validations} validations of {len(subset)} prompts"
+        f"{steps:,} steps of {cfg.batch_size} examples at {_ms(step)} ({cfg.epochs} "
+        f"epoch{'s' if cfg.epochs != 1 else ''} of ~{per_epoch} steps); {validations} validations of {len(subset)} prompts"
         + (" and one base pass" if base_pass else "")
-        + f" at {per_batch:.1f} s per batch of {min(VAL_BATCH, len(subset))}"
+        + f" at {_ms(per_batch)} per batch of {min(VAL_BATCH, len(subset))}"
     )
     return PhaseEstimate("training", steps * step + batches * per_batch, work)
 
@@ -232,7 +237,7 @@ def _gate(
     seconds = per_read * len(placed)
     work = (
         f"{len(placed):,} placed anchors ({n_train:,} train, {len(placed) - n_train:,} val) at "
-        f"{per_read:.3f} s each"
+        f"{_ms(per_read)} each"
     )
     if cfg.layers is None:
         bare = [*train, *val]
@@ -241,7 +246,7 @@ def _gate(
             engine.gate_states(a.prompt, every, "request").cpu()
         per_bare = (time.perf_counter() - start) / min(3, len(bare))
         seconds += per_bare * len(bare)
-        work += f", and {len(bare):,} bare anchors at {per_bare:.3f} s to choose the layers"
+        work += f", and {len(bare):,} bare anchors at {_ms(per_bare)} to choose the layers"
     return PhaseEstimate("gate", seconds, work + "; the probe's fit comes on top")
 
 
