@@ -107,6 +107,15 @@ constraints-ray: $(RAY_STAMP)
 	  $(BIN)/python scripts/freeze_constraints.py --extras ray | grep -v '^#' | grep -vxF -f $(CONSTRAINTS); \
 	} > $(RAY_CONSTRAINTS).tmp && mv $(RAY_CONSTRAINTS).tmp $(RAY_CONSTRAINTS)
 
+# Load and fault figures of acd serve (scripts/load_test.py): its own server on loopback, for
+# each backend here (llama.cpp where llama_cpp is installed); 1, 8 and 32 streaming clients,
+# 4x the queue bound, clients leaving mid-stream and queued, a kill and restart. Stops by
+# itself; fails when a check fails (a 5xx, a hang, a lost answer). Minutes on an idle 2-core
+# box: run it alone. Smoke run: make loadtest LOADTEST_ARGS=--quick; files:
+# LOADTEST_ARGS="--json-out run.json --md-out run.md"
+loadtest: install
+	$(BIN)/python scripts/load_test.py $(LOADTEST_ARGS)
+
 bench: install
 	$(BIN)/acd bench --json
 
