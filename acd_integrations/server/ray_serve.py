@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 SERVE_ENV: dict[str, str] = {
     "model": "ACD_MODEL",
     "quantize": "ACD_QUANTIZE",
+    "backend": "ACD_BACKEND",
     "pack": "ACD_PACK",
     "require_pack": "ACD_REQUIRE_PACK",
     "api_key": "ACD_API_KEY",
@@ -67,6 +68,7 @@ SERVE_ENV: dict[str, str] = {
     "max_tokens": "ACD_MAX_TOKENS",
     "device": "ACD_DEVICE",
     "device_map": "ACD_DEVICE_MAP",
+    "backend": "ACD_BACKEND",
     "replicas": "ACD_REPLICAS",
     "num_cpus": "ACD_NUM_CPUS_PER_REPLICA",
     "num_gpus": "ACD_NUM_GPUS_PER_REPLICA",

@@ -36,6 +36,7 @@ from acd_integrations.server.ray_serve import (
 SAMPLES: dict[str, str | None] = {
     "model": "/models/my-model",
     "quantize": "int8",
+    "backend": "torch",
     "pack": "/models/my-pack.safetensors",
     "require_pack": None,
     "api_key": "sk-test-key",
