@@ -6,9 +6,9 @@ each replica loads its own engine and answers ``/health`` 503 until then.
 Ray's proxy spreads requests over the replicas; each response names its replica in the
 ``x-acd-replica`` header.
 
-``--max-concurrency`` bounds each replica, and as many requests again may wait in Ray's
-proxy; one more is answered as without Ray: 429 with ``Retry-After`` in OpenAI's error
-shape (:func:`build_application`, :mod:`acd_integrations.ray_proxy`).
+``--max-concurrency`` bounds each replica, and as many requests as all replicas take may
+wait in Ray's proxy; one more is answered as without Ray: 429 with ``Retry-After`` in
+OpenAI's error shape (:func:`build_application`, :mod:`acd_integrations.ray_proxy`).
 
 ``app_from_env`` is the import path for a Ray Serve config file (KubeRay ``RayService``): it
 reads every ``acd serve`` flag from an ``ACD_*`` environment variable (:data:`SERVE_ENV`),
@@ -68,7 +68,6 @@ SERVE_ENV: dict[str, str] = {
     "max_tokens": "ACD_MAX_TOKENS",
     "device": "ACD_DEVICE",
     "device_map": "ACD_DEVICE_MAP",
-    "backend": "ACD_BACKEND",
     "replicas": "ACD_REPLICAS",
     "num_cpus": "ACD_NUM_CPUS_PER_REPLICA",
     "num_gpus": "ACD_NUM_GPUS_PER_REPLICA",
@@ -154,9 +153,12 @@ def build_application(
     The queue bound: Ray's router sends a replica at most ``max_ongoing_requests`` =
     ``options.max_concurrency`` requests (the app's own bound, so a replica never refuses
     what Ray sent it while another one is free); the rest wait in Ray's proxy for a free
-    replica, at most ``max_queued_requests`` = ``options.max_concurrency`` of them (per
-    proxy: one per node). One more is refused by Ray, and ``acd_integrations.ray_proxy``
-    turns that refusal into the 429 with ``Retry-After`` that ``acd serve`` documents.
+    replica. Ray counts a request as queued from its arrival until a replica takes it,
+    routing included, so the queue (``max_queued_requests``, per proxy: one per node) holds
+    as many as all replicas take at once: replicas x ``max_concurrency`` (with autoscaling,
+    ``max_replicas`` x); a smaller one would refuse a burst the replicas could take. One
+    request more is refused by Ray, and ``acd_integrations.ray_proxy`` turns that refusal
+    into the 429 with ``Retry-After`` that ``acd serve`` documents.
 
     Args:
         options: The server options every replica uses (host and port are Ray's, not these).
@@ -171,7 +173,8 @@ def build_application(
         "name": "ACDReplica",
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": options.max_concurrency,
-        "max_queued_requests": options.max_concurrency,
+        "max_queued_requests": _most_replicas(replicas, autoscaling_config)
+        * options.max_concurrency,
     }
     if autoscaling_config is not None:
         deployment_options["autoscaling_config"] = autoscaling_config
@@ -181,6 +184,12 @@ def build_application(
     ingress = serve.ingress(ReplicaApp(plain))(ACDReplica)
     deployment = serve.deployment(**deployment_options)(ingress)
     return deployment.bind(plain)
+
+
+def _most_replicas(replicas: int, autoscaling_config: dict[str, Any] | None) -> int:
+    if autoscaling_config is None:
+        return max(1, replicas)
+    return max(1, int(autoscaling_config.get("max_replicas", 1)))
 
 
 def run_ray(
@@ -291,7 +300,8 @@ def settings_from_env(environ: Mapping[str, str]) -> EnvSettings:
     except _usage_error() as exc:
         bad = getattr(exc, "param", None)
         var = SERVE_ENV.get(getattr(bad, "name", "") or "", "the ACD_* variables")
-        message = getattr(exc, "format_message", lambda: str(exc))()  # click names the flag
+        format_message = getattr(exc, "format_message", None)  # click's names the flag
+        message = format_message() if callable(format_message) else str(exc)
         raise ConfigError(f"{var}: {message}") from None
     values: dict[str, Any] = dict(ctx.params)
     defaults = _json_defaults(environ)

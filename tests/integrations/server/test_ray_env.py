@@ -293,13 +293,13 @@ def test_the_deployment_bounds_ongoing_and_queued_requests_by_max_concurrency(mo
     assert deployment.name == "ACDReplica"
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
-    # Ray sends a replica no more than the app admits, and queues as many again in its proxy.
+    # Ray sends a replica no more than the app admits, and queues as many as all 3 take.
     assert deployment.max_ongoing_requests == 6
-    assert deployment.max_queued_requests == 6
+    assert deployment.max_queued_requests == 18
     [options] = deployment.init_args
     assert ray_serve.ServerOptions(**options).max_concurrency == 6
     scaled = ray_serve.build_application(
         ray_serve.ServerOptions(max_concurrency=2),
         autoscaling_config={"min_replicas": 1, "max_replicas": 4},
     )._bound_deployment
-    assert scaled.max_ongoing_requests == 2 and scaled.max_queued_requests == 2
+    assert scaled.max_ongoing_requests == 2 and scaled.max_queued_requests == 8
