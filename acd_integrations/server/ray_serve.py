@@ -12,7 +12,7 @@ OpenAI's error shape (:func:`build_application`, :mod:`acd_integrations.ray_prox
 
 ``app_from_env`` is the import path for a Ray Serve config file (KubeRay ``RayService``): it
 reads every ``acd serve`` flag from an ``ACD_*`` environment variable (:data:`SERVE_ENV`),
-parsed by the ``acd serve`` command itself, so types, defaults and checks are the CLI's.
+and a test holds the options each variable gives equal to those its flag gives.
 """
 
 from __future__ import annotations
@@ -87,13 +87,34 @@ IGNORED_ENV: dict[str, tuple[str, str]] = {
 DEFAULTS_ENV = "ACD_DEFAULTS"
 
 # How `acd serve` turns its flags into ServerOptions (acd_engine/cli.py serve_command, then
-# server/cli.py serve), repeated here; test_ray_env.py holds the two equal for every flag.
-# These flags become the request defaults; these shape the deployment, not a replica's app;
-# these are named otherwise in ServerOptions. A flag left unset (None) takes the option's
-# own default.
+# server/cli.py serve), repeated here because this module may not import the CLI (it imports
+# this one); test_ray_env.py holds the two equal for every flag and for none set. These
+# flags become the request defaults; these shape the deployment, not a replica's app; these
+# are named otherwise in ServerOptions; these are not text; and the CLI's defaults where
+# they are not ServerOptions' own.
 _REQUEST_DEFAULT_FLAGS = ("method", "alpha", "max_tokens")
 _DEPLOYMENT_FLAGS = ("replicas", "num_cpus", "num_gpus")
 _OPTION_NAMES = {"cors_origin": "cors_origins"}
+_KINDS = {
+    "require_pack": "switch",
+    "max_concurrency": "int",
+    "max_body_bytes": "int",
+    "sse_keepalive": "float",
+    "cors_origin": "list",
+    "alpha": "float",
+    "max_tokens": "int",
+    "replicas": "int",
+    "num_cpus": "float",
+    "num_gpus": "float",
+}
+_CLI_DEFAULTS: dict[str, Any] = {
+    "method": "acd",
+    "alpha": 0.5,
+    "max_tokens": 256,
+    "replicas": 1,
+    "num_cpus": 1.0,
+    "num_gpus": 0.0,
+}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -272,73 +293,50 @@ class EnvSettings(NamedTuple):
 def settings_from_env(environ: Mapping[str, str]) -> EnvSettings:
     """The options ``acd serve --ray`` builds from the flags that ``environ`` names.
 
-    The variables become the command's flags and are parsed by the ``acd serve`` command
-    itself, so an unset variable takes the CLI's default and a bad value fails with the
-    CLI's check, named by its variable.
+    An unset (or empty) variable leaves its flag at the CLI's default.
 
     Raises:
-        ConfigError: A bad value (``ACD_PORT``-like variables are logged and ignored).
+        ConfigError: A bad value, named by its variable (``ACD_PORT``-like variables are
+            logged and ignored).
     """
-    import typer
-
-    from acd_engine.cli import app as cli_app
-
-    serve_command: Any = typer.main.get_command(cli_app).commands["serve"]  # type: ignore[attr-defined]
-    params = {p.name: p for p in serve_command.params}
-    argv: list[str] = []
-    given: set[str] = set()
+    values: dict[str, Any] = {}
     for name, var in SERVE_ENV.items():
         raw = environ.get(var, "").strip()
         if raw:
-            argv += _flag_tokens(params[name], var, raw)
-            given.add(name)
+            values[name] = _parse(var, raw, _KINDS.get(name, "text"))
     for var, reason in IGNORED_ENV.values():
         if environ.get(var, "").strip():
             logger.warning("ignoring %s: %s", var, reason)
-    try:
-        ctx = serve_command.make_context("acd serve", argv)
-    except _usage_error() as exc:
-        bad = getattr(exc, "param", None)
-        var = SERVE_ENV.get(getattr(bad, "name", "") or "", "the ACD_* variables")
-        format_message = getattr(exc, "format_message", None)  # click's names the flag
-        message = format_message() if callable(format_message) else str(exc)
-        raise ConfigError(f"{var}: {message}") from None
-    values: dict[str, Any] = dict(ctx.params)
     defaults = _json_defaults(environ)
     for name in _REQUEST_DEFAULT_FLAGS:
-        value = values.pop(name)
-        if name in given or name not in defaults:
-            defaults[name] = value
-    layout = {name: values.pop(name) for name in _DEPLOYMENT_FLAGS}
-    values.pop("ray")
+        if name in values:
+            defaults[name] = values.pop(name)
+        elif name not in defaults:
+            defaults[name] = _CLI_DEFAULTS[name]
+    layout = {name: values.pop(name, _CLI_DEFAULTS[name]) for name in _DEPLOYMENT_FLAGS}
     if layout["replicas"] < 1:  # the check server/cli.py makes for --replicas
         raise ConfigError(f"{SERVE_ENV['replicas']} must be >= 1, got {layout['replicas']}")
-    fields = {_OPTION_NAMES.get(k, k): v for k, v in values.items() if v is not None}
+    fields = {_OPTION_NAMES.get(k, k): v for k, v in values.items()}
     return EnvSettings(ServerOptions(**fields, defaults=defaults), **layout)
 
 
-def _usage_error() -> type[Exception]:
-    """click's ``UsageError`` (a bad or unknown flag), found through typer's public
-    ``BadParameter``: typer 0.29 vendors click, older releases use ``click`` itself."""
-    import typer
-
-    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-
-
-def _flag_tokens(param: Any, var: str, raw: str) -> list[str]:
-    """The command-line tokens for one variable's value."""
-    flag = max(param.opts, key=len)  # the long name
-    if param.is_flag:
-        value = raw.lower()
-        if value in _TRUE:
-            return [flag]
-        if value in _FALSE:
-            return [max(param.secondary_opts, key=len)] if param.secondary_opts else []
-        choices = ", ".join(_TRUE + _FALSE)
-        raise ConfigError(f"{var} must be one of {choices}, got {raw!r}")
-    if param.multiple:  # a list flag: comma-separated in one variable
-        return [token for item in raw.split(",") if item.strip() for token in (flag, item.strip())]
-    return [flag, raw]
+def _parse(var: str, raw: str, kind: str) -> Any:
+    """One variable's text as its flag's value."""
+    if kind == "switch":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{var} must be one of {', '.join(_TRUE + _FALSE)}, got {raw!r}")
+    if kind == "list":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if kind in ("int", "float"):
+        try:
+            return int(raw) if kind == "int" else float(raw)
+        except ValueError:
+            what = "an integer" if kind == "int" else "a number"
+            raise ConfigError(f"{var} must be {what}, got {raw!r}") from None
+    return raw
 
 
 def _json_defaults(environ: Mapping[str, str]) -> dict[str, Any]:

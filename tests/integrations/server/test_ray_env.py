@@ -2,7 +2,9 @@
 
 ``app_from_env`` must run exactly what ``acd serve --ray`` with the same flags runs: every
 flag of the command has a variable (or a stated reason for none), and for each one the
-options built from the variable equal the options the CLI builds from the flag. ``run_ray``
+options built from the variable equal the options the CLI builds from the flag (the module
+repeats the CLI's few conversions and defaults, since it may not import the CLI: these
+tests are what keeps the two from drifting). ``run_ray``
 is driven here with a stand-in ``ray`` module (its order of start and shutdown, its signal
 handling); the real deployment is ``test_ray_serve.py`` (``make ray-test``).
 """
@@ -141,8 +143,10 @@ def test_a_switch_turned_off_or_empty_is_the_default(off):
 
 
 def test_bad_values_fail_in_house_style_naming_the_variable():
-    with pytest.raises(ConfigError, match=r"^ACD_MAX_CONCURRENCY: .*'--max-concurrency'"):
+    with pytest.raises(ConfigError, match=r"^ACD_MAX_CONCURRENCY must be an integer, got 'many'$"):
         settings_from_env({"ACD_MAX_CONCURRENCY": "many"})
+    with pytest.raises(ConfigError, match=r"^ACD_ALPHA must be a number, got 'half'$"):
+        settings_from_env({"ACD_ALPHA": "half"})
     with pytest.raises(ConfigError, match=r"^ACD_REQUIRE_PACK must be one of 1, true, .*'maybe'"):
         settings_from_env({"ACD_REQUIRE_PACK": "maybe"})
     with pytest.raises(ConfigError, match=r"^ACD_REPLICAS must be >= 1, got 0$"):
