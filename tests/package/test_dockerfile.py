@@ -61,7 +61,7 @@ def test_the_ray_pins_admit_the_ray_extra_and_agree_with_the_tested_set():
     base, ray = pins("constraints.txt"), pins("constraints-ray.txt")
     assert "ray" in ray and "protobuf" in ray  # protobuf 7 breaks Ray 2.46's config parsing
     assert not set(base) & set(ray), "a package pinned twice: run make constraints-ray"
-    extra = re.search(r'^ray = \[(.*)\]$', PYPROJECT, re.M)
+    extra = re.search(r"^ray = \[(.*)\]$", PYPROJECT, re.M)
     assert extra
     [req] = [Requirement(r.strip().strip('"')) for r in extra.group(1).split(",")]
     assert req.specifier.contains(ray["ray"])
