@@ -126,7 +126,13 @@ class Engine:
 
     @property
     def pack(self) -> PromptPack:
-        """The SP/AP pack used by ``method="acd"`` (resolved on first use)."""
+        """The SP/AP pack used by ``method="acd"`` (resolved on first use).
+
+        Once resolved it is read without the lock (one attribute read), so a front end
+        preparing a request never waits for a decode in flight to ask which pack it gets.
+        """
+        if (pack := self._pack) is not None:
+            return pack
         with self._lock:
             if self._pack is None:
                 self._pack = resolve_pack(self._pack_source, self.loaded, self.fingerprint)
