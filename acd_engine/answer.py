@@ -1,7 +1,7 @@
 """The answer loop: generated tokens -> text deltas, stop strings, chunks and the result.
 
 One loop (:func:`run_answers`) serves every way of asking: a lone call, a stream, a batch,
-a coalesced group, on the fast path or the reference path. It reads ``{request: token}``
+a coalesced group, on every backend (torch's fast and reference paths, llama.cpp). It reads ``{request: token}``
 from a decoder, turns each request's tokens into text with :class:`Answer` (EOS, stop
 strings, text held back while it could still become one), hands deltas to the request's
 sink as they become safe, and ends a request by adding it to the decoder's ``finished`` set.
@@ -81,6 +81,11 @@ class GenerationResult(BaseModel):
         description="The safety gate that routed the request: its layers and threshold, or "
         "'none' (no gate in the pack, gate=False, or a method the gate does not route). "
         "None: not reported.",
+    )
+    backend: str | None = Field(
+        default=None,
+        description="The backend that ran the request's forwards: 'torch' (the engine's "
+        "PyTorch model) or 'llamacpp' (llama.cpp on the model's GGUF). None: not reported.",
     )
 
 
@@ -189,8 +194,8 @@ def result_of(
     report: Mapping[str, str] | None = None,
 ) -> GenerationResult:
     """A request's result from its answer, its stream's last chunk (finish reason, usage,
-    gate verdict) and the engine's ``pack_report`` (``{"pack": ..., "gate": ...}``): one
-    place decides what a result reports."""
+    gate verdict) and the engine's ``pack_report`` (``{"pack": ..., "gate": ...,
+    "backend": ...}``): one place decides what a result reports."""
     assert last.finish_reason is not None and last.usage is not None
     verdict = last.gate
     flagged = None if verdict is None else verdict.flagged
@@ -205,6 +210,7 @@ def result_of(
         gate_flagged=flagged,
         pack=None if report is None else report["pack"],
         gate=None if report is None else report["gate"],
+        backend=None if report is None else report["backend"],
     )
 
 

@@ -2,9 +2,9 @@
 coalesced group, in batches, or streamed from a worker thread.
 
 :class:`Call` is what :class:`~acd_engine.coalesce.Coalescer` carries for the engine;
-:class:`CallRunner` decides how a call runs (alone on the reference path, queued for
-coalescing on the fast path, batches in groups); :func:`decode_calls` is the request path
-itself (rows -> decoder -> answer loop); :func:`run_coalesced` runs one group with a
+:class:`CallRunner` decides how a call runs (alone when the backend does not batch, else
+queued for coalescing; batches in groups); :func:`decode_calls` is the request path itself
+(the backend's decode -> the one answer loop); :func:`run_coalesced` runs one group with a
 fallback that gives every call its own answer or its own error; :func:`stream_in_thread`
 turns a blocking call into a stream that holds no lock between tokens.
 """
@@ -27,19 +27,15 @@ from acd_engine.answer import (
     GenerationResult,
     Sink,
     StreamChunk,
-    lone_request,
     result_of,
     run_answers,
 )
+from acd_engine.backends import Backend
 from acd_engine.coalesce import Coalescer, Pending
 from acd_engine.config import DecodingConfig
-from acd_engine.contrast import BranchPlan
-from acd_engine.decoding import decode
 from acd_engine.errors import ConfigError
-from acd_engine.gate import GateVerdict, SafetyGate, decoded_rendering, routed_config
-from acd_engine.kernels import EngineOptions, KernelPolicy
-from acd_engine.rendering import Messages, Rendered, template_kwargs
-from acd_engine.rows import RowBuilder
+from acd_engine.kernels import EngineOptions
+from acd_engine.rendering import Messages, template_kwargs
 
 __all__ = ["AnyEvent", "Call", "CallEngine", "CallRunner", "calls_of", "coalesce_key"]
 __all__ += ["decode_calls", "run_coalesced", "stream_in_thread", "text_deltas"]
@@ -48,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 
 class CallEngine(Protocol):
-    """What running a call reads from its engine: the model, its parts, and the request
-    steps the engine owns (render, plan, gate).
+    """What running a call reads from its engine: its backend, tokenizer, options and the
+    few checks and labels the engine owns.
 
     :class:`~acd_engine.engine.Engine` is one. The request path takes this instead of the
     engine, so the engine, which imports this module, is never imported back: the arrows
@@ -57,25 +53,15 @@ class CallEngine(Protocol):
     """
 
     @property
-    def model(self) -> Any: ...
+    def backend(self) -> Backend: ...
     @property
     def tokenizer(self) -> Any: ...
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
     @property
-    def kernels(self) -> KernelPolicy: ...
-    @property
-    def rows(self) -> RowBuilder: ...
-    @property
     def options(self) -> EngineOptions: ...
 
     def check_decodes(self) -> None: ...
-    def render(self, messages: Messages, **template_kwargs: Any) -> Rendered: ...
-    def plan(self, config: DecodingConfig) -> BranchPlan: ...
-    def active_gate(self, config: DecodingConfig) -> SafetyGate | None: ...
-    def gate_verdict(
-        self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
-    ) -> GateVerdict | None: ...
     def pack_report(self, config: DecodingConfig) -> dict[str, str]: ...
 
 
@@ -145,10 +131,11 @@ def coalesce_key(call: Call) -> tuple[str, str]:
 class CallRunner:
     """How an engine's calls run: the one way in for ``generate``, streams and batches.
 
-    On the reference path every call runs alone under the engine's lock. On the fast path a
-    call queues in the :class:`~acd_engine.coalesce.Coalescer`, and a batch runs in groups
-    of ``max_batch_requests``; both go through :meth:`decode_group`, the one place a
-    batched decode of several calls starts.
+    On a backend that does not batch (the torch reference path) every call runs alone
+    under the engine's lock. On one that does (the torch fast path, llama.cpp) a call
+    queues in the :class:`~acd_engine.coalesce.Coalescer`, and a batch runs in groups of
+    ``max_batch_requests``; both go through :meth:`decode_group`, the one place a batched
+    decode of several calls starts.
 
     Args:
         engine: The engine whose kernels, options and request path the calls use.
@@ -172,9 +159,10 @@ class CallRunner:
         return self.decode(calls)
 
     def submit(self, call: Call) -> GenerationResult:
-        """Run one call: alone on the reference path, else coalesced with compatible ones."""
+        """Run one call: alone when the backend does not batch, else coalesced with
+        compatible ones."""
         self.engine.check_decodes()
-        if not self.engine.kernels.use_fast_path():
+        if not self.engine.backend.batches:
             return self.decode([call])[0]
         return self.coalescer.submit(call, coalesce_key(call))
 
@@ -184,9 +172,9 @@ class CallRunner:
 
     def batch(self, calls: list[Call]) -> list[GenerationResult]:
         """Results of ``calls`` in order: batched decodes of ``max_batch_requests`` calls
-        on the fast path, one call at a time on the reference path."""
+        when the backend batches, else one call at a time."""
         self.engine.check_decodes()
-        if not self.engine.kernels.use_fast_path():
+        if not self.engine.backend.batches:
             return [self.submit(call) for call in calls]
         k = self.engine.options.max_batch_requests
         return [r for s in range(0, len(calls), k) for r in self.decode_group(calls[s : s + k])]
@@ -196,32 +184,14 @@ def decode_calls(engine: CallEngine, calls: list[Call]) -> list[GenerationResult
     """Decode ``calls`` (same config and tools) together, the engine's lock held; each
     call's chunks go to its sink as they are ready.
 
-    The fast path plans every call's rows into one batch (a gated call's route is chosen
-    inside the prefill); the reference path (one call) re-embeds its branches and scores
-    the gate with a forward of its own. Either way the tokens go through one answer loop.
+    The backend starts the batch (render, route by the gate, prefill, one forward per
+    step: :meth:`~acd_engine.backends.Backend.start`); every backend's tokens then go
+    through the one answer loop, which ends a request at EOS, a stop string, its limit or
+    its cancel flag (the backend drops it before its next forward).
     """
     cfg, kwargs = calls[0].config, template_kwargs(calls[0].tools)
     finished: set[int] = set()
-    if engine.kernels.use_fast_path():
-        rendered = [engine.render(call.messages, **kwargs) for call in calls]
-        constraints = [call.constraint for call in calls]
-        gate, plan = engine.active_gate(cfg), engine.plan(cfg)
-        planned = engine.rows.plan_batch(rendered, plan, cfg, gate, constraints, kwargs)
-        run = cfg.replace(max_new_tokens=max(p.limit for p in planned))
-        rows = [r for p in planned for r in p.rows]
-        steps = engine.kernels.decode(rows, [p.request for p in planned], run, finished)
-        limits = [p.limit for p in planned]
-        facts = [p.gate_facts for p in planned]
-    else:
-        (call,) = calls
-        verdict = engine.gate_verdict(call.messages, cfg, **kwargs)
-        run = routed_config(cfg, verdict)
-        decoded = decoded_rendering(engine.render(call.messages, **kwargs), verdict)
-        prefill, n_prompt, run = engine.rows.reference_prefill(
-            decoded, engine.plan(run), run, call.constraint
-        )
-        steps, limits = lone_request(decode(engine.model, prefill, run)), [run.max_new_tokens]
-        facts = [lambda: (n_prompt, verdict)]
+    steps, limits, facts = engine.backend.start(calls, cfg, kwargs, finished)
     answers = [Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop) for _ in calls]
     sinks: list[Sink | None] = [call.out for call in calls]
     cancels: list[CancelFlag | None] = [call.cancel for call in calls]

@@ -17,29 +17,24 @@ import torch
 from transformers import LogitsProcessorList
 
 from acd_engine.answer import GenerationResult, StreamChunk, Usage, eos_token_ids
+from acd_engine.backends import Backend, BackendName, LlamaCppOptions, resolve_backend
 from acd_engine.calls import Call, CallRunner, calls_of, stream_in_thread, text_deltas
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.contrast import BranchPlan, plan_branches
 from acd_engine.errors import ConfigError, PromptPackError
-from acd_engine.gate import (
-    GateScope,
-    GateVerdict,
-    ReadSpan,
-    SafetyGate,
-    probe_states,
-    verdict_of,
-)
+from acd_engine.gate import GateScope, GateVerdict, ReadSpan, SafetyGate, probe_states
 from acd_engine.kernels import EngineOptions, KernelPolicy
-from acd_engine.loading import LoadedModel, load_model
+from acd_engine.loading import LoadedModel, default_model_path, load_model
 from acd_engine.pack_info import NO_PACK, pack_report
 from acd_engine.prefix_cache import PrefixCache
 from acd_engine.prompts import PromptPack, model_fingerprint, resolve_pack
 from acd_engine.rendering import Messages, Rendered, Renderer, template_kwargs
 from acd_engine.rows import RowBuilder
 from acd_engine.scoring import score_continuations
+from acd_engine.torch_backend import TorchBackend
 
-__all__ = ["Engine", "EngineOptions", "GenerationResult", "Messages", "StreamChunk", "Usage"]
-__all__ += ["get_engine"]
+__all__ = ["Engine", "EngineOptions", "GenerationResult", "LlamaCppOptions", "Messages"]
+__all__ += ["StreamChunk", "Usage", "get_engine"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +64,17 @@ class Engine:
         defaults: Decoding settings used when a call passes none.
         fast_path, compile_step: Shortcuts for the :class:`EngineOptions` fields.
         options: How forwards run (:class:`EngineOptions`); never changes a greedy token.
+        backend: What runs the forwards (:mod:`acd_engine.backends`): ``torch`` (this
+            engine's PyTorch model: CPU or GPU, token for token transformers'
+            ``generate``), ``llamacpp`` (llama.cpp on the model's ``.gguf`` file, CPU; the
+            engine then loads only the embedding table, ``keep_layers=0``, and llama.cpp
+            runs every forward, the gate's included; extra ``[llamacpp]``), or ``auto``,
+            which is ``torch`` (:func:`~acd_engine.backends.resolve_backend` says why).
+            Requests, streams, batches, scoring and results are the same on both;
+            ``llamacpp`` computes with the GGUF's quantized weights, so its tokens may
+            differ slightly.
+        llamacpp: How the ``llamacpp`` backend runs (threads, prefix room, where the gate
+            is read: :class:`~acd_engine.backends.LlamaCppOptions`).
     """
 
     def __init__(
@@ -86,14 +92,19 @@ class Engine:
         fast_path: bool = True,
         compile_step: bool | None = None,
         options: EngineOptions | None = None,
+        backend: str = "auto",
+        llamacpp: LlamaCppOptions | None = None,
     ) -> None:
+        backend_name = resolve_backend(backend, model, device, quantize)
+        on_llamacpp = backend_name == "llamacpp"
         self.model_config = ModelConfig(
             model=model and str(model),
-            device=device,
+            device="cpu" if on_llamacpp else device,  # llama.cpp reads host embeddings
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             quantize=quantize,
-            keep_layers=keep_layers,
+            # llama.cpp runs every layer: the engine keeps the embedding table alone
+            keep_layers=0 if on_llamacpp and keep_layers is None else keep_layers,
         )
         self.loaded: LoadedModel = load_model(self.model_config)
         self.model: Any = self.loaded.model
@@ -115,8 +126,21 @@ class Engine:
         )
         self.options = (options or EngineOptions()).with_shortcuts(fast_path, compile_step)
         self.kernels = KernelPolicy(self.model, self.options, self.model_name, self.device)
+        self.backend: Backend = (
+            self._llamacpp_backend(model, llamacpp or LlamaCppOptions())
+            if on_llamacpp
+            else TorchBackend(self)
+        )
         self.calls = CallRunner(self, self._lock)
         self._coalescer = self.calls.coalescer  # its queue, as tests watch it
+
+    def _llamacpp_backend(self, model: str | Path | None, options: LlamaCppOptions) -> Backend:
+        """llama.cpp on ``model``'s GGUF (the default model's when None); imported here, so
+        an engine on the torch backend never loads the llama.cpp bindings."""
+        from acd_engine.llamacpp import LlamaCppBackend
+
+        gguf = default_model_path() if model is None else Path(model).expanduser()
+        return LlamaCppBackend(self, gguf, options)
 
     # ------------------------------------------------------------------ what it owns
     @cached_property
@@ -185,12 +209,14 @@ class Engine:
         return pack
 
     def pack_report(self, config: DecodingConfig) -> dict[str, str]:
-        """``{"pack": ..., "gate": ...}``: what every front end reports about the pack and
-        gate a request decoded with (:func:`acd_engine.pack_info.pack_report`):
-        ``none (manual prompts)`` / ``none`` when there is no trained pack."""
+        """``{"pack": ..., "gate": ..., "backend": ...}``: what every front end reports about
+        how a request was decoded (:func:`acd_engine.pack_info.pack_report`): the pack and
+        gate (``none (manual prompts)`` / ``none`` when there is no trained pack) and the
+        backend that ran it."""
+        name = self.backend.name
         if not config.method_entry.uses_pack:
-            return pack_report(None, None)
-        return pack_report(self.pack, self.active_gate(config), config.gate_threshold)
+            return pack_report(None, None, backend=name)
+        return pack_report(self.pack, self.active_gate(config), config.gate_threshold, backend=name)
 
     def set_options(self, **changes: Any) -> None:
         """Change :class:`EngineOptions` fields (validated) for later requests; what the
@@ -209,19 +235,25 @@ class Engine:
         self.set_options(fast_path=on)
 
     def check_decodes(self) -> None:
-        """Refuse to decode on a front-end engine (``keep_layers``), whose forward would
-        stop after its kept layers and produce meaningless logits."""
+        """Refuse to decode on a front-end engine (``keep_layers`` on the torch backend),
+        whose forward would stop after its kept layers and produce meaningless logits."""
         keep = self.loaded.keep_layers
-        if keep is not None:
+        if keep is not None and self.backend.name == "torch":
             raise ConfigError(
                 f"this engine loaded only {keep} decoder layers (keep_layers) to feed another "
-                "runtime such as llama.cpp; it renders and gates requests but cannot decode "
-                "them: create an engine without keep_layers"
+                "runtime; it renders and gates requests but cannot decode them: create an "
+                "engine without keep_layers, or with backend='llamacpp' on a .gguf model"
             )
 
     def describe(self) -> dict[str, Any]:
-        """Identifying facts for logs and reports (:meth:`LoadedModel.describe`)."""
-        return self.loaded.describe()
+        """Identifying facts for logs and reports (:meth:`LoadedModel.describe`) and the
+        backend that decodes."""
+        return {**self.loaded.describe(), "backend": self.backend.name}
+
+    @property
+    def backend_name(self) -> BackendName:
+        """Which backend runs this engine's forwards: ``torch`` or ``llamacpp``."""
+        return self.backend.name
 
     # ------------------------------------------------------------------ rendering
     def encode_data(self, text: str) -> list[int]:
@@ -298,11 +330,11 @@ class Engine:
     def gate_verdict(
         self, messages: Messages, config: DecodingConfig, **template_kwargs: Any
     ) -> GateVerdict | None:
-        """The gate's verdict on one request (a forward of its own; None when not gated)."""
-        if (gate := self.active_gate(config)) is None:
-            return None
-        states = self.gate_states(messages, gate.layers, gate.scope, **template_kwargs)
-        return verdict_of(gate, config, states)
+        """The gate's verdict on one request, read by the backend's forward of its own
+        (None when not gated)."""
+        with self._lock:
+            rendered = self.render(messages, **template_kwargs)
+            return self.backend.gate_verdict(rendered, config, template_kwargs)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -395,9 +427,14 @@ def get_engine(
     trust_remote_code: bool = False,
     quantize: str = "none",
     keep_layers: int | None = None,
+    backend: str = "auto",
+    llamacpp: LlamaCppOptions | None = None,
 ) -> Engine:
     """The process-wide engine for these settings: created once, shared by all callers
-    (with ``require_pack`` a second engine over the same loaded weights)."""
+    (with ``require_pack`` a second engine over the same loaded weights). ``backend``
+    (``auto``, ``torch`` or ``llamacpp``) and ``llamacpp`` are :class:`Engine`'s; engines
+    of different backends are different engines."""
+    name = resolve_backend(backend, model, device, quantize)
     key = (
         model and str(model),
         device,
@@ -407,6 +444,8 @@ def get_engine(
         trust_remote_code,
         quantize,
         keep_layers,
+        name,
+        llamacpp if name == "llamacpp" else None,
     )
     with _ENGINES_LOCK:
         if (engine := _ENGINES.get(key)) is None:
@@ -420,6 +459,8 @@ def get_engine(
                 trust_remote_code=trust_remote_code,
                 quantize=quantize,
                 keep_layers=keep_layers,
+                backend=name,
+                llamacpp=llamacpp,
             )
             logger.info("engine ready in %.1fs", time.perf_counter() - start)
             _ENGINES[key] = engine

@@ -1,35 +1,37 @@
-"""ACD on llama.cpp's batch API: a measured prototype, and the yardstick of ``acd bench``.
+"""The llama.cpp backend: an engine's requests decoded by llama.cpp on the model's GGUF.
 
 On a CPU, batch-1 decoding is bound by reading the weights once per token, and llama.cpp
 reads them in their quantized GGUF form with hand-written SIMD kernels; PyTorch's eager
 int8/int4 kernels (:mod:`acd_engine.quantize`) do not come close on the CPUs measured
-(docs/performance.md). This module runs the engine's requests on llama.cpp instead:
+(docs/performance.md). ``Engine(gguf, backend="llamacpp")`` holds the embedding table
+alone (``keep_layers=0``) and this backend runs every forward, under the engine's one
+request path (:mod:`acd_engine.calls`): coalescing, streaming, cancellation, the answer
+loop and the results are the engine's; only the logits come from llama.cpp.
 
-* the engine renders the conversation and cuts each branch's row where its fast path does
+* The engine renders each call and the gate routes it first: the gate's layers are read
+  from llama.cpp's own forward of the plain rendering (:mod:`acd_engine.llamacpp_gate`, a
+  context of its own stopped after the deepest gate layer), or from the engine's PyTorch
+  layers with ``LlamaCppOptions(gate_on="engine")``.
+* Each branch's row is cut where the torch fast path cuts it
   (:meth:`~acd_engine.rows.RowBuilder.row_splits`): a constant prefix (template head, the
-  SP/AP soft prompt or manual prompt, the tail's template stub; for ``plain`` the
-  template's constant start) and the request's own tail, both as input *embeddings*;
-* each branch is one llama.cpp sequence of the same context (seq 0 positive, seq 1
-  negative); llama.cpp looks up the GGUF's own token embeddings the same way, so a manual
-  prompt fed as embeddings equals it fed as tokens;
-* a prefix is prefilled once into a spare sequence and shared with a request's sequence by
-  reference (``llama_memory_seq_cp`` on a unified KV cache, no data copied), so a request
-  prefills only its own tokens, as on the engine's fast path;
-* every step decodes one token on both sequences in one ``llama_decode`` batch, and the
-  engine's own :class:`~acd_engine.step.TokenStep` (contrast, constraint, plausibility
-  filter, processors, pick) chooses the token from the two rows of logits.
+  SP/AP soft prompt or manual prompt, the tail's template stub) and the request's own
+  tail, both fed as input *embeddings* (llama.cpp looks up the GGUF's own token embeddings
+  the same way, so a manual prompt fed as embeddings equals it fed as tokens).
+* Every row is one llama.cpp sequence of one context, with a KV stream of its own (so a
+  request decodes the same beside others as alone): two per contrast request, one per
+  single-branch request. A prefix is prefilled once, and its KV saved in host memory
+  (``llama_state_seq_get_data``, ~23 KB a token for the default model) and restored into
+  every later request's sequence (a copy, nothing computed), least recently used first
+  out; so a request prefills only its own tokens, as on the torch fast path.
+* All rows of all calls of a batch step together, one ``llama_decode`` per token; each
+  request's token is chosen by its own :class:`~acd_engine.step.TokenStep` (contrast,
+  constraint, plausibility filter, penalties, sampler), exactly as on the torch backend.
+  A request that ends (EOS, stop string, limit, cancel flag) leaves the batch before the
+  next step.
 
-So the method is the engine's, token choice included; only the forward runs elsewhere. A
-decoder is also an ``acd eval`` model (:meth:`LlamaCppDecoder.generate_batch`,
-:meth:`LlamaCppDecoder.score_continuations`), so this path is measured with the same
-protocol as the engine (``scripts/llamacpp_quality.py``).
-
-It is a prototype: one request at a time. A gated request costs one extra prefill of its
-plain rendering, on llama.cpp too: a second context whose evaluation callback copies the
-gate's layers and stops the graph after the deepest one
-(:mod:`acd_engine.llamacpp_gate`). So the engine need not hold any decoder layer:
-``Engine(gguf, keep_layers=0)`` loads the embedding table alone, gated pack or not.
-Needs the optional extra ``[llamacpp]`` (llama-cpp-python, compiled on install).
+The context grows to the batches it meets (llama.cpp allocates its KV cells up front, so
+it is sized for the rows and lengths met, not for the model's whole window). Needs the
+optional extra ``[llamacpp]`` (llama-cpp-python, compiled on install).
 """
 
 from __future__ import annotations
@@ -37,29 +39,41 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList
 
-from acd_engine.answer import Answer, GenerationResult, result_of
+from acd_engine.backends import (
+    BackendEngine,
+    BackendName,
+    BatchCall,
+    LlamaCppOptions,
+    RequestFacts,
+    Started,
+)
 from acd_engine.config import DecodingConfig
 from acd_engine.contrast import contrast_logits
 from acd_engine.errors import ConfigError
-from acd_engine.gate import GateVerdict, SafetyGate, decoded_rendering, routed_config, verdict_of
+from acd_engine.gate import (
+    GateVerdict,
+    SafetyGate,
+    decoded_rendering,
+    routed_config,
+    verdict_of,
+)
 from acd_engine.install import pip_install_extra
 from acd_engine.llamacpp_gate import LlamaCppGateReader
 from acd_engine.rendering import Rendered
-from acd_engine.rows import RowSplit
-from acd_engine.step import TokenStep, continuation_logprob
+from acd_engine.rows import RowSplit, fit_context
+from acd_engine.step import TokenStep
+from acd_engine.torch_backend import probe_verdict
 
-__all__ = ["LlamaCppDecoder", "LlamaCppOutput"]
+__all__ = ["PLAIN", "LlamaCppBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +83,7 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ImportError as exc:
         raise ConfigError(
-            f"the llama.cpp rows need llama-cpp-python: {pip_install_extra('llamacpp')} (it "
+            f"backend 'llamacpp' needs llama-cpp-python: {pip_install_extra('llamacpp')} (it "
             "compiles llama.cpp, several minutes)"
         ) from exc
     return llama_cpp
@@ -99,84 +113,73 @@ def _cpu_reports_amx() -> bool:
         return False
 
 
+def _room(cells: int, least: int) -> int:
+    """``cells`` rounded up to a power of two (at least ``least``): a context grows in few
+    steps, each recreating it."""
+    size = least
+    while size < cells:
+        size *= 2
+    return size
+
+
 PLAIN = DecodingConfig(method="plain")  # the gate reads the plain rendering's row
-PREFIX_SLOTS = 4  # cached prefixes kept at once: SP and AP, plus base's and plain's
+STREAM_PAD = 256  # llama.cpp pads each sequence's KV cells to a multiple of this
 
 
 @dataclass(frozen=True)
 class _CachedPrefix:
-    seq: int  # the spare llama.cpp sequence holding it
+    """A branch prefix's KV as llama.cpp saves one sequence (``llama_state_seq_get_data``)."""
+
+    state: Any  # ctypes uint8 array, kept as it came
+    size: int
     length: int  # its positions 0 .. length-1
 
 
-@dataclass(frozen=True)
-class LlamaCppOutput:
-    """The tokens of one request and when its first token was chosen."""
+@dataclass
+class _Request:
+    """One call of a batch, rendered, routed and cut into rows (positive row first)."""
 
-    token_ids: list[int]
+    splits: list[RowSplit]
+    prefixes: list[torch.Tensor | None]  # [P_r, H] input embeddings, or no prefix
+    tails: list[torch.Tensor]  # [T_r, H]
+    lengths: list[int]  # prompt positions per row
+    config: DecodingConfig  # what it decodes with, once routed
+    step: TokenStep
+    ids: torch.Tensor  # [1, L] the shared conversation, then its tokens
+    limit: int
+    prompt_tokens: int
+    verdict: GateVerdict | None
+
+    def facts(self) -> tuple[int, GateVerdict | None]:
+        return self.prompt_tokens, self.verdict
 
 
-class LlamaCppDecoder:
-    """One llama.cpp model and context with two sequences, decoding an engine's requests.
+class LlamaCppBackend:
+    """llama.cpp on one GGUF, decoding an engine's calls (see the module docstring).
 
     Args:
-        engine: The :class:`~acd_engine.engine.Engine` whose rendering, pack and token step
-            are used (its model must hold the same weights as ``gguf``, e.g. the GGUF's
-            own dequantization, which is what the engine loads from a ``.gguf``). Only its
-            embedding table is read (the gate's layers come from llama.cpp), so a front end
-            with ``keep_layers=0`` spares every decoder layer's memory.
-        gguf: The GGUF file llama.cpp runs.
-        threads: CPU threads for llama.cpp (default: every core).
-        n_ctx: Context length per sequence (llama.cpp allocates its KV up front, so size
-            it to the requests: ``acd bench`` uses prompt + new tokens, rounded up).
-        ubatch: Tokens per physical llama.cpp batch (its own default, 512): a longer prompt
-            is fed in pieces, which bounds the compute buffer.
-        extra_buffers: Let llama.cpp repack weights into its extra CPU buffer types (AMX,
-            AVX2/NEON interleaved blocks). Default: yes, except on a CPU that reports AMX,
-            where llama.cpp 0.3.36's AMX matmul crashes the process on the first batch
-            (seen on this project's Xeon machines; llama.cpp issue #20824).
-        prefix_tokens: KV cells kept for cached branch prefixes, beyond the two request
-            sequences' ``n_ctx`` each (default: ``n_ctx``); a prefix longer than this is
-            prefilled with its request instead, and older prefixes are dropped (least
-            recently used first) to make room.
-        gate_on: Where a gated request's gate is read: ``"llamacpp"`` (default), from
-            llama.cpp's own layers (:mod:`acd_engine.llamacpp_gate`), so the engine may be
-            a ``keep_layers=0`` front end; ``"engine"``, by the engine's PyTorch layers
-            (it must hold the deepest gate layer), which on CPUs with slow multi-token
-            Q4_1 products reads faster at ~230 MiB more memory for the default model
-            (docs/performance.md).
+        engine: The engine whose rendering, pack, gate and rows it uses. Only its
+            embedding table is read (the gate's layers come from llama.cpp unless
+            ``options.gate_on`` is ``"engine"``), so the engine loads it alone.
+        gguf: The GGUF file llama.cpp runs: the engine's own model, whose embedding table
+            the engine dequantized from it.
+        options: Threads, prefix room, ubatch, buffer types and where the gate is read.
     """
 
-    def __init__(
-        self,
-        engine: Any,
-        gguf: str | Path,
-        threads: int | None = None,
-        n_ctx: int = 1024,
-        ubatch: int = 512,
-        prefix_tokens: int | None = None,
-        extra_buffers: bool | None = None,
-        gate_on: Literal["llamacpp", "engine"] = "llamacpp",
-    ) -> None:
-        if gate_on not in ("llamacpp", "engine"):
-            raise ConfigError(f"gate_on must be 'llamacpp' or 'engine', got {gate_on!r}")
-        self.gate_on = gate_on
-        if n_ctx < 1:
-            raise ConfigError(f"n_ctx must be at least 1, got {n_ctx}")
-        if prefix_tokens is not None and prefix_tokens < 0:
-            raise ConfigError(f"prefix_tokens must be at least 0, got {prefix_tokens}")
+    def __init__(self, engine: BackendEngine, gguf: str | Path, options: LlamaCppOptions) -> None:
         lib = _llama_cpp()
         _quiet(lib)
         lib.llama_backend_init()
         self.lib = lib
         self.engine = engine
-        self._lock = threading.Lock()
-        self.n_ctx = n_ctx
-        self.prefix_tokens = n_ctx if prefix_tokens is None else prefix_tokens
-        self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
-        self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
+        self.options = options
         self.gguf = Path(gguf)
+        self.threads = options.threads or os.cpu_count() or 1
+        self.prefilled_tokens = 0  # positions prefilled so far (prefixes included)
+        self.steps = 0  # batched one-token decodes so far
+        self._prefixes: OrderedDict[Hashable, _CachedPrefix] = OrderedDict()  # LRU order
         mparams = lib.llama_model_default_params()
+        extra_buffers = options.extra_buffers
         if extra_buffers is None:
             extra_buffers = not _cpu_reports_amx()
             if not extra_buffers:
@@ -185,44 +188,96 @@ class LlamaCppDecoder:
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
         if not self.model:
             raise ConfigError(f"llama.cpp could not load the GGUF file {gguf}")
-        cparams = lib.llama_context_default_params()
-        # one pool of cells for every sequence: a request's sequence then shares its cached
-        # prefix's cells instead of copying them
-        cparams.kv_unified = True
-        cparams.n_ctx = 2 * n_ctx + self.prefix_tokens
-        # both rows' prompts (or one prefix) in one llama_decode call
-        cparams.n_batch = max(2 * n_ctx, self.prefix_tokens)
-        cparams.n_ubatch = min(ubatch, 2 * n_ctx)  # run in pieces of this many tokens
-        cparams.n_seq_max = 2 + PREFIX_SLOTS  # seq 0 positive, 1 negative, then the prefixes
-        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
-        self.ctx = lib.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            raise ConfigError("llama.cpp could not create a context (out of memory?)")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.hidden = lib.llama_model_n_embd(self.model)
-        if self.hidden != engine.model.config.hidden_size:
+        expected = engine.model.config.hidden_size
+        if self.hidden != expected:
+            lib.llama_model_free(self.model)
+            self.model = None
             raise ConfigError(
-                f"the GGUF's hidden size must be the engine model's "
-                f"{engine.model.config.hidden_size}, got {self.hidden}"
+                f"the GGUF's hidden size must be the engine model's {expected}, got {self.hidden}"
             )
-        self.embd_batch = lib.llama_batch_init(max(2 * n_ctx, self.prefix_tokens), self.hidden, 1)
-        self.token_batch = lib.llama_batch_init(2, 0, 1)
-        self._ubatch, self._threads = ubatch, threads
-        self._gate_reader: LlamaCppGateReader | None = None  # made on the first gated request
+        self.ctx: Any = None  # made for the first batch, grown for a larger one
+        self.cells = 0  # KV cells of each of its sequences
+        self.n_seq = 0  # its sequences, one per row of a batch
+        self._embd_batch: Any = None
+        self._embd_room = 0
+        self._token_batch: Any = None
+        self._gate_reader: LlamaCppGateReader | None = None  # made on the first gated read
+
+    @property
+    def name(self) -> BackendName:
+        return "llamacpp"
+
+    @property
+    def batches(self) -> bool:
+        """Always: concurrent calls step together as llama.cpp sequences."""
+        return True
 
     def close(self) -> None:
-        """Free the llama.cpp context, model and batches."""
-        if getattr(self, "ctx", None):
+        """Free the llama.cpp contexts, batches and model."""
+        if getattr(self, "model", None):
+            self._free_context()
             if self._gate_reader is not None:
                 self._gate_reader.close()
-            self.lib.llama_batch_free(self.embd_batch)
-            self.lib.llama_batch_free(self.token_batch)
-            self.lib.llama_free(self.ctx)
+                self._gate_reader = None
+            if self._embd_batch is not None:
+                self.lib.llama_batch_free(self._embd_batch)
+                self._embd_batch = None
             self.lib.llama_model_free(self.model)
-            self.ctx = None
+            self.model = None
 
     def __del__(self) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ the context
+    def _free_context(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self._token_batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+            self._prefixes.clear()  # a saved sequence loads only into a context of its shape
+
+    def _ensure_context(self, rows: int, cells: int) -> None:
+        """A context with at least ``rows`` sequences of at least ``cells`` KV cells each;
+        recreated when the current one is smaller (cached prefixes live outside it).
+
+        Every sequence has a KV stream of its own (``kv_unified=False``): llama.cpp's
+        attention numbers depend on where a sequence's cells lie in a shared pool (its CPU
+        flash attention even reads a sequence wrongly when a later token sits in a cell
+        below an earlier one), so in one pool a request would decode differently beside
+        other requests than alone. In a stream of its own it decodes the same either way.
+        """
+        if self.ctx and rows <= self.n_seq and cells <= self.cells:
+            return
+        rows, cells = max(_room(rows, 2), self.n_seq), max(_room(cells, STREAM_PAD), self.cells)
+        self._free_context()
+        lib = self.lib
+        cparams = lib.llama_context_default_params()
+        cparams.kv_unified = False
+        cparams.n_ctx = rows * cells  # llama.cpp gives each sequence n_ctx / n_seq_max
+        cparams.n_batch = rows * cells  # the longest feed: anything that fits
+        cparams.n_ubatch = min(self.options.ubatch, rows * cells)  # prefills run in pieces
+        cparams.n_seq_max = rows
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        ctx = lib.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            raise ConfigError(
+                f"llama.cpp could not create a context of {rows} x {cells} KV cells "
+                "(out of memory?)"
+            )
+        self.ctx, self.cells, self.n_seq = ctx, cells, rows
+        self._token_batch = lib.llama_batch_init(rows, 0, 1)
+        logger.debug("llama.cpp context: %d sequences of %d KV cells", rows, cells)
+
+    def _embd_batch_for(self, tokens: int) -> Any:
+        """A batch of input embeddings holding at least ``tokens`` positions."""
+        if tokens > self._embd_room:
+            if self._embd_batch is not None:
+                self.lib.llama_batch_free(self._embd_batch)
+            self._embd_room = _room(tokens, 64)
+            self._embd_batch = self.lib.llama_batch_init(self._embd_room, self.hidden, 1)
+        return self._embd_batch
 
     # ------------------------------------------------------------------ forwards
     def _decode(self, batch: Any) -> None:
@@ -240,8 +295,8 @@ class LlamaCppDecoder:
     ) -> list[torch.Tensor]:
         """Feed each ``(seq, first position, [T, H] input embeddings)`` in one batch and
         return each row's logits at its last ``outputs`` positions, ``[outputs, V]``."""
-        b = self.embd_batch
         data = torch.cat([r for _, _, r in rows]).detach().to(torch.float32).contiguous().numpy()
+        b = self._embd_batch_for(data.shape[0])
         ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)  # [n, H] fp32
         i, wanted = 0, []
         for seq, start, r in rows:
@@ -258,246 +313,252 @@ class LlamaCppDecoder:
         self.prefilled_tokens += i
         return [torch.cat([self._logits(j) for j in js]) for js in wanted]
 
-    def _prefix(self, split: RowSplit, embeds: torch.Tensor) -> _CachedPrefix | None:
-        """``split``'s prefix (input embeddings ``[P, H]``) in a spare sequence, prefilled on
-        first use; None when it is longer than the room kept for prefixes."""
+    def _cached(self, split: RowSplit) -> _CachedPrefix | None:
         cached = self._prefixes.get(split.key)
         if cached is not None:
             self._prefixes.move_to_end(split.key)
-            return cached
-        length = embeds.shape[0]
-        if length > self.prefix_tokens:
-            return None
-        mem = self.lib.llama_get_memory(self.ctx)
-        while self._prefixes and (
-            len(self._prefixes) == PREFIX_SLOTS
-            or sum(p.length for p in self._prefixes.values()) + length > self.prefix_tokens
-        ):
-            _, old = self._prefixes.popitem(last=False)
-            self.lib.llama_memory_seq_rm(mem, old.seq, -1, -1)
-        used = {p.seq for p in self._prefixes.values()}
-        seq = next(s for s in range(2, 2 + PREFIX_SLOTS) if s not in used)
-        self.lib.llama_memory_seq_rm(mem, seq, -1, -1)  # whatever a failed prefill left
-        self._prefill([(seq, 0, embeds)])
-        cached = self._prefixes[split.key] = _CachedPrefix(seq, length)
         return cached
 
-    def _start(
-        self,
-        splits: list[RowSplit],
-        new_tokens: int,
-        extra: list[int] | None = None,
-        outputs: int = 1,
-    ) -> tuple[list[torch.Tensor], list[int]]:
-        """Set up sequence r for row r (its prefix, then its tail and ``extra`` prefilled)
-        and return each row's logits at its last ``outputs`` positions ``[outputs, V]``
-        and its length.
+    def _keep(self, split: RowSplit, seq: int, length: int) -> None:
+        """Save ``seq`` (holding ``split``'s prefix alone) in the cache, dropping the least
+        recently used prefixes to stay within ``prefix_tokens``; a prefix longer than that
+        is not kept."""
+        room = self.options.prefix_tokens
+        if length > room:
+            return
+        while self._prefixes and sum(p.length for p in self._prefixes.values()) + length > room:
+            self._prefixes.popitem(last=False)
+        size = self.lib.llama_state_seq_get_size(self.ctx, seq)
+        state = (ctypes.c_uint8 * size)()
+        written = self.lib.llama_state_seq_get_data(self.ctx, state, size, seq)
+        self._prefixes[split.key] = _CachedPrefix(state, written, length)
 
-        A prefix is always prefilled in a batch of its own, kept or not: llama.cpp's
-        results depend slightly on how a prompt is cut into batches, so this keeps a
-        request's tokens independent of what the cache happens to hold.
+    def _feed(
+        self,
+        request: _Request,
+        seqs: list[int],
+        extra: torch.Tensor | None = None,
+        outputs: int = 1,
+    ) -> list[torch.Tensor]:
+        """Prefill ``request``'s rows into ``seqs`` (each its prefix, then its tail and
+        ``extra`` embeddings) and return each row's logits at its last ``outputs``
+        positions, ``[outputs, V]``.
+
+        A cached prefix is restored into the row's sequence from its saved KV (bytes
+        copied, nothing computed); a new one is prefilled in a batch of its own and saved.
+        Its own batch either way: llama.cpp's numbers depend slightly on how a prompt is
+        cut into batches, so a request's tokens do not depend on what the cache holds, nor
+        on the calls it is batched with (each request's rows are fed in a batch of their
+        own too).
         """
-        rows_ = self.engine.rows
-        prefixes = [
-            rows_.prefix_embeds(s.head, s.branch, s.stub) if s.has_prefix else None for s in splits
-        ]  # [P_r, H] each
-        tails = [rows_.embed(s.tail + (extra or [])) for s in splits]  # [T_r, H] each
+        lib = self.lib
+        mem = lib.llama_get_memory(self.ctx)
+        feeds = []
+        for seq, split, prefix, tail, length in zip(
+            seqs, request.splits, request.prefixes, request.tails, request.lengths, strict=True
+        ):
+            lib.llama_memory_seq_rm(mem, seq, -1, -1)
+            if prefix is not None:
+                cached = self._cached(split)
+                if cached is None:
+                    self._prefill([(seq, 0, prefix)])
+                    self._keep(split, seq, prefix.shape[0])
+                elif not lib.llama_state_seq_set_data(self.ctx, cached.state, cached.size, seq):
+                    raise RuntimeError("llama.cpp could not restore a cached prefix")
+            row = tail if extra is None else torch.cat([tail, extra])
+            feeds.append((seq, length - tail.shape[0], row))
+        return self._prefill(feeds, outputs)
+
+    def _step(self, feeds: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Decode one ``(seq, position, token)`` per row in one batch; their logits."""
+        b = self._token_batch
+        for i, (seq, pos, token) in enumerate(feeds):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = True
+        b.n_tokens = len(feeds)
+        self._decode(b)
+        self.steps += 1
+        return [self._logits(i) for i in range(len(feeds))]
+
+    def _release(self, seqs: Sequence[int]) -> None:
+        """Free the cells of ``seqs`` (cached prefixes live outside the context)."""
+        if self.ctx:
+            mem = self.lib.llama_get_memory(self.ctx)
+            for seq in seqs:
+                self.lib.llama_memory_seq_rm(mem, seq, -1, -1)
+
+    # ------------------------------------------------------------------ the gate
+    def gate_verdict(
+        self, rendered: Rendered, config: DecodingConfig, template_kwargs: dict[str, Any]
+    ) -> GateVerdict | None:
+        """The gate's verdict on one request, read from llama.cpp's own forward of its
+        plain rendering (or the engine's, ``gate_on="engine"``); None when not gated."""
+        if self.options.gate_on == "engine":
+            return probe_verdict(self.engine, rendered, config, template_kwargs)
+        gate = self.engine.active_gate(config)
+        if gate is None:
+            return None
+        return verdict_of(gate, config, self.gate_states(rendered, gate, template_kwargs))
+
+    def gate_states(
+        self, rendered: Rendered, gate: SafetyGate, template_kwargs: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """``[T, F]``: ``gate``'s layers' states for one rendered request, at the positions
+        the engine's gate reads, from llama.cpp (a reader context of its own)."""
+        kwargs = template_kwargs or {}
+        assert rendered.plain is not None
+        needed = len(rendered.plain)
+        reader = self._gate_reader
+        if reader is None or reader.layers != tuple(gate.layers) or reader.n_ctx < needed:
+            if reader is not None:
+                reader.close()
+            reader = self._gate_reader = LlamaCppGateReader(
+                self.lib,
+                self.model,
+                gate.layers,
+                _room(needed, 512),
+                self.options.ubatch,
+                self.threads,
+            )
+        rows = self.engine.rows
+        span = rows.gate_span(gate.scope, rendered, kwargs)
+        # the plain row's cut: the template's constant start is cached in the reader
+        (split,) = rows.row_splits(rendered, self.engine.plan(PLAIN), kwargs)
+        return reader.states(rendered.plain, span, prefix=len(split.head))
+
+    # ------------------------------------------------------------------ requests
+    def _request(
+        self,
+        rendered: Rendered,
+        config: DecodingConfig,
+        verdict: GateVerdict | None,
+        constraint: Any,
+        template_kwargs: dict[str, Any],
+    ) -> _Request:
+        """One call routed by ``verdict`` and cut into rows; its prompt refused when it
+        does not fit the model's context window (as on the torch backend)."""
+        engine, rows = self.engine, self.engine.rows
+        routed = routed_config(config, verdict)
+        decoded = decoded_rendering(rendered, verdict)
+        plan = engine.plan(routed)
+        splits = rows.row_splits(decoded, plan, template_kwargs)
+        with torch.inference_mode():
+            prefixes = [
+                rows.prefix_embeds(s.head, s.branch, s.stub) if s.has_prefix else None
+                for s in splits
+            ]
+            tails = [rows.embed(s.tail) for s in splits]
         lengths = [
             t.shape[0] + (0 if p is None else p.shape[0])
             for p, t in zip(prefixes, tails, strict=True)
         ]
-        if max(lengths) + new_tokens > self.n_ctx:  # checked here: llama_decode would only fail
-            raise ConfigError(
-                f"prompt plus max_new_tokens must be at most {self.n_ctx} tokens (n_ctx), got "
-                f"{max(lengths)} + {new_tokens}"
-            )
-        mem = self.lib.llama_get_memory(self.ctx)
-        feeds = []
-        for seq, (split, prefix, tail) in enumerate(zip(splits, prefixes, tails, strict=True)):
-            self.lib.llama_memory_seq_rm(mem, seq, -1, -1)
-            if prefix is not None:
-                cached = self._prefix(split, prefix)
-                if cached is None:  # too long to keep: this request's own
-                    self._prefill([(seq, 0, prefix)])
-                else:  # shared by reference: the cells gain this sequence's id
-                    self.lib.llama_memory_seq_cp(mem, cached.seq, seq, -1, -1)
-            feeds.append((seq, lengths[seq] - tail.shape[0], tail))
-        return self._prefill(feeds, outputs), lengths
-
-    def _step(self, token: int, positions: list[int]) -> list[torch.Tensor]:
-        """Decode ``token`` on sequences 0..len(positions)-1; return their logits."""
-        b = self.token_batch
-        for seq, pos in enumerate(positions):
-            b.token[seq] = token
-            b.pos[seq] = pos
-            b.n_seq_id[seq] = 1
-            b.seq_id[seq][0] = seq
-            b.logits[seq] = True
-        b.n_tokens = len(positions)
-        self._decode(b)
-        return [self._logits(i) for i in range(len(positions))]
-
-    # ------------------------------------------------------------------ the gate
-    def gate_verdict(
-        self,
-        messages: list[dict[str, str]],
-        cfg: DecodingConfig,
-        rendered: Rendered | None = None,
-    ) -> GateVerdict | None:
-        """The gate's verdict on one request, read from llama.cpp's own forward of its
-        plain rendering (None when ``cfg`` is not gated): the engine's
-        :meth:`~acd_engine.engine.Engine.gate_verdict`, with the Q4_1 weights' hidden states.
-        ``rendered``: the request's rendering, when the caller has it already.
-        """
-        if self.gate_on == "engine":
-            return self.engine.gate_verdict(messages, cfg)
-        gate = self.engine.active_gate(cfg)
-        if gate is None:
-            return None
-        rendered = rendered or self.engine.render(messages)
-        return verdict_of(gate, cfg, self.gate_states(rendered, gate))
-
-    def gate_states(self, rendered: Rendered, gate: SafetyGate) -> torch.Tensor:
-        """``[T, F]``: ``gate``'s layers' states for one rendered request, as
-        :meth:`~acd_engine.engine.Engine.gate_states` reads them, from llama.cpp."""
-        if self._gate_reader is None or self._gate_reader.layers != tuple(gate.layers):
-            if self._gate_reader is not None:
-                self._gate_reader.close()
-            self._gate_reader = LlamaCppGateReader(
-                self.lib, self.model, gate.layers, self.n_ctx, self._ubatch, self._threads
-            )
-        rows = self.engine.rows
-        assert rendered.plain is not None
-        span = rows.gate_span(gate.scope, rendered, {})
-        # the plain row's cut: the template's constant start is cached in the gate's context
-        (split,) = rows.row_splits(rendered, self.engine.plan(PLAIN), {})
-        return self._gate_reader.states(rendered.plain, span, prefix=len(split.head))
-
-    # ------------------------------------------------------------------ requests
-    def stream(
-        self,
-        messages: list[dict[str, str]],
-        cfg: DecodingConfig,
-        constraint: LogitsProcessorList | Any | None = None,
-    ) -> Iterator[int]:
-        """Yield the tokens of one request, chosen exactly as the engine chooses them.
-
-        Not thread-safe on its own (the context holds one request); :meth:`generate` locks.
-        """
-        # the gate reads middle layers of a prefill of its own (llama.cpp's, stopped after
-        # them), then routes as the engine does
-        rendered = self.engine.render(messages)
-        verdict = self.gate_verdict(messages, cfg, rendered)
-        cfg = routed_config(cfg, verdict)
-        yield from self._tokens(decoded_rendering(rendered, verdict), cfg, constraint)
-
-    def _tokens(
-        self, rendered: Rendered, cfg: DecodingConfig, constraint: LogitsProcessorList | Any | None
-    ) -> Iterator[int]:
-        """:meth:`stream` once rendered and routed: ``cfg`` is the method it decodes with."""
-        engine = self.engine
-        plan = engine.plan(cfg)
-        splits = engine.rows.row_splits(rendered, plan, {})
-        shared = rendered.plain if plan.positive is None else rendered.tail
+        limit = fit_context(rows.context_window, max(lengths), routed).max_new_tokens
+        shared = decoded.plain if plan.positive is None else decoded.tail
         assert shared is not None
-        logits, lengths = self._start(splits, cfg.max_new_tokens)
-        if constraint is not None and not isinstance(constraint, LogitsProcessorList):
-            constraint = LogitsProcessorList([constraint])
-        step = TokenStep(cfg, constraint, torch.device("cpu"))
-        ids = list(shared)
-        for i in range(cfg.max_new_tokens):
-            pos = logits[0]
-            neg = logits[1] if len(logits) > 1 and step.contrasting(i) else None
-            scores = contrast_logits(pos, neg, cfg.alpha)
-            token = int(step.choose(scores, pos, torch.tensor([ids])))
-            yield token
-            if token in engine.eos_token_ids or i + 1 == cfg.max_new_tokens:
-                return
-            ids.append(token)
-            # once the contrast_tokens schedule ends, the negative sequence is left behind
-            active = lengths if step.contrasting(i + 1) else lengths[:1]
-            logits = self._step(token, [n + i for n in active])
+        return _Request(
+            splits,
+            prefixes,
+            tails,
+            lengths,
+            routed,
+            TokenStep(routed, constraint, torch.device("cpu")),
+            torch.tensor([shared]),
+            limit,
+            rows.prompt_tokens(decoded, plan),
+            verdict,
+        )
 
-    def generate(
+    def start(
         self,
-        messages: list[dict[str, str]],
-        cfg: DecodingConfig,
-        constraint: LogitsProcessorList | Any | None = None,
-    ) -> LlamaCppOutput:
-        """All tokens of one request (EOS included when it ends there).
-
-        One request at a time per decoder (its one context holds the request's two
-        sequences): concurrent calls wait for each other.
-        """
-        with self._lock:
-            return LlamaCppOutput(list(self.stream(messages, cfg, constraint)))
-
-    # ------------------------------------------------------------------ acd eval's model
-    # With these, a decoder is an ``acd_engine.eval.runner.EvalModel``: ``acd eval``'s runner
-    # measures the llama.cpp path with the same protocol, judge and report as the engine.
-    @property
-    def model_name(self) -> str:
-        """The engine's model name and the GGUF file: a run directory pins it, so records
-        of this path never mix with the engine's own."""
-        return f"{self.engine.model_name} on llama.cpp ({self.gguf.name})"
-
-    @property
-    def pack(self) -> Any:
-        """The engine's prompt pack (and gate), which this decoder decodes with."""
-        return self.engine.pack
-
-    def answer(self, messages: list[dict[str, str]], cfg: DecodingConfig) -> GenerationResult:
-        """One request reported as the engine reports it: text (stop strings applied),
-        tokens, finish reason, usage and the gate's verdict."""
-        engine = self.engine
-        with self._lock:
-            rendered = engine.render(messages)
-            verdict = self.gate_verdict(messages, cfg, rendered)
-            routed = routed_config(cfg, verdict)
-            rendered = decoded_rendering(rendered, verdict)
-            answer = Answer(engine.tokenizer, engine.eos_token_ids, cfg.stop)
-            for token in self._tokens(rendered, routed, None):
-                answer.push(token)
-                if answer.done:
-                    break
-            prompt_tokens = engine.rows.prompt_tokens(rendered, engine.plan(routed))
-            last = answer.closing_chunks(prompt_tokens, verdict)[-1]
-            return result_of(answer, last, cfg, engine.pack_report(cfg))
-
-    def generate_batch(
-        self, batch: Sequence[list[dict[str, str]]], config: DecodingConfig | None = None
-    ) -> list[GenerationResult]:
-        """Each conversation's :meth:`answer`, one after another (one context)."""
-        cfg = config or self.engine.defaults
-        return [self.answer(messages, cfg) for messages in batch]
-
-    def score_continuations(
-        self,
-        messages: list[dict[str, str]],
-        continuations: Sequence[str],
-        config: DecodingConfig | None = None,
-    ) -> list[float]:
-        """Each continuation's summed log-probability under the method, as
-        :func:`acd_engine.scoring.score_continuations` computes it on the engine: routed by
-        the gate, every token scored from the same filtered contrast the decoder picks from.
-        """
-        engine = self.engine
-        cfg = config or engine.defaults
-        with self._lock:
-            rendered = engine.render(messages)
-            verdict = self.gate_verdict(messages, cfg, rendered)
-            cfg = routed_config(cfg, verdict)
-            splits = engine.rows.row_splits(
-                decoded_rendering(rendered, verdict), engine.plan(cfg), {}
+        calls: Sequence[BatchCall],
+        config: DecodingConfig,
+        template_kwargs: dict[str, Any],
+        finished: set[int],
+    ) -> Started:
+        """Render and route every call (the gate read first, one call at a time), size the
+        context for the batch, then decode all of them together."""
+        requests = []
+        for call in calls:
+            rendered = self.engine.render(call.messages, **template_kwargs)
+            assert rendered.plain is not None  # refused before the gate reads all of it:
+            fit_context(self.engine.rows.context_window, len(rendered.plain), config)
+            verdict = self.gate_verdict(rendered, config, template_kwargs)
+            requests.append(
+                self._request(rendered, config, verdict, call.constraint, template_kwargs)
             )
-            out = []
-            for text in continuations:
-                ids = engine.encode_data(text)
+        rows = sum(len(r.splits) for r in requests)
+        self._ensure_context(rows, max(max(r.lengths) + r.limit for r in requests))
+        facts: list[RequestFacts] = [r.facts for r in requests]
+        return Started(
+            self._decode_requests(requests, finished), [r.limit for r in requests], facts
+        )
+
+    def _decode_requests(
+        self, requests: list[_Request], finished: set[int]
+    ) -> Generator[dict[int, int], None, None]:
+        """Yield ``{request: token}`` each step for the requests still running: one batched
+        ``llama_decode`` per step over every live row. A request in ``finished`` (or at its
+        limit) leaves before the next step, and its cells are freed."""
+        seqs: list[list[int]] = []
+        for r in requests:  # request i's rows: consecutive sequences, positive first
+            first = sum(len(s) for s in seqs)
+            seqs.append(list(range(first, first + len(r.splits))))
+        every = [s for rs in seqs for s in rs]
+        try:
+            # [1, V] per row of each request, positive first
+            logits = [self._feed(r, s) for r, s in zip(requests, seqs, strict=True)]
+            live = list(range(len(requests)))
+            step = 0
+            while live:
+                picked: dict[int, int] = {}
+                for i in live:
+                    r = requests[i]
+                    pos = logits[i][0]
+                    neg = logits[i][1] if len(logits[i]) > 1 and r.step.contrasting(step) else None
+                    scores = contrast_logits(pos, neg, r.config.alpha)
+                    token = r.step.choose(scores, pos, r.ids)  # [1, 1]
+                    r.ids = torch.cat([r.ids, token], dim=-1)
+                    picked[i] = int(token)
+                yield picked
+                step += 1
+                live = [i for i in live if i not in finished and step < requests[i].limit]
+                feeds: list[tuple[int, int, int]] = []
+                owners: list[int] = []
+                for i in live:
+                    r = requests[i]
+                    # once the contrast_tokens schedule ends, the negative row is left behind
+                    rows = seqs[i] if r.step.contrasting(step) else seqs[i][:1]
+                    for seq, length in zip(rows, r.lengths, strict=False):
+                        feeds.append((seq, length + step - 1, picked[i]))
+                        owners.append(i)
+                if not feeds:
+                    return
+                logits = [[] for _ in requests]
+                for i, row in zip(owners, self._step(feeds), strict=True):
+                    logits[i].append(row)  # [1, V] per row, positive first
+        finally:
+            self._release(every)
+
+    # ------------------------------------------------------------------ scoring
+    def continuation_logits(
+        self, rendered: Rendered, config: DecodingConfig, continuations: Sequence[list[int]]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """One prefill per continuation with outputs at its last ``n + 1`` positions: the
+        tail's last token predicts its first token, and so on."""
+        request = self._request(rendered, config, None, None, {})
+        seqs = list(range(len(request.splits)))
+        longest = max((len(c) for c in continuations), default=0)
+        self._ensure_context(len(seqs), max(request.lengths) + longest)
+        try:
+            for i, ids in enumerate(continuations):
                 if not ids:
-                    out.append(0.0)
                     continue
-                # the last n + 1 positions: the tail's last token predicts ids[0], and so on
-                logits, _ = self._start(splits, 0, extra=ids, outputs=len(ids) + 1)
-                rows = torch.stack([row[:-1] for row in logits])  # [R, n, V]
-                out.append(continuation_logprob(rows, torch.tensor(ids), cfg))
-            return out
+                with torch.inference_mode():
+                    extra = self.engine.rows.embed(ids)
+                rows = self._feed(request, seqs, extra=extra, outputs=len(ids) + 1)
+                yield i, torch.stack([row[:-1] for row in rows])  # [R, n, V]
+        finally:
+            self._release(seqs)

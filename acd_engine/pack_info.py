@@ -68,19 +68,26 @@ def gate_label(gate: SafetyGate | None, threshold: float | None = None) -> str:
 
 
 def pack_report(
-    pack: PromptPack | None, gate: SafetyGate | None, threshold: float | None = None
+    pack: PromptPack | None,
+    gate: SafetyGate | None,
+    threshold: float | None = None,
+    *,
+    backend: str,
 ) -> dict[str, str]:
-    """``{"pack": ..., "gate": ...}``: what a result reports about how it was decoded.
+    """``{"pack": ..., "gate": ..., "backend": ...}``: what a result reports about how it
+    was decoded (every front end shows these three, from here).
 
     Args:
         pack: The pack the request's method read, or None for a method that reads none.
         gate: The gate that routed the request, or None (no gate, ``gate=False``, a method
             the gate does not route).
         threshold: The request's own ``gate_threshold``, if it set one.
+        backend: The backend that ran its forwards (``torch`` or ``llamacpp``).
     """
     return {
         "pack": UNUSED_PACK if pack is None else pack_label(pack),
         "gate": gate_label(gate, threshold),
+        "backend": backend,
     }
 
 

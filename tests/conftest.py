@@ -23,6 +23,16 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def llamacpp_engine():
+    """The default model on the llama.cpp backend (its GGUF, the embedding table alone in
+    torch), shared like ``engine``; skips where the ``[llamacpp]`` extra is missing."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs the [llamacpp] extra")
+    from acd_engine import get_engine
+
+    return get_engine(backend="llamacpp")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, engine) -> Path:
     """A 2-layer random Llama with the default tokenizer: fast, and emits arbitrary bytes."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -158,10 +158,13 @@ def test_the_shipped_pack_is_named_with_its_gate_and_never_warned_about(engine, 
 def test_pack_report_is_what_results_carry(engine, tiny_model_dir):
     cfg = engine.defaults.replace(method="acd", max_new_tokens=1)
     out = engine.generate("Hi", cfg)
-    assert engine.pack_report(cfg) == {"pack": out.pack, "gate": out.gate}
+    assert engine.pack_report(cfg) == {"pack": out.pack, "gate": out.gate, "backend": "torch"}
+    assert out.backend == "torch"
     tiny = Engine(tiny_model_dir)
-    assert tiny.pack_report(cfg) == {"pack": "none (manual prompts)", "gate": "none"}
-    assert tiny.pack_report(cfg.replace(method="base")) == {"pack": "unused", "gate": "none"}
+    no_pack = {"pack": "none (manual prompts)", "gate": "none", "backend": "torch"}
+    assert tiny.pack_report(cfg) == no_pack
+    unused = {"pack": "unused", "gate": "none", "backend": "torch"}
+    assert tiny.pack_report(cfg.replace(method="base")) == unused
 
 
 def test_cli_require_pack_refuses_in_one_line_and_json_says_no_pack(tiny_model_dir):
