@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from acd_engine.cli_common import (
     USER_ERROR_EXIT,
+    BackendOpt,
     ModelOpt,
     PackOpt,
     QuantizeOpt,
@@ -174,6 +175,7 @@ def generate(
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     require_pack: RequirePackOpt = False,
+    backend: BackendOpt = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the GenerationResult as one JSON object.")
     ] = False,
@@ -199,7 +201,9 @@ def generate(
             gate_passed_method=gate_passed_method,
         )
         messages = _messages(prompt, system)
-        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
+        engine = get_engine(
+            model, pack=pack, require_pack=require_pack, quantize=quantize, backend=backend
+        )
         result = engine.generate(messages, cfg)
         if as_json:
             typer.echo(json.dumps(result.model_dump(), ensure_ascii=False))
@@ -222,6 +226,7 @@ def compare(
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     require_pack: RequirePackOpt = False,
+    backend: BackendOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -249,7 +254,9 @@ def compare(
             )
             for m in names
         ]
-        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
+        engine = get_engine(
+            model, pack=pack, require_pack=require_pack, quantize=quantize, backend=backend
+        )
         console = Console(stderr=False, width=max(Console().width, 120))
         rows: list[dict[str, Any]] = []
         for prompt in prompts:
@@ -301,6 +308,7 @@ def chat(
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
     require_pack: RequirePackOpt = False,
+    backend: BackendOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Interactive chat with streaming output. Empty line or Ctrl-D quits."""
@@ -314,7 +322,9 @@ def chat(
             method=method, alpha=alpha, max_new_tokens=max_new_tokens, temperature=temperature
         )
         history: list[dict[str, str]] = _messages("", system)[:-1]
-        engine = get_engine(model, pack=pack, require_pack=require_pack, quantize=quantize)
+        engine = get_engine(
+            model, pack=pack, require_pack=require_pack, quantize=quantize, backend=backend
+        )
         typer.echo(f"{engine.model_name} · method {cfg.method} · empty line quits")
         while True:
             try:
@@ -407,6 +417,7 @@ def eval_command(
     model: ModelOpt = None,
     quantize: QuantizeOpt = "none",
     pack: PackOpt = None,
+    backend: BackendOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """The paper's safety evaluation: resumable, with summary.json, report.md and plots."""
@@ -415,6 +426,7 @@ def eval_command(
     def go() -> None:
         from pathlib import Path
 
+        from acd_engine.backends import resolve_backend
         from acd_engine.engine import get_engine
         from acd_engine.eval.judges import Judge, get_judge
         from acd_engine.eval.runner import EvalOptions, check_pack_file, prepare_eval, run_eval
@@ -443,6 +455,7 @@ def eval_command(
         # Order: everything cheap first, so a typo fails before any model loads. A hf judge
         # loads a model, so the benchmarks and --out are checked before it; other judges are
         # built first and their settings checked against run.json too.
+        resolve_backend(backend, model, "auto", quantize)  # a bad --backend fails before loading
         judge_obj: Judge | None = None
         if judge != "hf":
             judge_obj = get_judge(judge, **judge_options)
@@ -450,9 +463,8 @@ def eval_command(
         check_pack_file(options, pack)  # acd-gate with a gateless --pack fails before loading
         if judge_obj is None:
             judge_obj = get_judge(judge, **judge_options)
-        run_eval(
-            get_engine(model, pack=pack, quantize=quantize), options, judge=judge_obj, plan=plan
-        )
+        engine = get_engine(model, pack=pack, quantize=quantize, backend=backend)
+        run_eval(engine, options, judge=judge_obj, plan=plan)
         typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
     run_command(go)
@@ -583,6 +595,7 @@ def serve_command(
     device_map: Annotated[
         str | None, typer.Option("--device-map", help="'auto': spread the model (accelerate).")
     ] = None,
+    backend: BackendOpt = "auto",
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve (extra [ray]).")] = False,
     replicas: Annotated[int, typer.Option("--replicas", help="Ray Serve replicas.")] = 1,
     num_cpus: Annotated[
@@ -617,6 +630,7 @@ def serve_command(
         device=device,
         device_map=device_map,
         quantize=quantize,
+        backend=backend,
         ray=ray,
         replicas=replicas,
         num_cpus=num_cpus,

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 __all__ = [
     "USER_ERROR_EXIT",
+    "BackendOpt",
     "ModelOpt",
     "PackOpt",
     "QuantizeOpt",
@@ -59,6 +60,14 @@ RequirePackOpt = Annotated[
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto | torch | llamacpp: what runs the model (llamacpp: llama.cpp on the .gguf "
+        "file, CPU, extra [llamacpp]; auto is torch).",
+    ),
+]
 
 
 def echo_error(message: object) -> int:

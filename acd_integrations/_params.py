@@ -74,7 +74,15 @@ DECODING_PARAMS: tuple[Param, ...] = (
 )
 
 #: Keywords that pick the engine (``get_engine``'s arguments) rather than a decoding field.
-ENGINE_PARAMS: tuple[str, ...] = ("model", "device", "dtype", "quantize", "pack", "require_pack")
+ENGINE_PARAMS: tuple[str, ...] = (
+    "model",
+    "device",
+    "dtype",
+    "quantize",
+    "pack",
+    "require_pack",
+    "backend",
+)
 
 #: Keywords adapters take as a mapping (OpenAI's ``logit_bias``: token id -> bias), which
 #: ``DecodingConfig`` keeps as sorted pairs so that it stays hashable.
@@ -178,14 +186,16 @@ def result_metadata(
 ) -> dict[str, Any]:
     """What every front end reports about how an answer was decoded: the method, the alpha
     actually applied (0 when the safety gate passed the request to its single branch), the
-    pack and gate it decoded with (``report``, the engine's ``pack_report``: ``none (manual
-    prompts)`` / ``none`` when the model has no trained pack) and the gate's score and
-    verdict when the request was gated."""
+    pack and gate it decoded with and the backend that ran it (``report``, the engine's
+    ``pack_report``: ``none (manual prompts)`` / ``none`` when the model has no trained
+    pack; ``torch`` or ``llamacpp``) and the gate's score and verdict when the request was
+    gated."""
     meta: dict[str, Any] = {
         "method": config.method,
         "alpha": applied_alpha(config, gate_flagged),
         "pack": report["pack"],
         "gate": report["gate"],
+        "backend": report["backend"],
     }
     if gate_score is not None:
         meta["gate_score"] = gate_score

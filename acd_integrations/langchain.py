@@ -63,6 +63,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
+from acd_engine.backends import BACKEND_HELP, resolve_backend
 from acd_engine.config import DecodingConfig, Method, ModelConfig, did_you_mean, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
@@ -132,6 +133,7 @@ class ChatACD(BaseChatModel):
         "model has none, instead of warning once and decoding on the manual prompts "
         "(then acd equals oid, with no safety gate).",
     )
+    backend: str = Field(default="auto", description=BACKEND_HELP)
     # -- decoding: one field per row of the shared table ---------------------------------
     method: Method = Field(default=param_default("method"), description=param_description("method"))
     alpha: float = Field(default=param_default("alpha"), description=param_description("alpha"))
@@ -207,6 +209,7 @@ class ChatACD(BaseChatModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, type(self))) from None
+        resolve_backend(self.backend, self.model, self.device, self.quantize)  # before loading
         self._base = build_config(self._decoding_values(), owner="ChatACD")
 
     def _decoding_values(self) -> dict[str, Any]:
@@ -260,6 +263,7 @@ class ChatACD(BaseChatModel):
             quantize=self.quantize,
             pack=self.pack,
             require_pack=self.require_pack,
+            backend=self.backend,
         )
 
     # -- token counting ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr
 
+from acd_engine.backends import BACKEND_HELP
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
@@ -131,6 +132,7 @@ class ACDLLM(FunctionCallingLLM):
         "model has none, instead of warning once and decoding on the manual prompts "
         "(then acd equals oid, with no safety gate).",
     )
+    backend: str = Field(default="auto", description=BACKEND_HELP)
     method: str = _d("method")
     alpha: float = _d("alpha")
     max_tokens: int = _d("max_tokens")
@@ -172,6 +174,7 @@ class ACDLLM(FunctionCallingLLM):
             quantize=self.quantize,
             pack=self.pack,
             require_pack=self.require_pack,
+            backend=self.backend,
         )
 
     def _decoding_values(self) -> dict[str, Any]:

@@ -501,6 +501,9 @@ def _engine_pins(engine: EvalModel, options: EvalOptions) -> dict[str, Any]:
         facts = describe()
         if isinstance(facts, dict) and "dtype" in facts:
             pins["model dtype"] = facts["dtype"]
+        # llama.cpp runs the GGUF's quantized weights: its records never mix with torch's
+        if isinstance(facts, dict) and "backend" in facts:
+            pins["model backend"] = facts["backend"]
     # Quantized weights answer differently: a run never mixes them with float ones. A run
     # directory written before this pin existed gains it on resume (new pins extend).
     model_config = getattr(engine, "model_config", None)

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acd_engine import __version__
+from acd_engine.backends import BACKEND_HELP, resolve_backend
 from acd_engine.config import DecodingConfig, ModelConfig, Quantize, comma_list, format_errors
 from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import (
@@ -123,6 +124,7 @@ class ServerOptions(BaseModel):
     quantize: Quantize = Field(
         default="none", description="'int8' or 'int4' weight-only quantized linears, or 'none'."
     )
+    backend: str = Field(default="auto", description=BACKEND_HELP)
     device_map: str | None = Field(
         default=None,
         description="accelerate's device_map ('auto': spread a model too big for one GPU over "
@@ -189,6 +191,12 @@ class ServerOptions(BaseModel):
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, type(self))) from None
         build_config(self.defaults, owner="acd serve")  # fail at start, not per request
+        backend = resolve_backend(self.backend, self.model, self.device, self.quantize)
+        if backend == "llamacpp" and self.device_map is not None:
+            raise ConfigError(
+                "device_map must be None with backend 'llamacpp' (llama.cpp runs the model on "
+                f"the CPU), got {self.device_map!r}"
+            )
 
 
 def _param_of(message: str) -> str | None:
@@ -250,6 +258,7 @@ class _Server:
                 pack=self.options.pack,
                 require_pack=self.options.require_pack,
                 quantize=self.options.quantize,
+                backend=self.options.backend,
             )
             # Resolves the pack now, in this thread; refuses a default method that needs a
             # trained pack the model lacks when one is required; else warns about it once.

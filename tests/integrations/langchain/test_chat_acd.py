@@ -94,6 +94,8 @@ def test_unknown_setting_is_refused_with_a_suggestion():
         ({"method": "custom"}, "negative_prompt is required when method='custom'"),
         ({"temperature": "hot"}, "temperature must be a valid number"),
         ({"timeout": 0}, r"timeout must be > 0.0, got 0"),
+        ({"backend": "gpu"}, "backend must be one of 'auto', 'torch' or 'llamacpp', got 'gpu'"),
+        ({"backend": "llamacpp", "model": "m"}, "backend 'llamacpp' needs a .gguf model file"),
     ],
 )
 def test_bad_settings_fail_at_construction_in_house_style(kwargs, message):

@@ -56,8 +56,15 @@ def test_no_pack_acd_field_and_one_warning(fresh_tiny_dir, caplog):
             "alpha": 0.5,
             "pack": "none (manual prompts)",
             "gate": "none",
+            "backend": "torch",
         }
-    assert based.json()["acd"] == {"method": "base", "alpha": 0.0, "pack": "unused", "gate": "none"}
+    assert based.json()["acd"] == {
+        "method": "base",
+        "alpha": 0.0,
+        "pack": "unused",
+        "gate": "none",
+        "backend": "torch",
+    }
     (record,) = _warnings(caplog)
     assert record.levelno == logging.WARNING and "acd train --model PATH" in record.message
 

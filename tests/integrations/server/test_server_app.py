@@ -21,6 +21,16 @@ def test_options_are_validated_in_house_style():
         ServerOptions(defaults={"alpah": 0.3})
 
 
+def test_the_backend_option_is_validated_before_loading():
+    with pytest.raises(ConfigError, match="backend must be one of 'auto', 'torch' or 'llamacpp'"):
+        ServerOptions(backend="gpu")
+    with pytest.raises(ConfigError, match=r"backend 'llamacpp' needs a \.gguf model file"):
+        ServerOptions(backend="llamacpp", model="models/llama")
+    with pytest.raises(ConfigError, match="device_map must be None with backend 'llamacpp'"):
+        ServerOptions(backend="llamacpp", device_map="auto")
+    assert ServerOptions(backend="llamacpp").backend == "llamacpp"
+
+
 def test_everything_is_503_until_the_model_is_loaded():
     # Without the lifespan (no `with`), nothing loads: the state of a server still loading.
     client = TestClient(create_app(ServerOptions()))
@@ -42,3 +52,6 @@ def test_cli_serve_refuses_bad_defaults_in_one_line():
     result = CliRunner().invoke(app, ["serve", "--alpha", "1.5"])
     assert result.exit_code == 2
     assert "alpha must be in [0, 1), got 1.5" in result.output
+    result = CliRunner().invoke(app, ["serve", "--backend", "gpu"])
+    assert result.exit_code == 2
+    assert "backend must be one of 'auto', 'torch' or 'llamacpp', got 'gpu'" in result.output
