@@ -14,14 +14,16 @@ Rows (same prompts, same number of new tokens in every row):
 
 Extra rows (``--rows``): ``acd_reference`` (the engine's reference path);
 ``hf_plain_fp32`` (``hf_plain`` on the unquantized weights, the yardstick of a
-``--quantize`` run); ``llamacpp_plain`` and ``llamacpp_acd`` (llama.cpp on the same GGUF
-file through :mod:`acd_engine.llamacpp`: plain decoding of ``hf_plain``'s prompt, and the
-``acd`` row's request with the engine's token step; extra ``[llamacpp]``);
-``llamacpp_gated`` (what a user of the default model gets on llama.cpp: the shipped pack
-and its safety gate, read from llama.cpp's own layers, on the ``acd`` row's request, which
-the gate passes to ``base``; the front end holds the embedding table only). llama.cpp
-computes with the GGUF's quantized weights, so its tokens are compared by their common
-prefix with the engine's, not for equality.
+``--quantize`` run); ``llamacpp_plain`` and ``llamacpp_acd`` (an engine on the llama.cpp
+backend, ``Engine(gguf, backend="llamacpp")``, on the same GGUF file: plain decoding of
+``hf_plain``'s prompt, and the ``acd`` row's request; extra ``[llamacpp]``);
+``llamacpp_batch{N}`` (N different conversations through that engine's
+``generate_batch``: N requests stepping together as llama.cpp sequences, its aggregate
+rate next to ``llamacpp_acd``'s); ``llamacpp_gated`` (what a user of the default model
+gets on llama.cpp: the shipped pack and its safety gate, read from llama.cpp's own layers,
+on the ``acd`` row's request, which the gate passes to ``base``). llama.cpp computes with
+the GGUF's quantized weights, so its tokens are compared by their common prefix with the
+engine's, not for equality.
 
 Every row forces exactly ``new_tokens`` tokens with one logits processor (EOS masked, also
 passed to HF ``generate``), so tokens/s compare like for like. Time to first token is the
@@ -101,8 +103,15 @@ BATCH_USERS = (
 ROWS = ("hf_plain", "hf_cfg", "acd_plain", "acd", "acd_batch")
 # Not run by default: acd on the engine's reference path (re-embeds and left-pads both
 # branches every request, no prefix cache, one request per forward), for comparison.
-EXTRA_ROWS = ("acd_reference", "hf_plain_fp32", "llamacpp_plain", "llamacpp_acd", "llamacpp_gated")
-LLAMACPP_ROWS = ("llamacpp_plain", "llamacpp_acd", "llamacpp_gated")
+EXTRA_ROWS = (
+    "acd_reference",
+    "hf_plain_fp32",
+    "llamacpp_plain",
+    "llamacpp_acd",
+    "llamacpp_batch",
+    "llamacpp_gated",
+)
+LLAMACPP_ROWS = ("llamacpp_plain", "llamacpp_acd", "llamacpp_batch", "llamacpp_gated")
 LLAMACPP_YARDSTICKS = ("llamacpp_plain", "llamacpp_acd")  # every row gets a ratio to these
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # Shapes only; weights are random. For scaling runs without downloading anything.
@@ -483,8 +492,8 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
     if name == "llamacpp_gated":  # the model's own shipped pack and gate, not the bench's
         front = _front_end_with_shipped_gate(settings)
         model, tokenizer, engine_path = front.model, front.tokenizer, settings.model
-    elif name in LLAMACPP_ROWS:  # llama.cpp runs the forward: the engine renders and embeds
-        front = _engine_for(settings, settings.model, keep_layers=0)
+    elif name in LLAMACPP_ROWS:  # llama.cpp runs the forwards: the engine holds the embeddings
+        front = _engine_for(settings, settings.model, backend="llamacpp")
         model, tokenizer, engine_path = front.model, front.tokenizer, settings.model
     else:
         model, tokenizer, engine_path = _load(settings)
@@ -525,7 +534,6 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
 
         extra["prompt_tokens"] = len(pos_ids)
     elif name in LLAMACPP_ROWS:
-        from acd_engine.llamacpp import LlamaCppDecoder
         from acd_engine.loading import default_model_path
 
         gguf = settings.model or str(default_model_path())
@@ -534,24 +542,25 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         if name == "llamacpp_gated":  # the shipped settings (alpha, tau) with the gate
             cfg = front.defaults.replace(method="acd", gate=True, max_new_tokens=n_new)
         msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
-        # sized to the request, as a llama.cpp user sizes -c: the KV is allocated up front
-        longest = max(len(pos_ids), len(neg_ids), _longest_row(front, msgs, cfg))
-        n_ctx = -(-(longest + n_new + 16) // 64) * 64
-        decoder = LlamaCppDecoder(front, gguf, threads=settings.threads, n_ctx=n_ctx)
         if name == "llamacpp_gated":
-            verdict = decoder.gate_verdict(msgs, cfg)
+            verdict = front.gate_verdict(msgs, cfg)
             assert verdict is not None
             extra["gate_score"] = verdict.score
             extra["gate_flagged"] = verdict.flagged
             extra["decoded_as"] = "acd" if verdict.flagged else cfg.gate_passed_method
+        if name == "llamacpp_batch":
+            front.set_options(max_batch_requests=settings.batch)
+            call = _batch_call(front, cfg, eos, vocab, settings.batch)
+        else:
 
-        def call(clock: list[float]) -> list[list[int]]:
-            out = decoder.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
-            return [out.token_ids]
+            def call(clock: list[float]) -> list[list[int]]:
+                out = front.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
+                return [out.token_ids]
 
         extra["gguf"] = Path(gguf).name
         extra["llama_cpp_threads"] = settings.threads or os.cpu_count()
-        extra["llama_cpp_n_ctx"] = n_ctx
+        extra["backend"] = front.backend_name
+        call = _recording_cells(call, front, extra)
     else:
         engine = _engine_for(settings, engine_path)
         options: dict[str, Any] = {"fast_path": name != "acd_reference"}
@@ -561,17 +570,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         method = "plain" if name == "acd_plain" else "acd"
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         if name == "acd_batch":
-            users = [BATCH_USERS[i % len(BATCH_USERS)] for i in range(settings.batch)]
-
-            def call(clock: list[float]) -> list[list[int]]:
-                clocks: list[list[float]] = [[] for _ in users]
-                procs = [_force_length(eos, vocab, c) for c in clocks]
-                out = engine.generate_batch(
-                    [_messages(u, None) for u in users], cfg, constraint=procs
-                )
-                clock.append(max(c[0] for c in clocks))  # every request has its first token
-                return [r.token_ids for r in out]
-
+            call = _batch_call(engine, cfg, eos, vocab, settings.batch)
         else:
             msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
 
@@ -590,8 +589,40 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         extra["fast_path"] = engine.fast_path
         call = _recording_kernels(call, engine, extra)
 
-    label = f"acd_batch{settings.batch}" if name == "acd_batch" else name
+    label = f"{name}{settings.batch}" if name in ("acd_batch", "llamacpp_batch") else name
     return _Prepared(label, call, device, extra)
+
+
+def _batch_call(
+    engine: Any, cfg: Any, eos: Sequence[int], vocab: int, batch: int
+) -> Callable[[list[float]], list[list[int]]]:
+    """``batch`` different conversations through ``engine.generate_batch`` (one batched
+    decode of ``max_batch_requests`` requests); the clock records when every request has
+    its first token."""
+    users = [BATCH_USERS[i % len(BATCH_USERS)] for i in range(batch)]
+
+    def call(clock: list[float]) -> list[list[int]]:
+        clocks: list[list[float]] = [[] for _ in users]
+        procs = [_force_length(eos, vocab, c) for c in clocks]
+        out = engine.generate_batch([_messages(u, None) for u in users], cfg, constraint=procs)
+        clock.append(max(c[0] for c in clocks))  # every request has its first token
+        return [r.token_ids for r in out]
+
+    return call
+
+
+def _recording_cells(
+    call: Callable[[list[float]], list[list[int]]], engine: Any, extra: dict[str, Any]
+) -> Callable[[list[float]], list[list[int]]]:
+    """``call``, noting in ``extra`` the KV cells of the llama.cpp context (sized for the
+    first batch it meets, so only known after a call)."""
+
+    def recorded(clock: list[float]) -> list[list[int]]:
+        out = call(clock)
+        extra["llama_cpp_n_ctx"] = engine.backend.cells
+        return out
+
+    return recorded
 
 
 def _measure(rows: list[_Prepared], settings: BenchSettings) -> list[dict[str, Any]]:
@@ -677,20 +708,14 @@ def run_row(name: str, settings: BenchSettings) -> dict[str, Any]:
     return _measure([_prepare(name, settings)], settings)[0]
 
 
-def _engine_for(settings: BenchSettings, path: str | None, keep_layers: int | None = None) -> Any:
+def _engine_for(settings: BenchSettings, path: str | None, backend: str = "torch") -> Any:
     """An engine whose ACD pack is initialised from the bench prompts (so acd == hf_cfg);
-    with ``keep_layers=0`` only the embedding table (the llama.cpp rows' front end)."""
+    on the llama.cpp backend for the llama.cpp rows (the engine then holds the embedding
+    table only)."""
     from acd_engine.engine import Engine
     from acd_engine.prompts import OPPOSITE_PROMPT, PromptPack
 
-    engine = Engine(
-        path,
-        device=settings.device,
-        dtype=settings.dtype,
-        compile_step=settings.compile_step,
-        quantize=settings.quantize,
-        keep_layers=keep_layers,
-    )
+    engine = Engine(path, backend=backend, **_engine_settings(settings, backend))
     pack = PromptPack.from_manual_prompts(
         engine.model, engine.tokenizer, safe_text=BENCH_SYSTEM, opposite_text=OPPOSITE_PROMPT
     )
@@ -698,28 +723,23 @@ def _engine_for(settings: BenchSettings, path: str | None, keep_layers: int | No
     return engine
 
 
-def _longest_row(engine: Any, messages: list[dict[str, str]], config: Any) -> int:
-    """The longest branch row ``messages`` may decode with under ``config``: either route
-    of a gated request (the passed method's prompt may be the longer one)."""
-    from acd_engine.gate import passed_config
+def _engine_settings(settings: BenchSettings, backend: str) -> dict[str, Any]:
+    """``Engine`` keywords of a row on ``backend``: llama.cpp takes the bench's threads; the
+    torch-only settings (compiling, torchao quantization) go to torch rows alone."""
+    common: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype}
+    if backend == "llamacpp":
+        from acd_engine.backends import LlamaCppOptions
 
-    rendered = engine.render(messages)
-    rows = engine.rows
-    longest = 0
-    routes = (config, passed_config(config)) if engine.active_gate(config) else (config,)
-    for cfg in routes:
-        for s in rows.row_splits(rendered, engine.plan(cfg), {}):
-            prefix = len(rows.prefix_embeds(s.head, s.branch, s.stub)) if s.has_prefix else 0
-            longest = max(longest, prefix + len(s.tail))
-    return longest
+        return {**common, "llamacpp": LlamaCppOptions(threads=settings.threads)}
+    return {**common, "compile_step": settings.compile_step, "quantize": settings.quantize}
 
 
 def _front_end_with_shipped_gate(settings: BenchSettings) -> Any:
-    """The ``llamacpp_gated`` row's front end: the embedding table, and the model's own
+    """The ``llamacpp_gated`` row's engine on the llama.cpp backend, with the model's own
     pack, which must have a safety gate (the default model's shipped pack has one)."""
     from acd_engine.engine import Engine
 
-    front = Engine(settings.model, device=settings.device, dtype=settings.dtype, keep_layers=0)
+    front = Engine(settings.model, backend="llamacpp", **_engine_settings(settings, "llamacpp"))
     if front.pack.gate is None:
         raise ConfigError(
             "the llamacpp_gated row needs a model whose prompt pack has a safety gate (the "

@@ -1,13 +1,12 @@
-"""The paper protocol on the llama.cpp path: gated ACD on the Q4_1 GGUF, judged as the engine is.
+"""The paper protocol on the llama.cpp backend: gated ACD on the Q4_1 GGUF, judged as on torch.
 
-``acd eval`` runs the engine's own forward. :class:`acd_engine.llamacpp.LlamaCppDecoder`
-satisfies the runner's model interface, so this script hands it to ``acd eval``'s runner
-with the settings of ``scripts/paper_eval.sh`` (100 seeded prompts per set, greedy, 48 new
-tokens, τ 0.1, α 0.5, the refusal-marker judge, the shipped pack and gate, the gate read
-from llama.cpp's own layers): the same
-report, with HLR, over-refusal, TruthfulQA MC1, degenerate outputs and the gate's flag
-rates. The run directory pins the model as "... on llama.cpp (<gguf>)", so it never mixes
-with the engine's records, and it resumes like any ``acd eval`` run.
+An engine on the llama.cpp backend (``get_engine(backend="llamacpp")``) is an ``acd eval``
+model like any engine, so this is ``acd eval --backend llamacpp`` with the settings of
+``scripts/paper_eval.sh`` (100 seeded prompts per set, greedy, 48 new tokens, τ 0.1, α 0.5,
+the refusal-marker judge, the shipped pack and gate, the gate read from llama.cpp's own
+layers): the same report, with HLR, over-refusal, TruthfulQA MC1, degenerate outputs and
+the gate's flag rates. The run directory pins the backend ("model backend": llamacpp), so
+it never mixes with the torch backend's records, and it resumes like any ``acd eval`` run.
 
 With ``--compare`` (an engine run's ``records.jsonl`` with the same settings), it also says
 how often the two paths give the same verdict and the same tokens on the same prompt.
@@ -25,11 +24,10 @@ import json
 import logging
 from pathlib import Path
 
-from acd_engine import Engine
+from acd_engine import get_engine
+from acd_engine.backends import LlamaCppOptions
 from acd_engine.eval.registry import BENCHMARKS
 from acd_engine.eval.runner import EvalOptions, run_eval
-from acd_engine.llamacpp import LlamaCppDecoder
-from acd_engine.loading import default_model_path
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("llamacpp_quality")
@@ -80,12 +78,10 @@ def main() -> None:
         out_dir=args.out,
         progress=True,
     )
-    # the front end (embedding table only) renders and embeds; llama.cpp runs every forward
-    # of the method, the gate's included
-    decoder = LlamaCppDecoder(
-        Engine(keep_layers=0), default_model_path(), threads=args.threads, n_ctx=512
-    )
-    summary = run_eval(decoder, options)
+    # the engine holds the embedding table only; llama.cpp runs every forward of the
+    # method, the gate's included
+    engine = get_engine(backend="llamacpp", llamacpp=LlamaCppOptions(threads=args.threads))
+    summary = run_eval(engine, options)
     log.info("wrote %s (model %s)", args.out / "report.md", summary.model_name)
     if args.compare is not None:
         result = agreement(args.out / "records.jsonl", args.compare)

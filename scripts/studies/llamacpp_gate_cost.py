@@ -28,9 +28,8 @@ from typing import Literal
 def measure(where: str, reps: int) -> dict[str, object]:
     """Run in this process: ``where`` is "llamacpp" or "engine"."""
     from acd_engine import Engine
+    from acd_engine.backends import LlamaCppOptions
     from acd_engine.bench import BENCH_USER
-    from acd_engine.llamacpp import LlamaCppDecoder
-    from acd_engine.loading import default_model_path
     from acd_engine.prompts import SHIPPED_PACKS, PromptPack
 
     # the shipped gate's layers, read from the pack file (a second engine would cost memory)
@@ -40,10 +39,11 @@ def measure(where: str, reps: int) -> dict[str, object]:
         gate = PromptPack.load(file).gate
     assert gate is not None, "the shipped pack has a gate"
     keep = 0 if where == "llamacpp" else max(gate.layers) + 1
-    front = Engine(keep_layers=keep)
     gate_on: Literal["llamacpp", "engine"] = "llamacpp" if where == "llamacpp" else "engine"
-    decoder = LlamaCppDecoder(front, default_model_path(), threads=None, n_ctx=256, gate_on=gate_on)
-    cfg = front.defaults.replace(method="acd", max_new_tokens=64)
+    decoder = Engine(
+        backend="llamacpp", keep_layers=keep, llamacpp=LlamaCppOptions(gate_on=gate_on)
+    )
+    cfg = decoder.defaults.replace(method="acd", max_new_tokens=64)
     msgs = [{"role": "user", "content": BENCH_USER}]
     decoder.generate(msgs, cfg)  # warm-up
     speeds, reads = [], []

@@ -178,10 +178,19 @@ def test_llamacpp_rows_need_a_gguf_model():
 def test_llamacpp_rows_run_on_the_default_gguf(engine):
     pytest.importorskip("llama_cpp", reason="the llama.cpp rows need the [llamacpp] extra")
     settings = BenchSettings(
-        new_tokens=4, reps=1, warmup=0, rows=("llamacpp_plain", "llamacpp_acd"), isolate=False
+        new_tokens=4,
+        reps=1,
+        warmup=0,
+        batch=3,
+        rows=("llamacpp_plain", "llamacpp_acd", "llamacpp_batch"),
+        isolate=False,
     )
     rows = {r["name"]: r for r in run_bench(settings)["rows"]}
     for r in rows.values():
         assert r["new_tokens_per_request"] == 4 and r["tokens_per_s"] > 0
-        assert r["gguf"].endswith(".gguf")
+        assert r["gguf"].endswith(".gguf") and r["backend"] == "llamacpp"
+        assert r["llama_cpp_n_ctx"] > 0
     assert rows["llamacpp_acd"]["ratio_vs_llamacpp_plain"] > 0
+    # three requests stepping together as llama.cpp sequences, reported with their aggregate
+    assert rows["llamacpp_batch3"]["requests"] == 3
+    assert rows["llamacpp_batch3"]["ratio_vs_llamacpp_acd"] > 0

@@ -35,6 +35,15 @@ def client(server_url):
     return openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
 
 
+@pytest.fixture(scope="module", params=["torch", "llamacpp"])
+def engine(request, engine):
+    """Every test here runs on the torch backend (the session's engine) and on the
+    llama.cpp backend (``acd serve --backend llamacpp``; skipped without the extra)."""
+    if request.param == "llamacpp":
+        return request.getfixturevalue("llamacpp_engine")
+    return engine
+
+
 def _ask(client, model_id, content, **kwargs):
     return client.chat.completions.create(
         model=model_id, messages=[{"role": "user", "content": content}], **kwargs
@@ -48,7 +57,7 @@ def test_health_and_models(server_url, client, model_id, engine):
     assert models[0].model_extra["max_model_len"] == engine.context_window
 
 
-def test_stream_equals_plain_answer_and_reports_usage(client, model_id):
+def test_stream_equals_plain_answer_and_reports_usage(client, model_id, engine):
     plain = _ask(
         client, model_id, "Name three colours.", max_tokens=16, extra_body={"method": "plain"}
     )
@@ -60,6 +69,7 @@ def test_stream_equals_plain_answer_and_reports_usage(client, model_id):
         "alpha": 0.0,
         "pack": "unused",
         "gate": "none",
+        "backend": engine.backend_name,
     }
     chunks = list(
         _ask(
