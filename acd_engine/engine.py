@@ -50,8 +50,9 @@ class Engine:
     Args:
         model, device, dtype, trust_remote_code, quantize, keep_layers: Which model to load,
             where and how: the fields of :class:`~acd_engine.config.ModelConfig` (documented
-            there). An engine with ``keep_layers`` is a front end for another runtime: it
-            renders, embeds and gates requests but refuses to decode them.
+            there). On the torch backend an engine with ``keep_layers`` is a front end for
+            another runtime: it renders, embeds and gates requests but refuses to decode
+            them; the llama.cpp backend sets ``keep_layers=0`` itself.
         pack: Prompt pack for ``method="acd"``: a path, a :class:`PromptPack`, or None for
             the pack shipped for this model (else the manual-prompt initialisation, which
             makes ``acd`` the same as ``oid``, with no safety gate: the first call that
