@@ -37,6 +37,7 @@ _EXPORTS = {
     "unregister_method": "acd_engine.methods",
     "Engine": "acd_engine.engine",
     "EngineOptions": "acd_engine.kernels",
+    "LlamaCppOptions": "acd_engine.backends",
     "GenerationResult": "acd_engine.engine",
     "StreamChunk": "acd_engine.engine",
     "Usage": "acd_engine.engine",
@@ -63,6 +64,7 @@ __all__ = [
     "Engine",
     "EngineOptions",
     "GenerationResult",
+    "LlamaCppOptions",
     "MessagesError",
     "ModelConfig",
     "ModelNotFoundError",
@@ -78,6 +80,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from acd_engine.backends import LlamaCppOptions
     from acd_engine.config import METHODS, DecodingConfig, ModelConfig
     from acd_engine.engine import Engine, GenerationResult, StreamChunk, Usage, get_engine
     from acd_engine.errors import (

@@ -188,8 +188,9 @@ class LlamaCppOptions(Settings):
     prefix_tokens: int = Field(
         default=512,
         ge=0,
-        description="KV cells kept for cached branch prefixes (the SP/AP soft prompts and "
-        "the templates' constant starts, shared by every request); a longer prefix is "
+        description="Positions of branch-prefix KV kept in host memory (the SP/AP soft "
+        "prompts and the templates' constant starts, computed once and copied into every "
+        "request's sequence; ~23 KB a position for the default model); a longer prefix is "
         "prefilled with its request, and older ones are dropped, least recently used first.",
     )
     extra_buffers: bool | None = Field(
