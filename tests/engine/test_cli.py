@@ -26,8 +26,9 @@ def test_generate_json_has_the_result_fields(engine):
         "gate_flagged",
         "pack",
         "gate",
+        "backend",
     }
-    assert out["method"] == "oid" and len(out["token_ids"]) <= 4
+    assert out["method"] == "oid" and len(out["token_ids"]) <= 4 and out["backend"] == "torch"
     assert (out["pack"], out["gate"]) == ("unused", "none")  # oid reads no pack
 
 
