@@ -9,7 +9,7 @@ EXTRAS := langchain,llamaindex,eval,serve,quant,dev
 # The tested versions of everything the install below brings (make constraints writes it).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short browser-test ray-test constraints-ray loadtest bench redteam clean
+.PHONY: install demo test lint typecheck pytest package-test constraints fuzz fuzz-short browser-test ray-test constraints-ray llamacpp-test loadtest bench redteam clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -106,6 +106,20 @@ constraints-ray: $(RAY_STAMP)
 	  echo "# Regenerate after a deliberate upgrade, once make ray-test passes: make constraints-ray"; \
 	  $(BIN)/python scripts/freeze_constraints.py --extras ray | grep -v '^#' | grep -vxF -f $(CONSTRAINTS); \
 	} > $(RAY_CONSTRAINTS).tmp && mv $(RAY_CONSTRAINTS).tmp $(RAY_CONSTRAINTS)
+
+# The llama.cpp backend for real: llama-cpp-python into .venv (pip compiles llama.cpp for
+# this CPU: about 10 minutes on 2 cores, once; the wheel is cached), then every test that
+# runs it (they skip without the extra): the backend's own oracles, its gate reader, and
+# the OpenAI server suite on --backend llamacpp. Not in `make test` for the build's sake.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
+
+$(LLAMACPP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) "llama-cpp-python==0.3.36"
+	touch $(LLAMACPP_STAMP)
+
+llamacpp-test: $(LLAMACPP_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/test_llamacpp.py \
+		tests/engine/test_llamacpp_gate.py tests/integrations/server/test_openai_server.py
 
 # Load and fault figures of acd serve (scripts/load_test.py): its own server on loopback, for
 # each backend here (llama.cpp where llama_cpp is installed); 1, 8 and 32 streaming clients,
