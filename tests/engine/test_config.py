@@ -132,30 +132,43 @@ def _settings_classes() -> list[type]:
     return found
 
 
-def _float_fields() -> list[tuple[type, str, bool]]:
-    """(class, field, is a tuple of floats) for every float-valued setting."""
+def _float_fields() -> list[tuple[type, str, str]]:
+    """(class, field, shape) for every float-valued setting; shape is ``"scalar"``,
+    ``"tuple"`` (a tuple of floats) or ``"pairs"`` (token id -> float, as logit_bias)."""
     out = []
     for cls in _settings_classes():
         for name, field in cls.model_fields.items():
             kind = str(field.annotation)
             if kind.startswith("tuple[float"):
-                out.append((cls, name, True))
+                out.append((cls, name, "tuple"))
+            elif kind.startswith("tuple[tuple[int, float]"):
+                out.append((cls, name, "pairs"))
             elif "float" in kind and "Literal" not in kind:
-                out.append((cls, name, False))
+                out.append((cls, name, "scalar"))
     return out
+
+
+def _holding(shape: str, value: float) -> object:
+    """A value of a field of ``shape`` that holds ``value`` where its floats go."""
+    return {"tuple": (value,), "pairs": {0: value}, "scalar": value}[shape]
 
 
 def test_the_float_settings_are_found():
     names = {(cls.__name__, name) for cls, name, _ in _float_fields()}
     assert {("TrainConfig", "lr"), ("GateFitConfig", "l2"), ("EvalOptions", "alphas")} <= names
     assert ("DecodingConfig", "gate_threshold") in names and len(names) >= 20
+    assert ("DecodingConfig", "logit_bias") in names
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_no_float_setting_takes_nan_or_infinity(bad):
     """One rule on the shared base: a range check such as ``lr > 0`` lets ``inf`` through,
     and it then fails after a model loaded (NaN losses); every float setting refuses it."""
-    for cls, name, is_tuple in _float_fields():
+    for cls, name, shape in _float_fields():
         with pytest.raises(ConfigError) as info:
-            cls(**{name: (bad,) if is_tuple else bad})
-        assert f"must be a finite number, got {bad}" in str(info.value), (cls, name)
+            cls(**{name: _holding(shape, bad)})
+        # a pairs field names the bad value with its token (its range check refuses it)
+        want = (
+            f"got {bad} for token 0" if shape == "pairs" else f"must be a finite number, got {bad}"
+        )
+        assert want in str(info.value), (cls, name)
