@@ -243,6 +243,28 @@ def test_rerun_with_other_settings_is_refused(data_dir: Path, tmp_path: Path) ->
         run_eval(FakeEngine(), opts(data_dir, out, benchmarks="advbench", plausibility=0.0))
 
 
+class _OnBackend(FakeEngine):
+    """A fake engine that says which backend runs it, as ``Engine.describe`` does."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend_name = backend
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": "float32", "backend": self.backend_name}
+
+
+def test_a_run_never_mixes_backends(data_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp runs the GGUF's quantized weights: its records must not extend a torch run."""
+    out = tmp_path / "out"
+    run_eval(_OnBackend("torch"), opts(data_dir, out, benchmarks="advbench"))
+    pins = json.loads((out / "run.json").read_text())["pinned"]
+    assert pins["model backend"] == "torch"
+    with pytest.raises(ConfigError, match=r"was made with model backend 'torch', got 'llamacpp'"):
+        run_eval(_OnBackend("llamacpp"), opts(data_dir, out, benchmarks="advbench"))
+    run_eval(_OnBackend("torch"), opts(data_dir, out, benchmarks="advbench"))  # same: resumes
+
+
 def test_duplicate_benchmark_names_are_refused(data_dir: Path, tmp_path: Path) -> None:
     o = opts(data_dir, tmp_path / "out", benchmarks=f"advbench,{data_dir / 'advbench.jsonl'}")
     with pytest.raises(ConfigError, match="benchmarks must have distinct names, got 'advbench'"):
