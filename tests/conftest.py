@@ -32,9 +32,9 @@ def llamacpp_engine():
     return get_engine(backend="llamacpp")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, engine) -> Path:
-    """A 2-layer random Llama with the default tokenizer: fast, and emits arbitrary bytes."""
+def save_tiny_llama(engine, path: Path, max_positions: int = 512) -> Path:
+    """Save a 2-layer random Llama with the default tokenizer to ``path`` (seeded, so every
+    caller gets the same weights); ``max_positions`` is its context length."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory, engine) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
@@ -53,10 +53,23 @@ def tiny_model_dir(tmp_path_factory, engine) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     engine.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, engine):
+    """``save_tiny_llama`` as a fixture: call it with a context length, get a model dir."""
+    return lambda max_positions=512: save_tiny_llama(
+        engine, tmp_path_factory.mktemp(f"tiny-llama-{max_positions}"), max_positions
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_llama) -> Path:
+    """A 2-layer random Llama with the default tokenizer: fast, and emits arbitrary bytes."""
+    return tiny_llama(512)
 
 
 @pytest.fixture(scope="session")

@@ -22,32 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.allow_hosts(["127.0.0.1"])]
 
 
 @pytest.fixture(scope="module")
-def long_tiny_model_dir(tmp_path_factory, engine):
+def long_tiny_model_dir(tiny_llama):
     """conftest's tiny random Llama with an 8k context: a stream that holds its slot runs
     thousands of tokens, so it outlasts the disconnect and kill phases on any machine."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=len(engine.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    path = tmp_path_factory.mktemp("tiny-llama-8k")
-    model.save_pretrained(path)
-    engine.tokenizer.save_pretrained(path)
-    return path
+    return tiny_llama(8192)
 
 
 def test_the_quick_profile_passes_and_writes_both_reports(long_tiny_model_dir, tmp_path):
