@@ -35,16 +35,16 @@ _EXPORTS = {
     "DecodingMethod": "acd_engine.methods",
     "register_method": "acd_engine.methods",
     "unregister_method": "acd_engine.methods",
-    "Engine": "acd_engine.engine",
-    "EngineOptions": "acd_engine.kernels",
-    "LlamaCppOptions": "acd_engine.backends",
-    "GenerationResult": "acd_engine.engine",
-    "StreamChunk": "acd_engine.engine",
-    "Usage": "acd_engine.engine",
-    "get_engine": "acd_engine.engine",
-    "PromptPack": "acd_engine.prompts",
-    "SAFE_PROMPT": "acd_engine.prompts",
-    "OPPOSITE_PROMPT": "acd_engine.prompts",
+    "Engine": "acd_engine.runtime.engine",
+    "EngineOptions": "acd_engine.backends.torch.kernels",
+    "LlamaCppOptions": "acd_engine.backends.base",
+    "GenerationResult": "acd_engine.runtime.engine",
+    "StreamChunk": "acd_engine.runtime.engine",
+    "Usage": "acd_engine.runtime.engine",
+    "get_engine": "acd_engine.runtime.engine",
+    "PromptPack": "acd_engine.safety.prompts",
+    "SAFE_PROMPT": "acd_engine.safety.prompts",
+    "OPPOSITE_PROMPT": "acd_engine.safety.prompts",
     "ACDError": "acd_engine.errors",
     "ConfigError": "acd_engine.errors",
     "MessagesError": "acd_engine.errors",
@@ -80,9 +80,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from acd_engine.backends import LlamaCppOptions
+    from acd_engine.backends.base import LlamaCppOptions
+    from acd_engine.backends.torch.kernels import EngineOptions
     from acd_engine.config import METHODS, DecodingConfig, ModelConfig
-    from acd_engine.engine import Engine, GenerationResult, StreamChunk, Usage, get_engine
     from acd_engine.errors import (
         ACDError,
         ConfigError,
@@ -91,9 +91,9 @@ if TYPE_CHECKING:
         PromptPackError,
         PromptTooLongError,
     )
-    from acd_engine.kernels import EngineOptions
     from acd_engine.methods import DecodingMethod, register_method, unregister_method
-    from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
+    from acd_engine.runtime.engine import Engine, GenerationResult, StreamChunk, Usage, get_engine
+    from acd_engine.safety.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 
 
 def __getattr__(name: str) -> Any:

@@ -513,7 +513,7 @@ class ModelConfig(Settings):
         ge=0,
         description="Load only the first N decoder layers, for an engine that renders "
         "requests and builds the branches' input embeddings while another runtime "
-        "(llama.cpp, acd_engine.llamacpp, which also reads the safety gate) runs the forward: "
+        "(llama.cpp, acd_engine.backends.llamacpp.backend, which also reads the safety gate) runs the forward: "
         "0 keeps the embedding table alone; reading a gate on this engine itself "
         "(Engine.gate_verdict) needs its deepest gate layer + 1. Such an engine cannot "
         "decode. None loads every layer.",

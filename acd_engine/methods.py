@@ -11,7 +11,7 @@ Adding a method is one :class:`DecodingMethod` in :data:`BUILTIN_METHODS` and it
 :data:`Method` (a static ``Literal`` because pydantic and type checkers need one; a test
 asserts it lists exactly the registry). Code outside the package (a plugin, a test) calls
 :func:`register_method` and can decode with the new name at once: ``DecodingConfig``
-validates method names against the live registry. :func:`acd_engine.contrast.plan_branches`
+validates method names against the live registry. :func:`acd_engine.safety.contrast.plan_branches`
 turns an entry's sources into the branches a request runs.
 
 This module imports nothing else from the package but its errors, so ``config.py`` (which
@@ -49,7 +49,7 @@ BranchSource = Literal[
 ]
 """Where a branch comes from. ``template``: the model's own chat template, untouched (no
 system-slot branch at all; a lone positive only). ``empty``: the system slot left blank.
-``safe`` / ``opposite``: the manual safe / opposite prompt (:mod:`acd_engine.prompts`).
+``safe`` / ``opposite``: the manual safe / opposite prompt (:mod:`acd_engine.safety.prompts`).
 ``positive_prompt`` / ``negative_prompt``: the request's own prompt text (the positive one
 defaults to the safe prompt; the negative one is required). ``sp`` / ``ap``: the prompt
 pack's soft safeguarding / adversarial prompt."""

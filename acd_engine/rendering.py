@@ -3,7 +3,7 @@
 A request is rendered once with a sentinel in the system-prompt slot; the text is split
 there into a head and a tail that every branch shares token for token, and each branch
 fills the slot with its own content (nothing, a manual prompt, or soft-prompt embeddings;
-see :mod:`acd_engine.rows`). User text is data: text that spells a control token is kept
+see :mod:`acd_engine.backends.torch.rows`). User text is data: text that spells a control token is kept
 out of the template through a placeholder and tokenized as plain text, so no user can forge
 a turn or reach the system slot.
 """
@@ -41,7 +41,7 @@ class Rendered:
 
     ``alone`` is the latest user message rendered by itself (same template arguments), when
     the conversation holds more than that: a request the gate flags is decoded on it
-    (:func:`acd_engine.gate.decoded_rendering`).
+    (:func:`acd_engine.safety.gate.decoded_rendering`).
     """
 
     head: list[int]

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from acd_engine.config import DecodingConfig, did_you_mean
-from acd_engine.engine import Engine, StreamChunk, Usage
 from acd_engine.errors import ConfigError
+from acd_engine.runtime.engine import Engine, StreamChunk, Usage
 from acd_integrations._constrained import (
     PROSE_GRAMMAR,
     constraint_for,

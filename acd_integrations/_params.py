@@ -19,7 +19,7 @@ from typing import Any
 
 from acd_engine.config import DecodingConfig, did_you_mean
 from acd_engine.errors import ConfigError
-from acd_engine.gate import applied_alpha
+from acd_engine.safety.gate import applied_alpha
 
 __all__ = [
     "DECODING_PARAMS",

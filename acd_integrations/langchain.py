@@ -63,11 +63,11 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
-from acd_engine.backends import BACKEND_HELP, resolve_backend
+from acd_engine.backends.base import BACKEND_HELP, resolve_backend
 from acd_engine.config import DecodingConfig, Method, ModelConfig, did_you_mean, format_errors
-from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
-from acd_engine.loading import DEFAULT_MODEL_NAME
+from acd_engine.loading.models import DEFAULT_MODEL_NAME
+from acd_engine.runtime.engine import Engine, get_engine
 from acd_integrations._async import aiter_in_thread, arun_in_thread
 from acd_integrations._calls import (
     AdapterCall,

@@ -35,10 +35,10 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr
 
-from acd_engine.backends import BACKEND_HELP
+from acd_engine.backends.base import BACKEND_HELP
 from acd_engine.config import DecodingConfig, ModelConfig
-from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import ConfigError
+from acd_engine.runtime.engine import Engine, get_engine
 from acd_integrations._async import aiter_in_thread, arun_in_thread
 from acd_integrations._calls import (
     AdapterCall,

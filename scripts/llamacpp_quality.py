@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 
 from acd_engine import get_engine
-from acd_engine.backends import LlamaCppOptions
+from acd_engine.backends.base import LlamaCppOptions
 from acd_engine.eval.registry import BENCHMARKS
 from acd_engine.eval.runner import EvalOptions, run_eval
 

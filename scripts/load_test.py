@@ -524,7 +524,7 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
-            *(sys.executable, "-m", "acd_engine.cli", "serve"),
+            *(sys.executable, "-m", "acd_engine.cli.main", "serve"),
             *("--host", "127.0.0.1", "--port", str(self.port), *args),
         ]
         self.log_path = log_path

@@ -130,7 +130,7 @@ with res.as_file(root) as folder:
     assert under(folder, sys.prefix), folder
 
 # ... and the loaders the engine uses read them from there.
-from acd_engine.contexts import POOLS, load_pool
+from acd_engine.safety.contexts import POOLS, load_pool
 from acd_engine.eval.judges import load_refusal_markers
 from acd_engine.training.anchors import load_anchors
 assert load_anchors() and load_refusal_markers()

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from acd_engine.bench import RANDOM_PRESETS
-from acd_engine.loading import default_model_path
+from acd_engine.cli.bench import RANDOM_PRESETS
+from acd_engine.loading.models import default_model_path
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("random_gguf")

@@ -345,7 +345,7 @@ def train_tiny_pack(model_dir: Path, folder: Path) -> tuple[Path, Any]:
     command line; returns the pack's path and typer's result (exit code, output)."""
     from typer.testing import CliRunner
 
-    from acd_engine.training.command import train_command
+    from acd_engine.cli.train import train_command
 
     app = typer.Typer()
     app.command("train")(train_command)

@@ -223,7 +223,7 @@ class HFModelJudge:
                 f"judge model must be a local model directory or .gguf path, got {model!r}"
             )
         from acd_engine.config import ModelConfig
-        from acd_engine.loading import load_model
+        from acd_engine.loading.models import load_model
 
         loaded = load_model(ModelConfig(model=model, device=device))
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

@@ -93,7 +93,7 @@ class EvalRecord(BaseModel):
     verdict at the pack's threshold, for a gated generation (``acd-gate``); None otherwise
     (other methods, and ``acd-gate``'s MC1 rows, whose scoring call returns no verdict). They
     let the report sweep the threshold afterwards without rerunning anything.
-    ``context`` is the application shape the prompt was placed in (:mod:`acd_engine.contexts`);
+    ``context`` is the application shape the prompt was placed in (:mod:`acd_engine.safety.contexts`);
     a ``bare`` record is written without the field, so a run without ``--context`` writes
     exactly the lines it wrote before the field existed, and those lines read back as ``bare``.
     """

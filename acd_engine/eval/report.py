@@ -191,7 +191,7 @@ def _main_table(summary: EvalSummary) -> list[str]:
 def _context_table(summary: EvalSummary) -> list[str]:
     pool = summary.context_pool_sha256
     lines = [
-        "Each sampled prompt placed where applications put it (`acd_engine/contexts.py`: "
+        "Each sampled prompt placed where applications put it (`acd_engine/safety/contexts.py`: "
         "bare, behind an app's system prompt, after earlier turns, inside retrieved passages, "
         "in an agent turn with tools, ...), the same prompts in every context. The wrapper "
         "texts come from the package's `eval` pool"

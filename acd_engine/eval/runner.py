@@ -17,7 +17,7 @@ out) becomes one error record and the run goes on; a rerun skips it like any fin
 
 A context (``--context``) places each sampled prompt where applications put it (behind an
 app's system prompt, inside retrieved passages, in an agent turn with tools; see
-:mod:`acd_engine.contexts`) with the wrapper texts of the package's ``eval`` pool, which no
+:mod:`acd_engine.safety.contexts`) with the wrapper texts of the package's ``eval`` pool, which no
 gate or threshold was tuned on. ``bare``, the default, sends the prompt alone, as the paper
 does. The judge always reads the benchmark prompt itself, so a verdict means the same thing in
 every context.
@@ -50,7 +50,6 @@ from acd_engine.config import (
     half_open_unit,
     unicode_problem,
 )
-from acd_engine.contexts import ContextPool, check_contexts, load_pool, place
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import (
     DEFAULT_JUDGE,
@@ -98,6 +97,7 @@ from acd_engine.eval.report import (
     write_report,
 )
 from acd_engine.methods import METHOD_REGISTRY
+from acd_engine.safety.contexts import ContextPool, check_contexts, load_pool, place
 
 __all__ = [
     "EVAL_POOL",
@@ -247,7 +247,7 @@ class EvalOptions(Settings):
     seed: int = Field(default=0, description="Seed of the per-benchmark sample.")
     contexts: tuple[str, ...] = Field(
         default=(BARE,),
-        description="Application shapes each prompt is placed in (acd_engine.contexts: bare, "
+        description="Application shapes each prompt is placed in (acd_engine.safety.contexts: bare, "
         "system, multi-turn, rag, rag-system, agent, padded, after-refusal, split), with the "
         "package's eval pool of wrapper texts. bare sends the prompt alone, as the paper does; "
         "multiple-choice sets (truthfulqa) are scored only in bare.",
@@ -683,7 +683,7 @@ def check_pack_file(options: EvalOptions, pack: str | os.PathLike[str] | None) -
     """
     if pack is None or GATED_METHOD not in options.methods:
         return
-    from acd_engine.prompts import PromptPack
+    from acd_engine.safety.prompts import PromptPack
 
     if PromptPack.load(pack).gate is None:
         raise ConfigError(GATELESS_PACK)

@@ -53,7 +53,7 @@ import torch
 from acd_engine.atomic import atomic_write_json
 from acd_engine.errors import ACDError
 from acd_engine.eval.judges import Judge, get_judge, judge_many
-from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
+from acd_engine.safety.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.config import TrainConfig
 
@@ -392,7 +392,7 @@ def generate_responses(
     """Sample ``cfg.samples`` responses per anchor and source, reusing the on-disk cache.
 
     Args:
-        engine: The :class:`~acd_engine.engine.Engine` of the target model.
+        engine: The :class:`~acd_engine.runtime.engine.Engine` of the target model.
         anchors: Instructions to sample for.
         cfg: Data settings (``samples``, ``sources``, ``gen_*``, ``seed``).
         cache_dir: Folder of the JSONL cache (default :func:`default_cache_dir`).

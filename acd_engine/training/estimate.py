@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from acd_engine.config import DecodingConfig
-from acd_engine.gate import decoder_layers
-from acd_engine.pack_info import format_duration
+from acd_engine.safety.gate import decoder_layers
+from acd_engine.safety.pack_info import format_duration
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.config import TrainConfig
 from acd_engine.training.data import (

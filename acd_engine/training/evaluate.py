@@ -14,7 +14,7 @@ from typing import Any
 
 from acd_engine.config import DecodingConfig
 from acd_engine.eval.judges import Judge, judge_many
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.prompts import PromptPack
 from acd_engine.training.anchors import Anchor
 
 __all__ = [

@@ -1,14 +1,14 @@
-"""Fit the safety gate (:mod:`acd_engine.gate`) on our anchors and attach it to a pack.
+"""Fit the safety gate (:mod:`acd_engine.safety.gate`) on our anchors and attach it to a pack.
 
 The features are the engine's own hidden states over the plain rendering of a request, read
 where the gate will read them at run time. Requests arrive as applications send them, so
-the anchors are placed in those shapes (:mod:`acd_engine.contexts`: app system prompts,
+the anchors are placed in those shapes (:mod:`acd_engine.safety.contexts`: app system prompts,
 earlier turns, RAG prompts, agent turns with tools, padding, a refused earlier turn, a
 request split over two turns); the train anchors with the ``train`` pool of wrapper texts,
 the val anchors with the ``val`` pool, so no anchor and no wrapper text crosses the split.
 
 A ``window`` gate reads the latest user turn and scores its whole mean and every window of
-a few tokens, the highest score counting (:meth:`~acd_engine.gate.SafetyGate.pool_bounds`).
+a few tokens, the highest score counting (:meth:`~acd_engine.safety.gate.SafetyGate.pool_bounds`).
 It is fitted on pools, not requests: a pool of a harmful request is a positive when it
 mostly covers the request's own tokens, a negative when it lies wholly before them (the
 retrieved passages or padding in front of it are benign text), and left out otherwise; every
@@ -48,9 +48,9 @@ import torch
 from pydantic import Field, field_validator
 
 from acd_engine.config import Settings, comma_list
-from acd_engine.contexts import CONTEXTS, Placed, load_pool, place
-from acd_engine.gate import GatePooling, GateScope, SafetyGate, decoder_layers, pool_bounds
 from acd_engine.rendering import template_kwargs
+from acd_engine.safety.contexts import CONTEXTS, Placed, load_pool, place
+from acd_engine.safety.gate import GatePooling, GateScope, SafetyGate, decoder_layers, pool_bounds
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.probe import fit_gate as fit_probe
 from acd_engine.training.probe import fit_mlp_gate, roc_auc, threshold_for
@@ -120,7 +120,7 @@ class GateFitConfig(Settings):
     stride: int = Field(default=4, ge=1, le=4096, description="Tokens between window starts.")
     contexts: tuple[str, ...] = Field(
         default=CONTEXTS,
-        description="Shapes the anchors are placed in (acd_engine.contexts); 'bare' is "
+        description="Shapes the anchors are placed in (acd_engine.safety.contexts); 'bare' is "
         "always among them.",
     )
     shapes_per_anchor: int = Field(
@@ -146,7 +146,7 @@ class GateFitConfig(Settings):
 
 @dataclass(frozen=True)
 class PlacedAnchor:
-    """An anchor placed in one application shape (:func:`acd_engine.contexts.place`)."""
+    """An anchor placed in one application shape (:func:`acd_engine.safety.contexts.place`)."""
 
     anchor: Anchor
     placed: Placed

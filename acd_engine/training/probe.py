@@ -1,6 +1,6 @@
-"""Fitting the safety gate's probe (:class:`acd_engine.gate.SafetyGate`) on captured states.
+"""Fitting the safety gate's probe (:class:`acd_engine.safety.gate.SafetyGate`) on captured states.
 
-Why here and not in :mod:`acd_engine.gate`: the gate module is what every request runs
+Why here and not in :mod:`acd_engine.safety.gate`: the gate module is what every request runs
 (pooling, scoring, routing); fitting a probe, choosing its threshold and measuring its AUC
 are what ``acd gate`` does offline (:mod:`acd_engine.training.gate_fit`), so they live with
 the other training code and the request path never imports an optimiser loop.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from acd_engine.gate import GatePooling, SafetyGate
+from acd_engine.safety.gate import GatePooling, SafetyGate
 
 __all__ = ["fit_gate", "fit_mlp_gate", "roc_auc", "threshold_for"]
 

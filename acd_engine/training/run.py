@@ -25,7 +25,7 @@ from typing import Any
 from acd_engine.atomic import atomic_write_json, probe_writable
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import Judge, get_judge
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.prompts import PromptPack
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
 from acd_engine.training.config import TrainConfig
 from acd_engine.training.data import load_or_generate
@@ -287,7 +287,7 @@ def train_pack(
         checkpoint: Resumable state (default ``<out stem>.ckpt.pt``). Resuming a finished
             checkpoint trains nothing and just writes the pack and report, which is how a
             run whose final write failed is recovered to another ``out``.
-        gate: How to fit the safety gate stored in the pack (:mod:`acd_engine.gate`); None
+        gate: How to fit the safety gate stored in the pack (:mod:`acd_engine.safety.gate`); None
             writes a pack without one. Its features are the plain rendering's hidden states,
             so it does not depend on SP/AP and is fitted once training completed; its
             threshold is calibrated on the anchors' validation split.

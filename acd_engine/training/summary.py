@@ -6,7 +6,7 @@ well the gate separates harmful from benign requests (its AUC, its flag rate in 
 application shape, its threshold), how long each phase took and what was calibrated. They
 are all in the run's report already, spread over it; :func:`run_summary` collects them once,
 the command prints them (:func:`format_summary`) and the pack keeps the run's part
-(:func:`pack_run_metadata`), which ``acd pack info`` shows (:mod:`acd_engine.pack_info`).
+(:func:`pack_run_metadata`), which ``acd pack info`` shows (:mod:`acd_engine.safety.pack_info`).
 
 Nothing is measured here: the validation figures are the trainer's own evaluation of the
 selected epoch (ungated ``acd`` at the selection's alpha and tau), the gate's come from its
@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from acd_engine.pack_info import format_phases, shape_rates
+from acd_engine.safety.pack_info import format_phases, shape_rates
 from acd_engine.training.config import TrainConfig
 
 __all__ = [

@@ -39,7 +39,7 @@ from acd_engine.atomic import atomic_write
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import ConfigError
 from acd_engine.eval.judges import Judge, get_judge
-from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
+from acd_engine.safety.prompts import OPPOSITE_PROMPT, SAFE_PROMPT, PromptPack
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.config import SHORT_OPPOSITE_PROMPT, SHORT_SAFE_PROMPT, TrainConfig
 from acd_engine.training.data import OPOExample, OPOSplits

@@ -45,9 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acd_engine import __version__
-from acd_engine.backends import BACKEND_HELP, resolve_backend
+from acd_engine.backends.base import BACKEND_HELP, resolve_backend
 from acd_engine.config import DecodingConfig, ModelConfig, Quantize, comma_list, format_errors
-from acd_engine.engine import Engine, get_engine
 from acd_engine.errors import (
     ACDError,
     ConfigError,
@@ -55,7 +54,8 @@ from acd_engine.errors import (
     PromptPackError,
     PromptTooLongError,
 )
-from acd_engine.loading import load_model
+from acd_engine.loading.models import load_model
+from acd_engine.runtime.engine import Engine, get_engine
 from acd_integrations._async import aiter_in_thread, arun_in_thread
 from acd_integrations._calls import AdapterCall, CallDelta, CallOutcome, prepare_call
 from acd_integrations._params import PARAM_TO_FIELD, build_config

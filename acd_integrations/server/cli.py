@@ -1,6 +1,6 @@
 """What ``acd serve`` runs: options from the command line -> uvicorn (or Ray Serve).
 
-Kept apart from ``acd_engine.cli`` so the engine's CLI imports no web framework: the
+Kept apart from ``acd_engine.cli.main`` so the engine's CLI imports no web framework: the
 ``serve`` command imports this module only when it runs.
 """
 

@@ -86,7 +86,7 @@ IGNORED_ENV: dict[str, tuple[str, str]] = {
 #: ``ACD_MAX_TOKENS`` win over the same keys here.
 DEFAULTS_ENV = "ACD_DEFAULTS"
 
-# How `acd serve` turns its flags into ServerOptions (acd_engine/cli.py serve_command, then
+# How `acd serve` turns its flags into ServerOptions (acd_engine/cli/main.py serve_command, then
 # server/cli.py serve), repeated here because this module may not import the CLI (it imports
 # this one); test_ray_env.py holds the two equal for every flag and for none set. These
 # flags become the request defaults; these shape the deployment, not a replica's app; these

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gate_pooling_study import score
 
-from acd_engine.engine import get_engine
+from acd_engine.runtime.engine import get_engine
 from acd_engine.training.anchors import load_anchors
 
 logger = logging.getLogger("gate_content_pooling_study")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from acd_engine.engine import get_engine
+from acd_engine.runtime.engine import get_engine
 from acd_engine.training.anchors import Anchor, load_anchors
 from acd_engine.training.gate_fit import anchor_features, worst_group_threshold
 from acd_engine.training.probe import fit_gate, roc_auc

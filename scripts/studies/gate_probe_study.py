@@ -43,8 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gate_pooling_study import FOLDS, flagged_share, fold_of
 
-from acd_engine.engine import get_engine
-from acd_engine.gate import SafetyGate, decoder_layers
+from acd_engine.runtime.engine import get_engine
+from acd_engine.safety.gate import SafetyGate, decoder_layers
 from acd_engine.training.anchors import Anchor, anchor_set_hash, load_anchors
 from acd_engine.training.gate_fit import anchor_features
 from acd_engine.training.probe import fit_gate, fit_mlp_gate, roc_auc

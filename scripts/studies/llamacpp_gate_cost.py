@@ -1,6 +1,6 @@
 """What reading the safety gate costs on the llama.cpp path: on llama.cpp's own layers (the
 decoder's way, front end = embedding table) against on a PyTorch front end holding the
-layers up to the deepest gate layer (the way before ``acd_engine/llamacpp_gate.py``).
+layers up to the deepest gate layer (the way before ``acd_engine/backends/llamacpp/gate.py``).
 
 Each way runs in a fresh process (its own peak RSS): load, one warm-up request, then
 ``--reps`` timed requests of the bench's user turn with the shipped pack and gate (the
@@ -28,9 +28,9 @@ from typing import Literal
 def measure(where: str, reps: int) -> dict[str, object]:
     """Run in this process: ``where`` is "llamacpp" or "engine"."""
     from acd_engine import Engine
-    from acd_engine.backends import LlamaCppOptions
-    from acd_engine.bench import BENCH_USER
-    from acd_engine.prompts import SHIPPED_PACKS, PromptPack
+    from acd_engine.backends.base import LlamaCppOptions
+    from acd_engine.cli.bench import BENCH_USER
+    from acd_engine.safety.prompts import SHIPPED_PACKS, PromptPack
 
     # the shipped gate's layers, read from the pack file (a second engine would cost memory)
     packs = resources.files("acd_engine") / "resources" / SHIPPED_PACKS

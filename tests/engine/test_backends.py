@@ -1,4 +1,4 @@
-"""Choosing a backend (acd_engine.backends): the choice is validated before any model loads,
+"""Choosing a backend (acd_engine.backends.base): the choice is validated before any model loads,
 ``auto`` is torch, and every result says which backend ran. These run without the
 [llamacpp] extra; the llama.cpp backend itself is tests/engine/test_llamacpp.py."""
 
@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from acd_engine import Engine, get_engine
-from acd_engine.backends import LlamaCppOptions, resolve_backend
-from acd_engine.cli import app
+from acd_engine.backends.base import LlamaCppOptions, resolve_backend
+from acd_engine.cli.main import app
 from acd_engine.errors import ConfigError
 
 BAD = "backend must be one of 'auto', 'torch' or 'llamacpp', got 'gpu'"
@@ -19,7 +19,7 @@ BAD = "backend must be one of 'auto', 'torch' or 'llamacpp', got 'gpu'"
 
 @pytest.mark.parametrize("make", [Engine, get_engine])
 def test_an_unknown_backend_is_refused_before_loading(make, monkeypatch):
-    import acd_engine.engine as engine_module
+    import acd_engine.runtime.engine as engine_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")

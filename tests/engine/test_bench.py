@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from acd_engine.bench import CPU_FLAGS_OF_NOTE, ROWS, BenchSettings, bench_command, run_bench
+from acd_engine.cli.bench import CPU_FLAGS_OF_NOTE, ROWS, BenchSettings, bench_command, run_bench
 
 ROW_KEYS = {
     "name",
@@ -85,14 +85,14 @@ def test_bad_settings_fail_in_the_house_style():
 
 def test_random_models_take_a_tokenizer_directory(engine, tmp_path, monkeypatch):
     """Machines without the embedded model (a GPU box, say) bring the tokenizer as files."""
-    import acd_engine.loading
+    import acd_engine.loading.models
 
     engine.tokenizer.save_pretrained(str(tmp_path))
 
     def no_default_model():
-        raise acd_engine.loading.ModelNotFoundError("the embedded model is not installed")
+        raise acd_engine.loading.models.ModelNotFoundError("the embedded model is not installed")
 
-    monkeypatch.setattr(acd_engine.loading, "default_model_path", no_default_model)
+    monkeypatch.setattr(acd_engine.loading.models, "default_model_path", no_default_model)
     settings = BenchSettings(
         model="random:tiny",
         tokenizer=str(tmp_path),
@@ -114,9 +114,7 @@ def test_random_models_take_a_tokenizer_directory(engine, tmp_path, monkeypatch)
 
 
 def test_importing_the_command_stays_light():
-    code = (
-        "import sys, acd_engine.bench; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    )
+    code = "import sys, acd_engine.cli.bench; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
 
@@ -124,7 +122,7 @@ def test_importing_the_command_stays_light():
 def test_force_length_masks_eos_and_unknown_ids_with_one_cached_mask():
     import torch
 
-    from acd_engine import bench
+    from acd_engine.cli import bench
 
     clock: list[float] = []
     procs = bench._force_length([2, 5], vocab=8, clock=clock)
@@ -145,8 +143,8 @@ def test_quantized_random_model_rows_agree_with_hf_on_the_same_weights(engine):
     runs on the float weights as the yardstick."""
     pytest.importorskip("torchao", reason="quantization needs the [quant] extra (torchao)")
     from acd_engine.config import ModelConfig
-    from acd_engine.loading import cache_dir, load_model
-    from acd_engine.quantize import is_quantized
+    from acd_engine.loading.models import cache_dir, load_model
+    from acd_engine.loading.quantize import is_quantized
 
     settings = BenchSettings(
         model="random:tiny",

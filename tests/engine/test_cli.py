@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from acd_engine.cli import app
+from acd_engine.cli.main import app
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def no_model(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", boom)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", boom)
 
 
 @pytest.mark.parametrize(
@@ -122,14 +122,14 @@ def test_os_errors_while_loading_are_one_line(monkeypatch, command) -> None:
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/models/m")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", denied)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", denied)
     args = [command] if command == "chat" else [command, "hi"]
     line = one_error_line(runner.invoke(app, args))
     assert "Permission denied" in line and "/models/m" in line
 
 
 def test_train_os_errors_are_one_line(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr("acd_engine.engine.get_engine", lambda *a, **k: object())
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", lambda *a, **k: object())
 
     def is_a_dir(*args, **kwargs):
         raise IsADirectoryError(21, "Is a directory", str(tmp_path))
@@ -143,7 +143,7 @@ def test_a_genuine_bug_still_tracebacks(monkeypatch) -> None:
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", bug)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", bug)
     res = runner.invoke(app, ["generate", "hi"])
     assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
 

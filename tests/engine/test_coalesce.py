@@ -1,4 +1,4 @@
-"""Opportunistic batching of concurrent ``generate`` calls (``acd_engine.coalesce``)."""
+"""Opportunistic batching of concurrent ``generate`` calls (``acd_engine.runtime.coalesce``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from acd_engine import DecodingConfig
-from acd_engine.coalesce import Coalescer, Pending
+from acd_engine.runtime.coalesce import Coalescer, Pending
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:

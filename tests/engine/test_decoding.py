@@ -7,8 +7,8 @@ import torch
 
 from acd_engine import DecodingConfig
 from acd_engine._compat import cache_arg, output_cache
-from acd_engine.contrast import contrast_logits, plausibility_filter
-from acd_engine.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
+from acd_engine.safety.contrast import contrast_logits, plausibility_filter
+from acd_engine.safety.prompts import OPPOSITE_PROMPT, SAFE_PROMPT
 
 PROMPT = "Tell me three facts about the moon."
 N = 32
@@ -65,7 +65,7 @@ def test_contrast_changes_the_output(engine, base_tokens):
 
 
 def test_untrained_acd_pack_equals_oid_numerically(engine):
-    from acd_engine.prompts import PromptPack
+    from acd_engine.safety.prompts import PromptPack
 
     pack = PromptPack.from_manual_prompts(engine.model, engine.tokenizer)
     assert not pack.trained

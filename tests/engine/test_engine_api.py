@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from acd_engine import DecodingConfig, MessagesError, PromptTooLongError
-from acd_engine.answer import stop_prefix_overlap
+from acd_engine.runtime.answer import stop_prefix_overlap
 
 SAMPLE = DecodingConfig(method="oid", temperature=1.0, max_new_tokens=40, seed=7)
 
@@ -129,7 +129,7 @@ def _run_py(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_import_pulls_in_neither_langchain_nor_llama_index():
     code = (
-        "import sys, acd_engine, acd_engine.engine, acd_engine.cli, acd_engine.training.anchors\n"
+        "import sys, acd_engine, acd_engine.runtime.engine, acd_engine.cli.main, acd_engine.training.anchors\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('langchain', 'langchain_core', 'llama_index')]\n"
         "print(bad); assert not bad"
     )

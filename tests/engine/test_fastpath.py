@@ -16,10 +16,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from acd_engine import DecodingConfig
-from acd_engine.decoding import Prefill, RowRequest, decode, decode_rows
-from acd_engine.prefix_cache import PrefixCache, PrefixKV
-from acd_engine.prompts import OPPOSITE_PROMPT
-from acd_engine.row_layout import RowInput, fast_path_supported, lay_out_rows
+from acd_engine.backends.torch.decoding import Prefill, RowRequest, decode, decode_rows
+from acd_engine.backends.torch.prefix_cache import PrefixCache, PrefixKV
+from acd_engine.backends.torch.row_layout import RowInput, fast_path_supported, lay_out_rows
+from acd_engine.safety.prompts import OPPOSITE_PROMPT
 
 
 def request_rows(engine, messages, cfg):
@@ -301,7 +301,7 @@ def test_fast_path_falls_back_for_sliding_window_models(engine):
 def test_skinny_matmuls_wrap_only_one_token_steps_with_few_rows(engine):
     from contextlib import nullcontext
 
-    from acd_engine.skinny import SkinnyLinear
+    from acd_engine.backends.torch.skinny import SkinnyLinear
 
     saved = engine.kernels.skinny_rows, engine.kernels.prepack_rows
     try:

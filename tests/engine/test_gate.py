@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from acd_engine import DecodingConfig, PromptPackError
-from acd_engine.gate import (
+from acd_engine.safety.gate import (
     ReadSpan,
     SafetyGate,
     capture_states,
 )
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.prompts import PromptPack
 
 A, B = "Tell me how to build a birdhouse.", "Explain the rules of chess to a child."
 N = 8
@@ -300,8 +300,8 @@ def test_fit_pack_gate_on_the_anchors_keeps_its_false_positive_budget(tiny_engin
 def test_gate_command_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import acd_engine.engine as engine_module
-    from acd_engine.cli import app
+    import acd_engine.runtime.engine as engine_module
+    from acd_engine.cli.main import app
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")

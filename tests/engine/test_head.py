@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from acd_engine import DecodingConfig
-from acd_engine.head import LinearHead, linear_head
+from acd_engine.backends.torch.head import LinearHead, linear_head
 
 CONVS = ["Tell me three facts about the moon.", "How do I pick my neighbour's lock?"]
 

@@ -1,4 +1,4 @@
-"""The llama.cpp backend (acd_engine.llamacpp) under the engine's one request path.
+"""The llama.cpp backend (acd_engine.backends.llamacpp.backend) under the engine's one request path.
 
 Needs the [llamacpp] extra (pip compiles llama.cpp for several minutes); these tests skip
 without it. Oracles: llama.cpp's own token API on the same GGUF, α = 0 against the positive
@@ -17,12 +17,12 @@ import torch
 pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs the [llamacpp] extra")
 
 from acd_engine import Engine
-from acd_engine.backends import LlamaCppOptions
+from acd_engine.backends.base import LlamaCppOptions
+from acd_engine.backends.llamacpp.backend import PLAIN
+from acd_engine.backends.llamacpp.gate import LlamaCppGateReader
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptTooLongError
-from acd_engine.gate import ReadSpan
-from acd_engine.llamacpp import PLAIN
-from acd_engine.llamacpp_gate import LlamaCppGateReader
+from acd_engine.safety.gate import ReadSpan
 
 PROMPT = [{"role": "user", "content": "How do I bake bread at home?"}]
 LOCK = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -417,7 +417,7 @@ def test_the_gate_caches_the_template_start_and_reads_the_same(engine, backend):
 
 
 def test_a_start_longer_than_its_room_is_prefilled_with_each_request(engine, backend, monkeypatch):
-    import acd_engine.llamacpp_gate as gate_module
+    import acd_engine.backends.llamacpp.gate as gate_module
 
     monkeypatch.setattr(gate_module, "START_ROOM", 8)
     rendered = engine.render(PROMPT)

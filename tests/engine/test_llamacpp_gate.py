@@ -1,4 +1,4 @@
-"""The llama.cpp layer tap (acd_engine.llamacpp_gate) on hand-built ggml tensors: runs in
+"""The llama.cpp layer tap (acd_engine.backends.llamacpp.gate) on hand-built ggml tensors: runs in
 CI, where llama.cpp itself is not installed (tests/engine/test_llamacpp.py checks the tap on
 the real graph against the engine's own gate features)."""
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from acd_engine.llamacpp_gate import GGML_TYPE_F32, GgmlTensor, LayerTap
+from acd_engine.backends.llamacpp.gate import GGML_TYPE_F32, GgmlTensor, LayerTap
 
 # llama_cpp.ggml_backend_sched_eval_callback, declared as llama-cpp-python declares it
 FAKE_LIB = SimpleNamespace(

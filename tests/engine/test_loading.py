@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from acd_engine.config import ModelConfig
-from acd_engine.loading import LoadedModel, load_model, register_model
+from acd_engine.loading.models import LoadedModel, load_model, register_model
 
 
 def test_a_registered_in_memory_model_is_what_load_model_returns(tiny_model_dir, tmp_path):
@@ -65,7 +65,7 @@ def test_keep_layers_front_end_embeds_and_gates_like_the_full_model_but_never_de
 
     from acd_engine import DecodingConfig, Engine
     from acd_engine.errors import ConfigError, PromptPackError
-    from acd_engine.gate import SafetyGate
+    from acd_engine.safety.gate import SafetyGate
 
     records = _Records()
     logging.getLogger("transformers.modeling_utils").addHandler(records)
@@ -146,7 +146,7 @@ def test_a_gguf_front_end_dequantizes_only_its_layers_and_equals_the_full_model(
     from safetensors import safe_open
 
     from acd_engine import Engine
-    from acd_engine.loading import default_model_path
+    from acd_engine.loading.models import default_model_path
 
     keep = 2  # llama.cpp's front end keeps 0; 2 also checks the blocks' tensor processing
     monkeypatch.setenv("ACD_CACHE_DIR", str(tmp_path))  # no full conversion cached here

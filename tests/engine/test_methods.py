@@ -25,8 +25,8 @@ from acd_engine import (
     unregister_method,
 )
 from acd_engine.config import CONTRAST_METHODS, METHODS, Method
-from acd_engine.contrast import plan_branches
 from acd_engine.methods import BUILTIN_METHODS, METHOD_REGISTRY
+from acd_engine.safety.contrast import plan_branches
 
 BUILT_IN = ("plain", "base", "nid", "oid", "acd", "custom")
 
@@ -46,7 +46,7 @@ def test_the_literal_and_the_derived_names_are_the_registry():
 def test_cli_help_lists_every_method():
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     out = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output
     assert " | ".join(METHODS) in out

@@ -15,9 +15,9 @@ import pytest
 
 from acd_engine import Engine
 from acd_engine.errors import PromptPackError
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.prompts import PromptPack
 
-ENGINE_LOG = "acd_engine.engine"
+ENGINE_LOG = "acd_engine.runtime.engine"
 FIX = "acd train --model PATH --out PACK"
 REFUSAL = (
     "pack must be a trained prompt pack for method 'acd' when require_pack is set, got "
@@ -170,7 +170,7 @@ def test_pack_report_is_what_results_carry(engine, tiny_model_dir):
 def test_cli_require_pack_refuses_in_one_line_and_json_says_no_pack(tiny_model_dir):
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     runner = CliRunner()
     model = ["--model", str(tiny_model_dir), "-n", "2"]

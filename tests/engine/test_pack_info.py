@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from acd_engine import __version__
-from acd_engine.cli import app
+from acd_engine.cli.main import app
 from acd_engine.errors import PromptPackError
-from acd_engine.gate import SafetyGate
-from acd_engine.pack_info import describe_pack, format_pack_info, pack_info
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.gate import SafetyGate
+from acd_engine.safety.pack_info import describe_pack, format_pack_info, pack_info
+from acd_engine.safety.prompts import PromptPack
 
 runner = CliRunner()
 FP = {"architecture": "TinyForCausalLM", "hidden_size": "8", "vocab_size": "10"}

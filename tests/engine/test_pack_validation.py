@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptPackError
-from acd_engine.prompts import PACK_FORMAT_VERSION, PromptPack
+from acd_engine.safety.prompts import PACK_FORMAT_VERSION, PromptPack
 
 ACD2 = DecodingConfig(method="acd", max_new_tokens=2)
 
@@ -251,7 +251,7 @@ def test_non_string_metadata_in_the_header_is_refused(tmp_path, tiny_engine):
 def test_extra_tensors_are_ignored_and_the_pack_generates(tmp_path, tiny_engine, fp, caplog):
     t = {**good_tensors(64), "gate": torch.full((3,), math.nan)}
     path = write_pack(tmp_path / "p.safetensors", t, fp)
-    with caplog.at_level("WARNING", logger="acd_engine.prompts"):
+    with caplog.at_level("WARNING", logger="acd_engine.safety.prompts"):
         tiny_engine.set_pack(path)
     try:
         assert "ignoring unknown tensors ['gate']" in caplog.text
@@ -271,7 +271,7 @@ def test_save_round_trip_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, f
     def boom(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("acd_engine.prompts.save_file", boom)
+    monkeypatch.setattr("acd_engine.safety.prompts.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         PromptPack(torch.zeros(1, 64), torch.zeros(1, 64), fp).save(path)
     assert path.read_bytes() == before

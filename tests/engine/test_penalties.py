@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from acd_engine import ConfigError, DecodingConfig
-from acd_engine.step import AnswerPenalties, build_processors
+from acd_engine.backends.step import AnswerPenalties, build_processors
 
 N = 12
 PROMPT = [{"role": "user", "content": "Count: one two three one two three"}]

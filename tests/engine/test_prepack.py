@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import acd_engine.prepack as prepack
+import acd_engine.backends.torch.prepack as prepack
 from acd_engine import DecodingConfig
-from acd_engine.prepack import (
+from acd_engine.backends.torch.prepack import (
     PLAN_ROWS,
     PrepackedLinear,
     prepack_fits,
@@ -20,7 +20,7 @@ from acd_engine.prepack import (
     prepacked_available,
     shared_prepacked,
 )
-from acd_engine.skinny import SkinnyLinear
+from acd_engine.backends.torch.skinny import SkinnyLinear
 
 needs_onednn = pytest.mark.skipif(not prepacked_available(), reason="no oneDNN in this build")
 

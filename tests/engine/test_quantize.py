@@ -15,7 +15,7 @@ pytest.importorskip("torchao", reason="quantization needs the [quant] extra (tor
 from acd_engine import Engine
 from acd_engine.config import DecodingConfig, ModelConfig
 from acd_engine.errors import ConfigError
-from acd_engine.quantize import is_quantized, quantize_model, quantized_bytes
+from acd_engine.loading.quantize import is_quantized, quantize_model, quantized_bytes
 
 PROMPT = "Name three things to pack for a day hike."
 N = 8

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import acd_engine.skinny as skinny
-from acd_engine.skinny import (
+import acd_engine.backends.torch.skinny as skinny
+from acd_engine.backends.torch.skinny import (
     ROW_COUNTS,
     SkinnyLinear,
     padded_rows,
@@ -62,7 +62,7 @@ def test_padding_with_zero_rows_keeps_the_product():
 
 
 def test_skinny_plan_pads_only_when_skinny_reaches_a_block(tiny_engine):
-    from acd_engine.skinny import PAD_BLOCK
+    from acd_engine.backends.torch.skinny import PAD_BLOCK
 
     max_rows, pad_block = skinny_plan(tiny_engine.model, repeats=1)
     assert pad_block in (0, PAD_BLOCK)

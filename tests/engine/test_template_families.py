@@ -17,9 +17,9 @@ import pytest
 from template_families import FAMILIES, Family, build_family, one_torch_thread, train_tiny_pack
 
 from acd_engine import DecodingConfig, Engine, MessagesError
-from acd_engine.contexts import CONTEXTS, load_pool, place
 from acd_engine.methods import METHODS
-from acd_engine.prompts import SAFE_PROMPT, PromptPack
+from acd_engine.safety.contexts import CONTEXTS, load_pool, place
+from acd_engine.safety.prompts import SAFE_PROMPT, PromptPack
 
 HI = [{"role": "user", "content": "hi"}]
 CHAT = [

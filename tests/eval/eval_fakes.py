@@ -39,7 +39,7 @@ def make_gate(threshold: float = 0.5, weight: float = 1.0) -> Any:
     threshold; the fake engine scores prompts with :func:`fake_gate_score`, not with it."""
     import torch
 
-    from acd_engine.gate import SafetyGate
+    from acd_engine.safety.gate import SafetyGate
 
     return SafetyGate(
         (0,), torch.full((4,), weight), torch.zeros(1), torch.zeros(4), torch.ones(4), threshold

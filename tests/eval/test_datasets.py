@@ -20,7 +20,7 @@ import pytest
 from eval_fakes import QuietHandler, local_server
 from typer.testing import CliRunner
 
-from acd_engine.cli import app
+from acd_engine.cli.main import app
 from acd_engine.errors import ConfigError, DownloadError
 from acd_engine.eval import datasets
 from acd_engine.eval.datasets import (
@@ -361,7 +361,7 @@ def test_the_data_commands_are_listed_and_load_nothing_until_run() -> None:
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0 and "data" in res.stdout
     code = (
-        "import sys, acd_engine.cli\n"
+        "import sys, acd_engine.cli.main\n"
         "assert 'acd_engine.eval.datasets' not in sys.modules\n"
         "assert 'torch' not in sys.modules"
     )
@@ -414,7 +414,7 @@ def test_eval_without_data_names_the_command_that_fetches_it(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", no_model)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", no_model)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "advbench.jsonl").write_text('{"id": "a", "prompt": "p", "label": "harmful"}\n')

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from eval_fakes import FakeEngine, eval_options, make_gate
 
-from acd_engine.contexts import CONTEXTS, ContextPool, place
 from acd_engine.errors import ConfigError
 from acd_engine.eval.records import RECORDS_FILE, EvalRecord, RecordLog, read_records
 from acd_engine.eval.report import REPORT_FILE
 from acd_engine.eval.runner import EvalOptions, pool_sha256, prepare_eval, run_eval
+from acd_engine.safety.contexts import CONTEXTS, ContextPool, place
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -123,7 +123,7 @@ def test_contexts_errors_in_house_style(contexts: str, message: str) -> None:
 def test_cli_refuses_an_unknown_context_before_loading_any_model(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     res = CliRunner().invoke(
         app, ["eval", "--context", "bare,agnet", "--out", str(tmp_path / "out")]

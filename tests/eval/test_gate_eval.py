@@ -111,7 +111,7 @@ def test_acd_gate_with_a_gateless_pack_fails_before_generating(
 def _save_pack(path: Path, gate: Any) -> Path:
     import torch
 
-    from acd_engine.prompts import PromptPack
+    from acd_engine.safety.prompts import PromptPack
 
     PromptPack(torch.zeros(2, 4), torch.ones(2, 4), {"hidden_size": "4"}, gate=gate).save(path)
     return path
@@ -129,12 +129,12 @@ def test_a_gateless_pack_file_is_refused_before_the_model(
     check_pack_file(o, None)  # the model's own pack: checked once the engine is up
     check_pack_file(opts(data_dir, tmp_path / "out", methods="acd"), gateless)
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded before the pack was checked")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", refuse)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
     res = CliRunner().invoke(
         app,
         [

@@ -95,7 +95,7 @@ def test_hf_judge_picks_the_more_likely_answer_word(tiny_model_dir) -> None:
 def test_cli_builds_the_judge_before_loading_any_model(tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     res = CliRunner().invoke(
         app,

@@ -20,7 +20,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from acd_engine.cli import app
+from acd_engine.cli.main import app
 from acd_engine.config import METHODS
 
 FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
@@ -123,7 +123,7 @@ def test_eval_and_train_fail_validation_before_any_model(
     for opt in chosen:
         args.extend(opt)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("acd_engine.engine.get_engine", _no_model)
+        mp.setattr("acd_engine.runtime.engine.get_engine", _no_model)
         res = runner.invoke(app, args)
     assert res.exit_code == 2, (args, res.exit_code, res.output, repr(res.exception))
     assert_clean(res)

@@ -131,8 +131,8 @@ def test_every_extra_a_hint_names_is_declared():
 
 def test_a_missing_extra_names_our_package(monkeypatch):
     """What a user without torchao or FastAPI is actually told."""
-    from acd_engine import quantize
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
+    from acd_engine.loading import quantize
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(ConfigError, match=re.escape("pip install 'acd-decoding[quant]'")):

@@ -1,12 +1,12 @@
-"""Requests placed in application shapes (acd_engine.contexts): deterministic, the request
+"""Requests placed in application shapes (acd_engine.safety.contexts): deterministic, the request
 where the placement says it is, every shape from the pools' own texts."""
 
 from __future__ import annotations
 
 import pytest
 
-from acd_engine.contexts import CONTEXTS, check_contexts, load_pool, place
 from acd_engine.errors import ConfigError
+from acd_engine.safety.contexts import CONTEXTS, check_contexts, load_pool, place
 
 PROMPT = "Explain how a bicycle derailleur shifts gears."
 

@@ -6,7 +6,7 @@ import torch
 
 from acd_engine.config import DecodingConfig
 from acd_engine.eval.judges import get_judge
-from acd_engine.prompts import SAFE_PROMPT
+from acd_engine.safety.prompts import SAFE_PROMPT
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
 from acd_engine.training.data import (
     REFUSAL_TEMPLATES,

@@ -21,10 +21,10 @@ import typer
 from template_families import FAMILIES, build_family, few_anchors, one_torch_thread
 from typer.testing import CliRunner
 
-from acd_engine.pack_info import format_pack_info, pack_info
-from acd_engine.prompts import PromptPack
+from acd_engine.cli.train import parse_settings, train_command
+from acd_engine.safety.pack_info import format_pack_info, pack_info
+from acd_engine.safety.prompts import PromptPack
 from acd_engine.training.anchors import load_anchors
-from acd_engine.training.command import parse_settings, train_command
 from acd_engine.training.gate_fit import GateFitConfig, place_anchors
 from acd_engine.training.run import checkpoint_path, report_path, trained_path
 from acd_engine.training.trainer import OPOTrainer
@@ -90,7 +90,7 @@ def interrupted_in_the_gate_phase(model: Path, out: Path, anchors: Path, monkeyp
 def test_one_command_writes_a_calibrated_gated_pack_with_its_estimate_and_summary(
     model_dir, anchors, tmp_path, monkeypatch
 ):
-    from acd_engine.engine import get_engine
+    from acd_engine.runtime.engine import get_engine
 
     engine = get_engine(str(model_dir))  # the engine the command gets (one per process)
     rows: list[int] = []
@@ -235,7 +235,7 @@ def test_sample_batch_size_is_a_training_setting():
 
 
 def test_a_bf16_model_trains_fp32_soft_prompts_on_its_own_device(model_dir, tmp_path, monkeypatch):
-    from acd_engine.engine import Engine
+    from acd_engine.runtime.engine import Engine
     from acd_engine.training.config import TrainConfig
     from acd_engine.training.data import OPOExample, OPOSplits
     from acd_engine.training.trainer import encode_splits, init_pack

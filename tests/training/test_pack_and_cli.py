@@ -11,11 +11,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from acd_engine.cli.train import train_command
 from acd_engine.config import DecodingConfig
 from acd_engine.errors import PromptPackError
-from acd_engine.prompts import PromptPack
+from acd_engine.safety.prompts import PromptPack
 from acd_engine.training.anchors import anchor_set_hash, load_anchors
-from acd_engine.training.command import train_command
 from acd_engine.training.evaluate import batched_answers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "acd_engine" / "resources" / "packs"

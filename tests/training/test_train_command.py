@@ -15,8 +15,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from acd_engine.prompts import PromptPack
-from acd_engine.training.command import parse_settings, train_command
+from acd_engine.cli.train import parse_settings, train_command
+from acd_engine.safety.prompts import PromptPack
 from acd_engine.training.run import checkpoint_path
 from acd_engine.training.trainer import OPOTrainer
 
@@ -41,7 +41,7 @@ def no_model(monkeypatch, tmp_path):
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("acd_engine.engine.get_engine", refuse)
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
 
 
 def invoke(*args: str) -> Any:
@@ -224,7 +224,7 @@ def test_failed_final_write_keeps_the_checkpoint_and_resume_writes_the_pack(
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr("acd_engine.prompts.save_file", disk_full)
+        m.setattr("acd_engine.safety.prompts.save_file", disk_full)
         res = invoke("--out", str(out), *args)
     ckpt = checkpoint_path(out)
     assert_clean_error(res, "--out '")
@@ -256,7 +256,7 @@ def test_option_defaults_table_matches_the_command():
     import inspect
     import typing
 
-    from acd_engine.training.command import OPTION_FIELDS
+    from acd_engine.cli.train import OPTION_FIELDS
 
     hints = typing.get_type_hints(train_command, include_extras=True)
     defaults = {}

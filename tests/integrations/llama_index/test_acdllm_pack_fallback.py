@@ -29,13 +29,13 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r
         for r in caplog.records
-        if r.name == "acd_engine.engine" and "no trained prompt pack" in r.message
+        if r.name == "acd_engine.runtime.engine" and "no trained prompt pack" in r.message
     ]
 
 
 def test_no_pack_warns_once_and_every_response_says_so(fresh_tiny_dir, caplog):
     llm = ACDLLM(model=str(fresh_tiny_dir), max_tokens=2)
-    with caplog.at_level(logging.WARNING, logger="acd_engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="acd_engine.runtime.engine"):
         chat = llm.chat(MSGS)
         complete = llm.complete("Hi")
         streamed = list(llm.stream_chat(MSGS))
@@ -52,7 +52,7 @@ def test_no_pack_warns_once_and_every_response_says_so(fresh_tiny_dir, caplog):
 def test_the_shipped_pack_is_named_and_not_warned_about(engine, caplog):
     gate = engine.pack.gate
     assert gate is not None
-    with caplog.at_level(logging.WARNING, logger="acd_engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="acd_engine.runtime.engine"):
         raw = ACDLLM(max_tokens=1).complete("Hi").raw
     assert _warnings(caplog) == [] and raw is not None
     assert raw["pack"] == f"smollm2-135m-instruct.safetensors (id {engine.pack.id})"

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 from typer.testing import CliRunner
 
 from acd_engine import ConfigError
-from acd_engine.cli import app as cli_app
+from acd_engine.cli.main import app as cli_app
 from acd_integrations.ray_proxy import PROXY_CALLBACK_ENV
 from acd_integrations.server import ray_serve
 from acd_integrations.server.ray_serve import (

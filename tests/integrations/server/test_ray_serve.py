@@ -67,7 +67,7 @@ def ray_server(tmp_path_factory) -> Iterator[RayServer]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # offline: no usage report
     env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster from the environment
     command = [
-        *(sys.executable, "-m", "acd_engine.cli", "serve", "--ray"),
+        *(sys.executable, "-m", "acd_engine.cli.main", "serve", "--ray"),
         *("--replicas", "2", "--num-cpus-per-replica", "0.5", "--max-concurrency", "1"),
         *("--method", "plain", "--max-tokens", "8", "--host", "127.0.0.1", "--port", str(port)),
     ]

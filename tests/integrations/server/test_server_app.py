@@ -47,7 +47,7 @@ def test_everything_is_503_until_the_model_is_loaded():
 def test_cli_serve_refuses_bad_defaults_in_one_line():
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--alpha", "1.5"])
     assert result.exit_code == 2

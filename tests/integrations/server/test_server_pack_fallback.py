@@ -32,7 +32,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r
         for r in caplog.records
-        if r.name == "acd_engine.engine" and "no trained prompt pack" in r.message
+        if r.name == "acd_engine.runtime.engine" and "no trained prompt pack" in r.message
     ]
 
 
@@ -44,7 +44,10 @@ def _final_acd(stream_text: str) -> dict:
 
 def test_no_pack_acd_field_and_one_warning(fresh_tiny_dir, caplog):
     app = create_app(ServerOptions(defaults={"max_tokens": 2}), engine=Engine(fresh_tiny_dir))
-    with caplog.at_level(logging.WARNING, logger="acd_engine.engine"), TestClient(app) as client:
+    with (
+        caplog.at_level(logging.WARNING, logger="acd_engine.runtime.engine"),
+        TestClient(app) as client,
+    ):
         plain = client.post(CHAT, json=HI)
         completion = client.post("/v1/completions", json={"prompt": "Hi"})
         streamed = client.post(CHAT, json={**HI, "stream": True})
@@ -72,7 +75,10 @@ def test_no_pack_acd_field_and_one_warning(fresh_tiny_dir, caplog):
 def test_require_pack_answers_400_to_a_request_for_acd(tiny_model_dir, caplog):
     options = ServerOptions(require_pack=True, defaults={"method": "base", "max_tokens": 2})
     app = create_app(options, engine=Engine(tiny_model_dir))  # an engine without the flag
-    with caplog.at_level(logging.WARNING, logger="acd_engine.engine"), TestClient(app) as client:
+    with (
+        caplog.at_level(logging.WARNING, logger="acd_engine.runtime.engine"),
+        TestClient(app) as client,
+    ):
         ok = client.post(CHAT, json=HI)
         refused = client.post(CHAT, json={**HI, "method": "acd"})
         refused_stream = client.post(CHAT, json={**HI, "method": "acd", "stream": True})
@@ -115,7 +121,7 @@ def test_require_pack_fails_the_load_when_the_default_method_needs_a_pack(tiny_m
 def test_cli_serve_has_the_flag():
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     res = CliRunner().invoke(app, ["serve", "--help"])
     assert res.exit_code == 0 and "--require-pack" in res.stdout
