@@ -16,6 +16,8 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient
 
+from acd_engine import DecodingConfig
+from acd_integrations._params import result_metadata
 from acd_integrations.server import ServerOptions, create_app
 from acd_integrations.server.playground import playground_page
 
@@ -61,6 +63,20 @@ def test_the_page_calls_only_routes_this_server_has(page):
     called = set(re.findall(r'fetch\(endpoint\("([^"]+)"\)', page.text))
     assert called == {"health", "v1/models", "v1/chat/completions"}
     assert {"/" + path for path in called} <= routes
+
+
+def test_each_column_shows_every_fact_of_the_acd_field_including_the_backend(page):
+    """The ``acd`` field of an answer (the last chunk of its stream) says how it was
+    decoded; the column shows each of its facts, the method being the column's title."""
+    report = {"pack": "p", "gate": "g", "backend": "llamacpp"}
+    sent = set(result_metadata(DecodingConfig(method="acd"), 0.9, True, report))
+    [script] = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+    read = set(re.findall(r"\bmeta\.(\w+)", script))
+    assert read == sent - {"method"}, "a fact the server sends is not shown, or a stale name"
+    assert "if (chunk.acd) this.showAcd(chunk.acd);" in script
+    # Labelled, next to the pack and gate that decoded it.
+    assert 'parts.push("backend: " + meta.backend);' in script
+    assert 'this.q(".pack").textContent = parts.join(" · ");' in script
 
 
 def test_the_page_needs_no_key_but_the_api_does():
