@@ -399,24 +399,26 @@ def _show(value: float | None) -> str:
 
 def protocol(cells: Sequence[dict[str, Any]], pins: dict[str, Any], limit: int) -> str:
     """The one paragraph a reader needs to compare these numbers with others."""
-    decoded = {
-        c["method"]: ", ".join(c["decoded_methods"]) or "?" for c in cells if c["decoded_methods"]
-    }
-    packs = sorted({p for c in cells for p in c["packs"]})
-    gates = sorted({g for c in cells for g in c["gates"]})
+
+    def labels(method: str, key: str) -> str:
+        return ", ".join(sorted({x for c in cells if c["method"] == method for x in c[key]}))
+
+    methods = "; ".join(
+        f"{m} decoded as {labels(m, 'decoded_methods') or '?'} (pack {labels(m, 'packs') or '?'}, "
+        f"gate {labels(m, 'gates') or '?'})"
+        for m in dict.fromkeys(c["method"] for c in cells)
+    )
     judge = pins.get("judge", {})
     judge_text = ", ".join(f"{k} {v}" for k, v in judge.items() if k != "name")
-    methods = "; ".join(f"{m} decoded as {d}" for m, d in decoded.items())
     return (
         f"Sets: AdvBench and HarmfulQA (harmful), XSTest's safe prompts and AlpacaEval "
         f"(benign); {limit} seeded prompts per set (seed {pins.get('seed')}, the eval "
         f"registry's sample; XSTest's drawn among its safe prompts). Model "
         f"{pins.get('model', '?')}, greedy, {pins.get('max_tokens')} new tokens. Judge: "
         f"{judge.get('name', '?')} ({judge_text}) on the generated text; a tool call counts as "
-        f"an answer. Methods: {methods or '—'}. Pack: {', '.join(packs) or '—'}; gate: "
-        f"{', '.join(gates) or '—'} (labels from the adapters' result metadata). Harmful "
-        "refused and over-refused are the means of their two sets' rates; gate flags are "
-        "among the requests the gate read."
+        f"an answer. Methods: {methods}; the labels are the adapters' result metadata. "
+        "Harmful refused and over-refused are the means of their two sets' rates; gate flags "
+        "are among the requests the gate read."
     )
 
 

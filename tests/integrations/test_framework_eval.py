@@ -157,7 +157,8 @@ def test_a_run_records_every_generation_and_a_rerun_resumes(tmp_path, data_dir, 
     ]
     report = (out / "report.md").read_text()
     assert "| langchain-agent | default | 100.0 | 100.0 / 100.0 | 0.0 | 0.0 / 0.0 " in report
-    assert "decoded as acd" in report and "Pack: fake pack" in report
+    assert "default decoded as acd (pack fake pack, gate fake gate)" in report
+    assert "base decoded as base (pack unused, gate none)" in report
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path, data_dir, fake_apps, capsys):
