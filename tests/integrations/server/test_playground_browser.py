@@ -200,6 +200,8 @@ def test_a_conversation_streams_into_all_three_columns(browser, playground_url):
     applied = _text(browser, "#col-acd .alpha-applied")
     assert applied == ("0.5" if verdict == "flagged" else "0")  # the server's default alpha
     assert "threshold" in _text(browser, "#col-acd .pack")  # the pack's gate, as reported
+    for method in states:  # the backend that answered, ahead of the pack and gate
+        assert _text(browser, f"#col-{method} .pack").startswith("backend: torch · pack: ")
     for method in ("plain", "base"):
         assert _text(browser, f"#col-{method} .gate-score") == "–"
         assert _text(browser, f"#col-{method} .verdict") == "no gate"
@@ -223,6 +225,22 @@ def test_a_conversation_streams_into_all_three_columns(browser, playground_url):
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)"
     )
     assert set(origins) == {playground_url.rstrip("/")}
+    assert _severe_console_entries(browser) == []
+
+
+def test_each_column_names_the_backend_that_answered(browser, request):
+    """On ``acd serve --backend llamacpp`` the columns say so (skipped without the extra)."""
+    from acd_integrations.server import ServerOptions, create_app, serve_in_thread
+
+    lengine = request.getfixturevalue("llamacpp_engine")
+    with serve_in_thread(create_app(ServerOptions(max_concurrency=8), engine=lengine)) as url:
+        _open(browser, url + "/")
+        _write_conversation(browser, [("user", "Name three colours.")])
+        _type(browser, "#max-tokens", "4")
+        states = _send_and_wait(browser)
+        assert states == {"plain": "done", "base": "done", "acd": "done"}
+        for method in states:
+            assert _text(browser, f"#col-{method} .pack").startswith("backend: llamacpp · ")
     assert _severe_console_entries(browser) == []
 
 
