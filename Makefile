@@ -110,7 +110,8 @@ constraints-ray: $(RAY_STAMP)
 # The llama.cpp backend for real: llama-cpp-python into .venv (pip compiles llama.cpp for
 # this CPU: about 10 minutes on 2 cores, once; the wheel is cached), then every test that
 # runs it (they skip without the extra): the backend's own oracles, its gate reader, and
-# the OpenAI server suite on --backend llamacpp. Not in `make test` for the build's sake.
+# the server suites on --backend llamacpp (the OpenAI API, request hygiene, LangChain and
+# LlamaIndex clients; their torch runs come along). Not in `make test` for the build's sake.
 LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
 
 $(LLAMACPP_STAMP): $(STAMP)
@@ -119,7 +120,9 @@ $(LLAMACPP_STAMP): $(STAMP)
 
 llamacpp-test: $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/test_llamacpp.py \
-		tests/engine/test_llamacpp_gate.py tests/integrations/server/test_openai_server.py
+		tests/engine/test_llamacpp_gate.py tests/integrations/server/test_openai_server.py \
+		tests/integrations/server/test_request_hygiene.py \
+		tests/integrations/server/test_server_clients.py
 
 # Load and fault figures of acd serve (scripts/load_test.py): its own server on loopback, for
 # each backend here (llama.cpp where llama_cpp is installed); 1, 8 and 32 streaming clients,

@@ -1,4 +1,11 @@
-"""A live ``acd serve`` app on a free loopback port, sharing the session's engine."""
+"""A live ``acd serve`` app on a free loopback port, sharing the session's engine.
+
+A module marked ``pytest.mark.server_backends("torch", "llamacpp")`` runs each of its tests
+that touch the engine once per backend named: ``torch`` is the session's ``engine``,
+``llamacpp`` the session's ``llamacpp_engine`` (``acd serve --backend llamacpp``; skipped
+where the ``[llamacpp]`` extra is missing). The parameter is module-scoped, so each backend
+gets one server per module, not one per test. Unmarked modules run on torch alone.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,28 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("server_backends")
+    if marker is not None and "server_backend" in metafunc.fixturenames:
+        metafunc.parametrize("server_backend", marker.args, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def server_backend(request) -> str:
+    """The backend this module's engine runs on: the marker's parameter, else ``torch``.
+
+    A separate name (not a parameter on ``engine`` itself) so the session's ``engine`` is
+    never re-keyed by it: that would tear the session fixture down between backends."""
+    return getattr(request, "param", "torch")
+
+
+@pytest.fixture(scope="module")
+def engine(request, server_backend):
+    if server_backend == "llamacpp":
+        return request.getfixturevalue("llamacpp_engine")
+    return request.getfixturevalue("engine")  # the session's (tests/conftest.py)
 
 
 @contextmanager

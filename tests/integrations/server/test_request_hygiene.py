@@ -24,6 +24,10 @@ from acd_integrations.server import ServerOptions
 
 openai = pytest.importorskip("openai")
 
+# On torch (the session's engine) and on llama.cpp (``acd serve --backend llamacpp``; skipped
+# without the extra): see this folder's conftest.py.
+pytestmark = pytest.mark.server_backends("torch", "llamacpp")
+
 CHAT = "/v1/chat/completions"
 FORCED = 1234  # a token id logit_bias forces
 
@@ -102,7 +106,7 @@ def test_options_refuse_bad_limits_and_origins():
 def test_cli_refuses_a_bad_origin_in_one_line():
     from typer.testing import CliRunner
 
-    from acd_engine.cli import app
+    from acd_engine.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--cors-origin", "localhost:3000"])
     assert result.exit_code == 2
@@ -278,6 +282,9 @@ def test_a_stream_that_leaves_before_its_first_token_frees_its_slot(
                     assert b": keep-alive" in sock.recv(65536)
             _wait_for(url, "acd_queue_depth 0.0", timeout=10)  # first chunk still held
             assert _metric(url, 'status="499"')
+            # Let the stream go while the server runs: stopping it waits (up to 30 s) for
+            # the request still held in the engine.
+            held.set()
     finally:
         held.set()
 

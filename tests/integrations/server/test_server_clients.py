@@ -10,6 +10,10 @@ import pytest
 
 pytest.importorskip("openai")
 
+# On torch (the session's engine) and on llama.cpp (``acd serve --backend llamacpp``; skipped
+# without the extra): see this folder's conftest.py.
+pytestmark = pytest.mark.server_backends("torch", "llamacpp")
+
 
 def get_weather(location: str) -> str:
     """Get the weather at a location."""
