@@ -36,7 +36,7 @@ _EXPORTS = {
     "register_method": "acd_engine.methods",
     "unregister_method": "acd_engine.methods",
     "Engine": "acd_engine.runtime.engine",
-    "EngineOptions": "acd_engine.backends.torch.kernels",
+    "EngineOptions": "acd_engine.config",
     "LlamaCppOptions": "acd_engine.backends.base",
     "GenerationResult": "acd_engine.runtime.engine",
     "StreamChunk": "acd_engine.runtime.engine",
@@ -81,8 +81,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from acd_engine.backends.base import LlamaCppOptions
-    from acd_engine.backends.torch.kernels import EngineOptions
-    from acd_engine.config import METHODS, DecodingConfig, ModelConfig
+    from acd_engine.config import METHODS, DecodingConfig, EngineOptions, ModelConfig
     from acd_engine.errors import (
         ACDError,
         ConfigError,

@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "QUANTIZE_SCHEMES",
     "DecodingConfig",
+    "EngineOptions",
     "Method",
     "ModelConfig",
     "Quantize",
@@ -518,3 +519,58 @@ class ModelConfig(Settings):
         "(Engine.gate_verdict) needs its deepest gate layer + 1. Such an engine cannot "
         "decode. None loads every layer.",
     )
+
+
+class EngineOptions(Settings):
+    """How an engine runs its forwards. None of these change a greedy token."""
+
+    fast_path: bool = Field(
+        default=True,
+        description="Decode through cached SP/AP prefixes and batched rows. False runs the "
+        "reference path, which re-embeds and left-pads every branch (the oracle of the tests).",
+    )
+    compile_step: bool | None = Field(
+        default=None,
+        description="torch.compile the decode step over a static KV cache (CUDA graphs on "
+        "CUDA). None compiles on CUDA only; on CPU it measured no faster.",
+    )
+    max_batch_requests: int = Field(
+        default=8,
+        ge=1,
+        description="Requests per batched forward in generate_batch and coalesced calls; "
+        "continuations per forward in score_continuations (2 rows each for contrast methods).",
+    )
+    skinny_rows: int | None = Field(
+        default=None,
+        ge=0,
+        description="CPU decode steps of at most this many rows multiply as W @ x.T "
+        "(acd_engine.backends.torch.skinny). None measures once per model where that is faster; 0 is off.",
+    )
+    skinny_pad_block: int = Field(
+        default=0,
+        ge=0,
+        description="Zero-pad skinny products to this many rows (0: none). Measured together "
+        "with skinny_rows when that is None.",
+    )
+    prepack_rows: int | None = Field(
+        default=None,
+        ge=0,
+        description="CPU forwards of at least this many rows use oneDNN-prepacked weights "
+        "(acd_engine.backends.torch.prepack). None measures once per model, the first time a forward is that "
+        "large, whether and from where that is faster (and that the copy fits); 0 is off.",
+    )
+    contrast_before_head: bool = Field(
+        default=True,
+        description="In eager decoding, contrast last hidden states before a linear LM head "
+        "(acd_engine.backends.torch.head): one head row per contrast request instead of two.",
+    )
+
+    def with_shortcuts(self, fast_path: bool, compile_step: bool | None) -> EngineOptions:
+        """These options with ``Engine(fast_path=..., compile_step=...)`` applied: an
+        explicit ``fast_path=False`` or ``compile_step`` wins over the options."""
+        if fast_path and compile_step is None:
+            return self
+        return self.replace(
+            fast_path=self.fast_path and fast_path,
+            compile_step=self.compile_step if compile_step is None else compile_step,
+        )

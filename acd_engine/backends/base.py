@@ -34,9 +34,9 @@ import torch
 from pydantic import Field, field_validator
 from transformers import LogitsProcessorList
 
-from acd_engine.backends.torch.kernels import EngineOptions, KernelPolicy
+from acd_engine.backends.torch.kernels import KernelPolicy
 from acd_engine.backends.torch.rows import RowBuilder
-from acd_engine.config import DecodingConfig, Settings
+from acd_engine.config import DecodingConfig, EngineOptions, Settings
 from acd_engine.errors import ConfigError
 from acd_engine.methods import one_of
 from acd_engine.rendering import Messages, Rendered

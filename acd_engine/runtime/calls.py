@@ -22,8 +22,7 @@ from typing import Any, Protocol
 from transformers import LogitsProcessorList
 
 from acd_engine.backends.base import Backend
-from acd_engine.backends.torch.kernels import EngineOptions
-from acd_engine.config import DecodingConfig
+from acd_engine.config import DecodingConfig, EngineOptions
 from acd_engine.errors import ConfigError
 from acd_engine.rendering import Messages, template_kwargs
 from acd_engine.runtime.answer import (

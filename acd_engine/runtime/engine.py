@@ -18,10 +18,10 @@ from transformers import LogitsProcessorList
 
 from acd_engine.backends.base import Backend, BackendName, LlamaCppOptions, resolve_backend
 from acd_engine.backends.torch.backend import TorchBackend
-from acd_engine.backends.torch.kernels import EngineOptions, KernelPolicy
+from acd_engine.backends.torch.kernels import KernelPolicy
 from acd_engine.backends.torch.prefix_cache import PrefixCache
 from acd_engine.backends.torch.rows import RowBuilder
-from acd_engine.config import DecodingConfig, ModelConfig
+from acd_engine.config import DecodingConfig, EngineOptions, ModelConfig
 from acd_engine.errors import ConfigError, PromptPackError
 from acd_engine.loading.models import LoadedModel, default_model_path, load_model
 from acd_engine.rendering import Messages, Rendered, Renderer, template_kwargs
