@@ -24,8 +24,8 @@ from acd_integrations.server import ServerOptions
 
 openai = pytest.importorskip("openai")
 
-# On torch (the session's engine) and on llama.cpp (``acd serve --backend llamacpp``; skipped
-# without the extra): see this folder's conftest.py.
+# On torch and on llama.cpp (``acd serve --backend llamacpp``; skipped without the extra):
+# ``server_engine`` is the engine of the backend, see conftest.py.
 pytestmark = pytest.mark.server_backends("torch", "llamacpp")
 
 CHAT = "/v1/chat/completions"
@@ -167,10 +167,10 @@ def test_a_chunked_body_is_counted_as_it_arrives(small_body_url, model_id):
 
 
 @pytest.fixture()
-def late_first_chunk(engine, monkeypatch):
+def late_first_chunk(server_engine, monkeypatch):
     """The engine's first chunk comes ``delay[0]`` seconds late (a long prefill)."""
     delay = [0.0]
-    real = engine.stream_chunks
+    real = server_engine.stream_chunks
 
     def slow(*args, **kwargs):
         inner = real(*args, **kwargs)
@@ -184,7 +184,7 @@ def late_first_chunk(engine, monkeypatch):
         finally:
             inner.close()
 
-    monkeypatch.setattr(engine, "stream_chunks", slow)
+    monkeypatch.setattr(server_engine, "stream_chunks", slow)
     return delay
 
 
@@ -229,13 +229,13 @@ def test_a_long_prefill_gets_keepalive_comments_and_clients_ignore_them(
     ids=["stream-before-any-byte", "stream-after-keepalives", "plain"],
 )
 def test_a_queued_client_that_leaves_frees_its_slot(
-    start_server, model_id, engine, stream, keepalive
+    start_server, model_id, server_engine, stream, keepalive
 ):
     """The engine is busy (its lock held): the request is admitted and waits. Its client
     leaves; the slot must come back while the engine is still busy, not at a first token."""
     body = json.dumps(_body(model_id, stream=stream)).encode()
     with start_server(max_concurrency=1, sse_keepalive=keepalive) as url:
-        with engine._lock:
+        with server_engine._lock:
             with _raw_post(url, body):
                 _wait_for(url, "acd_queue_depth 1.0")
                 time.sleep(keepalive if keepalive < 1 else 0.3)  # keep-alives, if any, began
@@ -252,26 +252,26 @@ def test_a_queued_client_that_leaves_frees_its_slot(
             _wait_for(url, "acd_queue_depth 1.0")
         worker.join(timeout=120)
         assert answers and answers[0].status_code == 200
-    assert engine._lock.acquire(timeout=30)  # nothing was left holding the engine
-    engine._lock.release()
+    assert server_engine._lock.acquire(timeout=30)  # nothing was left holding the engine
+    server_engine._lock.release()
 
 
 @pytest.mark.parametrize("keepalive", [30.0, 0.2], ids=["before-any-byte", "after-keepalives"])
 def test_a_stream_that_leaves_before_its_first_token_frees_its_slot(
-    start_server, model_id, engine, monkeypatch, keepalive
+    start_server, model_id, server_engine, monkeypatch, keepalive
 ):
     """The wait inside the engine's stream (the coalescer's queue, the prefill): the
     engine holds the first chunk until the test lets it go, long after the client left."""
     held = threading.Event()
     entered = threading.Event()
-    real = engine.stream_chunks
+    real = server_engine.stream_chunks
 
     def holding(*args, **kwargs):
         entered.set()
         held.wait(60)
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "stream_chunks", holding)
+    monkeypatch.setattr(server_engine, "stream_chunks", holding)
     body = json.dumps(_body(model_id, stream=True)).encode()
     try:
         with start_server(max_concurrency=1, sse_keepalive=keepalive) as url:
@@ -292,8 +292,10 @@ def test_a_stream_that_leaves_before_its_first_token_frees_its_slot(
 # -- OpenAI's sampling fields --------------------------------------------------------------
 
 
-def test_logit_bias_and_penalties_are_applied(client, model_id, engine):
-    forced = engine.generate("Hi", method="plain", max_new_tokens=3, logit_bias={FORCED: 100})
+def test_logit_bias_and_penalties_are_applied(client, model_id, server_engine):
+    forced = server_engine.generate(
+        "Hi", method="plain", max_new_tokens=3, logit_bias={FORCED: 100}
+    )
     assert forced.token_ids == [FORCED] * 3
     kwargs = {"max_tokens": 3, "extra_body": {"method": "plain"}}
     res = client.chat.completions.create(
@@ -304,8 +306,10 @@ def test_logit_bias_and_penalties_are_applied(client, model_id, engine):
     )
     assert res.choices[0].message.content == forced.text
     msgs = [{"role": "user", "content": "Write the word 'la' ten times."}]
-    penalised = engine.generate(msgs, method="plain", max_new_tokens=12, frequency_penalty=2.0)
-    assert penalised.text != engine.generate(msgs, method="plain", max_new_tokens=12).text
+    penalised = server_engine.generate(
+        msgs, method="plain", max_new_tokens=12, frequency_penalty=2.0
+    )
+    assert penalised.text != server_engine.generate(msgs, method="plain", max_new_tokens=12).text
     for stream in (False, True):
         out = client.chat.completions.create(
             model=model_id,
@@ -341,8 +345,8 @@ def test_bad_sampling_fields_are_400_naming_the_field(client, model_id, field, v
     assert message in info.value.body["message"]
 
 
-def test_a_token_outside_the_vocabulary_is_a_400(client, model_id, engine):
-    vocab = engine.model.config.vocab_size
+def test_a_token_outside_the_vocabulary_is_a_400(client, model_id, server_engine):
+    vocab = server_engine.model.config.vocab_size
     with pytest.raises(openai.BadRequestError, match=f"vocabulary size {vocab}") as info:
         client.chat.completions.create(
             model=model_id,

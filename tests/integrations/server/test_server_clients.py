@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("openai")
 
-# On torch (the session's engine) and on llama.cpp (``acd serve --backend llamacpp``; skipped
-# without the extra): see this folder's conftest.py.
+# On torch and on llama.cpp (``acd serve --backend llamacpp``; skipped without the extra):
+# ``server_engine`` is the engine of the backend, see conftest.py.
 pytestmark = pytest.mark.server_backends("torch", "llamacpp")
 
 
@@ -41,7 +41,7 @@ def test_langchain_chat_openai_invoke_stream_and_tool_call(server_url, model_id)
     assert set(called.tool_calls[0]["args"]) == {"location"}
 
 
-def test_llamaindex_openai_like_chat_stream_and_tool_call(server_url, model_id, engine):
+def test_llamaindex_openai_like_chat_stream_and_tool_call(server_url, model_id, server_engine):
     openai_like = pytest.importorskip("llama_index.llms.openai_like")
     from llama_index.core.base.llms.types import ChatMessage
     from llama_index.core.tools import FunctionTool
@@ -52,7 +52,7 @@ def test_llamaindex_openai_like_chat_stream_and_tool_call(server_url, model_id, 
         api_key="unused",
         is_chat_model=True,
         is_function_calling_model=True,
-        context_window=engine.context_window,
+        context_window=server_engine.context_window,
         max_tokens=40,  # room for a whole tool call
         temperature=0.0,
         max_retries=0,
