@@ -228,12 +228,12 @@ def test_a_conversation_streams_into_all_three_columns(browser, playground_url):
     assert _severe_console_entries(browser) == []
 
 
-def test_each_column_names_the_backend_that_answered(browser, request):
+def test_each_column_names_the_backend_that_answered(llamacpp_engine, browser):
     """On ``acd serve --backend llamacpp`` the columns say so (skipped without the extra)."""
     from acd_integrations.server import ServerOptions, create_app, serve_in_thread
 
-    lengine = request.getfixturevalue("llamacpp_engine")
-    with serve_in_thread(create_app(ServerOptions(max_concurrency=8), engine=lengine)) as url:
+    app = create_app(ServerOptions(max_concurrency=8), engine=llamacpp_engine)
+    with serve_in_thread(app) as url:
         _open(browser, url + "/")
         _write_conversation(browser, [("user", "Name three colours.")])
         _type(browser, "#max-tokens", "4")
