@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -39,19 +38,18 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from framework_pipelines import PIPELINES, Ask, open_app  # scripts/ is on sys.path
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from acd_engine.atomic import atomic_write_json, atomic_write_text
 from acd_engine.config import DecodingConfig, did_you_mean
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import RefusalMarkerJudge
-from acd_engine.eval.records import json_line
+from acd_engine.eval.records import JsonlLog
 from acd_engine.eval.registry import (
     BenchmarkItem,
     check_benchmark_data,
@@ -67,9 +65,9 @@ __all__ = [
     "METHODS",
     "SETS",
     "FrameworkRecord",
-    "RecordFile",
     "check_pins",
     "main",
+    "open_records",
     "parse_args",
     "render_report",
     "summarize",
@@ -226,81 +224,18 @@ class FrameworkRecord(BaseModel):
         return (self.pipeline, self.method, self.benchmark, self.id)
 
 
-class RecordFile:
-    """``records.jsonl``, append-only and held for one run (an exclusive lock, so two runs
-    never interleave). Opening loads every finished record, drops a torn last line (an
-    interrupted write: generated again) and refuses a corrupt one elsewhere."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / RECORDS_FILE
-        self.records: dict[tuple[str, str, str, str], FrameworkRecord] = {}
-        self._fh: IO[bytes] | None = None
-
-    def __enter__(self) -> RecordFile:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+b")  # held open until __exit__
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise ConfigError(
-                f"out must not be in use by another framework_eval run, got '{self.path.parent}'"
-            ) from None
-        self._fh = fh
-        try:
-            self._load()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def _load(self) -> None:
-        assert self._fh is not None
-        self._fh.seek(0)
-        data = self._fh.read()
-        lines = data.split(b"\n")
-        tail = lines.pop()  # b"" when the file ends with a newline
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = FrameworkRecord.model_validate(json.loads(line))
-            except (ValueError, ValidationError) as exc:
-                raise ConfigError(
-                    f"{self.path} line {lineno} must be a complete record, got a corrupt line "
-                    f"({type(exc).__name__}); delete that line and rerun to resume"
-                ) from None
-            self.records.setdefault(record.key, record)
-        if tail.strip():
-            log.warning(
-                "%s ends in a torn line (%d bytes); dropping it, it will be generated again",
-                self.path,
-                len(tail),
-            )
-            self._fh.truncate(len(data) - len(tail))
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.records
-
-    def append(self, record: FrameworkRecord) -> None:
-        """Make ``record`` durable now (one line, flushed and fsynced)."""
-        assert self._fh is not None, "RecordFile is not open; use it as a context manager"
-        self._fh.write((json_line(record.model_dump(mode="json")) + "\n").encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.records[record.key] = record
+def open_records(out_dir: Path) -> JsonlLog[FrameworkRecord, tuple[str, str, str, str]]:
+    """``records.jsonl`` of ``out_dir``, append-only and locked for one run, as ``acd eval``
+    keeps its own (:class:`acd_engine.eval.records.JsonlLog`: a torn last line is generated
+    again, a corrupt one elsewhere stops the run)."""
+    return JsonlLog(
+        Path(out_dir) / RECORDS_FILE,
+        parse=lambda line: FrameworkRecord.model_validate(json.loads(line)),
+        key=lambda record: record.key,
+        dump=lambda record: record.model_dump(mode="json"),
+        owner="framework_eval",
+        option="out",
+    )
 
 
 def check_pins(out_dir: Path, now: dict[str, Any]) -> None:
@@ -485,7 +420,7 @@ def _generate(
     settings: Settings,
     tasks: Sequence[Task],
     pool: ContextPool,
-    records: RecordFile,
+    records: JsonlLog[FrameworkRecord, tuple[str, str, str, str]],
     static_pins: dict[str, Any],
 ) -> None:
     """Generate every task through its application, appending each record as it is judged."""
@@ -568,7 +503,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         "benchmarks": shas,
         "pool": pool_sha256(pool),
     }
-    with RecordFile(settings.out) as records:
+    with open_records(settings.out) as records:
         check_pins(settings.out, static_pins)
         tasks = [
             task
@@ -583,7 +518,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         if tasks:
             _generate(settings, tasks, pool, records, static_pins)
         wanted = {(n, item.id) for n, items in samples.items() for item in items}
-        mine = [r for r in records.records.values() if (r.benchmark, r.id) in wanted]
+        mine = [r for r in records if (r.benchmark, r.id) in wanted]
     cells = summarize(mine, settings.pipelines, settings.methods)
     pins = json.loads((settings.out / RUN_FILE).read_bytes())
     atomic_write_json(

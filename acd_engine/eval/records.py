@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -42,6 +42,7 @@ __all__ = [
     "GATED_METHOD",
     "RECORDS_FILE",
     "EvalRecord",
+    "JsonlLog",
     "RecordKey",
     "RecordLog",
     "atomic_write_bytes",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")  # a record type of a JsonlLog
+K = TypeVar("K")  # its resume key
 
 RECORDS_FILE = "records.jsonl"
 
@@ -156,24 +160,42 @@ def json_line(data: object, *, indent: int | None = None) -> str:
     return text
 
 
-def _parse(line: bytes) -> EvalRecord:
-    return EvalRecord.model_validate(json.loads(line))
+class JsonlLog(Generic[R, K]):
+    """Append-only JSONL file of one output folder, one record a line, held open for one run.
 
+    Opening it takes an exclusive lock (a second run on the same folder fails fast instead of
+    interleaving lines), repairs a torn last line, and loads every finished record; a corrupt
+    line elsewhere stops the run with the line to delete. Use as a context manager.
+    ``acd eval``'s :class:`RecordLog` is one; a measurement script with its own record type
+    (``scripts/framework_eval.py``) is another, so each repairs and resumes the same way.
 
-class RecordLog:
-    """Append-only ``records.jsonl`` of one output folder, held open for one run.
-
-    Opening it takes an exclusive lock (a second ``acd eval`` on the same folder fails fast
-    instead of interleaving lines), repairs a torn last line, and loads every finished record.
-    Use as a context manager.
+    Args:
+        path: The file (created on open).
+        parse: One line's bytes to a record (raising ``ValueError`` or ``ValidationError``
+            on a line that is not one).
+        key: A record's resume key.
+        dump: A record as the JSON object its line holds.
+        owner: What the lock error calls a run holding the folder ("acd eval").
+        option: What the lock error calls the folder ("out_dir").
     """
 
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / RECORDS_FILE
-        self._records: dict[RecordKey, EvalRecord] = {}
+    def __init__(
+        self,
+        path: Path,
+        *,
+        parse: Callable[[bytes], R],
+        key: Callable[[R], K],
+        dump: Callable[[R], object],
+        owner: str,
+        option: str,
+    ) -> None:
+        self.path = Path(path)
+        self._parse, self._key, self._dump = parse, key, dump
+        self._owner, self._option = owner, option
+        self._records: dict[K, R] = {}
         self._fh: IO[bytes] | None = None
 
-    def __enter__(self) -> RecordLog:
+    def __enter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+b")
         if sys.platform != "win32":
@@ -182,7 +204,8 @@ class RecordLog:
             except BlockingIOError:
                 fh.close()
                 raise ConfigError(
-                    f"out_dir must not be in use by another acd eval run, got '{self.path.parent}'"
+                    f"{self._option} must not be in use by another {self._owner} run, got "
+                    f"'{self.path.parent}'"
                 ) from None
         self._fh = fh
         try:
@@ -212,28 +235,26 @@ class RecordLog:
             if not line.strip():
                 continue
             try:
-                record = _parse(line)
-            except (json.JSONDecodeError, ValidationError) as exc:
+                record = self._parse(line)
+            except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
                 raise ConfigError(
                     f"{self.path} line {lineno} must be a complete record, got a corrupt line "
                     f"({type(exc).__name__}); delete that line and rerun to resume"
                 ) from None
-            if record.key in self._records:
-                logger.warning(
-                    "%s line %d repeats %s; keeping the first", self.path, lineno, record.key
-                )
+            key = self._key(record)
+            if key in self._records:
+                logger.warning("%s line %d repeats %s; keeping the first", self.path, lineno, key)
                 continue
-            self._records[record.key] = record
+            self._records[key] = record
         if tail.strip():
             self._repair_tail(len(data) - len(tail), tail)
 
     def _repair_tail(self, offset: int, tail: bytes) -> None:
         """Keep a complete last record that only lacks its newline; cut a torn one off."""
         assert self._fh is not None
-        with contextlib.suppress(json.JSONDecodeError, ValidationError):
-            record = _parse(tail)
-            if record.key not in self._records:
-                self._records[record.key] = record
+        with contextlib.suppress(ValueError, ValidationError):
+            record = self._parse(tail)
+            self._records.setdefault(self._key(record), record)
             self._write(b"\n")
             return
         logger.warning(
@@ -247,7 +268,9 @@ class RecordLog:
         os.fsync(self._fh.fileno())
 
     def _write(self, data: bytes) -> None:
-        assert self._fh is not None, "RecordLog is not open; use it as a context manager"
+        assert self._fh is not None, (
+            f"{type(self).__name__} is not open; use it as a context manager"
+        )
         self._fh.write(data)
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -258,14 +281,28 @@ class RecordLog:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self) -> Iterator[EvalRecord]:
+    def __iter__(self) -> Iterator[R]:
         return iter(self._records.values())
 
-    def append(self, record: EvalRecord) -> None:
+    def append(self, record: R) -> None:
         """Make ``record`` durable now (one line, flushed and fsynced) and remember it."""
-        line = json_line(record.to_json()) + "\n"
+        line = json_line(self._dump(record)) + "\n"
         self._write(line.encode("utf-8"))
-        self._records[record.key] = record
+        self._records[self._key(record)] = record
+
+
+class RecordLog(JsonlLog[EvalRecord, RecordKey]):
+    """``acd eval``'s ``records.jsonl`` of one output folder (:class:`JsonlLog`)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(
+            Path(out_dir) / RECORDS_FILE,
+            parse=lambda line: EvalRecord.model_validate(json.loads(line)),
+            key=lambda record: record.key,
+            dump=lambda record: record.to_json(),
+            owner="acd eval",
+            option="out_dir",
+        )
 
 
 def read_records(out_dir: Path) -> list[EvalRecord]:
