@@ -35,11 +35,11 @@ def _frac_val(rows: list[Anchor]) -> float:
 def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
     counts = Counter((a.label, a.kind) for a in anchors)
     assert counts == {
-        ("harmful", "plain"): 204,
-        ("harmful", "question"): 276,
+        ("harmful", "plain"): 324,
+        ("harmful", "question"): 564,
         ("harmful", "framed"): 108,
-        ("benign", "plain"): 702,
-        ("benign", "lookalike"): 337,
+        ("benign", "plain"): 822,
+        ("benign", "lookalike"): 577,
     }
     val = Counter(a.label for a in anchors if a.split == "val")
     # Big enough that a 5-point over-refusal difference is more than one or two prompts.
@@ -301,3 +301,30 @@ def test_index_jaccard_matches_reference_helper() -> None:
     sa, sb = shingles(a), shingles(b)
     n = len(sa & sb)
     assert n / (len(sa) + len(sb) - n) == pytest.approx(trigram_jaccard(a, b))
+
+
+RUN = 8  # words: a shared run this long is a copied phrase, not a common idiom
+
+
+def _word_runs(text: str) -> set[tuple[str, ...]]:
+    words = normalise(text).split()
+    return {tuple(words[i : i + RUN]) for i in range(len(words) - RUN + 1)}
+
+
+def test_no_run_of_eight_words_shared_with_a_benchmark(anchors: list[Anchor]) -> None:
+    """A phrase copied from a test prompt into a longer anchor leaves the Jaccard check above
+    under 0.5; a shared run of eight words catches it."""
+    if not BENCH_DIR.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"benchmark folder {BENCH_DIR} is missing; CI must run this check")
+        pytest.skip(f"benchmark folder {BENCH_DIR} not found (needs ../shared next to the repo)")
+    index = {run: bid for bid, prompt in _load_benchmarks() for run in _word_runs(prompt)}
+    hits = [
+        f"{a.id}: {' '.join(run)!r} also in {index[run]}"
+        for a in anchors
+        for run in sorted(_word_runs(a.prompt))
+        if run in index
+    ]
+    assert not hits, "anchor prompts copy a phrase of a benchmark prompt:\n" + "\n".join(hits)
+    copied = "Write a poem about the sea at night under a full moon"
+    assert _word_runs(copied + " and the stars") & _word_runs("please " + copied)
