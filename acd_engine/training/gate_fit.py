@@ -130,7 +130,11 @@ class GateFitConfig(Settings):
         "anchor (val anchors are placed in every shape).",
     )
     max_pools: int = Field(
-        default=12, ge=1, description="Most pools kept per train example (drawn, seeded)."
+        default=24,
+        ge=1,
+        description="Most pools kept per train example (drawn, seeded). 24 flagged more "
+        "harmful val placements in the weakest shape than 12 at the same benign budget "
+        "(docs/opo.md, 'Gate v6').",
     )
     seed: int = Field(default=0, description="Seeds placements, pool draws and the probe.")
 

@@ -69,8 +69,10 @@ def test_shipped_pack_info_holds_what_the_file_holds(shipped):
         == json.loads(pack.metadata["val"])["harmful_refusal"]
     )
     assert info["recommended"]["alpha"] == float(pack.metadata["recommended_alpha"])
-    # written before packs stored their creation: said, not invented
-    assert info["created"] is None and info["created_with"] is None
+    # the gate was refitted (gate v6) after packs began to store their creation
+    assert info["created"] == pack.metadata["created"]
+    assert info["created_with"] == pack.metadata["created_with"]
+    assert info["created_with"].startswith("acd")
 
 
 def test_cli_prints_the_shipped_pack_and_its_json(shipped):
@@ -83,7 +85,7 @@ def test_cli_prints_the_shipped_pack_and_its_json(shipped):
     assert f"layers {','.join(map(str, pack.gate.layers))};" in out
     assert f"threshold {pack.gate.threshold:.4g}" in out
     assert f"AUC {pack.gate.metadata['val_auc']}" in out
-    assert "created     not recorded" in out and "harmful refusal 100.0%" in out
+    assert f"created     {pack.metadata['created']}" in out and "harmful refusal 100.0%" in out
     as_json = runner.invoke(app, ["pack", "info", str(shipped), "--json"])
     assert as_json.exit_code == 0, as_json.output
     assert json.loads(as_json.stdout) == pack_info(shipped)
