@@ -54,6 +54,14 @@ def gate_command(
         int, typer.Option("--window", help="Tokens per long window (and half as many).")
     ] = 32,
     stride: Annotated[int, typer.Option("--stride", help="Tokens between windows.")] = 4,
+    pool_penalty: Annotated[
+        float,
+        typer.Option(
+            "--pool-penalty",
+            help="Log-odds the score drops per unit of ln(pools read), so a long prompt's "
+            "many windows and a short one's few meet one threshold (0 = the highest pool as is).",
+        ),
+    ] = 0.25,
     contexts: Annotated[
         str | None,
         typer.Option(
@@ -99,6 +107,7 @@ def gate_command(
         scope=scope,
         window=window,
         stride=stride,
+        pool_penalty=pool_penalty,
         **extra,
     )
     if out.is_dir() or not out.parent.is_dir():

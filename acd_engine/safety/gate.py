@@ -31,6 +31,7 @@ prefill.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,6 +145,13 @@ class SafetyGate:
         stride: Positions between window starts (``pooling="window"``).
         hidden_weight: fp32 ``[W, F]`` or None (a linear gate).
         hidden_bias: fp32 ``[W]``; present exactly when ``hidden_weight`` is.
+        pool_penalty: How much the score's log-odds drop per unit of ``log`` (number of
+            pools read); 0 (packs written before it existed) scores the highest pool as it
+            is. Why: the score is the highest of a request's pools, and the highest of many
+            pools is high by chance more often than the highest of a few, so one threshold
+            held benign requests with many pools (long RAG prompts, 140 pools) to the
+            budget by being stricter than it needs on a short request (3 pools). The
+            penalty puts both on one scale (:meth:`score`).
     """
 
     layers: tuple[int, ...]
@@ -159,6 +167,7 @@ class SafetyGate:
     scope: GateScope = "request"
     window: int = 16
     stride: int = 4
+    pool_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse a gate that could score NaN or index a layer that does not exist."""
@@ -173,6 +182,12 @@ class SafetyGate:
         for name, value in (("window", self.window), ("stride", self.stride)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
                 raise PromptPackError(f"gate {name} must be an integer in [1, 4096], got {value!r}")
+        penalty = self.pool_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, int | float):
+            raise PromptPackError(f"gate pool_penalty must be a number in [0, 4], got {penalty!r}")
+        if not 0.0 <= penalty <= 4.0:  # also refuses NaN
+            raise PromptPackError(f"gate pool_penalty must be in [0, 4], got {penalty}")
+        self.pool_penalty = float(penalty)
         if (self.hidden_weight is None) != (self.hidden_bias is None):
             raise PromptPackError(
                 "gate hidden.weight and hidden.bias must both be present or both absent, got one"
@@ -246,8 +261,15 @@ class SafetyGate:
 
     def score(self, states: torch.Tensor) -> float:
         """A request's probability of harm from the ``[T, F]`` states of the positions read:
-        the highest of its pools' probabilities."""
-        return float(self.probability(self.pools(states)).max())
+        the highest of its ``P`` pools' probabilities ``p``, as
+        ``sigmoid(logit(p) - pool_penalty * ln P)`` (``p`` itself when the penalty is 0)."""
+        p = self.probability(self.pools(states))  # [P]
+        best = p.max().double()
+        if self.pool_penalty == 0.0 or len(p) == 1:
+            return float(best)
+        best = best.clamp(1e-12, 1.0 - 1e-12)  # a finite logit: p may round to 0 or 1 in fp32
+        logit = torch.log(best) - torch.log1p(-best)
+        return float(torch.sigmoid(logit - self.pool_penalty * math.log(len(p))))
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
@@ -274,6 +296,7 @@ class SafetyGate:
             "gate.scope": self.scope,
             "gate.window": str(self.window),
             "gate.stride": str(self.stride),
+            "gate.pool_penalty": repr(self.pool_penalty),
         }
 
     @classmethod
@@ -300,6 +323,7 @@ class SafetyGate:
             "gate.scope",
             "gate.window",
             "gate.stride",
+            "gate.pool_penalty",
         )
         try:
             window, stride = int(meta.get("gate.window", 16)), int(meta.get("gate.stride", 4))
@@ -307,6 +331,13 @@ class SafetyGate:
             raise PromptPackError(
                 "prompt pack gate.window and gate.stride must be integers, got "
                 f"{meta.get('gate.window')!r} and {meta.get('gate.stride')!r}"
+            ) from None
+        try:
+            pool_penalty = float(meta.get("gate.pool_penalty", 0.0))
+        except ValueError:
+            raise PromptPackError(
+                "prompt pack gate.pool_penalty must be a number, got "
+                f"{meta.get('gate.pool_penalty')!r}"
             ) from None
         extra = {
             k[len("gate.") :]: v for k, v in meta.items() if k.startswith("gate.") and k not in own
@@ -325,6 +356,7 @@ class SafetyGate:
             _choice("scope", meta.get("gate.scope", "request"), SCOPES),
             window,
             stride,
+            pool_penalty,
         )
 
 

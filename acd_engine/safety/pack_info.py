@@ -144,6 +144,7 @@ def describe_pack(pack: PromptPack, path: str | os.PathLike[str] | None = None) 
             "scope": g.scope,
             "window": g.window,
             "stride": g.stride,
+            "pool_penalty": g.pool_penalty,
             "probe": g.head,
             "hidden_units": None if g.hidden_weight is None else int(g.hidden_weight.shape[0]),
             "stored": {k: _value(v) for k, v in sorted(g.metadata.items())},
@@ -290,7 +291,10 @@ def format_pack_info(info: dict[str, Any]) -> str:
         cut = f"threshold {_number(gate['threshold'])}"
         reading = f"layers {','.join(map(str, gate['layers']))}; {gate['pooling']} pooling"
         if gate["pooling"] == "window":
-            reading += f" (window {gate['window']}, stride {gate['stride']})"
+            reading += f" (window {gate['window']}, stride {gate['stride']}"
+            if gate["pool_penalty"]:
+                reading += f", pool penalty {_number(gate['pool_penalty'])}"
+            reading += ")"
         units = f" ({gate['hidden_units']} units)" if gate["hidden_units"] else ""
         out += _wrap("gate", f"{reading} over {gate['scope']}; {gate['probe']} probe{units}; {cut}")
         stored = dict(gate["stored"])

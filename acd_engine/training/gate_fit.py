@@ -118,6 +118,14 @@ class GateFitConfig(Settings):
         "flagged more harmful val placements in the weakest shape than 16 or 48 (docs/opo.md).",
     )
     stride: int = Field(default=4, ge=1, le=4096, description="Tokens between window starts.")
+    pool_penalty: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=4.0,
+        description="Log-odds the score drops per unit of ln(pools read) "
+        "(SafetyGate.pool_penalty), applied before the threshold is chosen. 0.25 flagged the "
+        "most harmful val placements in the weakest shape of 0 to 1.5 (docs/opo.md, 'Gate v6').",
+    )
     contexts: tuple[str, ...] = Field(
         default=CONTEXTS,
         description="Shapes the anchors are placed in (acd_engine.safety.contexts); 'bare' is "
@@ -369,7 +377,13 @@ def fit_on_states(train: PlacedStates, layers: Sequence[int], cfg: GateFitConfig
             pooling=cfg.pooling,
             seed=cfg.seed,
         )
-    return dataclasses.replace(gate, scope=cfg.scope, window=cfg.window, stride=cfg.stride)
+    return dataclasses.replace(
+        gate,
+        scope=cfg.scope,
+        window=cfg.window,
+        stride=cfg.stride,
+        pool_penalty=cfg.pool_penalty if cfg.pooling == "window" else 0.0,
+    )
 
 
 def calibrate(

@@ -10,6 +10,7 @@ Every routing test runs for both poolings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from importlib import resources
 
 import pytest
@@ -67,6 +68,8 @@ def gated(tiny_engine, request):
     units = 16 if head == "mlp" else None
     scope = "user_turn" if pooling == "window" else "request"
     gate = _gate(tiny_engine.model.config.hidden_size, pooling=pooling, units=units, scope=scope)
+    if pooling == "window":  # every path must apply the pool-count penalty the same way
+        gate = dataclasses.replace(gate, pool_penalty=0.5)
     pack = dataclasses.replace(before, gate=gate)
     tiny_engine.set_pack(pack)
     yield tiny_engine
@@ -84,6 +87,14 @@ def test_pack_with_gate_round_trips(tiny_engine, tmp_path):
     meta = {**gate.strings()}
     del meta["gate.pooling"]
     assert SafetyGate.from_pack(gate.tensors(), meta).pooling == "last"
+    # ... and scored its highest pool as it was: no pool-count penalty
+    del meta["gate.pool_penalty"]
+    assert SafetyGate.from_pack(gate.tensors(), meta).pool_penalty == 0.0
+    penalised = dataclasses.replace(gate, pool_penalty=0.3)
+    meta = penalised.strings()
+    assert SafetyGate.from_pack(penalised.tensors(), meta).pool_penalty == 0.3
+    with pytest.raises(PromptPackError, match=r"gate\.pool_penalty must be a number, got 'x'"):
+        SafetyGate.from_pack(gate.tensors(), {**meta, "gate.pool_penalty": "x"})
     for name, t in gate.tensors().items():
         assert torch.equal(loaded.gate.tensors()[name], t)
     assert torch.equal(loaded.sp, pack.sp) and loaded.metadata == pack.metadata
@@ -150,6 +161,9 @@ def test_bad_mlp_gates_are_refused(change, match):
         ({"scope": "all"}, "gate scope must be one of 'request' or 'user_turn', got 'all'"),
         ({"window": 0}, "gate window must be an integer in \\[1, 4096\\], got 0"),
         ({"stride": True}, "gate stride must be an integer in \\[1, 4096\\], got True"),
+        ({"pool_penalty": -0.1}, "gate pool_penalty must be in \\[0, 4\\], got -0.1"),
+        ({"pool_penalty": float("nan")}, "gate pool_penalty must be in \\[0, 4\\], got nan"),
+        ({"pool_penalty": True}, "gate pool_penalty must be a number in \\[0, 4\\], got True"),
     ],
 )
 def test_bad_gates_are_refused(change, match):
@@ -412,6 +426,17 @@ def test_window_score_is_the_highest_window_of_hf_hidden_states(tiny_engine):
     states = tiny_engine.gate_states(messages, gate.layers, gate.scope)
     assert gate.score(states) == pytest.approx(expected, abs=1e-5)
     assert gate.score(states) >= float(gate.probability(states.mean(0, keepdim=True)))
+    # with a pool-count penalty: the same highest pool, its log-odds less beta * ln(pools)
+    beta, n = 0.5, len(pools)
+    assert n > 3
+    penalised = dataclasses.replace(gate, pool_penalty=beta)
+    logit = math.log(expected) - math.log1p(-expected)
+    assert penalised.score(states) == pytest.approx(
+        1 / (1 + math.exp(-(logit - beta * math.log(n)))), abs=1e-5
+    )
+    assert penalised.score(states) < gate.score(states)
+    one = dataclasses.replace(penalised, pooling="mean")  # one pool: ln 1 = 0, no change
+    assert one.score(states) == float(gate.probability(states.mean(0, keepdim=True)))
 
 
 @pytest.mark.parametrize("name", [*CONVERSATIONS, "tools"])
