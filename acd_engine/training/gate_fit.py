@@ -58,7 +58,10 @@ from acd_engine.training.probe import fit_mlp_gate, roc_auc, threshold_for
 __all__ = [
     "GateFitConfig",
     "PlacedAnchor",
+    "PlacedStates",
     "anchor_features",
+    "calibrate",
+    "fit_on_states",
     "fit_pack_gate",
     "place_anchors",
     "pool_examples",
