@@ -80,7 +80,7 @@ from acd_engine.training.gate_fit import (
     calibrate,
     fit_on_states,
     place_anchors,
-    read_placed,
+    read_all,
 )
 
 # States files pickled before the package was split into layers name the module of
@@ -135,38 +135,18 @@ def read_states(
                 cache[placement_key(p)] = (x, span)
         del old
         logger.info("reusing the states of %d placements from %s", len(cache), reuse)
-    engine = None
     out: dict[str, PlacedStates] = {}
     for split in SPLITS:
-        states, spans, fresh, start = [], [], 0, time.perf_counter()
-        for i, p in enumerate(placed[split]):
-            hit = cache.get(placement_key(p))
-            if hit is None:
-                if engine is None:
-                    from acd_engine.runtime.engine import get_engine
+        missing = [p for p in placed[split] if placement_key(p) not in cache]
+        logger.info("%s: %d placements, %d to read", split, len(placed[split]), len(missing))
+        if missing:  # the engine loads only if something is left to read
+            from acd_engine.runtime.engine import get_engine
 
-                    engine = get_engine(model)
-                hit = read_placed(engine, p.placed, layers, cfg.scope)
-                fresh += 1
-                if fresh % 500 == 0:
-                    logger.info(
-                        "%s: %d read (%d/%d placements, %.0f s)",
-                        split,
-                        fresh,
-                        i + 1,
-                        len(placed[split]),
-                        time.perf_counter() - start,
-                    )
-            states.append(hit[0])
-            spans.append(hit[1])
-        logger.info(
-            "%s: %d placements, %d read fresh in %.0f s",
-            split,
-            len(placed[split]),
-            fresh,
-            time.perf_counter() - start,
-        )
-        out[split] = PlacedStates(placed[split], states, spans)
+            read = read_all(get_engine(model), missing, layers, cfg.scope)
+            for p, x, span in zip(read.placed, read.states, read.requests, strict=True):
+                cache[placement_key(p)] = (x, span)
+        hits = [cache[placement_key(p)] for p in placed[split]]
+        out[split] = PlacedStates(placed[split], [x for x, _ in hits], [s for _, s in hits])
     return out
 
 
