@@ -1,0 +1,224 @@
+"""How the gate does on kinds of harm it was not fitted on: held-out categories.
+
+Why this study exists. Gate v6 flags 86 % of the harmful placements of our val split, but on
+the benchmarks (which nothing was fitted on) its verdicts are much weaker, and weakest inside
+RAG prompts. Our val anchors are written by the same hands, in the same twelve categories,
+as the train anchors: the probe scores most of them near 1, so a change that only moves
+borderline scores (the pool-count penalty) looks free on val and is not on new text. A
+harmful request of a category the probe has never seen is the closest stand-in for a new
+harmful set that our own data gives, and choosing on it stays on our anchors.
+
+What it does (on a states file of ``scripts/studies/gate_v6_study.py``, so no model loads):
+
+1. The twelve harmful categories fall into four folds of three (sorted, in order). For each
+   fold, the probe is fitted by ``fit_on_states`` with every train placement except the
+   harmful anchors of the fold's categories (all benign anchors stay: a deployed gate has
+   seen benign text of every kind).
+2. It scores the val placements: the fold's held-out harmful anchors (in all nine shapes)
+   and every benign one. Under each pool-count penalty beta, the threshold is chosen on the
+   benign val placements by the shipped rule (``worst_group_threshold``: at most 5 % of each
+   benign group, kind x shape), and the share of held-out harmful placements flagged is
+   counted per shape.
+3. The four folds are pooled: each row gives the held-out harmful flagged (all, weakest
+   shape, per shape) and the benign flagged, per fit and beta.
+
+The rule, fixed before the run: the row with the highest held-out share in its weakest
+shape wins; on a tie (within 0.5 points), the earlier row (fits in ``--fits`` order,
+betas in ``--penalties`` order).
+
+Usage (from the repository root)::
+
+    python scripts/studies/gate_category_study.py --states runs/gate-v6-states.pt \\
+        [--penalties 0,0.1,0.25,0.5] [--fits 24,48] [--out runs/gate-category.json]
+
+``--fits`` lists ``max_pools`` values (the v6 recipe otherwise). Time on a 2-core CPU: loading
+the 3.3 GB states file, then about 5 minutes per fold and fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import acd_engine.safety.contexts
+from acd_engine.atomic import atomic_write_json
+from acd_engine.safety.contexts import CONTEXTS
+from acd_engine.training.anchors import load_anchors
+from acd_engine.training.gate_fit import (
+    GateFitConfig,
+    PlacedStates,
+    fit_on_states,
+    place_anchors,
+    worst_group_threshold,
+)
+
+# States files pickled before the package was split into layers name the contexts module
+# ``acd_engine.contexts`` (see gate_v6_study.py).
+sys.modules.setdefault("acd_engine.contexts", acd_engine.safety.contexts)
+
+logger = logging.getLogger("gate_category_study")
+
+
+def placement_key(p: Any) -> str:
+    """What a placement's states depend on: the conversation, tools and request span."""
+    placed = p.placed
+    return json.dumps([placed.messages, placed.tools, list(placed.request)], sort_keys=True)
+
+
+def load(path: Path, layers: Sequence[int]) -> dict[str, PlacedStates]:
+    """The states file's splits with today's placements (checked equal) attached."""
+    data: dict[str, Any] = torch.load(path, weights_only=False)  # our own file
+    if "layers" in data and list(data["layers"]) != list(layers):
+        raise SystemExit(f"{path} holds layers {data['layers']}, not {list(layers)}")
+    cfg = GateFitConfig(layers=tuple(layers))
+    out = {}
+    for split in ("train", "val"):
+        placed = place_anchors(load_anchors(split), split, cfg)
+        if [placement_key(p) for p in data[split].placed] != [placement_key(p) for p in placed]:
+            raise SystemExit(f"{path} holds other {split} placements than today's anchors give")
+        out[split] = PlacedStates(placed, data[split].states, data[split].requests)
+    return out
+
+
+def subset(states: PlacedStates, keep: Sequence[bool]) -> PlacedStates:
+    idx = [i for i, k in enumerate(keep) if k]
+    return PlacedStates(
+        [states.placed[i] for i in idx],
+        [states.states[i] for i in idx],
+        [states.requests[i] for i in idx],
+    )
+
+
+def folds_of(categories: Sequence[str], k: int = 4) -> list[list[str]]:
+    names = sorted(set(categories))
+    size = math.ceil(len(names) / k)
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
+def penalised(p_max: torch.Tensor, pools: torch.Tensor, beta: float) -> torch.Tensor:
+    """``SafetyGate.score`` from the highest pool's probability and the pool count."""
+    if beta == 0.0:
+        return p_max
+    p = p_max.double().clamp(1e-12, 1 - 1e-12)
+    logit = torch.log(p) - torch.log1p(-p)
+    pen = torch.where(pools > 1, beta * torch.log(pools.double()), torch.zeros_like(logit))
+    return torch.sigmoid(logit - pen).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--states", type=Path, required=True)
+    parser.add_argument("--layers", default="14,15,16")
+    parser.add_argument("--penalties", default="0,0.1,0.25,0.5")
+    parser.add_argument("--fits", default="24", help="Comma-separated max_pools values.")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    layers = tuple(int(x) for x in args.layers.split(","))
+    betas = [float(x) for x in args.penalties.split(",")]
+    fits = [int(x) for x in args.fits.split(",")]
+
+    start = time.perf_counter()
+    states = load(args.states, layers)
+    train, val = states["train"], states["val"]
+    logger.info("loaded %s in %.0f s", args.states, time.perf_counter() - start)
+    folds = folds_of([p.anchor.category for p in train.placed if p.anchor.label == "harmful"])
+    logger.info("folds: %s", folds)
+
+    val_harmful = [p.anchor.label == "harmful" for p in val.placed]
+    shapes = [p.placed.shape for p in val.placed]
+    groups = [p.group for p in val.placed]
+    results: dict[str, Any] = {"folds": folds, "rows": []}
+    for max_pools in fits:
+        cfg = GateFitConfig(layers=layers, max_pools=max_pools, pool_penalty=0.0)
+        # per val placement: its highest pool probability under the fold that holds it out
+        # (harmful) or under every fold (benign: one score per fold)
+        fold_scores = []
+        for fold in folds:
+            t0 = time.perf_counter()
+            keep = [
+                not (p.anchor.label == "harmful" and p.anchor.category in fold)
+                for p in train.placed
+            ]
+            gate = fit_on_states(subset(train, keep), layers, cfg)
+            held = [
+                (not h) or p.anchor.category in fold
+                for p, h in zip(val.placed, val_harmful, strict=True)
+            ]
+            idx = [i for i, k in enumerate(held) if k]
+            p_max, pools = [], []
+            for i in idx:
+                pr = gate.probability(gate.pools(val.states[i]))
+                p_max.append(float(pr.max()))
+                pools.append(len(pr))
+            fold_scores.append((idx, torch.tensor(p_max), torch.tensor(pools)))
+            logger.info(
+                "max_pools %d, fold %s: fitted and scored in %.0f s",
+                max_pools,
+                fold,
+                time.perf_counter() - t0,
+            )
+        for beta in betas:
+            flagged_h: dict[str, list[bool]] = {s: [] for s in CONTEXTS}
+            flagged_b: list[bool] = []
+            thresholds = []
+            for idx, p_max, pools in fold_scores:
+                score = penalised(p_max, pools, beta)
+                labels = torch.tensor([1.0 if val_harmful[i] else 0.0 for i in idx])
+                thr = worst_group_threshold(score, labels, [groups[i] for i in idx], 0.05)
+                thresholds.append(round(thr, 4))
+                for j, i in enumerate(idx):
+                    hit = bool(score[j] >= thr)
+                    if val_harmful[i]:
+                        flagged_h[shapes[i]].append(hit)
+                    else:
+                        flagged_b.append(hit)
+            per_shape = {s: round(100 * sum(v) / len(v), 1) for s, v in flagged_h.items() if v}
+            all_h = [x for v in flagged_h.values() for x in v]
+            weakest = min(per_shape, key=lambda s: per_shape[s])
+            r = {
+                "max_pools": max_pools,
+                "beta": beta,
+                "thresholds": thresholds,
+                "held_out_harmful_all": round(100 * sum(all_h) / len(all_h), 1),
+                "weakest_shape": weakest,
+                "held_out_harmful_weakest": per_shape[weakest],
+                "held_out_harmful_by_shape": per_shape,
+                "benign_flagged": round(100 * sum(flagged_b) / len(flagged_b), 1),
+            }
+            results["rows"].append(r)
+            logger.info(
+                "max_pools %d beta %-4g thr %s | held-out harmful all %.1f, weakest %.1f (%s) "
+                "| %s | benign %.1f",
+                max_pools,
+                beta,
+                thresholds,
+                r["held_out_harmful_all"],
+                r["held_out_harmful_weakest"],
+                weakest,
+                " ".join(f"{s} {v}" for s, v in per_shape.items()),
+                r["benign_flagged"],
+            )
+    rows = results["rows"]
+    best = rows[0]
+    for r in rows[1:]:
+        if r["held_out_harmful_weakest"] > best["held_out_harmful_weakest"] + 0.5:
+            best = r
+    results["picked"] = {"max_pools": best["max_pools"], "beta": best["beta"]}
+    logger.info("picked: max_pools %d, beta %g", best["max_pools"], best["beta"])
+    if args.out:
+        atomic_write_json(args.out, results)
+        logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
