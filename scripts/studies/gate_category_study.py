@@ -161,6 +161,9 @@ def main() -> None:
                 p_max.append(float(pr.max()))
                 pools.append(len(pr))
             fold_scores.append((idx, torch.tensor(p_max), torch.tensor(pools)))
+            results.setdefault("scores", {}).setdefault(str(max_pools), []).append(
+                {"fold": fold, "val_index": idx, "p_max": p_max, "pools": pools}
+            )
             logger.info(
                 "max_pools %d, fold %s: fitted and scored in %.0f s",
                 max_pools,
@@ -215,7 +218,7 @@ def main() -> None:
             best = r
     results["picked"] = {"max_pools": best["max_pools"], "beta": best["beta"]}
     logger.info("picked: max_pools %d, beta %g", best["max_pools"], best["beta"])
-    if args.out:
+    if args.out:  # the scores too, so another penalty or threshold rule needs no refit
         atomic_write_json(args.out, results)
         logger.info("wrote %s", args.out)
 
