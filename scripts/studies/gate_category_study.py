@@ -38,6 +38,7 @@ the 3.3 GB states file, then about 5 minutes per fold and fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -161,6 +162,13 @@ def main() -> None:
                 p_max.append(float(pr.max()))
                 pools.append(len(pr))
             fold_scores.append((idx, torch.tensor(p_max), torch.tensor(pools)))
+            for j in range(3):  # penalised() is SafetyGate.score's formula, checked
+                want = dataclasses.replace(gate, pool_penalty=0.25).score(val.states[idx[j]])
+                got = float(
+                    penalised(torch.tensor(p_max[j : j + 1]), torch.tensor(pools[j : j + 1]), 0.25)
+                )
+                if abs(want - got) > 1e-5:
+                    raise SystemExit(f"penalised() gives {got}, SafetyGate.score {want}")
             results.setdefault("scores", {}).setdefault(str(max_pools), []).append(
                 {"fold": fold, "val_index": idx, "p_max": p_max, "pools": pools}
             )
