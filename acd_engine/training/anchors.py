@@ -39,6 +39,7 @@ __all__ = [
     "normalise",
     "shingles",
     "trigram_jaccard",
+    "word_runs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,20 @@ def shingles(text: str) -> frozenset[tuple[str, ...]]:
     if len(words) < 3:
         return frozenset((w,) for w in words)
     return frozenset(zip(words, words[1:], words[2:], strict=False))
+
+
+def word_runs(text: str, n: int) -> frozenset[tuple[str, ...]]:
+    """Every run of ``n`` words of ``normalise(text)``; the whole text as one run if it is
+    shorter (so a short text is still compared, by equality).
+
+    A shared run of eight words means a copied phrase rather than a common idiom: the tests
+    hold the anchors and the wrapper texts apart from every benchmark prompt with it, where
+    a phrase copied into a longer text leaves :func:`trigram_jaccard` low.
+    """
+    words = normalise(text).split()
+    if len(words) < n:
+        return frozenset({tuple(words)}) if words else frozenset()
+    return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def trigram_jaccard(a: str, b: str) -> float:

@@ -17,6 +17,7 @@ from acd_engine.training.anchors import (
     normalise,
     shingles,
     trigram_jaccard,
+    word_runs,
 )
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
@@ -306,11 +307,6 @@ def test_index_jaccard_matches_reference_helper() -> None:
 RUN = 8  # words: a shared run this long is a copied phrase, not a common idiom
 
 
-def _word_runs(text: str) -> set[tuple[str, ...]]:
-    words = normalise(text).split()
-    return {tuple(words[i : i + RUN]) for i in range(len(words) - RUN + 1)}
-
-
 def test_no_run_of_eight_words_shared_with_a_benchmark(anchors: list[Anchor]) -> None:
     """A phrase copied from a test prompt into a longer anchor leaves the Jaccard check above
     under 0.5; a shared run of eight words catches it."""
@@ -318,13 +314,13 @@ def test_no_run_of_eight_words_shared_with_a_benchmark(anchors: list[Anchor]) ->
         if os.environ.get("CI"):
             pytest.fail(f"benchmark folder {BENCH_DIR} is missing; CI must run this check")
         pytest.skip(f"benchmark folder {BENCH_DIR} not found (needs ../shared next to the repo)")
-    index = {run: bid for bid, prompt in _load_benchmarks() for run in _word_runs(prompt)}
+    index = {run: bid for bid, prompt in _load_benchmarks() for run in word_runs(prompt, RUN)}
     hits = [
         f"{a.id}: {' '.join(run)!r} also in {index[run]}"
         for a in anchors
-        for run in sorted(_word_runs(a.prompt))
+        for run in sorted(word_runs(a.prompt, RUN))
         if run in index
     ]
     assert not hits, "anchor prompts copy a phrase of a benchmark prompt:\n" + "\n".join(hits)
     copied = "Write a poem about the sea at night under a full moon"
-    assert _word_runs(copied + " and the stars") & _word_runs("please " + copied)
+    assert word_runs(copied + " and the stars", RUN) & word_runs("please " + copied, RUN)

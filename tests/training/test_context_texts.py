@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from acd_engine.training.anchors import load_anchors, normalise
+from acd_engine.training.anchors import load_anchors, normalise, word_runs
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
 RUN = 8  # words in a shingle: a shared run this long means a copied phrase, not a common idiom
@@ -135,14 +135,6 @@ def _texts(pool: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _runs(text: str) -> set[tuple[str, ...]]:
-    """Word runs of length RUN of ``normalise(text)``; the whole text if it is shorter."""
-    words = normalise(text).split()
-    if len(words) < RUN:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i : i + RUN]) for i in range(len(words) - RUN + 1)}
-
-
 def _shared_runs(
     texts: list[tuple[str, str]], others: list[tuple[str, str]], *, contained: bool = False
 ) -> list[str]:
@@ -154,7 +146,7 @@ def _shared_runs(
     index: dict[tuple[str, ...], str] = {}
     short: dict[str, str] = {}
     for oid, other in others:
-        for run in _runs(other):
+        for run in word_runs(other, RUN):
             index.setdefault(run, oid)
         if contained and 0 < len(normalise(other).split()) < RUN:
             short.setdefault(f" {normalise(other)} ", oid)
@@ -162,7 +154,7 @@ def _shared_runs(
     for where, text in texts:
         hits += [
             f"{where}: {' '.join(r)!r} also in {index[r]}"
-            for r in sorted(_runs(text))
+            for r in sorted(word_runs(text, RUN))
             if r in index
         ]
         padded = f" {normalise(text)} "
@@ -334,8 +326,8 @@ def test_no_text_or_phrase_shared_between_pools(data: dict[str, Any]) -> None:
 
 
 def test_runs_helper() -> None:
-    assert _runs("Hello, World!") == {("hello", "world")}
-    assert len(_runs("one two three four five six seven eight nine")) == 2
+    assert word_runs("Hello, World!", RUN) == {("hello", "world")}
+    assert len(word_runs("one two three four five six seven eight nine", RUN)) == 2
     hits = _shared_runs(
         [("x", "so I said: one two three four five six seven eight, ok")],
         [("b:1", "One two three FOUR five six seven eight.")],
