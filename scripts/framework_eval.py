@@ -49,6 +49,7 @@ from acd_engine.atomic import atomic_write_json, atomic_write_text
 from acd_engine.config import DecodingConfig, did_you_mean
 from acd_engine.errors import ACDError, ConfigError
 from acd_engine.eval.judges import RefusalMarkerJudge
+from acd_engine.eval.pins import check_pins
 from acd_engine.eval.records import JsonlLog
 from acd_engine.eval.registry import (
     BenchmarkItem,
@@ -65,10 +66,10 @@ __all__ = [
     "METHODS",
     "SETS",
     "FrameworkRecord",
-    "check_pins",
     "main",
     "open_records",
     "parse_args",
+    "pin_run",
     "render_report",
     "summarize",
 ]
@@ -238,7 +239,7 @@ def open_records(out_dir: Path) -> JsonlLog[FrameworkRecord, tuple[str, str, str
     )
 
 
-def check_pins(out_dir: Path, now: dict[str, Any]) -> None:
+def pin_run(out_dir: Path, now: dict[str, Any]) -> None:
     """Refuse settings that differ from the run already in ``out_dir`` (naming the first),
     then write the union to ``run.json``. A setting the earlier run did not pin yet (the
     model's, before it had loaded) is free, and pinned from now on."""
@@ -258,12 +259,7 @@ def check_pins(out_dir: Path, now: dict[str, Any]) -> None:
                 f"{type(before).__name__}; use a new --out"
             )
     now = json.loads(json.dumps(now))  # as it reads back (tuples as lists)
-    for key, value in now.items():
-        if key in before and before[key] != value:
-            raise ConfigError(
-                f"run.json in '{out_dir}' was made with {key} {before[key]!r}, got {value!r}; "
-                "use a new --out"
-            )
+    check_pins(out_dir, before, now)
     atomic_write_json(path, {**before, **now})
 
 
@@ -427,7 +423,7 @@ def _generate(
     decoding = {"max_tokens": settings.max_tokens, "temperature": 0.0}
     engine = ChatACD(**decoding).engine  # loads the adapters' default model once
     report = engine.pack_report(DecodingConfig())  # what "default" decodes with
-    check_pins(
+    pin_run(
         settings.out,
         {**static_pins, "model": engine.model_name, "pack": report["pack"], "gate": report["gate"]},
     )
@@ -504,7 +500,7 @@ def run(settings: Settings) -> list[dict[str, Any]]:
         "pool": pool_sha256(pool),
     }
     with open_records(settings.out) as records:
-        check_pins(settings.out, static_pins)
+        pin_run(settings.out, static_pins)
         tasks = [
             task
             for pipeline in settings.pipelines

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from acd_engine.eval.metrics import (
     gate_sweep,
     variant_metrics,
 )
+from acd_engine.eval.pins import check_pins
 from acd_engine.eval.records import (
     BARE,
     EVAL_CONTRAST_METHODS,
@@ -155,7 +155,6 @@ GATELESS_PACK = (
     f"{GATED_METHOD} needs a prompt pack with a safety gate; fit one with "
     "acd gate --pack ... --out ..."
 )
-_HEX = re.compile(r"[0-9a-f]{16,}")
 
 MAX_UNEXPECTED_IN_A_ROW = 16
 """Rows in a row that may fail with an error that is not about their input before the run
@@ -526,13 +525,6 @@ def _as_json(pins: dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, str) and _HEX.fullmatch(value):
-        return f"{value[:12]}…"
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}…"
-
-
 def _read_pins(out_dir: Path) -> dict[str, Any] | None:
     """The settings pinned by the run already in ``out_dir``, or None for a new folder."""
     path = out_dir / RUN_FILE
@@ -554,26 +546,10 @@ def _read_pins(out_dir: Path) -> dict[str, Any] | None:
     return {new: doc[old] for old, new in _LEGACY_PINS.items() if old in doc}
 
 
-def _check_pins(out_dir: Path, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
-    """Refuse settings that differ from the run already in ``out_dir``, naming the first.
-
-    Only settings both runs have are compared: a setting the earlier run did not pin (the
-    pack of a run without acd, a benchmark it did not have) is free, and pinned from now on.
-    """
-    if not before:
-        return
-    for key, value in now.items():
-        if key in before and before[key] != value:
-            raise ConfigError(
-                f"run.json in '{out_dir}' was made with {key} {_show(before[key])}, got "
-                f"{_show(value)}; use a new --out"
-            )
-
-
 def _pin_run(out_dir: Path, now: dict[str, Any], options: EvalOptions) -> None:
     """Check ``now`` against ``run.json`` and write the union back (call under the lock)."""
     before = _read_pins(out_dir)
-    _check_pins(out_dir, before, now)
+    check_pins(out_dir, before, now)
     pinned = {**(before or {}), **now}
     doc = {
         "model_name": pinned.get("model"),
@@ -660,7 +636,7 @@ def prepare_eval(options: EvalOptions, judge: Judge | None = None) -> EvalPlan:
     out_dir = Path(options.out_dir)
     check_out_dir(out_dir)
     with RecordLog(out_dir):
-        _check_pins(out_dir, _read_pins(out_dir), _static_pins(options, benches, judge, pool))
+        check_pins(out_dir, _read_pins(out_dir), _static_pins(options, benches, judge, pool))
     samples = {b.name: sample_items(b, options.limit, options.seed) for b in benches}
     return EvalPlan(benches, samples, variants(options), pool)
 
