@@ -67,7 +67,17 @@ from acd_engine.cli.common import fail
 from acd_engine.config import Quantize, Settings, half_open_unit
 from acd_engine.errors import ConfigError
 
-__all__ = ["ROWS", "BenchSettings", "bench_command", "run_bench", "run_row"]
+__all__ = [
+    "BENCH_SYSTEM",
+    "BENCH_USER",
+    "ROWS",
+    "BenchSettings",
+    "bench_command",
+    "bench_messages",
+    "force_length",
+    "run_bench",
+    "run_row",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +312,7 @@ class _Memory:
 _BANNED: dict[tuple[Any, ...], Any] = {}  # (device, vocab size, eos ids, tokenizer size) -> mask
 
 
-def _force_length(eos_ids: Sequence[int], vocab: int, clock: list[float]) -> Any:
+def force_length(eos_ids: Sequence[int], vocab: int, clock: list[float]) -> Any:
     """A logits processor that masks EOS (and ids the tokenizer lacks) and logs its calls.
 
     Masking EOS makes every row generate exactly ``max_new_tokens`` tokens (what HF's
@@ -457,7 +467,9 @@ def _load(settings: BenchSettings) -> tuple[Any, Any, str | None]:
     return _LOADED[key]
 
 
-def _messages(user: str, system: str | None = BENCH_SYSTEM) -> list[dict[str, str]]:
+def bench_messages(user: str, system: str | None = BENCH_SYSTEM) -> list[dict[str, str]]:
+    """The conversation every row times: the bench's system prompt (or none) and one user
+    turn, so rows and the studies that profile them decode the same prompt."""
     head = [{"role": "system", "content": system}] if system else []
     return [*head, {"role": "user", "content": user}]
 
@@ -504,8 +516,8 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
     )
     vocab = len(tokenizer)
     n_new = settings.new_tokens
-    pos_ids = _ids(tokenizer, _messages(BENCH_USER))
-    neg_ids = _ids(tokenizer, _messages(BENCH_USER, OPPOSITE_PROMPT))
+    pos_ids = _ids(tokenizer, bench_messages(BENCH_USER))
+    neg_ids = _ids(tokenizer, bench_messages(BENCH_USER, OPPOSITE_PROMPT))
     gamma = 1.0 / (1.0 - settings.alpha)
     extra: dict[str, Any] = {}
 
@@ -527,7 +539,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
                     attention_mask=torch.ones_like(x),
                     max_new_tokens=n_new,
                     do_sample=False,
-                    logits_processor=_force_length(eos, vocab, clock),
+                    logits_processor=force_length(eos, vocab, clock),
                     **kwargs,
                 )
             return [out[0, len(pos_ids) :].tolist()]
@@ -541,7 +553,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         cfg = DecodingConfig(method=method, alpha=settings.alpha, max_new_tokens=n_new)
         if name == "llamacpp_gated":  # the shipped settings (alpha, tau) with the gate
             cfg = front.defaults.replace(method="acd", gate=True, max_new_tokens=n_new)
-        msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
+        msgs = bench_messages(BENCH_USER) if method == "plain" else bench_messages(BENCH_USER, None)
         if name == "llamacpp_gated":
             verdict = front.gate_verdict(msgs, cfg)
             assert verdict is not None
@@ -554,7 +566,7 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         else:
 
             def call(clock: list[float]) -> list[list[int]]:
-                out = front.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
+                out = front.generate(msgs, cfg, constraint=force_length(eos, vocab, clock))
                 return [out.token_ids]
 
         extra["gguf"] = Path(gguf).name
@@ -572,14 +584,18 @@ def _prepare(name: str, settings: BenchSettings) -> _Prepared:
         if name == "acd_batch":
             call = _batch_call(engine, cfg, eos, vocab, settings.batch)
         else:
-            msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
+            msgs = (
+                bench_messages(BENCH_USER)
+                if method == "plain"
+                else bench_messages(BENCH_USER, None)
+            )
 
             def call(clock: list[float]) -> list[list[int]]:
-                result = engine.generate(msgs, cfg, constraint=_force_length(eos, vocab, clock))
+                result = engine.generate(msgs, cfg, constraint=force_length(eos, vocab, clock))
                 return [result.token_ids]
 
         if method == "acd":
-            rendered = engine.render(_messages(BENCH_USER, None))
+            rendered = engine.render(bench_messages(BENCH_USER, None))
             sp = engine.renderer.encode_template(BENCH_SYSTEM)
             extra["positive_branch_equals_hf_prompt"] = (
                 rendered.head + sp + rendered.tail == pos_ids
@@ -603,8 +619,8 @@ def _batch_call(
 
     def call(clock: list[float]) -> list[list[int]]:
         clocks: list[list[float]] = [[] for _ in users]
-        procs = [_force_length(eos, vocab, c) for c in clocks]
-        out = engine.generate_batch([_messages(u, None) for u in users], cfg, constraint=procs)
+        procs = [force_length(eos, vocab, c) for c in clocks]
+        out = engine.generate_batch([bench_messages(u, None) for u in users], cfg, constraint=procs)
         clock.append(max(c[0] for c in clocks))  # every request has its first token
         return [r.token_ids for r in out]
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import acd_engine.backends.llamacpp.backend as llamacpp_backend
-from acd_engine.cli.bench import _force_length
+from acd_engine.cli.bench import force_length
 from acd_engine.config import DecodingConfig
 from acd_engine.runtime.engine import Engine
 from acd_engine.safety.prompts import OPPOSITE_PROMPT, PromptPack
@@ -69,7 +69,7 @@ def main() -> None:
                 log.clear()
                 start = time.perf_counter()
                 engine.generate_batch(
-                    convs, cfg, constraint=_force_length(eos, len(engine.tokenizer), [])
+                    convs, cfg, constraint=force_length(eos, len(engine.tokenizer), [])
                 )
                 total = time.perf_counter() - start
             rows = n * (1 if method == "plain" else 2)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from acd_engine.cli.bench import BENCH_SYSTEM, BENCH_USER, _force_length, _messages
+from acd_engine.cli.bench import BENCH_SYSTEM, BENCH_USER, bench_messages, force_length
 from acd_engine.config import DecodingConfig
 from acd_engine.runtime.engine import Engine
 from acd_engine.safety.prompts import OPPOSITE_PROMPT, PromptPack
@@ -69,7 +69,10 @@ def main() -> None:
         **{f"hf_forward_{r}_rows_ms": round(forward_ms(model, r), 2) for r in (1, 2, 4)},
     }
     ids = tokenizer.apply_chat_template(
-        _messages(BENCH_USER), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        bench_messages(BENCH_USER),
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"]
 
     def hf_generate() -> object:
@@ -79,13 +82,13 @@ def main() -> None:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=NEW_TOKENS,
                 do_sample=False,
-                logits_processor=_force_length(eos, len(tokenizer), []),
+                logits_processor=force_length(eos, len(tokenizer), []),
             )
 
     def engine_run(method: str) -> Callable[[], object]:
         cfg = DecodingConfig(method=method, alpha=0.5, max_new_tokens=NEW_TOKENS)
-        msgs = _messages(BENCH_USER) if method == "plain" else _messages(BENCH_USER, None)
-        return lambda: engine.generate(msgs, cfg, constraint=_force_length(eos, len(tokenizer), []))
+        msgs = bench_messages(BENCH_USER) if method == "plain" else bench_messages(BENCH_USER, None)
+        return lambda: engine.generate(msgs, cfg, constraint=force_length(eos, len(tokenizer), []))
 
     out["hf_generate_s"] = round(median_s(hf_generate), 3)
     out["engine_plain_s"] = round(median_s(engine_run("plain")), 3)

@@ -125,7 +125,7 @@ def test_force_length_masks_eos_and_unknown_ids_with_one_cached_mask():
     from acd_engine.cli import bench
 
     clock: list[float] = []
-    procs = bench._force_length([2, 5], vocab=8, clock=clock)
+    procs = bench.force_length([2, 5], vocab=8, clock=clock)
     before = len(bench._BANNED)
     scores = torch.zeros(1, 10)
     first = procs(torch.zeros(1, 3, dtype=torch.long), scores)
