@@ -48,15 +48,14 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from gate_v6_study import load_states, placement_key  # scripts/studies/ is on sys.path
 
-import acd_engine.safety.contexts
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.contexts import CONTEXTS
 from acd_engine.training.anchors import load_anchors
@@ -69,22 +68,12 @@ from acd_engine.training.gate_fit import (
 )
 from acd_engine.training.probe import threshold_for
 
-# States files pickled before the package was split into layers name the contexts module
-# ``acd_engine.contexts`` (see gate_v6_study.py).
-sys.modules.setdefault("acd_engine.contexts", acd_engine.safety.contexts)
-
 logger = logging.getLogger("gate_category_study")
-
-
-def placement_key(p: Any) -> str:
-    """What a placement's states depend on: the conversation, tools and request span."""
-    placed = p.placed
-    return json.dumps([placed.messages, placed.tools, list(placed.request)], sort_keys=True)
 
 
 def load(path: Path, layers: Sequence[int]) -> dict[str, PlacedStates]:
     """The states file's splits with today's placements (checked equal) attached."""
-    data: dict[str, Any] = torch.load(path, weights_only=False)  # our own file
+    data = load_states(path)
     if "layers" in data and list(data["layers"]) != list(layers):
         raise SystemExit(f"{path} holds layers {data['layers']}, not {list(layers)}")
     cfg = GateFitConfig(layers=tuple(layers))
