@@ -31,7 +31,6 @@ prefill.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ __all__ = [
     "gate_threshold",
     "passed_config",
     "pool_bounds",
+    "pool_penalised",
     "probe_states",
     "read_span",
     "routed_config",
@@ -264,12 +264,8 @@ class SafetyGate:
         the highest of its ``P`` pools' probabilities ``p``, as
         ``sigmoid(logit(p) - pool_penalty * ln P)`` (``p`` itself when the penalty is 0)."""
         p = self.probability(self.pools(states))  # [P]
-        best = p.max().double()
-        if self.pool_penalty == 0.0 or len(p) == 1:
-            return float(best)
-        best = best.clamp(1e-12, 1.0 - 1e-12)  # a finite logit: p may round to 0 or 1 in fp32
-        logit = torch.log(best) - torch.log1p(-best)
-        return float(torch.sigmoid(logit - self.pool_penalty * math.log(len(p))))
+        best = p.max().reshape(1)  # [1]
+        return float(pool_penalised(best, torch.tensor([len(p)]), self.pool_penalty)[0])
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, F]`` features -> ``[N]`` probabilities of "harmful" (fp32, on CPU)."""
@@ -369,6 +365,22 @@ def _check_finite(name: str, t: object, dims: int) -> None:
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def pool_penalised(p_max: torch.Tensor, pools: torch.Tensor, beta: float) -> torch.Tensor:
+    """``[N]`` gate scores (fp64) from ``[N]`` highest pool probabilities and ``[N]`` pool
+    counts: ``sigmoid(logit(p) - beta * ln P)``, ``p`` itself where ``beta`` is 0 or ``P`` is 1.
+
+    The one place the pool-count penalty's formula lives: :meth:`SafetyGate.score` applies it
+    to one request, a study to thousands of stored scores at once (so a penalty can be
+    compared without scoring the states again)."""
+    p = p_max.double()
+    if beta == 0.0:
+        return p
+    clamped = p.clamp(1e-12, 1.0 - 1e-12)  # a finite logit: p may round to 0 or 1 in fp32
+    logit = torch.log(clamped) - torch.log1p(-clamped)
+    penalised = torch.sigmoid(logit - beta * torch.log(pools.double()))
+    return torch.where(pools > 1, penalised, p)
 
 
 def pool_bounds(

@@ -44,7 +44,6 @@ loading the 3.3 GB states file, then about 5 minutes per fold with 24 pools and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from gate_v6_study import load_states, placement_key  # scripts/studies/ is on s
 
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.contexts import CONTEXTS
+from acd_engine.safety.gate import pool_penalised
 from acd_engine.training.anchors import load_anchors
 from acd_engine.training.gate_fit import (
     GateFitConfig,
@@ -99,16 +99,6 @@ def folds_of(categories: Sequence[str], k: int = 4) -> list[list[str]]:
     names = sorted(set(categories))
     size = math.ceil(len(names) / k)
     return [names[i : i + size] for i in range(0, len(names), size)]
-
-
-def penalised(p_max: torch.Tensor, pools: torch.Tensor, beta: float) -> torch.Tensor:
-    """``SafetyGate.score`` from the highest pool's probability and the pool count."""
-    if beta == 0.0:
-        return p_max
-    p = p_max.double().clamp(1e-12, 1 - 1e-12)
-    logit = torch.log(p) - torch.log1p(-p)
-    pen = torch.where(pools > 1, beta * torch.log(pools.double()), torch.zeros_like(logit))
-    return torch.sigmoid(logit - pen).float()
 
 
 INCUMBENT = (24, 0.25)
@@ -161,7 +151,7 @@ def budgets(
         hits: dict[str, list[bool]] = {}
         benign: dict[str, list[bool]] = {}
         for idx, p_max, pools in fold_scores:
-            score = penalised(p_max, pools, beta)
+            score = pool_penalised(p_max, pools, beta)
             labels = torch.tensor(
                 [1.0 if placed[i].anchor.label == "harmful" else 0.0 for i in idx]
             )
@@ -281,13 +271,6 @@ def main() -> None:
                 p_max.append(float(pr.max()))
                 pools.append(len(pr))
             fold_scores.append((idx, torch.tensor(p_max), torch.tensor(pools)))
-            for j in range(3):  # penalised() is SafetyGate.score's formula, checked
-                want = dataclasses.replace(gate, pool_penalty=0.25).score(val.states[idx[j]])
-                got = float(
-                    penalised(torch.tensor(p_max[j : j + 1]), torch.tensor(pools[j : j + 1]), 0.25)
-                )
-                if abs(want - got) > 1e-5:
-                    raise SystemExit(f"penalised() gives {got}, SafetyGate.score {want}")
             results.setdefault("scores", {}).setdefault(str(max_pools), []).append(
                 {"fold": fold, "val_index": idx, "p_max": p_max, "pools": pools}
             )
@@ -302,7 +285,7 @@ def main() -> None:
             flagged_b: list[bool] = []
             thresholds = []
             for idx, p_max, pools in fold_scores:
-                score = penalised(p_max, pools, beta)
+                score = pool_penalised(p_max, pools, beta)
                 labels = torch.tensor([1.0 if val_harmful[i] else 0.0 for i in idx])
                 thr = worst_group_threshold(score, labels, [groups[i] for i in idx], 0.05)
                 thresholds.append(round(thr, 4))
