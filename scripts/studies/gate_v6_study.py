@@ -150,10 +150,13 @@ def read_states(
     return out
 
 
-def states_for(args: argparse.Namespace, cfg: GateFitConfig) -> dict[str, PlacedStates]:
-    """``--states`` if it exists (and holds today's placements), else read and saved there."""
+def states_for(
+    args: argparse.Namespace, cfg: GateFitConfig, anchors: Path | None = None
+) -> dict[str, PlacedStates]:
+    """``--states`` if it exists (and holds today's placements), else read and saved there.
+    ``anchors``: an anchor file other than the package's."""
     placed: dict[str, list[PlacedAnchor]] = {
-        split: place_anchors(load_anchors(split), split, cfg) for split in SPLITS
+        split: place_anchors(load_anchors(split, anchors), split, cfg) for split in SPLITS
     }
     layers = list(cfg.layers or ())
     if args.states.exists():

@@ -1,4 +1,8 @@
-"""The packaged OPO anchor set: schema, balance, split, and disjointness from every benchmark."""
+"""The packaged OPO anchor set: schema, balance, split, and disjointness from every benchmark.
+
+Every check on the set also runs on the set with the candidate rows of
+``scripts/studies/data/anchors-new-categories.jsonl`` appended (six more harm categories that
+a gate study fitted on but no shipped gate uses yet), so those rows meet the same bar."""
 
 from __future__ import annotations
 
@@ -20,28 +24,54 @@ from acd_engine.training.anchors import (
     word_runs,
 )
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_DIR = ROOT / ".." / "shared" / "data" / "benchmarks"
+CANDIDATES = ROOT / "scripts" / "studies" / "data" / "anchors-new-categories.jsonl"
 NEAR_DUP = 0.5
+# (label, kind) counts of each set: a row added or lost anywhere shows here.
+COUNTS = {
+    "shipped": {
+        ("harmful", "plain"): 324,
+        ("harmful", "question"): 564,
+        ("harmful", "framed"): 108,
+        ("benign", "plain"): 822,
+        ("benign", "lookalike"): 577,
+    },
+    "with-candidates": {
+        ("harmful", "plain"): 486,
+        ("harmful", "question"): 846,
+        ("harmful", "framed"): 162,
+        ("benign", "plain"): 822,
+        ("benign", "lookalike"): 817,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=sorted(COUNTS))
+def anchor_set(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def anchors() -> list[Anchor]:
-    return load_anchors()
+def anchors(anchor_set: str, tmp_path_factory: pytest.TempPathFactory) -> list[Anchor]:
+    """The shipped set, or the shipped set with the candidate rows appended (ids continue)."""
+    if anchor_set == "shipped":
+        return load_anchors()
+    from importlib import resources
+
+    shipped = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
+    path = tmp_path_factory.mktemp("anchors") / "anchors.jsonl"
+    path.write_text(shipped + CANDIDATES.read_text("utf-8"), encoding="utf-8")
+    return load_anchors(path=path)
 
 
 def _frac_val(rows: list[Anchor]) -> float:
     return sum(a.split == "val" for a in rows) / len(rows)
 
 
-def test_counts_per_label_and_kind(anchors: list[Anchor]) -> None:
+def test_counts_per_label_and_kind(anchors: list[Anchor], anchor_set: str) -> None:
     counts = Counter((a.label, a.kind) for a in anchors)
-    assert counts == {
-        ("harmful", "plain"): 324,
-        ("harmful", "question"): 564,
-        ("harmful", "framed"): 108,
-        ("benign", "plain"): 822,
-        ("benign", "lookalike"): 577,
-    }
+    assert counts == COUNTS[anchor_set]
     val = Counter(a.label for a in anchors if a.split == "val")
     # Big enough that a 5-point over-refusal difference is more than one or two prompts.
     assert val["harmful"] >= 95
@@ -121,7 +151,8 @@ def test_val_split_is_at_least_20_percent_and_spread(anchors: list[Anchor], grou
     assert val_cats <= train_cats
 
 
-def test_split_filter(anchors: list[Anchor]) -> None:
+def test_split_filter() -> None:
+    anchors = load_anchors()
     train, val = load_anchors("train"), load_anchors("val")
     assert {a.split for a in train} == {"train"}
     assert {a.split for a in val} == {"val"}
@@ -159,7 +190,7 @@ def test_raw_file_schema_is_exact() -> None:
 
     text = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
     keys = {"id", "prompt", "label", "category", "split", "kind"}
-    for line in text.splitlines():
+    for line in text.splitlines() + CANDIDATES.read_text("utf-8").splitlines():
         assert set(json.loads(line)) == keys
 
 

@@ -1,0 +1,232 @@
+"""Gate v7: does the gate gain from harm categories it was never fitted on, and from 48 pools?
+
+A study on our anchors' validation split only (never a benchmark). The held-out-category
+study (``gate_category_study.py``) showed that the gate's features carry the kinds of harm
+it was shown and generalise weakly past them. So we wrote 738 anchors (498 harmful, 240
+benign look-alikes; ``data/anchors-new-categories.jsonl``, ``--extra-anchors``) in six harm
+categories taken from a public hazard taxonomy before any benchmark was looked at for them:
+MLCommons AILuminate v1.0's hazards that our twelve categories did not cover (sex-related
+crimes, intellectual property, defamation, elections) and the parts of its non-violent and
+violent crimes they did not (financial crime, animal cruelty). They are appended to the
+package's anchors (ids continuing; ``tests/training/test_anchors.py`` holds them to the same
+checks as the shipped set, benchmark disjointness included) in a file next to ``--out``.
+
+1. **States.** As ``gate_v6_study.py`` reads them (``states_for``: every train and val
+   placement with ``GateFitConfig``'s defaults, taken from ``--reuse`` where it holds the
+   same placement, else read with the engine). A new anchor changes only its own
+   placements and the refused earlier turn that some ``after-refusal`` placements draw, so
+   most of gate v6's states are reused.
+2. **Gate v6 on the new categories.** The shipped gate (``--previous``) at its own threshold
+   on the val placements of the six new categories (harm of kinds it was never fitted on),
+   and recalibrated by the shipped rule on the whole new val split, for comparison.
+3. **The candidates**, each fitted on the train split and calibrated on the whole val split
+   by the shipped rule (at most 5 % of each benign group, kind x shape): gate v6's recipe
+   (24 pools per example) and 48 pools, both at beta 0.25: 48 pools is the pick of the rule
+   fixed in the held-out study before it was scored (docs/opo.md).
+4. **The rule, fixed before this run:** the 48-pool candidate replaces gate v6 if, on the
+   val placements of the old twelve categories, no shape is flagged more than 3 points
+   less than gate v6 flags them at its own threshold, and its benign placements flagged
+   overall stay within 1 point of gate v6's; else the 24-pool candidate if it passes; else
+   nothing ships. (It picked nothing: docs/opo.md, "Gate v7 candidates".)
+
+Each gate gets three rows: all val placements, the old twelve categories' harm (with every
+benign placement) and the new six categories' harm (with every benign placement); logged
+as tables and written to ``--out`` as JSON. Nothing is shipped: with ``--pack-out`` the
+pick's gate (if any) is written into a copy of ``--previous`` (soft prompts unchanged), as
+``acd gate --anchors`` would fit it from the same states.
+
+Usage (from the repository root, with the ``.venv``)::
+
+    python scripts/studies/gate_v7_study.py --states runs/gate-v7-states.pt \\
+        --reuse runs/gate-v6-states.pt --previous PACK --out runs/gate-v7-study.json \\
+        [--pack-out runs/pack-v7.safetensors]
+
+Time on a 2-core CPU with the default model: reading the new placements (5,470 of 19,661
+with a ``--reuse`` file of gate v6's states) 10 minutes; the fits 9 (24 pools) and 12
+(48 pools) minutes; loading and scoring the states a few minutes more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gate_v6_study import log_shapes, log_table, row, states_for  # scripts/studies/ is on sys.path
+
+from acd_engine.atomic import atomic_write_json
+from acd_engine.safety.gate import SafetyGate
+from acd_engine.safety.prompts import PromptPack
+from acd_engine.training.anchors import anchor_set_hash
+from acd_engine.training.gate_fit import (
+    GateFitConfig,
+    PlacedStates,
+    calibrate,
+    fit_on_states,
+)
+
+logger = logging.getLogger("gate_v7_study")
+
+EXTRA_ANCHORS = Path(__file__).resolve().parent / "data" / "anchors-new-categories.jsonl"
+
+NEW_CATEGORIES = (
+    "sex-crimes",
+    "intellectual-property",
+    "defamation",
+    "elections",
+    "financial-crime",
+    "animal-cruelty",
+)
+CANDIDATES: tuple[tuple[str, int], ...] = (("24 pools (v6 recipe)", 24), ("48 pools", 48))
+BETA = 0.25
+MAX_SHAPE_LOSS = 3.0  # points, per shape, old categories, against gate v6
+MAX_BENIGN_RISE = 1.0  # points, all benign val placements, against gate v6
+
+
+def subset(val: PlacedStates, new: bool) -> PlacedStates:
+    """The val placements of the old (``new=False``) or new categories' harm, with every
+    benign placement: a row's benign figures are the same in both."""
+    keep = [
+        i
+        for i, p in enumerate(val.placed)
+        if p.anchor.label == "benign" or (p.anchor.category in NEW_CATEGORIES) == new
+    ]
+    return PlacedStates(
+        [val.placed[i] for i in keep],
+        [val.states[i] for i in keep],
+        [val.requests[i] for i in keep],
+    )
+
+
+def rows_for(name: str, gate: SafetyGate, val: PlacedStates, auc: float) -> list[dict[str, Any]]:
+    """All val placements, the old categories' and the new categories' harm."""
+    return [
+        row(f"{name}: all", "all", gate, gate.threshold, val, auc),
+        row(f"{name}: old 12", "old", gate, gate.threshold, subset(val, False), auc),
+        row(f"{name}: new 6", "new", gate, gate.threshold, subset(val, True), auc),
+    ]
+
+
+def passes(
+    candidate: dict[str, Any], previous: dict[str, Any], benign: tuple[float, float]
+) -> bool:
+    """The rule of the docstring: per shape on the old categories, and benign overall."""
+    for shape, figures in previous["by_shape"].items():
+        if candidate["by_shape"][shape]["harmful"] < figures["harmful"] - MAX_SHAPE_LOSS:
+            return False
+    return benign[0] <= benign[1] + MAX_BENIGN_RISE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--states", type=Path, required=True, help="States: read or written.")
+    parser.add_argument("--reuse", type=Path, default=None, help="Earlier states to reuse.")
+    parser.add_argument("--previous", type=Path, required=True, help="The shipped pack (v6).")
+    parser.add_argument("--model", default=None, help="The model (default: the engine's).")
+    parser.add_argument("--out", type=Path, required=True, help="Write every row as JSON here.")
+    parser.add_argument("--pack-out", type=Path, default=None, help="Write the pick here.")
+    parser.add_argument(
+        "--extra-anchors",
+        type=Path,
+        default=EXTRA_ANCHORS,
+        help="Anchor rows appended to the package's (default: the six new categories).",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source = PromptPack.load(args.previous)
+    if source.gate is None:
+        raise SystemExit(f"--previous {args.previous} has no gate")
+    previous = source.gate
+    layers = tuple(previous.layers)
+    cfg = GateFitConfig(layers=layers)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    anchors = args.out.with_suffix(".anchors.jsonl")  # the package's rows, then the extra ones
+    shipped = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
+    anchors.write_text(shipped + args.extra_anchors.read_text("utf-8"), encoding="utf-8")
+    states = states_for(args, cfg, anchors)
+    train, val = states["train"], states["val"]
+    logger.info("%d train and %d val placements", len(train.placed), len(val.placed))
+
+    # The rule compares against gate v6 at its own threshold; recalibrated by the shipped
+    # rule on today's val split (its new look-alikes included) it is shown for comparison.
+    recalibrated, report = calibrate(previous, val, cfg)
+    previous_rows = rows_for("gate v6, its own threshold", previous, val, report["val_auc"])
+    previous_rows += rows_for("gate v6, recalibrated", recalibrated, val, report["val_auc"])
+    log_table("Gate v6 (shipped)", previous_rows)
+
+    fitted: list[tuple[str, GateFitConfig, SafetyGate, dict[str, Any]]] = []
+    candidate_rows: list[dict[str, Any]] = []
+    for name, pools in CANDIDATES:
+        start = time.perf_counter()
+        fit_cfg = GateFitConfig(layers=layers, max_pools=pools, pool_penalty=BETA)
+        gate, rep = calibrate(fit_on_states(train, layers, fit_cfg), val, fit_cfg)
+        logger.info("%s: fitted and calibrated in %.0f s", name, time.perf_counter() - start)
+        rows = rows_for(f"{name}, beta {BETA:g}", gate, val, rep["val_auc"])
+        for r in rows:
+            r["settings"] = fit_cfg.model_dump(mode="json")
+        candidate_rows += rows
+        fitted.append((name, fit_cfg, gate, rep))
+    log_table("The candidates (each at its own threshold)", candidate_rows)
+    log_shapes([*previous_rows, *candidate_rows])
+
+    old_previous = previous_rows[1]
+    benign_previous = previous_rows[0]["benign_all"]
+    picked = None
+    for i in (1, 0):  # 48 pools first, then the v6 recipe
+        old = candidate_rows[3 * i + 1]
+        if passes(old, old_previous, (candidate_rows[3 * i]["benign_all"], benign_previous)):
+            picked = i
+            break
+    logger.info("picked: %s", "nothing" if picked is None else fitted[picked][0])
+
+    if picked is not None and args.pack_out is not None:
+        name, fit_cfg, gate, rep = fitted[picked]
+        meta = dict(previous.metadata)
+        meta.update(
+            {
+                "val_auc": str(rep["val_auc"]),
+                "val_flag_rate_harmful": str(rep["val_flag_rate_harmful"]),
+                "val_flag_rate_benign": str(rep["val_flag_rate_benign"]),
+                "anchor_set_hash": anchor_set_hash(anchors),
+            }
+        )
+        dataclasses.replace(source, gate=dataclasses.replace(gate, metadata=meta)).save(
+            args.pack_out
+        )
+        rep.update(
+            {
+                "layers": list(gate.layers),
+                "pooling": gate.pooling,
+                "scope": gate.scope,
+                "window": gate.window,
+                "stride": gate.stride,
+                "pool_penalty": gate.pool_penalty,
+                "settings": fit_cfg.model_dump(mode="json"),
+                "train_placements": len(train.placed),
+                "val_placements": len(val.placed),
+            }
+        )
+        atomic_write_json(args.pack_out.with_suffix(".report.json"), rep)
+        logger.info("wrote %s", args.pack_out)
+
+    atomic_write_json(
+        args.out,
+        {
+            "layers": list(layers),
+            "anchor_set_hash": anchor_set_hash(anchors),
+            "new_categories": list(NEW_CATEGORIES),
+            "train_placements": len(train.placed),
+            "val_placements": len(val.placed),
+            "rows": [*previous_rows, *candidate_rows],
+            "picked": None if picked is None else fitted[picked][0],
+        },
+    )
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
