@@ -28,6 +28,7 @@ from acd_engine.atomic import atomic_write_bytes, atomic_write_text
 from acd_engine.eval.metrics import (
     DEFINITIONS,
     CellMetrics,
+    ContextGatePoint,
     ContextMetrics,
     GateCheck,
     GateFlagRate,
@@ -99,6 +100,8 @@ class EvalSummary(BaseModel):
     gate_notes: list[str] = Field(default_factory=list)
     # acd eval --context: one row per (method, alpha, context); empty for a bare-only run.
     by_context: list[ContextMetrics] = Field(default_factory=list)
+    # The gate's flag rates per context at other thresholds (empty without acd-gate).
+    context_gate_curve: list[ContextGatePoint] = Field(default_factory=list)
     context_pool_sha256: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
@@ -241,6 +244,31 @@ def _context_table(summary: EvalSummary) -> list[str]:
             ]
         )
     return [*lines, *_table(header, rows), ""]
+
+
+def _context_curve_table(summary: EvalSummary) -> list[str]:
+    """One row per threshold, one column per context: harmful flagged / safe flagged."""
+    contexts = list(dict.fromkeys(p.context for p in summary.context_gate_curve))
+    thresholds = sorted({p.threshold for p in summary.context_gate_curve})
+    at = {(p.context, p.threshold): p for p in summary.context_gate_curve}
+    lines = [
+        "The safety gate as a classifier in each context at other thresholds: the mean over "
+        "sets of the share of harmful prompts flagged / of safe prompts flagged, from the "
+        f"{GATED_METHOD} records' gate scores (no generation; the pack's threshold in bold "
+        "agrees with the table above). A context whose harmful share stays low at every "
+        "threshold is missed by the gate's reading, not by where its threshold sits.",
+        "",
+    ]
+    rows = []
+    for t in thresholds:
+        shipped = any(at[(c, t)].shipped for c in contexts if (c, t) in at)
+        label = f"**{t:g}**" if shipped else f"{t:g}"
+        cells = []
+        for c in contexts:
+            p = at.get((c, t))
+            cells.append("–" if p is None else f"{_pct(p.flag_harmful)} / {_pct(p.flag_safe)}")
+        rows.append([label, *cells])
+    return [*lines, *_table(["threshold", *contexts], rows), ""]
 
 
 def _sweep_tables(summary: EvalSummary) -> list[str]:
@@ -416,6 +444,12 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
     ]
     if summary.by_context:
         lines += ["## By context", "", *_context_table(summary)]
+    if summary.context_gate_curve:
+        lines += [
+            "### The gate by context, at other thresholds",
+            "",
+            *_context_curve_table(summary),
+        ]
     if errors:
         lines += ["## Errors", ""]
         lines += _table(

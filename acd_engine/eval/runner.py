@@ -60,6 +60,7 @@ from acd_engine.eval.judges import (
 )
 from acd_engine.eval.metrics import (
     cell_metrics,
+    context_gate_curve,
     context_metrics,
     gate_checks,
     gate_flag_rates,
@@ -1047,6 +1048,9 @@ def summarize(
         if options.contexts != (BARE,)
         else []
     )
+    gate_curve = (
+        context_gate_curve(records, options.contexts, shipped=gate_threshold) if by_context else []
+    )
     n_done = len(records)
     records = [r for r in records if r.context == BARE]
     passed = options.decoding_config(GATED_METHOD, None).gate_passed_method
@@ -1088,5 +1092,6 @@ def summarize(
         gate_notes=notes,
         gate_checks=gate_checks(records, passed),
         by_context=by_context,
+        context_gate_curve=gate_curve,
         context_pool_sha256=context_pool_sha256,
     )

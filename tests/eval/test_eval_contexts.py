@@ -8,6 +8,7 @@ with the shipped pool to show it serves them all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from functools import partial
@@ -18,6 +19,7 @@ import pytest
 from eval_fakes import FakeEngine, eval_options, make_gate
 
 from acd_engine.errors import ConfigError
+from acd_engine.eval.metrics import CURVE_THRESHOLDS
 from acd_engine.eval.records import RECORDS_FILE, EvalRecord, RecordLog, read_records
 from acd_engine.eval.report import REPORT_FILE
 from acd_engine.eval.runner import EvalOptions, pool_sha256, prepare_eval, run_eval
@@ -363,6 +365,62 @@ def test_report_has_a_row_per_method_alpha_and_context(
     assert "| acd-gate | 0.5 | rag |" in section and "| plain | – | agent |" in section
     raw = json.loads((o.out_dir / "summary.json").read_text(encoding="utf-8"))
     assert len(raw["by_context"]) == 6 and raw["context_pool_sha256"] == pool_sha256(pool)
+
+
+def test_the_gate_curve_by_context_agrees_with_the_recorded_flags(
+    data_dir: Path, tmp_path: Path, pool: ContextPool
+) -> None:
+    """Per context and threshold, the gate's flag rates from the recorded scores: at the
+    pack's threshold they equal the By context row's (read from the recorded flags), they
+    never rise with the threshold, and one point recomputed by hand from the records."""
+    engine = FakeEngine(gate=make_gate(0.6))
+    o = opts(
+        data_dir,
+        tmp_path / "out",
+        methods="plain,acd-gate",
+        benchmarks="advbench,xstest,alpaca_eval",
+        contexts="bare,rag,agent",
+    )
+    summary = run_eval(engine, o)
+    curve = summary.context_gate_curve
+    grid = sorted({*CURVE_THRESHOLDS, 0.6})
+    assert [(p.context, p.threshold) for p in curve] == [
+        (c, t) for c in ("bare", "rag", "agent") for t in grid
+    ]
+    assert [p.threshold for p in curve if p.shipped] == [0.6] * 3
+    rows = {c.context: c for c in summary.by_context if c.method == "acd-gate"}
+    for p in curve:
+        if p.shipped:
+            assert (p.flag_harmful, p.flag_safe) == (
+                rows[p.context].gate_flag_harmful,
+                rows[p.context].gate_flag_safe,
+            )
+    for context in ("bare", "rag", "agent"):
+        points = [p for p in curve if p.context == context]
+        for lo, hi in itertools.pairwise(points):
+            assert hi.flag_harmful <= lo.flag_harmful and hi.flag_safe <= lo.flag_safe
+    # rag at 0.8, by hand: the mean over sets of each set's share of harmful prompts >= 0.8
+    recs = [
+        r
+        for r in read_records(o.out_dir)
+        if r.method == "acd-gate" and r.context == "rag" and r.label == "harmful"
+    ]
+    by_set: dict[str, list[bool]] = {}
+    for r in recs:
+        assert r.gate_score is not None
+        by_set.setdefault(r.benchmark, []).append(r.gate_score >= 0.8)
+    expected = sum(sum(v) / len(v) for v in by_set.values()) / len(by_set)
+    (point,) = [p for p in curve if p.context == "rag" and p.threshold == 0.8]
+    assert point.flag_harmful == pytest.approx(expected)
+    assert len({p.flag_harmful for p in curve}) > 1  # the fake gate's scores do spread
+    report = (o.out_dir / REPORT_FILE).read_text(encoding="utf-8")
+    section = report.split("### The gate by context, at other thresholds", 1)[1]
+    assert "| threshold | bare | rag | agent |" in section and "| **0.6** |" in section
+    # without acd-gate there is no gate to read: no curve, no section
+    plain = run_eval(FakeEngine(), opts(data_dir, tmp_path / "plain", contexts="bare,rag"))
+    assert plain.context_gate_curve == []
+    text = (tmp_path / "plain" / REPORT_FILE).read_text(encoding="utf-8")
+    assert "By context" in text and "The gate by context" not in text
 
 
 def test_the_shipped_eval_pool_places_every_context(data_dir: Path, tmp_path: Path) -> None:
