@@ -262,7 +262,7 @@ def _context_curve_table(summary: EvalSummary) -> list[str]:
     rows = []
     for t in thresholds:
         shipped = any(at[(c, t)].shipped for c in contexts if (c, t) in at)
-        label = f"**{t:g}**" if shipped else f"{t:g}"
+        label = f"**{t:.3g}**" if shipped else f"{t:.3g}"
         cells = []
         for c in contexts:
             p = at.get((c, t))
