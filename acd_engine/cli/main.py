@@ -400,6 +400,14 @@ def eval_command(
     judge: Annotated[
         str, typer.Option("--judge", help="refusal (marker match), hf or openai.")
     ] = "refusal",
+    gate_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--gate-threshold",
+            help="acd-gate only: decode with this gate threshold in (0, 1) instead of the "
+            "pack's (measure the threshold your application sets).",
+        ),
+    ] = None,
     judge_model: Annotated[
         str | None,
         typer.Option(
@@ -444,6 +452,7 @@ def eval_command(
             batch_size=batch_size,
             plausibility=plausibility,
             judge=judge,
+            gate_threshold=gate_threshold,
             progress=True,
         )
         judge_options: dict[str, Any] = {}

@@ -204,7 +204,7 @@ def _context_table(summary: EvalSummary) -> list[str]:
         "bare. avg HLR and over-refusal are defined as in the tables above, over one context's "
         "generations; multiple-choice sets are scored only bare and are not in this table. "
         "gate flags: the mean over sets of the share of harmful (safe) prompts the gate flagged "
-        f"at the pack's threshold, from {GATED_METHOD}'s own records. n: generated outputs.",
+        f"at the run's threshold, from {GATED_METHOD}'s own records. n: generated outputs.",
         "",
     ]
     roles = {b.name: b.role for b in summary.benchmarks}
@@ -246,6 +246,11 @@ def _context_table(summary: EvalSummary) -> list[str]:
     return [*lines, *_table(header, rows), ""]
 
 
+def _run_threshold(summary: EvalSummary) -> str:
+    """What the run's gate threshold is called: the pack's (shipped) or --gate-threshold's."""
+    return "shipped" if summary.options.get("gate_threshold") is None else "--gate-threshold"
+
+
 def _context_curve_table(summary: EvalSummary) -> list[str]:
     """One row per threshold, one column per context: harmful flagged / safe flagged."""
     contexts = list(dict.fromkeys(p.context for p in summary.context_gate_curve))
@@ -254,7 +259,7 @@ def _context_curve_table(summary: EvalSummary) -> list[str]:
     lines = [
         "The safety gate as a classifier in each context at other thresholds: the mean over "
         "sets of the share of harmful prompts flagged / of safe prompts flagged, from the "
-        f"{GATED_METHOD} records' gate scores (no generation; the pack's threshold in bold "
+        f"{GATED_METHOD} records' gate scores (no generation; the run's threshold in bold "
         "agrees with the table above). A context whose harmful share stays low at every "
         "threshold is missed by the gate's reading, not by where its threshold sits.",
         "",
@@ -313,7 +318,7 @@ def _gate_table(summary: EvalSummary) -> list[str]:
         ]
     at = "" if summary.gate_threshold is None else f" ({summary.gate_threshold:g})"
     lines = [
-        f"Share of each set's prompts the safety gate flagged at the pack's threshold{at}, "
+        f"Share of each set's prompts the safety gate flagged at the run's threshold{at}, "
         f"read from the {GATED_METHOD} records (one reading per prompt). Harmful rows should "
         "be flagged (↑), safe rows not (↓): a flagged prompt decodes with SP − α·AP, the rest "
         f"as {summary.gate_passed_method}.",
@@ -365,7 +370,11 @@ def _tradeoff_tables(summary: EvalSummary) -> list[str]:
         ]
         rows = []
         for p in summary.gate_sweep:
-            t = f"**{p.threshold:g} (shipped)**" if p.shipped else f"{p.threshold:g}"
+            t = (
+                f"**{p.threshold:g} ({_run_threshold(summary)})**"
+                if p.shipped
+                else f"{p.threshold:g}"
+            )
             rows.append(
                 [
                     f"{p.alpha:g}",
@@ -412,6 +421,10 @@ def render_markdown(summary: EvalSummary, plots: Sequence[str] = ()) -> str:
         f"- status: {status}",
         f"- created: {summary.created}",
     ]
+    if opts.get("gate_threshold") is not None:
+        lines.append(
+            f"- gate threshold: {opts['gate_threshold']:g} (set by --gate-threshold, not the pack's)"
+        )
     if summary.by_context:
         contexts = ", ".join(dict.fromkeys(c.context for c in summary.by_context))
         lines.append(
@@ -613,7 +626,7 @@ def plot_tradeoff(summary: EvalSummary) -> bytes | None:
         return None
     fig = _new_figure()
     ax = fig.add_subplot()
-    _plot_sweep(ax, sweep)
+    _plot_sweep(ax, sweep, _run_threshold(summary))
     for method in dict.fromkeys(v.method for v in variants):
         points = sorted(
             (v for v in variants if v.method == method),
@@ -650,7 +663,7 @@ def plot_tradeoff(summary: EvalSummary) -> bytes | None:
     return _png(fig)
 
 
-def _plot_sweep(ax: Any, sweep: Sequence[GateSweepPoint]) -> None:
+def _plot_sweep(ax: Any, sweep: Sequence[GateSweepPoint], marked: str = "shipped") -> None:
     """Dashed threshold curves of gated ACD, one per α (darker for larger α)."""
     color = _method_color(GATED_METHOD)
     alphas = sorted({p.alpha for p in sweep})
@@ -687,7 +700,7 @@ def _plot_sweep(ax: Any, sweep: Sequence[GateSweepPoint]) -> None:
                     color=color,
                     markeredgecolor="black",
                     linestyle="none",
-                    label=None if starred else f"shipped threshold t={p.threshold:g}",
+                    label=None if starred else f"{marked} threshold t={p.threshold:g}",
                 )
                 starred = True
 

@@ -280,6 +280,12 @@ class EvalOptions(Settings):
     negative_prompt: str | None = Field(
         default=None, description="method 'custom' only: negative-branch system prompt."
     )
+    gate_threshold: float | None = Field(
+        default=None,
+        description="acd-gate only: the gate threshold its requests decode with instead of the "
+        "pack's (DecodingConfig.gate_threshold), so a threshold an application sets can be "
+        "measured where it puts its requests. None: the pack's.",
+    )
     progress: bool = Field(default=False, description="Show a tqdm bar with ETA (CLI only).")
 
     @field_validator("methods", "alphas", "benchmarks", "contexts", mode="before")
@@ -315,6 +321,11 @@ class EvalOptions(Settings):
         check_contexts(self.contexts)
         if self.judge not in available_judges():
             raise ConfigError(did_you_mean(self.judge, available_judges(), "judge"))
+        if self.gate_threshold is not None and GATED_METHOD not in self.methods:
+            raise ConfigError(
+                f"gate_threshold applies to {GATED_METHOD} only; add it to methods, got "
+                f"{','.join(self.methods)}"
+            )
         for variant in variants(self):
             self.decoding_config(*variant)  # e.g. custom without negative_prompt
 
@@ -332,6 +343,8 @@ class EvalOptions(Settings):
         entry = METHOD_REGISTRY.get(method)  # None: DecodingConfig names the unknown method
         if entry is not None and entry.gated:
             extra["gate"] = gated
+        if gated and self.gate_threshold is not None:
+            extra["gate_threshold"] = self.gate_threshold
         if entry is not None and entry.takes_prompts:
             extra["positive_prompt"] = self.positive_prompt
             extra["negative_prompt"] = self.negative_prompt
@@ -467,6 +480,8 @@ def _static_pins(
             pins[f"decoding {name}"] = value
     if "acd" in options.methods:
         pins["decoding gate"] = options.decoding_config("acd", 0.5).gate
+    if GATED_METHOD in options.methods:  # None (the pack's) unless --gate-threshold
+        pins["decoding gate_threshold"] = options.gate_threshold
     if "custom" in options.methods:
         pins["custom positive_prompt"] = options.positive_prompt
         pins["custom negative_prompt"] = options.negative_prompt
@@ -666,9 +681,13 @@ def check_pack_file(options: EvalOptions, pack: str | os.PathLike[str] | None) -
         raise ConfigError(GATELESS_PACK)
 
 
-def _gate_threshold(engine: Any) -> float | None:
+def _gate_threshold(engine: Any, options: EvalOptions) -> float | None:
+    """The threshold the acd-gate generations ran with: ``--gate-threshold``, else the
+    pack's (None without a gate)."""
     gate = pack_gate(engine)
-    return None if gate is None else float(gate.threshold)
+    if gate is None:
+        return None
+    return options.gate_threshold if options.gate_threshold is not None else float(gate.threshold)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -996,7 +1015,7 @@ def run_eval(
             judge=judge_obj.name,
             options=options,
             n_expected=len(expected),
-            gate_threshold=_gate_threshold(engine),
+            gate_threshold=_gate_threshold(engine, options),
             context_pool_sha256=None if plan.pool is None else pool_sha256(plan.pool),
         )
         write_report(summary, out_dir)
@@ -1036,8 +1055,9 @@ def summarize(
 ) -> EvalSummary:
     """Turn the run's records into the :class:`EvalSummary` the report renders.
 
-    ``gate_threshold`` is the pack gate's shipped threshold, marked on the threshold sweep
-    (None: not marked). Every table the report had before ``--context`` reads the ``bare``
+    ``gate_threshold`` is the threshold the acd-gate generations ran with (the pack's, or
+    ``--gate-threshold``'s), marked on the threshold sweep and the gate curve (None: not
+    marked). Every table the report had before ``--context`` reads the ``bare``
     records only, so it means what it always meant (and a bare run's report is unchanged);
     with any other context, ``by_context`` holds one row per (method, alpha, context).
     ``context_pool_sha256`` is the hash of the eval pool the contexts were placed with.

@@ -173,6 +173,67 @@ def test_the_gate_is_pinned_once_acd_gate_runs(
     run_eval(FakeEngine(gate=make_gate(0.5)), o)
 
 
+def test_gate_threshold_decodes_acd_gate_at_it_and_is_pinned(
+    data_dir: Path, tmp_path: Path, no_plots: None
+) -> None:
+    """--gate-threshold: acd-gate's requests are flagged at it (not the pack's), the report
+    marks it as the run's threshold, and a folder refuses another."""
+    out = tmp_path / "out"
+    o = opts(data_dir, out, benchmarks="advbench,xstest", gate_threshold=0.8)
+    assert o.decoding_config("acd-gate", 0.5).gate_threshold == 0.8
+    assert o.decoding_config("acd", 0.5).gate_threshold is None  # ungated acd is untouched
+    summary = run_eval(FakeEngine(gate=make_gate(0.5)), o)
+    gated = [r for r in read_records(out) if r.method == "acd-gate"]
+    assert gated and all(r.gate_flagged == (fake_gate_score(r.prompt) >= 0.8) for r in gated)
+    assert any(0.5 <= fake_gate_score(r.prompt) < 0.8 for r in gated)  # the two would differ
+    assert summary.gate_threshold == 0.8
+    assert [p.threshold for p in summary.gate_sweep if p.shipped] == [0.8]
+    md = (out / REPORT_FILE).read_text(encoding="utf-8")
+    assert "- gate threshold: 0.8 (set by --gate-threshold, not the pack's)" in md
+    assert "| **0.8 (--gate-threshold)** |" in md and "(shipped)" not in md
+    assert json.loads((out / RUN_FILE).read_text())["pinned"]["decoding gate_threshold"] == 0.8
+    with pytest.raises(ConfigError, match=r"was made with decoding gate_threshold 0.8, got 0.7"):
+        run_eval(FakeEngine(gate=make_gate(0.5)), opts(data_dir, out, gate_threshold=0.7))
+    with pytest.raises(ConfigError, match=r"decoding gate_threshold 0.8, got None"):
+        run_eval(FakeEngine(gate=make_gate(0.5)), opts(data_dir, out))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"gate_threshold": 1.5}, r"^gate_threshold must be in \(0, 1\) or None, got 1.5$"),
+        (
+            {"gate_threshold": 0.5, "methods": "plain,acd"},
+            r"^gate_threshold applies to acd-gate only; add it to methods, got plain,acd$",
+        ),
+    ],
+)
+def test_gate_threshold_errors_in_house_style(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EvalOptions(**{"methods": "acd-gate", **changes})
+
+
+def test_cli_gate_threshold_is_checked_before_any_model(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from acd_engine.cli.main import app
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before --gate-threshold was checked")
+
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
+    res = CliRunner().invoke(
+        app,
+        [
+            *("eval", "--methods", "plain,acd-gate", "--benchmarks", "advbench"),
+            *("--data-dir", str(data_dir), "--out", str(tmp_path / "cli")),
+            *("--gate-threshold", "1.5"),
+        ],
+    )
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "gate_threshold must be in (0, 1) or None, got 1.5" in res.stderr
+
+
 def test_ungated_runs_do_not_pin_the_gate(data_dir: Path, tmp_path: Path, no_plots: None) -> None:
     out = tmp_path / "out"
     run_eval(FakeEngine(gate=make_gate(0.5)), opts(data_dir, out, methods="plain,acd"))
@@ -368,7 +429,7 @@ def test_report_sections_from_a_gated_run(data_dir: Path, tmp_path: Path) -> Non
     summary = run_eval(engine, o)
     md = (tmp_path / "out" / REPORT_FILE).read_text(encoding="utf-8")
     assert "## Safety gate as a classifier" in md
-    assert "at the pack's threshold (0.5)" in md
+    assert "at the run's threshold (0.5)" in md
     for flag in summary.gate_flags:
         row = f"| {flag.benchmark} | {flag.label} {'↑' if flag.label == 'harmful' else '↓'} "
         assert f"{row}| {flag.n} | {100 * (flag.flag_rate or 0):.1f} |" in md
