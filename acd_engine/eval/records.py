@@ -94,8 +94,9 @@ class EvalRecord(BaseModel):
     judge (``error`` starts with ``judge``; ``output`` is kept for audit). A rerun skips error
     records like any other, so a bad row never stops a run twice; delete its line to retry it.
     ``gate_score`` / ``gate_flagged`` are the safety gate's probability of harm and its
-    verdict at the pack's threshold, for a gated generation (``acd-gate``); None otherwise
-    (other methods, and ``acd-gate``'s MC1 rows, whose scoring call returns no verdict). They
+    verdict at the run's threshold (the pack's unless ``--gate-threshold``), for a gated
+    generation (``acd-gate``); None otherwise (other methods, and ``acd-gate``'s MC1 rows,
+    whose scoring call returns no verdict). They
     let the report sweep the threshold afterwards without rerunning anything.
     ``context`` is the application shape the prompt was placed in (:mod:`acd_engine.safety.contexts`);
     a ``bare`` record is written without the field, so a run without ``--context`` writes
