@@ -71,8 +71,9 @@ DEFINITIONS: dict[str, str] = {
     "are judged by the run rule alone. Records without token ids use whitespace words.",
     "mean tokens": "mean completion tokens per generated output.",
     "gate flag rate": "share of a set's prompts (per label) whose safety-gate probability is at "
-    "or above the run's threshold (the pack's, unless --gate-threshold set another), from the acd-gate records (one reading per prompt: the "
-    "gate reads the prompt alone, so every alpha gives the same score).",
+    "or above the run's threshold (the pack's, unless --gate-threshold set another), from the "
+    "acd-gate records (one reading per prompt: the gate reads the prompt alone, so every alpha "
+    "gives the same score).",
     "threshold sweep": "gated ACD at other gate thresholds, computed from the records without "
     "generating: a prompt's gated answer at threshold t is its acd record (same alpha) when "
     "its acd-gate gate score is >= t, else its record of the passed method (base, or plain "
@@ -346,18 +347,16 @@ def context_gate_curve(
     gate scores (one per prompt and context, from ``acd-gate``), as :func:`context_metrics`
     reads the recorded flags, so at the run's threshold the two give the same rates.
     """
-    scores: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
-    seen: set[tuple[str, str, str]] = set()
+    by_context: dict[str, list[EvalRecord]] = defaultdict(list)
     for r in records:
-        key = (r.context, r.benchmark, r.id)
-        if r.method != GATED_METHOD or r.kind != "generate" or r.gate_score is None or key in seen:
-            continue
-        seen.add(key)  # one reading per prompt and context: the score does not depend on alpha
-        scores[r.context][(r.benchmark, r.label)].append(r.gate_score)
-    grid = sorted({round(float(t), 6) for t in thresholds} | ({shipped} if shipped else set()))
+        by_context[r.context].append(r)
+    grid = _threshold_grid(thresholds, shipped)
     out: list[ContextGatePoint] = []
     for context in contexts:
-        sets = scores.get(context)
+        sets: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in _gate_scores(by_context.get(context, ())).values():  # one reading per prompt
+            if r.gate_score is not None:  # always: _gate_scores keeps only records with one
+                sets[(r.benchmark, r.label)].append(r.gate_score)
         if not sets:
             continue
         for t in grid:
@@ -372,6 +371,12 @@ def context_gate_curve(
                 )
             )
     return out
+
+
+def _threshold_grid(thresholds: Sequence[float], shipped: float | None) -> list[float]:
+    """``thresholds`` (rounded, so 0.1 + 0.2 and 0.3 are one point) and the run's own
+    ``shipped`` threshold, ascending and without repeats."""
+    return sorted({round(float(t), 6) for t in thresholds} | ({shipped} if shipped else set()))
 
 
 # ---------------------------------------------------------------- the safety gate
@@ -501,7 +506,7 @@ def gate_sweep(
             f"No threshold sweep: it needs generations of {passed}, acd and acd-gate (for the "
             f"gate scores); missing: {', '.join(missing)}."
         ]
-    grid = sorted({round(float(t), 6) for t in thresholds} | ({shipped} if shipped else set()))
+    grid = _threshold_grid(thresholds, shipped)
     points: list[GateSweepPoint] = []
     notes: list[str] = []
     for alpha in sorted(a for a in acd if a is not None):

@@ -96,8 +96,8 @@ class EvalRecord(BaseModel):
     ``gate_score`` / ``gate_flagged`` are the safety gate's probability of harm and its
     verdict at the run's threshold (the pack's unless ``--gate-threshold``), for a gated
     generation (``acd-gate``); None otherwise (other methods, and ``acd-gate``'s MC1 rows,
-    whose scoring call returns no verdict). They
-    let the report sweep the threshold afterwards without rerunning anything.
+    whose scoring call returns no verdict). They let the report sweep the threshold
+    afterwards without rerunning anything.
     ``context`` is the application shape the prompt was placed in (:mod:`acd_engine.safety.contexts`);
     a ``bare`` record is written without the field, so a run without ``--context`` writes
     exactly the lines it wrote before the field existed, and those lines read back as ``bare``.
