@@ -198,10 +198,18 @@ def val_scores(gate: SafetyGate, val: PlacedStates) -> torch.Tensor:
 
 
 def row(
-    name: str, stage: str, gate: SafetyGate, threshold: float, val: PlacedStates, auc: float
+    name: str,
+    stage: str,
+    gate: SafetyGate,
+    threshold: float,
+    val: PlacedStates,
+    auc: float,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """One candidate's figures on the val placements at ``threshold``."""
-    flagged = val_scores(gate, val) >= threshold
+    """One candidate's figures on the val placements at ``threshold``. ``scores``: the gate's
+    scores of ``val`` when the caller already has them (scoring thousands of placements takes
+    a while), else computed here."""
+    flagged = (val_scores(gate, val) if scores is None else scores) >= threshold
     labels = [p.anchor.label for p in val.placed]
     kinds = [p.anchor.kind for p in val.placed]
     shapes = [p.placed.shape for p in val.placed]

@@ -56,7 +56,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gate_v6_study import log_shapes, log_table, row, states_for  # scripts/studies/ is on sys.path
+from gate_v6_study import (  # scripts/studies/ is on sys.path
+    log_shapes,
+    log_table,
+    row,
+    states_for,
+    val_scores,
+)
 
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.gate import SafetyGate
@@ -87,28 +93,32 @@ MAX_SHAPE_LOSS = 3.0  # points, per shape, old categories, against gate v6
 MAX_BENIGN_RISE = 1.0  # points, all benign val placements, against gate v6
 
 
-def subset(val: PlacedStates, new: bool) -> PlacedStates:
+def subset(val: PlacedStates, new: bool) -> tuple[PlacedStates, list[int]]:
     """The val placements of the old (``new=False``) or new categories' harm, with every
-    benign placement: a row's benign figures are the same in both."""
+    benign placement (a row's benign figures are the same in both), and their indices."""
     keep = [
         i
         for i, p in enumerate(val.placed)
         if p.anchor.label == "benign" or (p.anchor.category in NEW_CATEGORIES) == new
     ]
-    return PlacedStates(
+    placed = PlacedStates(
         [val.placed[i] for i in keep],
         [val.states[i] for i in keep],
         [val.requests[i] for i in keep],
     )
+    return placed, keep
 
 
 def rows_for(name: str, gate: SafetyGate, val: PlacedStates, auc: float) -> list[dict[str, Any]]:
-    """All val placements, the old categories' and the new categories' harm."""
-    return [
-        row(f"{name}: all", "all", gate, gate.threshold, val, auc),
-        row(f"{name}: old 12", "old", gate, gate.threshold, subset(val, False), auc),
-        row(f"{name}: new 6", "new", gate, gate.threshold, subset(val, True), auc),
-    ]
+    """All val placements, the old categories' and the new categories' harm: the val split
+    scored once, each row reading its part of the scores."""
+    scores = val_scores(gate, val)
+    rows = [row(f"{name}: all", "all", gate, gate.threshold, val, auc, scores)]
+    for label, new in (("old 12", False), ("new 6", True)):
+        part, keep = subset(val, new)
+        stage = label.split()[0]
+        rows.append(row(f"{name}: {label}", stage, gate, gate.threshold, part, auc, scores[keep]))
+    return rows
 
 
 def passes(
@@ -158,7 +168,8 @@ def main() -> None:
     previous_rows += rows_for("gate v6, recalibrated", recalibrated, val, report["val_auc"])
     log_table("Gate v6 (shipped)", previous_rows)
 
-    fitted: list[tuple[str, GateFitConfig, SafetyGate, dict[str, Any]]] = []
+    # (name, settings, gate, calibration report, rows: all / old 12 / new 6)
+    fitted: list[tuple[str, GateFitConfig, SafetyGate, dict[str, Any], list[dict[str, Any]]]] = []
     candidate_rows: list[dict[str, Any]] = []
     for name, pools in CANDIDATES:
         start = time.perf_counter()
@@ -169,22 +180,21 @@ def main() -> None:
         for r in rows:
             r["settings"] = fit_cfg.model_dump(mode="json")
         candidate_rows += rows
-        fitted.append((name, fit_cfg, gate, rep))
+        fitted.append((name, fit_cfg, gate, rep, rows))
     log_table("The candidates (each at its own threshold)", candidate_rows)
     log_shapes([*previous_rows, *candidate_rows])
 
-    old_previous = previous_rows[1]
-    benign_previous = previous_rows[0]["benign_all"]
+    own_all, own_old = previous_rows[0], previous_rows[1]  # gate v6 at its own threshold
     picked = None
     for i in (1, 0):  # 48 pools first, then the v6 recipe
-        old = candidate_rows[3 * i + 1]
-        if passes(old, old_previous, (candidate_rows[3 * i]["benign_all"], benign_previous)):
+        cand_all, cand_old = fitted[i][4][:2]
+        if passes(cand_old, own_old, (cand_all["benign_all"], own_all["benign_all"])):
             picked = i
             break
     logger.info("picked: %s", "nothing" if picked is None else fitted[picked][0])
 
     if picked is not None and args.pack_out is not None:
-        name, fit_cfg, gate, rep = fitted[picked]
+        name, fit_cfg, gate, rep, _ = fitted[picked]
         meta = dict(previous.metadata)
         meta.update(
             {
