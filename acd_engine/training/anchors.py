@@ -35,6 +35,7 @@ __all__ = [
     "SPLITS",
     "Anchor",
     "anchor_set_hash",
+    "extended_anchor_file",
     "load_anchors",
     "normalise",
     "shingles",
@@ -178,6 +179,21 @@ def anchor_set_hash(path: Path | None = None) -> str:
     """
     data, _ = _read_bytes(path)
     return hashlib.sha256(data).hexdigest()
+
+
+def extended_anchor_file(extra: Path, dest: Path) -> Path:
+    """Write the packaged anchors followed by ``extra``'s rows to ``dest`` and return it.
+
+    Why: candidate anchors (ids continuing the packaged ones) stay out of the package until a
+    gate fitted on them ships, since the shipped gate records the hash of the set it was
+    fitted on. A study fits on, and a test checks, the set they would make; this file is that
+    set, readable by :func:`load_anchors` and ``acd gate --anchors``. Appended, not merged:
+    the packaged rows keep their order, so their placements (drawn in file order) stay the
+    same."""
+    data, _ = _read_bytes(None)
+    extra_data, _ = _read_bytes(extra)
+    dest.write_bytes(data + extra_data)
+    return dest
 
 
 def normalise(text: str) -> str:

@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ from gate_v6_study import (  # scripts/studies/ is on sys.path
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.gate import SafetyGate
 from acd_engine.safety.prompts import PromptPack
-from acd_engine.training.anchors import anchor_set_hash
+from acd_engine.training.anchors import anchor_set_hash, extended_anchor_file
 from acd_engine.training.gate_fit import (
     GateFitConfig,
     PlacedStates,
@@ -154,9 +153,7 @@ def main() -> None:
     layers = tuple(previous.layers)
     cfg = GateFitConfig(layers=layers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    anchors = args.out.with_suffix(".anchors.jsonl")  # the package's rows, then the extra ones
-    shipped = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
-    anchors.write_text(shipped + args.extra_anchors.read_text("utf-8"), encoding="utf-8")
+    anchors = extended_anchor_file(args.extra_anchors, args.out.with_suffix(".anchors.jsonl"))
     states = states_for(args, cfg, anchors)
     train, val = states["train"], states["val"]
     logger.info("%d train and %d val placements", len(train.placed), len(val.placed))

@@ -17,6 +17,7 @@ import pytest
 from acd_engine.training.anchors import (
     Anchor,
     anchor_set_hash,
+    extended_anchor_file,
     load_anchors,
     normalise,
     shingles,
@@ -57,12 +58,8 @@ def anchors(anchor_set: str, tmp_path_factory: pytest.TempPathFactory) -> list[A
     """The shipped set, or the shipped set with the candidate rows appended (ids continue)."""
     if anchor_set == "shipped":
         return load_anchors()
-    from importlib import resources
-
-    shipped = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
     path = tmp_path_factory.mktemp("anchors") / "anchors.jsonl"
-    path.write_text(shipped + CANDIDATES.read_text("utf-8"), encoding="utf-8")
-    return load_anchors(path=path)
+    return load_anchors(path=extended_anchor_file(CANDIDATES, path))
 
 
 def _frac_val(rows: list[Anchor]) -> float:
@@ -184,13 +181,13 @@ def test_ids_follow_label_and_order(anchors: list[Anchor]) -> None:
         assert nums == list(range(1, len(nums) + 1))
 
 
-def test_raw_file_schema_is_exact() -> None:
+def test_raw_file_schema_is_exact(tmp_path: Path) -> None:
     """Every line has exactly the six keys (extra keys would be dropped by a lax loader)."""
-    from importlib import resources
-
-    text = (resources.files("acd_engine") / "resources" / "anchors.jsonl").read_text("utf-8")
+    text = extended_anchor_file(CANDIDATES, tmp_path / "a.jsonl").read_text("utf-8")
     keys = {"id", "prompt", "label", "category", "split", "kind"}
-    for line in text.splitlines() + CANDIDATES.read_text("utf-8").splitlines():
+    lines = text.splitlines()
+    assert len(lines) == sum(COUNTS["with-candidates"].values())  # packaged rows, then candidates
+    for line in lines:
         assert set(json.loads(line)) == keys
 
 
