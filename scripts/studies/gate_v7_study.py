@@ -3,14 +3,13 @@
 A study on our anchors' validation split only (never a benchmark). The held-out-category
 study (``gate_category_study.py``) showed that the gate's features carry the kinds of harm
 it was shown and generalise weakly past them. So we wrote 738 anchors (498 harmful, 240
-benign look-alikes; ids ``anchor-h-0997``… and ``anchor-b-1400``…) in six harm
+benign look-alikes; ``data/anchors-new-categories.jsonl``, ``--extra-anchors``) in six harm
 categories taken from a public hazard taxonomy before any benchmark was looked at for them:
 MLCommons AILuminate v1.0's hazards that our twelve categories did not cover (sex-related
 crimes, intellectual property, defamation, elections) and the parts of its non-violent and
-violent crimes they did not (financial crime, animal cruelty). They were first appended to
-the package's anchors from a candidates file (``--extra-anchors``, written next to
-``--out``); since gate v7 shipped they are the package's last 738 rows, so the study reads
-the package's anchors and gives the same placements (same file bytes, same hash).
+violent crimes they did not (financial crime, animal cruelty). They are appended to the
+package's anchors (ids continuing; ``tests/training/test_anchors.py`` holds them to the same
+checks as the shipped set, benchmark disjointness included) in a file next to ``--out``.
 
 1. **States.** As ``gate_v6_study.py`` reads them (``states_for``: every train and val
    placement with ``GateFitConfig``'s defaults, taken from ``--reuse`` where it holds the
@@ -32,19 +31,22 @@ the package's anchors and gives the same placements (same file bytes, same hash)
 5. **The rule fixed after that run** (``--rule same-budget``): both gates calibrated by the
    shipped rule on the same val split, the candidate ahead of gate v6 over all placements
    and no shape more than 3 points below; of those that pass, the one that flags the most.
-   It picks the 24-pool candidate, shipped as gate v7.
+   It picks the 24-pool candidate. Written into the package with ``--pack-out`` and
+   measured on the paper protocol before release, it refused far less of every harmful
+   benchmark than gate v6 at the same over-refusal (avg HLR 39.6 against 56.6), so it was
+   not shipped (docs/opo.md, "Gate v7: fitted by the second rule, not shipped").
 
 Each gate gets three rows: all val placements, the old twelve categories' harm (with every
 benign placement) and the new six categories' harm (with every benign placement); logged
-as tables and written to ``--out`` as JSON. With ``--pack-out`` the pick's gate (if any) is
-written into a copy of ``--previous`` (soft prompts unchanged), as ``acd gate`` would fit it
-from the same states: gate v7's pack was written so.
+as tables and written to ``--out`` as JSON. Nothing is shipped: with ``--pack-out`` the
+pick's gate (if any) is written into a copy of ``--previous`` (soft prompts unchanged), as
+``acd gate --anchors`` would fit it from the same states.
 
 Usage (from the repository root, with the ``.venv``)::
 
     python scripts/studies/gate_v7_study.py --states runs/gate-v7-states.pt \\
-        --reuse runs/gate-v6-states.pt --previous PACK_V6 --out runs/gate-v7-study.json \\
-        [--rule same-budget --pack-out runs/pack-v7.safetensors]
+        --reuse runs/gate-v6-states.pt --previous PACK --out runs/gate-v7-study.json \\
+        [--rule same-budget] [--pack-out runs/pack-v7.safetensors]
 
 Time on a 2-core CPU with the default model: reading the new placements (5,470 of 19,661
 with a ``--reuse`` file of gate v6's states) 10 minutes; the fits 9 (24 pools) and 12
@@ -80,6 +82,8 @@ from acd_engine.training.gate_fit import (
 )
 
 logger = logging.getLogger("gate_v7_study")
+
+EXTRA_ANCHORS = Path(__file__).resolve().parent / "data" / "anchors-new-categories.jsonl"
 
 NEW_CATEGORIES = (
     "sex-crimes",
@@ -157,9 +161,8 @@ def main() -> None:
     parser.add_argument(
         "--extra-anchors",
         type=Path,
-        default=None,
-        help="Anchor rows appended to the package's (default: none; since gate v7 the "
-        "package holds the six new categories).",
+        default=EXTRA_ANCHORS,
+        help="Anchor rows appended to the package's (default: the six new categories).",
     )
     parser.add_argument(
         "--rule",
@@ -177,11 +180,7 @@ def main() -> None:
     layers = tuple(previous.layers)
     cfg = GateFitConfig(layers=layers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    anchors = (
-        None
-        if args.extra_anchors is None
-        else extended_anchor_file(args.extra_anchors, args.out.with_suffix(".anchors.jsonl"))
-    )
+    anchors = extended_anchor_file(args.extra_anchors, args.out.with_suffix(".anchors.jsonl"))
     states = states_for(args, cfg, anchors)
     train, val = states["train"], states["val"]
     logger.info("%d train and %d val placements", len(train.placed), len(val.placed))
