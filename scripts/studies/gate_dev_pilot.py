@@ -16,7 +16,9 @@ run of eight words) is placed in each ``--shapes`` shape with the ``val`` pool's
 texts (seed: its index) and read by each pack's gate (``Engine.gate_verdict``: the gate's
 own forward, scope, pooling and pool penalty), at that gate's own threshold. The share
 flagged per shape and source, and the share at 0.5, are logged and written to ``--out``
-with every score. Only harmful prompts: it measures where each gate stands on others' harm,
+with every score. With ``--budget F`` each gate is also read at the threshold that flags a
+share F of our benign val anchors sent bare: one benign budget for every gate, so the
+probes are compared and not their operating points. Only harmful prompts: it measures where each gate stands on others' harm,
 not a benign budget; no gate or threshold is chosen from it.
 
 Usage (from the repository root; the packs of earlier gates from git, e.g.
@@ -36,6 +38,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from typing import Any
 from acd_engine import DecodingConfig, get_engine
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.contexts import check_contexts, load_pool, place
-from acd_engine.training.anchors import normalise, shingles, word_runs
+from acd_engine.training.anchors import load_anchors, normalise, shingles, word_runs
 
 logger = logging.getLogger("gate_dev_pilot")
 
@@ -96,6 +99,16 @@ def share(kept: list[tuple[str, str]], scores: list[float], source: str | None, 
     return round(100 * sum(s >= at for s in part) / len(part), 1)
 
 
+def quantile_threshold(scores: list[float], budget: float) -> float:
+    """The lowest threshold that flags at most ``budget`` of ``scores`` (a score at or above
+    it is flagged)."""
+    ranked = sorted(scores, reverse=True)
+    allowed = int(budget * len(ranked))  # this many may be flagged
+    if allowed >= len(ranked):
+        return 0.0
+    return math.nextafter(ranked[allowed], math.inf)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--harmbench", type=Path, required=True, help="HarmBench's text CSV.")
@@ -107,6 +120,13 @@ def main() -> None:
         type=Path,
         default=Path("../shared/data/benchmarks"),
         help="The evaluation benchmarks the dev prompts must not overlap.",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="Also flag at the threshold that flags this share of our benign val anchors "
+        "(bare), the same for every gate: the probes compared at one benign budget.",
     )
     parser.add_argument("--out", type=Path, required=True, help="Write figures and scores here.")
     args = parser.parse_args()
@@ -124,6 +144,15 @@ def main() -> None:
     for name, path in packs.items():
         engine = get_engine(pack=path)
         gates[name] = {}
+        budget_threshold = None
+        if args.budget is not None:
+            benign = [a.prompt for a in load_anchors("val") if a.label == "benign"]
+            benign_scores = [
+                verdict.score
+                for p in benign
+                if (verdict := engine.gate_verdict([{"role": "user", "content": p}], config))
+            ]
+            budget_threshold = quantile_threshold(benign_scores, args.budget)
         for shape in shapes:
             start = time.perf_counter()
             scores, threshold = [], 1.0
@@ -145,6 +174,9 @@ def main() -> None:
                 else None,
                 "flagged_at_0.5": share(kept, scores, None, 0.5),
             }
+            if budget_threshold is not None:
+                row["budget_threshold"] = budget_threshold
+                row["flagged_at_budget"] = share(kept, scores, None, budget_threshold)
             logger.info("%-8s %-12s %s (%.0f s)", name, shape, row, time.perf_counter() - start)
             gates[name][shape] = {**row, "scores": scores}
     atomic_write_json(args.out, {"kept": kept, "dropped": len(drop), "gates": gates})
