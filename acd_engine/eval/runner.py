@@ -682,12 +682,15 @@ def check_pack_file(options: EvalOptions, pack: str | os.PathLike[str] | None) -
 
 
 def _gate_threshold(engine: Any, options: EvalOptions) -> float | None:
-    """The threshold the acd-gate generations ran with: ``--gate-threshold``, else the
-    pack's (None without a gate)."""
+    """The threshold the acd-gate generations ran with (None without a gate): the engine's
+    rule (``gate_threshold``) applied to the run's acd-gate decoding, so ``--gate-threshold``
+    wins over the pack's exactly as it does when a request is gated."""
+    from acd_engine.safety.gate import gate_threshold  # torch: options validate without it
+
     gate = pack_gate(engine)
     if gate is None:
         return None
-    return options.gate_threshold if options.gate_threshold is not None else float(gate.threshold)
+    return gate_threshold(options.decoding_config(GATED_METHOD, None), gate)
 
 
 def _describe_error(exc: BaseException) -> str:
