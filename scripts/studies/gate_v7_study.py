@@ -169,7 +169,7 @@ def main() -> None:
         choices=RULES,
         default="as-run",
         help="Which rule picks: the one fixed before the first run (as-run; it picked "
-        "nothing) or the one fixed after it (same-budget; gate v7 shipped by it).",
+        "nothing) or the one fixed after it (same-budget; its pick was not shipped).",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
