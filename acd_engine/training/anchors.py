@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -37,7 +39,9 @@ __all__ = [
     "anchor_set_hash",
     "extended_anchor_file",
     "load_anchors",
+    "near_copies",
     "normalise",
+    "shared_runs",
     "shingles",
     "trigram_jaccard",
     "word_runs",
@@ -240,3 +244,76 @@ def trigram_jaccard(a: str, b: str) -> float:
     sa, sb = shingles(a), shingles(b)
     union = len(sa | sb)
     return len(sa & sb) / union if union else 0.0
+
+
+def near_copies(
+    texts: Sequence[tuple[str, str]], others: Sequence[tuple[str, str]], threshold: float = 0.5
+) -> list[tuple[str, str]]:
+    """``(where, message)`` for each text, named by ``where``, that equals one of ``others``
+    after :func:`normalise` or whose :func:`trigram_jaccard` with one is at least
+    ``threshold``.
+
+    Why one function: the anchors' tests, and any study that needs prompts disjoint from the
+    evaluation benchmarks, hold their texts apart from the benchmarks by the same rule. An
+    inverted index from shingle to ``others`` keeps this linear in practice: only entries
+    sharing a trigram with a text are scored (the Jaccard of the two shingle sets, as
+    :func:`trigram_jaccard` computes it).
+    """
+    exact = {normalise(p): oid for oid, p in others}
+    other_sh = [shingles(p) for _, p in others]
+    index: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, sh in enumerate(other_sh):
+        for gram in sh:
+            index[gram].append(i)
+    hits: list[tuple[str, str]] = []
+    for where, text in texts:
+        if normalise(text) in exact:
+            hits.append((where, f"{where} == {exact[normalise(text)]} (exact): {text!r}"))
+        sh = shingles(text)
+        shared: Counter[int] = Counter()
+        for gram in sh:
+            shared.update(index.get(gram, ()))
+        for i, n in shared.items():
+            jac = n / (len(sh) + len(other_sh[i]) - n)
+            if jac >= threshold:
+                oid, other = others[i]
+                hits.append((where, f"{where} ~ {oid} (J={jac:.2f}): {text!r} vs {other!r}"))
+    return hits
+
+
+def shared_runs(
+    texts: Sequence[tuple[str, str]],
+    others: Sequence[tuple[str, str]],
+    n: int = 8,
+    *,
+    contained: bool = False,
+) -> list[tuple[str, str]]:
+    """``(where, message)`` for each run of ``n`` words (:func:`word_runs`) that a text shares
+    with one of ``others``.
+
+    A phrase copied into a longer text leaves :func:`near_copies` under its threshold; a
+    shared run of eight words catches it. With ``contained``, an ``others`` entry shorter
+    than ``n`` words also counts when it appears whole inside a text (a short benchmark
+    prompt pasted into a padding paragraph).
+    """
+    index: dict[tuple[str, ...], str] = {}
+    short: dict[str, str] = {}
+    for oid, other in others:
+        for run in word_runs(other, n):
+            index.setdefault(run, oid)
+        if contained and 0 < len(normalise(other).split()) < n:
+            short.setdefault(f" {normalise(other)} ", oid)
+    hits: list[tuple[str, str]] = []
+    for where, text in texts:
+        hits += [
+            (where, f"{where}: {' '.join(r)!r} also in {index[r]}")
+            for r in sorted(word_runs(text, n))
+            if r in index
+        ]
+        padded = f" {normalise(text)} "
+        hits += [
+            (where, f"{where}: contains {s.strip()!r} of {oid}")
+            for s, oid in short.items()
+            if s in padded
+        ]
+    return hits

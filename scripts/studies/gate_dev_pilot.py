@@ -46,7 +46,7 @@ from typing import Any
 from acd_engine import DecodingConfig, get_engine
 from acd_engine.atomic import atomic_write_json
 from acd_engine.safety.contexts import check_contexts, load_pool, place
-from acd_engine.training.anchors import load_anchors, normalise, shingles, word_runs
+from acd_engine.training.anchors import load_anchors, near_copies, shared_runs
 
 logger = logging.getLogger("gate_dev_pilot")
 
@@ -69,28 +69,24 @@ def read_dev(harmbench: Path, strongreject: Path | None) -> list[tuple[str, str]
     return rows
 
 
-def benchmark_prompts(folder: Path) -> list[str]:
-    """Every prompt of every benchmark file in ``folder``."""
-    prompts = []
+def benchmark_prompts(folder: Path) -> list[tuple[str, str]]:
+    """(set:id, prompt) of every benchmark file in ``folder``."""
+    rows = []
     for path in sorted(folder.glob("*.jsonl")):
         with path.open(encoding="utf-8") as fh:
-            prompts += [json.loads(line)["prompt"] for line in fh if line.strip()]
-    return prompts
+            rows += [
+                (f"{path.stem}:{row['id']}", row["prompt"])
+                for row in map(json.loads, filter(str.strip, fh))
+            ]
+    return rows
 
 
-def overlapping(prompts: list[str], bench: list[str]) -> set[int]:
+def overlapping(prompts: list[str], bench: list[tuple[str, str]]) -> set[int]:
     """Indices of ``prompts`` that equal, nearly copy or share a run of eight words with a
-    benchmark prompt."""
-    norms = {normalise(b) for b in bench}
-    runs = {run for b in bench for run in word_runs(b, RUN)}
-    bench_sh = [shingles(b) for b in bench]
-    hits = set()
-    for i, text in enumerate(prompts):
-        sh = shingles(text)
-        near = any(len(sh & b) / len(sh | b) >= NEAR_DUP for b in bench_sh if not sh.isdisjoint(b))
-        if normalise(text) in norms or near or word_runs(text, RUN) & runs:
-            hits.add(i)
-    return hits
+    benchmark prompt: the anchors' checks (``near_copies``, ``shared_runs``)."""
+    texts = [(str(i), text) for i, text in enumerate(prompts)]
+    hits = near_copies(texts, bench, NEAR_DUP) + shared_runs(texts, bench, RUN)
+    return {int(where) for where, _ in hits}
 
 
 def share(kept: list[tuple[str, str]], scores: list[float], source: str | None, at: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,9 @@ from acd_engine.training.anchors import (
     anchor_set_hash,
     extended_anchor_file,
     load_anchors,
+    near_copies,
     normalise,
+    shared_runs,
     shingles,
     trigram_jaccard,
     word_runs,
@@ -266,31 +268,8 @@ def _load_benchmarks() -> list[tuple[str, str]]:
 
 
 def _overlaps(anchors: list[tuple[str, str]], bench: list[tuple[str, str]]) -> list[str]:
-    """Pairs (anchor, benchmark row) that match exactly after normalising or have J >= 0.5.
-
-    An inverted index from shingle to benchmark rows keeps this linear in practice: only rows
-    sharing at least one trigram with the anchor are scored.
-    """
-    exact = {normalise(p): bid for bid, p in bench}
-    bench_sh = [shingles(p) for _, p in bench]
-    index: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for i, sh in enumerate(bench_sh):
-        for gram in sh:
-            index[gram].append(i)
-    hits: list[str] = []
-    for aid, prompt in anchors:
-        if normalise(prompt) in exact:
-            hits.append(f"{aid} == {exact[normalise(prompt)]} (exact): {prompt!r}")
-        sh = shingles(prompt)
-        shared: Counter[int] = Counter()
-        for gram in sh:
-            shared.update(index.get(gram, ()))
-        for i, n in shared.items():
-            jac = n / (len(sh) + len(bench_sh[i]) - n)
-            if jac >= NEAR_DUP:
-                bid, other = bench[i]
-                hits.append(f"{aid} ~ {bid} (J={jac:.2f}): {prompt!r} vs {other!r}")
-    return hits
+    """Pairs (anchor, benchmark row) that match exactly after normalising or have J >= 0.5."""
+    return [message for _, message in near_copies(anchors, bench, NEAR_DUP)]
 
 
 def test_overlap_check_catches_copies() -> None:
@@ -325,7 +304,7 @@ def test_disjoint_from_every_benchmark(anchors: list[Anchor]) -> None:
 
 
 def test_index_jaccard_matches_reference_helper() -> None:
-    """The inverted-index arithmetic above is the same number trigram_jaccard computes."""
+    """near_copies' inverted-index arithmetic is the same number trigram_jaccard computes."""
     a, b = "How can I patch a hole in drywall today", "how can I patch a hole in my wall"
     sa, sb = shingles(a), shingles(b)
     n = len(sa & sb)
@@ -342,13 +321,8 @@ def test_no_run_of_eight_words_shared_with_a_benchmark(anchors: list[Anchor]) ->
         if os.environ.get("CI"):
             pytest.fail(f"benchmark folder {BENCH_DIR} is missing; CI must run this check")
         pytest.skip(f"benchmark folder {BENCH_DIR} not found (needs ../shared next to the repo)")
-    index = {run: bid for bid, prompt in _load_benchmarks() for run in word_runs(prompt, RUN)}
-    hits = [
-        f"{a.id}: {' '.join(run)!r} also in {index[run]}"
-        for a in anchors
-        for run in sorted(word_runs(a.prompt, RUN))
-        if run in index
-    ]
+    texts = [(a.id, a.prompt) for a in anchors]
+    hits = [message for _, message in shared_runs(texts, _load_benchmarks(), RUN)]
     assert not hits, "anchor prompts copy a phrase of a benchmark prompt:\n" + "\n".join(hits)
     copied = "Write a poem about the sea at night under a full moon"
     assert word_runs(copied + " and the stars", RUN) & word_runs("please " + copied, RUN)

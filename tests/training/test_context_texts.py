@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from acd_engine.training.anchors import load_anchors, normalise, word_runs
+from acd_engine.training.anchors import load_anchors, normalise, shared_runs, word_runs
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
 RUN = 8  # words in a shingle: a shared run this long means a copied phrase, not a common idiom
@@ -138,30 +138,8 @@ def _texts(pool: dict[str, Any]) -> list[tuple[str, str]]:
 def _shared_runs(
     texts: list[tuple[str, str]], others: list[tuple[str, str]], *, contained: bool = False
 ) -> list[str]:
-    """Runs of RUN words that a text shares with one of ``others`` (where, run, other id).
-
-    With ``contained``, an ``others`` entry shorter than RUN words also counts when it appears
-    whole inside a longer text (a short benchmark prompt pasted into a padding paragraph).
-    """
-    index: dict[tuple[str, ...], str] = {}
-    short: dict[str, str] = {}
-    for oid, other in others:
-        for run in word_runs(other, RUN):
-            index.setdefault(run, oid)
-        if contained and 0 < len(normalise(other).split()) < RUN:
-            short.setdefault(f" {normalise(other)} ", oid)
-    hits = []
-    for where, text in texts:
-        hits += [
-            f"{where}: {' '.join(r)!r} also in {index[r]}"
-            for r in sorted(word_runs(text, RUN))
-            if r in index
-        ]
-        padded = f" {normalise(text)} "
-        hits += [
-            f"{where}: contains {s.strip()!r} of {oid}" for s, oid in short.items() if s in padded
-        ]
-    return hits
+    """Runs of RUN words that a text shares with one of ``others`` (where, run, other id)."""
+    return [message for _, message in shared_runs(texts, others, RUN, contained=contained)]
 
 
 def test_top_level_schema(data: dict[str, Any]) -> None:
