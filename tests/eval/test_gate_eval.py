@@ -129,21 +129,31 @@ def test_a_gateless_pack_file_is_refused_before_the_model(
     check_pack_file(o, None)  # the model's own pack: checked once the engine is up
     check_pack_file(opts(data_dir, tmp_path / "out", methods="acd"), gateless)
 
-    from acd_engine.cli.main import app
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a model was loaded before the pack was checked")
-
-    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
-    res = CliRunner().invoke(
-        app,
-        [
-            *("eval", "--methods", "plain,acd-gate", "--benchmarks", "advbench"),
-            *("--data-dir", str(data_dir), "--out", str(tmp_path / "cli"), "--pack", str(gateless)),
-        ],
+    res = _eval_cli_before_any_model(
+        monkeypatch, data_dir, tmp_path / "cli", "--pack", str(gateless)
     )
     assert res.exit_code == 2, (res.output, res.exception)
     assert GATELESS_PACK in res.stderr
+
+
+def _eval_cli_before_any_model(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, out: Path, *extra: str
+) -> Any:
+    """``acd eval --methods plain,acd-gate --benchmarks advbench`` with ``extra``, where
+    loading a model fails the test: bad input must be refused before any model loads."""
+    from acd_engine.cli.main import app
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
+    return CliRunner().invoke(
+        app,
+        [
+            *("eval", "--methods", "plain,acd-gate", "--benchmarks", "advbench"),
+            *("--data-dir", str(data_dir), "--out", str(out), *extra),
+        ],
+    )
 
 
 # ------------------------------------------------------------------ run.json pins
@@ -216,19 +226,8 @@ def test_gate_threshold_errors_in_house_style(changes: dict[str, Any], message: 
 def test_cli_gate_threshold_is_checked_before_any_model(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from acd_engine.cli.main import app
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a model was loaded before --gate-threshold was checked")
-
-    monkeypatch.setattr("acd_engine.runtime.engine.get_engine", refuse)
-    res = CliRunner().invoke(
-        app,
-        [
-            *("eval", "--methods", "plain,acd-gate", "--benchmarks", "advbench"),
-            *("--data-dir", str(data_dir), "--out", str(tmp_path / "cli")),
-            *("--gate-threshold", "1.5"),
-        ],
+    res = _eval_cli_before_any_model(
+        monkeypatch, data_dir, tmp_path / "cli", "--gate-threshold", "1.5"
     )
     assert res.exit_code == 2, (res.output, res.exception)
     assert "gate_threshold must be in (0, 1) or None, got 1.5" in res.stderr
